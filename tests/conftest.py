@@ -10,3 +10,62 @@ FIXTURES = Path(__file__).parent / "fixtures"
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def official_mlx_files(tmp_path_factory) -> dict[str, Path]:
+    """The official MLX-layout files of `lm_pytorch.safetensors`: {"bf16", "q8", "q4"} -> path.
+
+    Made by our converter (same code as `python -m weights_convert`) into a temp dir, then
+    every tensor's (dtype, shape, sha256 of its raw bytes) is checked against the manifest of
+    the file the official MLX package made (`lm_mlx{,.q8,.q4}.manifest.json`), so these ARE
+    the official files. Each path's folder also holds the converter's `config.json` (LM config
+    keys + "quantization") and `manifest.json`.
+    """
+    import hashlib
+    import json
+
+    from weights_convert import convert
+
+    def tensor_digests(path: Path) -> dict[str, tuple[str, list[int], str]]:
+        data = path.read_bytes()
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_len])
+        header.pop("__metadata__", None)
+        digests = {}
+        for tensor, entry in header.items():
+            start, end = (8 + header_len + offset for offset in entry["data_offsets"])
+            digest = hashlib.sha256(data[start:end]).hexdigest()
+            digests[tensor] = (entry["dtype"], entry["shape"], digest)
+        return digests
+
+    root = tmp_path_factory.mktemp("official_mlx")
+    files: dict[str, Path] = {}
+    for name, bits, manifest in (
+        ("bf16", None, "lm_mlx.manifest.json"),
+        ("q8", 8, "lm_mlx.q8.manifest.json"),
+        ("q4", 4, "lm_mlx.q4.manifest.json"),
+    ):
+        result = convert(
+            root / name,
+            input_path=FIXTURES / "lm_pytorch.safetensors",
+            config=FIXTURES / "lm_config.json",
+            bits=bits,
+        )
+        official = json.loads((FIXTURES / manifest).read_text())["tensors"]
+        expected = {k: (v["dtype"], v["shape"], v["sha256"]) for k, v in official.items()}
+        got = tensor_digests(result.model_file)
+        assert got.keys() == expected.keys(), f"{name}: tensor names differ from the official file"
+        wrong = sorted(k for k in expected if got[k] != expected[k])
+        assert not wrong, f"{name}: {len(wrong)} tensors differ from the official file: {wrong[:3]}"
+        files[name] = result.model_file
+    return files
+
+
+@pytest.fixture(scope="session")
+def random_mimi_path() -> Path:
+    """A calibrated random real-size Mimi checkpoint in the official layout (cached under
+    tests/.cache/, keyed by the generator version; see tests/mimi_random.py)."""
+    from mimi_random import ensure_random_mimi
+
+    return ensure_random_mimi(Path(__file__).parent / ".cache", FIXTURES)

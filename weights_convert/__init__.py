@@ -1,0 +1,12 @@
+"""Convert Moshi LM checkpoints (PyTorch layout, bf16) into MLX model folders (bf16, q8, q4).
+
+`python -m weights_convert --hf-repo kyutai/moshika-pytorch-bf16 -q 4 --out DIR`
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .converter import ConversionResult, convert  # noqa: E402
+
+__all__ = ["ConversionResult", "__version__", "convert"]
