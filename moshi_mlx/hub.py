@@ -44,14 +44,15 @@ def _hub_download(repo: str, filename: str) -> Path:
 
     try:
         return Path(hf_hub_download(repo, filename))
-    except EntryNotFoundError:
-        raise WeightsError(f"{filename} is not in the Hugging Face repo {repo}") from None
-    except RepositoryNotFoundError:
-        raise WeightsError(f"Hugging Face repo {repo} not found (or not accessible)") from None
+    # LocalEntryNotFoundError subclasses EntryNotFoundError in recent huggingface_hub: first.
     except LocalEntryNotFoundError:
         raise WeightsError(
             f"{filename} from {repo} is not in the local cache and cannot be downloaded "
             "(offline?); pass a local file instead"
         ) from None
+    except EntryNotFoundError:
+        raise WeightsError(f"{filename} is not in the Hugging Face repo {repo}") from None
+    except RepositoryNotFoundError:
+        raise WeightsError(f"Hugging Face repo {repo} not found (or not accessible)") from None
     except OSError as exc:
         raise WeightsError(f"cannot fetch {filename} from {repo}: {exc}") from None

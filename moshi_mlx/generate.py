@@ -1,0 +1,168 @@
+"""Streaming generation with the Moshi LM: one `LmGen.step` per 80 ms frame.
+
+Timing follows the official PyTorch `LMGen`: at step t, stream s (delay d_s) reads its initial
+token while t <= d_s; otherwise the user's codebooks read the user frame t - d_s and Moshi's own
+text/audio streams read the tokens sampled at step t - 1. Step t returns the text token sampled
+at step t and, from step max_delay on, Moshi's audio frame whose codebook k was sampled at step
+t - max_delay + d_k (with the released delays: semantic code of step t - 1, acoustic codes of
+step t).
+"""
+
+from __future__ import annotations
+
+import time
+
+import mlx.core as mx
+import numpy as np
+
+from .models.lm import Lm
+from .sampling import Sampler, new_key
+
+
+class LmGen:
+    """Streaming Moshi generator: user audio codes in, Moshi's text token and audio codes out.
+
+    compile=True runs sampling + depformer (and the fixed-shape parts of the temporal step)
+    through `mx.compile`, traced on the first step: create the generator after loading weights.
+    """
+
+    def __init__(self, lm: Lm, text_temp: float = 0.7, text_topk: int = 25,
+                 audio_temp: float = 0.8, audio_topk: int = 250, seed: int | None = None,
+                 compile: bool = True) -> None:
+        self.lm = lm
+        cfg = lm.cfg
+        self.cfg = cfg
+        self.text_sampler = Sampler(text_temp, text_topk)
+        self.audio_sampler = Sampler(audio_temp, audio_topk)
+        self.seed = seed
+        self.num_user = cfg.n_q - cfg.dep_q
+        self.max_delay = cfg.max_delay
+        delays = np.array(cfg.delays)
+        self._delays = delays
+        self._user_delays = delays[1 + cfg.dep_q:]
+        self._own_audio_delays = delays[1: 1 + cfg.dep_q]
+        self._initial = np.array(
+            [cfg.text_initial_token] + [cfg.audio_initial_token] * cfg.n_q, dtype=np.int32
+        )
+        # Column masks, built once: user codebooks by delay, own codebooks by output lag.
+        self._user_delay_masks = {
+            int(d): mx.array(self._user_delays == d) for d in np.unique(self._user_delays) if d
+        }
+        lag = self.max_delay - self._own_audio_delays
+        self._output_lag_masks = {int(n): mx.array(lag == n) for n in np.unique(lag) if n}
+        self._greedy = self.text_sampler.greedy and self.audio_sampler.greedy
+        # Sampling + the 8 depformer steps have fixed shapes: one compiled graph per batch size.
+        self.compile = compile
+        self._sample_all = mx.compile(self._sample_all_eager) if compile else self._sample_all_eager
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new conversation (same seed -> same samples again)."""
+        self.caches = self.lm.make_cache()
+        self.offset = 0
+        self._key = new_key(self.seed)
+        self._initial_batch: mx.array | None = None
+        self.timings: dict[str, float] | None = None  # set to {} to time the two halves
+        self._prev_text: mx.array | None = None
+        self._raw_audio: list[mx.array] = []  # last max_delay + 1 depformer outputs [B, dep_q]
+        self._user: list[mx.array] = []  # last max_delay + 1 user frames [B, num_user]
+        self.last_text_logits: mx.array | None = None
+        self.last_audio_logits: list[mx.array] | None = None
+
+    # ------------------------------------------------------------------ inputs
+    def _input_tokens(self, batch: int) -> mx.array:
+        """The 1 + n_q tokens [B, 1 + n_q] read by step `offset`."""
+        t = self.offset
+        if t == 0:
+            return self._initial_tokens(batch)
+        user = self._user[-1]  # delay 0: frame t
+        for d, columns in self._user_delay_masks.items():
+            if d <= t:  # (frames before 0 are replaced by initial tokens below)
+                user = mx.where(columns, self._user[-1 - d], user)
+        tokens = mx.concatenate([self._prev_text[:, None], self._raw_audio[-1], user], axis=1)
+        if t <= self.max_delay:  # streams with delay >= t still read their initial token
+            tokens = mx.where(mx.array(t <= self._delays), self._initial_tokens(batch), tokens)
+        return tokens
+
+    def _output_frame(self) -> mx.array:
+        """Moshi's audio frame completed at this step [B, dep_q] (codebook k from step
+        offset - max_delay + d_k)."""
+        frame = self._raw_audio[-1]
+        for steps_back, columns in self._output_lag_masks.items():
+            frame = mx.where(columns, self._raw_audio[-1 - steps_back], frame)
+        return frame
+
+    def _initial_tokens(self, batch: int) -> mx.array:
+        if self._initial_batch is None or self._initial_batch.shape[0] != batch:
+            rows = np.broadcast_to(self._initial, (batch, self._initial.size))
+            self._initial_batch = mx.array(rows)
+        return self._initial_batch
+
+    # ------------------------------------------------------------------ step
+    def _sample_all_eager(self, hidden: mx.array, text_logits: mx.array, key: mx.array
+                          ) -> tuple[mx.array, mx.array, list[mx.array], mx.array]:
+        """Text token, the depformer's audio tokens [B, dep_q] and logits, the next PRNG key."""
+        keys = mx.random.split(key, 2 + self.cfg.dep_q)
+        text = self.text_sampler(text_logits, keys[1])
+        audio, audio_logits = self.lm.depformer(
+            hidden, text, lambda logits, k: self.audio_sampler(logits, keys[2 + k])
+        )
+        return text, audio, audio_logits, keys[0]
+
+    def step(self, user_codes, *, force_text: mx.array | None = None,
+             force_audio: mx.array | None = None) -> tuple[mx.array, mx.array | None]:
+        """One 80 ms frame. user_codes [B, n_q - dep_q] ints: the user's newest Mimi codes.
+
+        Returns (text_token [B], audio_codes [B, dep_q] or None before max_delay steps).
+        force_text [B] / force_audio [B, dep_q] (teacher forcing, for evaluation): use these
+        tokens instead of the sampled ones; the logits are still those of the model
+        (`last_text_logits`, `last_audio_logits`).
+        """
+        start_time = time.perf_counter() if self.timings is not None else 0.0
+        user = mx.array(user_codes).astype(mx.int32)
+        if user.ndim != 2 or user.shape[1] != self.num_user:
+            raise ValueError(f"user_codes must be [B, {self.num_user}], got {user.shape}")
+        batch = user.shape[0]
+        self._user = [*self._user[-self.max_delay:], user] if self.max_delay else [user]
+
+        tokens = self._input_tokens(batch)
+        hidden, text_logits = self.lm.temporal(tokens, self.caches, compiled=self.compile)
+        if self.timings is not None:  # profiling only: an extra sync between the halves
+            mx.eval(hidden, text_logits)
+            half_time = time.perf_counter()
+            self.timings["temporal_s"] = half_time - start_time
+
+        if force_text is None and force_audio is None:
+            text, raw_audio, audio_logits, next_key = self._sample_all(
+                hidden, text_logits, self._key
+            )
+            if not self._greedy:
+                self._key = next_key
+        else:  # teacher forcing: eager, the forced tokens replace the sampled ones
+            keys = mx.random.split(self._key, 2 + self.cfg.dep_q)
+            self._key = keys[0]
+            text = self.text_sampler(text_logits, keys[1])
+            if force_text is not None:
+                text = mx.array(force_text).astype(mx.int32)
+
+            def sample_audio(logits: mx.array, k: int) -> mx.array:
+                if force_audio is not None:
+                    return mx.array(force_audio)[:, k].astype(mx.int32)
+                return self.audio_sampler(logits, keys[2 + k])
+
+            raw_audio, audio_logits = self.lm.depformer(hidden, text, sample_audio)
+
+        self._prev_text = text
+        self._raw_audio = [*self._raw_audio[-self.max_delay:], raw_audio] if self.max_delay \
+            else [raw_audio]
+        frame = self._output_frame() if self.offset >= self.max_delay else None
+        self.last_text_logits, self.last_audio_logits = text_logits, audio_logits
+
+        state = [text, raw_audio, self._key] + ([] if frame is None else [frame])
+        for cache in self.caches:
+            state += [cache.keys, cache.values]
+        mx.eval(state)  # the one host sync of a step
+        if self.timings is not None:
+            self.timings["depformer_s"] = time.perf_counter() - half_time
+        self.offset += 1
+        return text, frame

@@ -1,0 +1,201 @@
+"""Configuration of the Moshi language model (temporal transformer + depformer).
+
+`LmConfig` mirrors the keys of the official lm `config.json`; `LmConfig.moshi_7b()` is the
+released Moshiko/Moshika v0.1 model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from ..errors import WeightsError
+
+# Keys that official (and our converter's) config.json files carry beside the architecture;
+# the quantization is read from the weight file itself.
+_METADATA_KEYS = frozenset(
+    {"model_type", "moshi_name", "mimi_name", "tokenizer_name", "lm_gen_config", "model_id",
+     "quantization"}
+)
+
+# Features of later official configs that this model does not have: accepted only with the
+# value that switches them off.
+_NEUTRAL_KEYS: dict[str, tuple] = {
+    "cross_attention": (False, None),
+    "demux_second_stream": (False, None),
+    "conditioners": (None, {}),
+    "fuser": (None, {}),
+    "text_card_out": (None,),
+    "extra_heads_num_heads": (0, None),
+    "extra_heads_dim": (None, 6, 0),
+    "depformer_weights_per_step_schedule": (None,),
+    "depformer_low_rank_embeddings": (None,),
+}
+
+_DEFAULT_DELAYS = (0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1)
+
+
+@dataclass(frozen=True)
+class LmConfig:
+    """Architecture of a Moshi LM, one field per key of the official config.json."""
+
+    dim: int = 4096
+    text_card: int = 32000
+    existing_text_padding_id: int = 3
+    n_q: int = 16
+    dep_q: int = 8
+    card: int = 2048
+    num_heads: int = 32
+    num_layers: int = 32
+    hidden_scale: float = 4.125
+    causal: bool = True
+    layer_scale: float | None = None
+    context: int = 3000
+    max_period: float = 10000
+    gating: str = "silu"
+    norm: str = "rms_norm_f32"
+    positional_embedding: str = "rope"
+    depformer_dim: int = 1024
+    depformer_dim_feedforward: int = 4224
+    depformer_num_heads: int = 16
+    depformer_num_layers: int = 6
+    depformer_layer_scale: float | None = None
+    depformer_multi_linear: bool = True
+    depformer_context: int = 8
+    depformer_max_period: float = 10000
+    depformer_gating: str = "silu"
+    depformer_pos_emb: str = "none"
+    depformer_weights_per_step: bool = True
+    delays: tuple[int, ...] = field(default=_DEFAULT_DELAYS)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "delays", tuple(int(d) for d in self.delays))
+        self._validate()
+
+    # ----------------------------------------------------------------- derived sizes
+    @property
+    def hidden_dim(self) -> int:
+        """Gated MLP hidden size of the temporal transformer (2/3 of dim_feedforward)."""
+        return _gating_hidden(self.dim, int(self.hidden_scale * self.dim))
+
+    @property
+    def depformer_hidden_dim(self) -> int:
+        return _gating_hidden(self.depformer_dim, self.depformer_dim_feedforward)
+
+    @property
+    def norm_eps(self) -> float:
+        return 1e-8 if self.norm == "rms_norm_f32" else 1e-5
+
+    @property
+    def norm_in_float32(self) -> bool:
+        return self.norm == "rms_norm_f32"
+
+    @property
+    def text_initial_token(self) -> int:
+        return self.text_card
+
+    @property
+    def audio_initial_token(self) -> int:
+        return self.card
+
+    @property
+    def max_delay(self) -> int:
+        return max(self.delays)
+
+    # ----------------------------------------------------------------- constructors
+    @classmethod
+    def moshi_7b(cls) -> LmConfig:
+        """Moshiko / Moshika v0.1 (7B)."""
+        return cls()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> LmConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known - _METADATA_KEYS - set(_NEUTRAL_KEYS))
+        if unknown:
+            raise WeightsError(f"{source}: unknown LM config key(s): {', '.join(unknown)}")
+        for key in sorted(set(data) & set(_NEUTRAL_KEYS)):
+            if not any(data[key] == off for off in _NEUTRAL_KEYS[key]):
+                raise WeightsError(f"{source}: {key} = {data[key]!r} is not supported")
+        values = {k: v for k, v in data.items() if k in known}
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as exc:
+            raise WeightsError(f"{source}: {exc}") from None
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> LmConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except OSError as exc:
+            raise WeightsError(f"cannot read LM config {path}: {exc.strerror or exc}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise WeightsError(f"{path} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise WeightsError(f"{path}: expected a JSON object of LM config keys")
+        return cls.from_dict(data, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["delays"] = list(self.delays)
+        return data
+
+    def with_overrides(self, **changes: Any) -> LmConfig:
+        return replace(self, **changes)
+
+    # ----------------------------------------------------------------- validation
+    def _validate(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(message)
+
+        need(len(self.delays) == self.n_q + 1, f"delays has {len(self.delays)} entries, "
+             f"expected n_q + 1 = {self.n_q + 1}")
+        need(all(d >= 0 for d in self.delays), "delays must be >= 0")
+        need(0 < self.dep_q <= self.n_q, f"dep_q {self.dep_q} must be in 1..n_q ({self.n_q})")
+        need(self.dim % self.num_heads == 0, f"dim {self.dim} not divisible by num_heads")
+        need(self.depformer_dim % self.depformer_num_heads == 0,
+             f"depformer_dim {self.depformer_dim} not divisible by depformer_num_heads")
+        need(self.context >= 1 and self.depformer_context >= self.dep_q,
+             "context must be >= 1 and depformer_context >= dep_q")
+        need(self.causal, "only causal LMs are supported (causal: true)")
+        need(self.gating == "silu" and self.depformer_gating == "silu",
+             "only SiLU gating is supported")
+        need(self.norm in ("rms_norm_f32", "rms_norm"),
+             f"unsupported norm {self.norm!r} (rms_norm_f32 or rms_norm)")
+        need(self.positional_embedding in ("rope", "none"),
+             f"unsupported positional_embedding {self.positional_embedding!r}")
+        need(self.depformer_pos_emb in ("rope", "none"),
+             f"unsupported depformer_pos_emb {self.depformer_pos_emb!r}")
+        need(self.layer_scale is None and self.depformer_layer_scale is None,
+             "layer scale is not supported (layer_scale must be null)")
+        need(self.depformer_multi_linear and self.depformer_weights_per_step,
+             "only depformer_multi_linear and depformer_weights_per_step = true are supported")
+
+
+def _gating_hidden(dim: int, dim_feedforward: int) -> int:
+    # Official rule: 4·dim feed-forward uses 21/8·dim, anything else 2/3 of dim_feedforward.
+    if dim_feedforward == 4 * dim:
+        return 21 * dim // 8
+    return 2 * dim_feedforward // 3
+
+
+def resolve_config(config: LmConfig | str | os.PathLike | dict | None,
+                   weights_path: Path | None = None) -> LmConfig:
+    """Explicit config (LmConfig, dict or JSON path), else config.json beside the weights,
+    else the 7B preset."""
+    if isinstance(config, LmConfig):
+        return config
+    if isinstance(config, dict):
+        return LmConfig.from_dict(config)
+    if config is not None:
+        return LmConfig.from_json(config)
+    if weights_path is not None:
+        beside = Path(weights_path).parent / "config.json"
+        if beside.is_file():
+            return LmConfig.from_json(beside)
+    return LmConfig.moshi_7b()
