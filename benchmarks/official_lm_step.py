@@ -35,13 +35,18 @@ def main() -> None:
     parser.add_argument("--bits", type=int, choices=(4, 8), default=None)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument(
+        "--dtype", choices=("bf16", "f32"), default="bf16",
+        help="activation dtype (the official package itself uses bf16)",
+    )
     args = parser.parse_args()
 
     import mlx.core as mx
     import mlx.nn as nn
-    from moshi_mlx.models import generate, lm
     from mlx.utils import tree_flatten
     from moshi_mlx.utils import sampling
+
+    from moshi_mlx.models import generate, lm
 
     if Path(lm.__file__).resolve().is_relative_to(Path(__file__).resolve().parents[1]):
         sys.exit("error: this imported our moshi_mlx, not the official one; run it from /tmp")
@@ -52,7 +57,8 @@ def main() -> None:
     else:
         config = lm.LmConfig.from_config_dict(json.loads(args.config.read_text()))
     model = lm.Lm(config)
-    model.set_dtype(mx.bfloat16)
+    if args.dtype == "bf16":
+        model.set_dtype(mx.bfloat16)
     if args.bits is not None:
         nn.quantize(model, bits=args.bits, group_size=GROUP_SIZE[args.bits])
     # Materialise the random weights a few tensors at a time to bound peak memory.
@@ -87,6 +93,7 @@ def main() -> None:
                 "mlx_version": mx.__version__,
                 "config": str(args.config) if args.config else "7B v0.1",
                 "bits": args.bits,
+                "dtype": args.dtype,
                 "steps": args.steps,
                 "step_ms_median": round(statistics.median(times), 3),
                 "step_ms_all": [round(t, 3) for t in times],
