@@ -1,0 +1,105 @@
+"""python -m moshi_mlx.local: talk with Moshi in real time, or run it on a recording.
+
+    python -m moshi_mlx.local -q 4                       # microphone + speaker
+    python -m moshi_mlx.local -q 4 --voice moshika --record talk.wav
+    python -m moshi_mlx.local --input-file user.wav --output-file out.wav --transcript out.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+from .errors import MoshiError, cli_errors
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .engine import add_model_args
+
+    parser = argparse.ArgumentParser(
+        prog="python -m moshi_mlx.local",
+        description="Full-duplex conversation with Moshi on this machine (MLX).",
+    )
+    add_model_args(parser)
+    dev = parser.add_argument_group("sound devices")
+    dev.add_argument("--list-devices", action="store_true", help="list sound devices and exit")
+    dev.add_argument("--input-device", default=None, help="microphone (index or name)")
+    dev.add_argument("--output-device", default=None, help="speaker (index or name)")
+    dev.add_argument("--device-rate", type=int, default=None,
+                     help="open the devices at this rate and resample (default: try 24000 Hz, "
+                          "then the device's own rate)")
+    dev.add_argument("--record", default=None,
+                     help="record the conversation to this WAV (Moshi left, you right)")
+    dev.add_argument("--duration", type=float, default=None,
+                     help="stop after this many seconds (default: until Ctrl-C)")
+    dev.add_argument("--max-backlog", type=int, default=2,
+                     help="frames of microphone audio kept when lagging; older ones are skipped")
+    files = parser.add_argument_group("file mode (no devices)")
+    files.add_argument("--input-file", default=None, help="user audio to answer (any rate)")
+    files.add_argument("--output-file", default=None, help="write Moshi's audio here (WAV)")
+    files.add_argument("--transcript", default=None, help="write Moshi's text with timestamps")
+    files.add_argument("--stereo", action="store_true",
+                       help="output file: Moshi left, the user right")
+    return parser
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:  # Ctrl-C while loading (the loops handle their own)
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.list_devices:
+        from .audio.devices import list_devices
+
+        print(list_devices())
+        return 0
+    if (args.output_file or args.transcript or args.stereo) and not args.input_file:
+        raise MoshiError("--output-file, --transcript and --stereo need --input-file")
+    if args.input_file and not (args.output_file or args.transcript):
+        raise MoshiError("--input-file needs --output-file and/or --transcript")
+
+    from .audio.display import TextDisplay
+    from .engine import build_engine
+
+    display = TextDisplay()
+    if args.input_file:
+        from .audio.fileloop import run_file
+        from .audio.io import read_audio
+
+        read_audio(args.input_file)  # a bad input file fails before the model loads
+        engine = build_engine(args)
+        stats = run_file(engine, args.input_file, args.output_file, args.transcript,
+                         stereo=args.stereo, display=display)
+    else:
+        from .audio.devices import check_devices, parse_device
+        from .audio.duplex import DuplexLoop
+        from .audio.recorder import WavWriter
+
+        input_device = parse_device(args.input_device)
+        output_device = parse_device(args.output_device)
+        check_devices(input_device, output_device)  # fail before the model loads
+        # One model thread: MLX state is created, and used, on the same thread.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="moshi-model") as model:
+            engine = model.submit(build_engine, args).result()
+            record = WavWriter(args.record, channels=2) if args.record else None
+            loop = DuplexLoop(
+                engine, display=display,
+                input_device=input_device, output_device=output_device,
+                record=record, device_rate=args.device_rate, max_backlog=args.max_backlog,
+                executor=model,
+            )
+            print("listening: speak into the microphone, Ctrl-C to stop", file=sys.stderr)
+            stats = loop.run(duration=args.duration)
+    print(stats.summary_line(), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
