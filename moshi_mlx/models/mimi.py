@@ -1,0 +1,364 @@
+"""Mimi, Kyutai's streaming neural audio codec: 24 kHz audio <-> 12.5 Hz frames of codes.
+
+encode: SEANet encoder (hop 960, 25 Hz) -> 8-layer causal transformer -> learnt stride-2
+        downsample (12.5 Hz) -> split residual VQ (1 semantic + acoustic codebooks)
+decode: codebook sum -> depthwise stride-2 transposed-conv upsample -> transformer -> SEANet
+        decoder.
+Everything is causal and streaming. A whole clip is encoded/decoded by running the same
+streaming path over it in chunks, with its own fresh state (so it leaves `encode_step` /
+`decode_step` streams untouched).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from ..errors import AudioError, WeightsError
+from ..modules.conv import ConvState, ConvTrState
+from ..modules.rvq import SplitResidualVectorQuantizer
+from ..modules.seanet import ConvLayer, ConvTrLayer, SeanetConfig, SeanetDecoder, SeanetEncoder
+from ..modules.transformer import Attention, KVCache
+
+MIMI_FILENAME = "tokenizer-e351c8d8-checkpoint125.safetensors"
+
+
+@dataclass
+class MimiConfig:
+    sample_rate: int = 24000
+    frame_size: int = 1920  # samples per 12.5 Hz frame
+    seanet: SeanetConfig = field(default_factory=SeanetConfig)
+    dim: int = 512
+    num_heads: int = 8
+    num_layers: int = 8
+    dim_feedforward: int = 2048
+    context: int = 250  # transformer steps at 25 Hz
+    rope_max_period: float = 10000.0
+    norm_eps: float = 1e-5
+    codebook_size: int = 2048
+    codebook_dim: int = 256
+    max_codebooks: int = 32  # in the checkpoint
+    num_codebooks: int = 8  # used by encode / expected by decode
+    chunk_frames: int = 25  # frames per chunk of a whole-clip call (bounds memory)
+
+    @property
+    def frame_rate(self) -> float:
+        return self.sample_rate / self.frame_size
+
+    @property
+    def downsample_stride(self) -> int:
+        return self.frame_size // self.seanet.hop_length
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.scale = mx.ones((dim,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return x * self.scale
+
+
+class TransformerLayer(nn.Module):
+    """Norm-first layer: x + ls1 * attn(norm1(x)); x + ls2 * linear2(gelu(linear1(norm2(x))))."""
+
+    def __init__(self, cfg: MimiConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.self_attn = Attention(cfg.dim, cfg.num_heads, cfg.rope_max_period)
+        self.linear1 = nn.Linear(cfg.dim, cfg.dim_feedforward, bias=False)
+        self.linear2 = nn.Linear(cfg.dim_feedforward, cfg.dim, bias=False)
+        self.layer_scale_1 = LayerScale(cfg.dim)
+        self.layer_scale_2 = LayerScale(cfg.dim)
+
+    def __call__(self, x: mx.array, cache: KVCache) -> mx.array:
+        x = x + self.layer_scale_1(self.self_attn(self.norm1(x), cache))
+        return x + self.layer_scale_2(self.linear2(nn.gelu(self.linear1(self.norm2(x)))))
+
+
+class _Layers(nn.Module):
+    def __init__(self, cfg: MimiConfig) -> None:
+        super().__init__()
+        self.layers = [TransformerLayer(cfg) for _ in range(cfg.num_layers)]
+
+
+class MimiTransformer(nn.Module):
+    """Causal transformer over [B, T, dim] (keys `transformer.layers.{i}.*`)."""
+
+    def __init__(self, cfg: MimiConfig) -> None:
+        super().__init__()
+        self.context = cfg.context
+        self.transformer = _Layers(cfg)
+
+    def init_state(self) -> list[KVCache]:
+        return [KVCache(self.context) for _ in self.transformer.layers]
+
+    def __call__(self, x: mx.array, caches: list[KVCache]) -> mx.array:
+        for layer, cache in zip(self.transformer.layers, caches, strict=True):
+            x = layer(x, cache)
+        return x
+
+
+class _Wrap(nn.Module):
+    """One more level of key nesting (`downsample.conv.*`, `upsample.convtr.*`)."""
+
+    def __init__(self, **children: nn.Module) -> None:
+        super().__init__()
+        for name, child in children.items():
+            setattr(self, name, child)
+
+
+@dataclass
+class EncoderState:
+    seanet: list
+    transformer: list[KVCache]
+    downsample: ConvState
+
+
+@dataclass
+class DecoderState:
+    upsample: ConvTrState
+    transformer: list[KVCache]
+    seanet: list
+
+
+class Mimi(nn.Module):
+    def __init__(self, cfg: MimiConfig | None = None) -> None:
+        super().__init__()
+        cfg = cfg or MimiConfig()
+        if not 1 <= cfg.num_codebooks <= cfg.max_codebooks:
+            raise ValueError(f"num_codebooks must be in 1..{cfg.max_codebooks}")
+        self.cfg = cfg
+        stride = cfg.downsample_stride
+        self.encoder = SeanetEncoder(cfg.seanet)
+        self.decoder = SeanetDecoder(cfg.seanet)
+        self.encoder_transformer = MimiTransformer(cfg)
+        self.decoder_transformer = MimiTransformer(cfg)
+        self.downsample = _Wrap(
+            conv=ConvLayer(
+                cfg.dim, cfg.dim, 2 * stride, stride=stride, bias=False, pad_mode="replicate"
+            )
+        )
+        self.upsample = _Wrap(
+            convtr=ConvTrLayer(cfg.dim, cfg.dim, 2 * stride, stride, groups=cfg.dim, bias=False)
+        )
+        self.quantizer = SplitResidualVectorQuantizer(
+            cfg.dim, cfg.codebook_dim, cfg.max_codebooks - 1, cfg.codebook_size
+        )
+        self.reset()
+
+    @property
+    def num_codebooks(self) -> int:
+        return self.cfg.num_codebooks
+
+    # ---- state -------------------------------------------------------------------------
+
+    def new_encoder_state(self) -> EncoderState:
+        return EncoderState(
+            self.encoder.init_state(),
+            self.encoder_transformer.init_state(),
+            self.downsample.conv.init_state(),
+        )
+
+    def new_decoder_state(self) -> DecoderState:
+        return DecoderState(
+            self.upsample.convtr.init_state(),
+            self.decoder_transformer.init_state(),
+            self.decoder.init_state(),
+        )
+
+    def reset(self) -> None:
+        """Forget the streaming state of `encode_step` and `decode_step`."""
+        self._encoder_state = self.new_encoder_state()
+        self._decoder_state = self.new_decoder_state()
+
+    # ---- core streaming computations (channels-last) ------------------------------------
+
+    def encode_latent(self, pcm: mx.array, state: EncoderState, final: bool = False) -> mx.array:
+        """pcm [B, T, 1] -> pre-quantization latent [B, F, dim]. Streaming calls take whole
+        frames; `final` ends a whole clip (a partial last frame is padded as officially)."""
+        x = self.encoder(pcm, state.seanet, final)
+        if x.shape[1] > 0:
+            x = self.encoder_transformer(x, state.transformer)
+        return self.downsample.conv(x, state.downsample, final)
+
+    def _encode_chunk(self, pcm: mx.array, state: EncoderState, final: bool = False) -> mx.array:
+        latent = self.encode_latent(pcm, state, final)
+        return self.quantizer.encode(latent, self.num_codebooks)
+
+    def _decode_chunk(self, codes: mx.array, state: DecoderState) -> mx.array:
+        x = self.quantizer.decode(codes)
+        x = self.upsample.convtr(x, state.upsample)
+        x = self.decoder_transformer(x, state.transformer)
+        return self.decoder(x, state.seanet)  # [B, T, 1]
+
+    # ---- public API -----------------------------------------------------------------------
+
+    def encode_step(self, pcm) -> mx.array:
+        """One or more whole frames [B, 1, n * 1920] -> codes int32 [B, K, n] (streaming)."""
+        x = self._check_pcm(pcm, streaming=True)
+        codes = self._encode_chunk(x, self._encoder_state)
+        mx.eval(codes)
+        return codes
+
+    def decode_step(self, codes) -> mx.array:
+        """Codes [B, K, n] -> pcm [B, 1, n * 1920] (streaming)."""
+        c = self._check_codes(codes)
+        pcm = self._decode_chunk(c, self._decoder_state).transpose(0, 2, 1)
+        mx.eval(pcm)
+        return pcm
+
+    def encode(self, pcm) -> mx.array:
+        """Whole clip [B, 1, T] (or [B, T] / [T]) -> codes int32 [B, K, ceil(T / 1920)].
+
+        The streaming path run over the clip in chunks of `cfg.chunk_frames` frames with a
+        fresh state; the last chunk ends the stream like the official whole-clip padding.
+        """
+        x = self._check_pcm(pcm, streaming=False)
+        state = self.new_encoder_state()
+        chunk = self.cfg.chunk_frames * self.cfg.frame_size
+        starts = list(range(0, x.shape[1], chunk))
+        parts = []
+        for start in starts:
+            final = start == starts[-1]
+            part = self._encode_chunk(x[:, start : start + chunk], state, final=final)
+            mx.eval(part)
+            parts.append(part)
+        return mx.concatenate(parts, axis=2)
+
+    def decode(self, codes) -> mx.array:
+        """Codes [B, K, F] -> pcm [B, 1, F * 1920], the streaming path over chunks."""
+        c = self._check_codes(codes)
+        state = self.new_decoder_state()
+        parts = []
+        for start in range(0, c.shape[2], self.cfg.chunk_frames):
+            part = self._decode_chunk(c[:, :, start : start + self.cfg.chunk_frames], state)
+            mx.eval(part)
+            parts.append(part)
+        return mx.concatenate(parts, axis=1).transpose(0, 2, 1)
+
+    # ---- input checks -------------------------------------------------------------------
+
+    def _check_pcm(self, pcm, streaming: bool) -> mx.array:
+        """-> [B, T, 1] in the weights' dtype (T a multiple of the frame size when streaming)."""
+        if isinstance(pcm, mx.array):
+            arr = pcm.astype(mx.float32)
+            finite = bool(mx.all(mx.isfinite(arr)).item()) if arr.size else True
+        else:
+            host = np.asarray(pcm, dtype=np.float32)
+            finite = bool(np.isfinite(host).all())
+            arr = mx.array(host)
+        arr = arr.astype(self.encoder.model[0].conv.conv.weight.dtype)
+        if arr.ndim == 1:
+            arr = arr[None, None]
+        elif arr.ndim == 2:
+            arr = arr[:, None]
+        if arr.ndim != 3 or arr.shape[1] != 1:
+            raise AudioError(f"expected mono audio [B, 1, T], got shape {tuple(arr.shape)}")
+        if arr.shape[2] == 0:
+            raise AudioError("the audio holds no samples")
+        if not finite:
+            raise AudioError("the audio holds NaN or infinite samples")
+        frame = self.cfg.frame_size
+        if streaming and arr.shape[2] % frame:
+            raise AudioError(
+                f"encode_step takes whole frames of {frame} samples, got {arr.shape[2]}"
+            )
+        return arr.transpose(0, 2, 1)
+
+    def _check_codes(self, codes) -> mx.array:
+        c = codes if isinstance(codes, mx.array) else mx.array(np.asarray(codes))
+        if c.ndim == 2:
+            c = c[None]
+        if c.ndim != 3 or c.shape[2] == 0:
+            raise ValueError(f"expected codes [B, K, frames], got shape {tuple(c.shape)}")
+        if not 1 <= c.shape[1] <= self.cfg.max_codebooks:
+            raise ValueError(f"codes have {c.shape[1]} codebooks, at most {self.cfg.max_codebooks}")
+        c = c.astype(mx.int32)
+        low, high = mx.min(c).item(), mx.max(c).item()
+        if low < 0 or high >= self.cfg.codebook_size:
+            raise ValueError(f"codes must be in 0..{self.cfg.codebook_size - 1}, got {low}..{high}")
+        return c
+
+
+# ---- loading ----------------------------------------------------------------------------
+
+
+def _map_key(key: str, value: mx.array) -> tuple[str, mx.array] | None:
+    """Official PyTorch key/layout -> ours. None for entries we do not use."""
+    if key.endswith("._initialized"):
+        return None
+    key = key.replace("._codebook.", ".codebook.")
+    key = key.replace(".self_attn.in_proj_weight", ".self_attn.in_proj.weight")
+    if value.ndim != 3:
+        return key, value  # a wrong rank is reported by the shape check
+    if key.endswith("convtr.weight"):
+        if key.startswith("upsample."):  # depthwise [C, 1, k] -> [C, k, 1]
+            return key, value.transpose(0, 2, 1)
+        return key, value.transpose(1, 2, 0)  # [in, out, k] -> [out, k, in]
+    return key, value.transpose(0, 2, 1)  # conv [out, in, k] -> [out, k, in]
+
+
+def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    out = {}
+    for key, value in weights.items():
+        mapped = _map_key(key, value)
+        if mapped is not None:
+            out[mapped[0]] = mapped[1]
+    return out
+
+
+def _read_safetensors(path: Path) -> dict[str, mx.array]:
+    try:
+        weights = mx.load(str(path))
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WeightsError(f"{path}: not a readable safetensors file ({reason})") from None
+    if not isinstance(weights, dict):
+        raise WeightsError(f"{path}: not a safetensors file")
+    return weights
+
+
+def load_mimi(
+    path_or_repo: str | os.PathLike, num_codebooks: int = 8, cfg: MimiConfig | None = None
+) -> Mimi:
+    """Load Mimi from the official checkpoint (local file/folder or Hugging Face repo id)."""
+    from ..hub import resolve_file
+
+    cfg = cfg or MimiConfig()
+    if not 1 <= num_codebooks <= cfg.max_codebooks:
+        raise WeightsError(f"num_codebooks must be in 1..{cfg.max_codebooks}, got {num_codebooks}")
+    cfg = dataclasses.replace(cfg, num_codebooks=num_codebooks)
+    path = resolve_file(path_or_repo, MIMI_FILENAME)
+    weights = sanitize(_read_safetensors(path))
+    model = Mimi(cfg)
+    expected = dict(_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        raise WeightsError(
+            f"{path}: not a Mimi checkpoint ({len(missing)} expected tensors missing, "
+            f"e.g. {missing[0]})"
+        )
+    for key, param in expected.items():
+        if tuple(weights[key].shape) != tuple(param.shape):
+            raise WeightsError(
+                f"{path}: tensor {key} has shape {tuple(weights[key].shape)}, "
+                f"expected {tuple(param.shape)}"
+            )
+    model.load_weights([(k, weights[k].astype(mx.float32)) for k in expected], strict=True)
+    mx.eval(model.parameters())
+    model.quantizer.finalize()
+    return model
+
+
+def _flatten(tree) -> list[tuple[str, mx.array]]:
+    from mlx.utils import tree_flatten
+
+    return tree_flatten(tree)
