@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 from .errors import MoshiError, cli_errors
+from .model_thread import start_model_thread, stop_model_thread
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,7 +86,8 @@ def _run(args: argparse.Namespace) -> int:
         output_device = parse_device(args.output_device)
         check_devices(input_device, output_device)  # fail before the model loads
         # One model thread: MLX state is created, and used, on the same thread.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="moshi-model") as model:
+        model = start_model_thread()
+        try:
             engine = model.submit(build_engine, args).result()
             record = WavWriter(args.record, channels=2) if args.record else None
             loop = DuplexLoop(
@@ -97,6 +98,8 @@ def _run(args: argparse.Namespace) -> int:
             )
             print("listening: speak into the microphone, Ctrl-C to stop", file=sys.stderr)
             stats = loop.run(duration=args.duration)
+        finally:
+            stop_model_thread(model)
     print(stats.summary_line(), file=sys.stderr)
     return 0
 

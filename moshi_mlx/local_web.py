@@ -1,0 +1,93 @@
+"""Talk to Moshi in the browser: `python -m moshi_mlx.local_web [-q 4|8] [--port 8998]`.
+
+Loads the model, then serves a page (echo cancellation, noise suppression and device choice
+come from the browser) and a WebSocket at /api/chat; see moshi_mlx/web/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import sys
+
+from .engine import add_model_args, build_engine
+from .errors import MoshiError, cli_errors
+from .web.server import ChatServer, bound_port, serve
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8998
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m moshi_mlx.local_web",
+        description="Serve a web page to talk with Moshi through the browser's microphone.",
+    )
+    add_model_args(parser)
+    web_group = parser.add_argument_group("web server")
+    web_group.add_argument(
+        "--host",
+        default=DEFAULT_HOST,
+        help=f"address to listen on (default {DEFAULT_HOST}, this machine only; "
+        "0.0.0.0 opens it to your network)",
+    )
+    web_group.add_argument("--port", type=int, default=DEFAULT_PORT,
+                           help=f"port (default {DEFAULT_PORT})")
+    return parser.parse_args(argv)
+
+
+def page_url(host: str, port: int) -> str:
+    if host in ("", "0.0.0.0", "::") or _is_loopback(host):
+        name = "localhost"
+    elif ":" in host:
+        name = f"[{host}]"
+    else:
+        name = host
+    return f"http://{name}:{port}"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def _serve_forever(server: ChatServer, host: str, port: int) -> None:
+    try:
+        runner = await serve(server, host, port)
+    except OSError as exc:
+        raise MoshiError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    try:
+        url = page_url(host, bound_port(runner))
+        print(f"Moshi is ready: open {url} in your browser (Ctrl-C to stop)", flush=True)
+        if not _is_loopback(host):
+            print(f"note: listening on {host}, reachable from other machines", flush=True)
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    server = ChatServer()
+    try:
+        print("loading the model…", file=sys.stderr, flush=True)
+        server.load_engine(lambda: build_engine(args))
+        try:
+            asyncio.run(_serve_forever(server, args.host, args.port))
+        except KeyboardInterrupt:
+            pass
+    finally:
+        server.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
