@@ -22,22 +22,11 @@ def official_mlx_files(tmp_path_factory) -> dict[str, Path]:
     the official files. Each path's folder also holds the converter's `config.json` (LM config
     keys + "quantization") and `manifest.json`.
     """
-    import hashlib
     import json
 
-    from weights_convert import convert
+    from references import safetensors_entries
 
-    def tensor_digests(path: Path) -> dict[str, tuple[str, list[int], str]]:
-        data = path.read_bytes()
-        header_len = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8 : 8 + header_len])
-        header.pop("__metadata__", None)
-        digests = {}
-        for tensor, entry in header.items():
-            start, end = (8 + header_len + offset for offset in entry["data_offsets"])
-            digest = hashlib.sha256(data[start:end]).hexdigest()
-            digests[tensor] = (entry["dtype"], entry["shape"], digest)
-        return digests
+    from weights_convert import convert
 
     root = tmp_path_factory.mktemp("official_mlx")
     files: dict[str, Path] = {}
@@ -54,7 +43,7 @@ def official_mlx_files(tmp_path_factory) -> dict[str, Path]:
         )
         official = json.loads((FIXTURES / manifest).read_text())["tensors"]
         expected = {k: (v["dtype"], v["shape"], v["sha256"]) for k, v in official.items()}
-        got = tensor_digests(result.model_file)
+        got = safetensors_entries(result.model_file)
         assert got.keys() == expected.keys(), f"{name}: tensor names differ from the official file"
         wrong = sorted(k for k in expected if got[k] != expected[k])
         assert not wrong, f"{name}: {len(wrong)} tensors differ from the official file: {wrong[:3]}"

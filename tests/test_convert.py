@@ -13,6 +13,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from references import safetensors_entries
 
 import weights_convert
 from moshi_mlx.errors import WeightsError
@@ -31,20 +32,6 @@ MANIFESTS = {None: "lm_mlx", 8: "lm_mlx.q8", 4: "lm_mlx.q4"}
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def safetensors_entries(path: Path) -> dict[str, tuple[str, list[int], str]]:
-    """name -> (dtype, shape, sha256 of raw bytes), parsed straight from the file format."""
-    data = path.read_bytes()
-    header_len = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + header_len])
-    header.pop("__metadata__", None)
-    entries = {}
-    for name, entry in header.items():
-        start, end = (8 + header_len + offset for offset in entry["data_offsets"])
-        digest = hashlib.sha256(data[start:end]).hexdigest()
-        entries[name] = (entry["dtype"], entry["shape"], digest)
-    return entries
 
 
 def official(bits: int | None) -> dict[str, tuple[str, list[int], str]]:

@@ -7,6 +7,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from references import numpy_rope
 
 from moshi_mlx import load_lm
 from moshi_mlx.generate import LmGen
@@ -92,18 +93,6 @@ def _rms(x: np.ndarray, gain: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * gain
 
 
-def _rope(x: np.ndarray, positions: np.ndarray, max_period: float) -> np.ndarray:
-    head_dim = x.shape[-1]
-    freqs = max_period ** (-2.0 * np.arange(head_dim // 2) / head_dim)
-    angles = positions[:, None] * freqs[None, :]
-    cos, sin = np.cos(angles), np.sin(angles)
-    real, imag = x[..., 0::2], x[..., 1::2]
-    out = np.empty_like(x)
-    out[..., 0::2] = real * cos - imag * sin
-    out[..., 1::2] = real * sin + imag * cos
-    return out
-
-
 def numpy_temporal(lm, tokens: np.ndarray, context: int) -> np.ndarray:
     """Float64 whole-sequence temporal transformer: query p attends to keys s with
     0 <= p - s < context. tokens [T, 17] -> text logits [T, text_card]."""
@@ -123,8 +112,8 @@ def numpy_temporal(lm, tokens: np.ndarray, context: int) -> np.ndarray:
         h = _rms(x, w(layer.norm1.weight), cfg.norm_eps)
         qkv = (h @ w(layer.self_attn.in_proj.weight).T).reshape(steps, 3, heads, head_dim)
         q, k, v = (qkv[:, i].transpose(1, 0, 2) for i in range(3))  # [H, T, D]
-        q = _rope(q, positions, cfg.max_period)
-        k = _rope(k, positions, cfg.max_period)
+        q = numpy_rope(q, positions, cfg.max_period)
+        k = numpy_rope(k, positions, cfg.max_period)
         scores = np.where(visible, q @ k.transpose(0, 2, 1) / np.sqrt(head_dim), -np.inf)
         attn = np.exp(scores - scores.max(-1, keepdims=True))
         attn /= attn.sum(-1, keepdims=True)

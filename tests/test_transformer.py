@@ -5,23 +5,11 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from references import numpy_rope
 
 from moshi_mlx.modules.transformer import Attention, KVCache, rope
 
 MAX_PERIOD = 10000.0
-
-
-def numpy_rope(x: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) by position * max_period^(-2i/D)."""
-    head_dim = x.shape[-1]
-    freqs = MAX_PERIOD ** (-2.0 * np.arange(head_dim // 2) / head_dim)
-    angles = positions[:, None] * freqs[None, :]  # [T, D/2]
-    cos, sin = np.cos(angles), np.sin(angles)
-    real, imag = x[..., 0::2], x[..., 1::2]
-    out = np.empty_like(x)
-    out[..., 0::2] = real * cos - imag * sin
-    out[..., 1::2] = real * sin + imag * cos
-    return out
 
 
 def numpy_attention(attn: Attention, x: np.ndarray, context: int) -> np.ndarray:
@@ -33,7 +21,7 @@ def numpy_attention(attn: Attention, x: np.ndarray, context: int) -> np.ndarray:
     qkv = (x.astype(np.float64) @ w_in.T).reshape(batch, steps, 3, heads, head_dim)
     q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
     positions = np.arange(steps)
-    q, k = numpy_rope(q, positions), numpy_rope(k, positions)
+    q, k = numpy_rope(q, positions, MAX_PERIOD), numpy_rope(k, positions, MAX_PERIOD)
     scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(head_dim)
     delta = positions[:, None] - positions[None, :]
     scores = np.where((delta >= 0) & (delta < context), scores, -np.inf)
@@ -56,7 +44,7 @@ def run_in_chunks(attn: Attention, x: np.ndarray, context: int, chunks: list[int
 def test_rope_matches_interleaved_reference() -> None:
     x = np.random.default_rng(0).standard_normal((1, 2, 7, 16)).astype(np.float32)
     got = np.array(rope(mx.array(x), 5, MAX_PERIOD))
-    np.testing.assert_allclose(got, numpy_rope(x, np.arange(5, 12)), atol=2e-5)
+    np.testing.assert_allclose(got, numpy_rope(x, np.arange(5, 12), MAX_PERIOD), atol=2e-5)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,36 @@
+"""Independent re-derivations shared by several tests (numpy and the raw file format only)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def numpy_rope(x: np.ndarray, positions: np.ndarray, max_period: float) -> np.ndarray:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) by position * max_period^(-2i/D)."""
+    head_dim = x.shape[-1]
+    freqs = max_period ** (-2.0 * np.arange(head_dim // 2) / head_dim)
+    angles = positions[:, None] * freqs[None, :]  # [T, D/2]
+    cos, sin = np.cos(angles), np.sin(angles)
+    real, imag = x[..., 0::2], x[..., 1::2]
+    out = np.empty_like(x)
+    out[..., 0::2] = real * cos - imag * sin
+    out[..., 1::2] = real * sin + imag * cos
+    return out
+
+
+def safetensors_entries(path: Path) -> dict[str, tuple[str, list[int], str]]:
+    """name -> (dtype, shape, sha256 of raw bytes), parsed straight from the file format."""
+    data = path.read_bytes()
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    header.pop("__metadata__", None)
+    entries = {}
+    for name, entry in header.items():
+        start, end = (8 + header_len + offset for offset in entry["data_offsets"])
+        digest = hashlib.sha256(data[start:end]).hexdigest()
+        entries[name] = (entry["dtype"], entry["shape"], digest)
+    return entries
