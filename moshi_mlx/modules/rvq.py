@@ -38,6 +38,9 @@ class Codebook(nn.Module):
         usage = mx.maximum(self.cluster_usage, self.epsilon)
         vectors = self.embedding_sum / usage[:, None]
         half_sq_norms = 0.5 * (vectors * vectors).sum(axis=-1)
+        # Stored column-major, so that `vectors.T` in encode is a row-major matrix (see
+        # moshi_mlx.modules.conv: the faster operand layout for BLAS).
+        vectors = mx.contiguous(vectors.T).T
         mx.eval(vectors, half_sq_norms)
         self.derived = _Derived(vectors, half_sq_norms)
 
@@ -78,9 +81,20 @@ class _Projection(nn.Module):
     def __init__(self, in_dim: int, out_dim: int) -> None:
         super().__init__()
         self.weight = mx.zeros((out_dim, 1, in_dim))
+        self.derived = _ProjectionMatrix()
 
     def __call__(self, x: mx.array) -> mx.array:
-        return x @ self.weight[:, 0, :].T
+        if self.derived.key is not self.weight:  # [in, out], row-major, once per weight
+            matrix = mx.contiguous(self.weight[:, 0, :].T)
+            mx.eval(matrix)
+            self.derived = _ProjectionMatrix(self.weight, matrix)
+        return x @ self.derived.matrix
+
+
+@dataclass
+class _ProjectionMatrix:
+    key: mx.array | None = None
+    matrix: mx.array | None = None
 
 
 class ResidualVectorQuantizer(nn.Module):
