@@ -36,6 +36,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument(
+        "--max-steps", type=int, default=3000,
+        help="the generator's step budget (its KV cache size); 3000 = one full context",
+    )
+    parser.add_argument(
         "--dtype", choices=("bf16", "f32"), default="bf16",
         help="activation dtype (the official package itself uses bf16)",
     )
@@ -70,7 +74,7 @@ def main() -> None:
     total = args.warmup + args.steps
     gen = generate.LmGen(
         model=model,
-        max_steps=total + 10,
+        max_steps=max(args.max_steps, total),
         text_sampler=sampling.Sampler(temp=0.7, top_k=25),
         audio_sampler=sampling.Sampler(temp=0.8, top_k=250),
         check=False,
