@@ -267,26 +267,15 @@ def _read_config(config: str | Path | dict | None) -> dict | None:
 
 
 def detect_quantization(weight_file: str | Path) -> int | None:
-    """Bits per weight of an MLX-layout Moshi file (4 or 8), None when it is not quantized.
+    """Bits per weight of a Moshi LM file (4 or 8), None when it is not quantized.
 
-    Reads only the safetensors header: a quantized Linear stores `weight` as uint32 words with
-    in_dim * bits / 32 columns; `in_dim` of `text_linear` is the model dim, the size of
-    `out_norm.weight`.
+    Reads and checks only the safetensors header (WeightsError for a file that is not a
+    Moshi LM checkpoint), so a wrong -q fails before anything is loaded.
     """
-    from safetensors import safe_open
+    from .weights import describe_checkpoint
 
-    try:
-        with safe_open(str(weight_file), framework="numpy") as f:
-            keys = set(f.keys())
-            if not any(k.endswith(".scales") for k in keys):
-                return None
-            dim = f.get_slice("out_norm.weight").get_shape()[-1]
-            columns = f.get_slice("text_linear.weight").get_shape()[-1]
-    except KeyError:
-        return None
-    except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise WeightsError(f"{weight_file} is not a readable safetensors file: {exc}") from None
-    return int(columns * 32 // dim)
+    _, _, quantization = describe_checkpoint(weight_file)
+    return None if quantization is None else quantization.bits
 
 
 def check_quantization(weight_file: str | Path, quantize: int | None) -> None:
@@ -301,6 +290,13 @@ def check_quantization(weight_file: str | Path, quantize: int | None) -> None:
         f"{Path(weight_file).name} holds {found}-bit weights but -q {quantize} was given; "
         f"use -q {found} (or the matching repo/file)"
     )
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"seed must be between 0 and 2**63 - 1, got {value}")
+    return value
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -320,7 +316,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=("auto", "bf16", "f32"), default="auto",
                    help="activation dtype (default auto: bf16 on a GPU, f32 on the CPU "
                         "backend, where it is much faster)")
-    g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    g.add_argument("--seed", type=_seed, default=None, help="random seed for sampling (>= 0)")
     g.add_argument("--text-temp", type=float, default=0.7, help="text temperature (0 = greedy)")
     g.add_argument("--text-topk", type=int, default=25)
     g.add_argument("--audio-temp", type=float, default=0.8, help="audio temperature (0 = greedy)")

@@ -38,6 +38,7 @@ def _hub_download(repo: str, filename: str) -> Path:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
+        HFValidationError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
     )
@@ -52,6 +53,8 @@ def _hub_download(repo: str, filename: str) -> Path:
         ) from None
     except EntryNotFoundError:
         raise WeightsError(f"{filename} is not in the Hugging Face repo {repo}") from None
+    except HFValidationError:
+        raise WeightsError(f"{repo}: no such file or folder, and not a valid repo id") from None
     except RepositoryNotFoundError:
         raise WeightsError(f"Hugging Face repo {repo} not found (or not accessible)") from None
     except OSError as exc:

@@ -8,10 +8,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from .errors import MoshiError, cli_errors
-from .model_thread import start_model_thread, stop_model_thread
+from .model_thread import load_on_model_thread, start_model_thread, stop_model_thread
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +56,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _check_writable(path: Path) -> None:
+    folder = path.parent.resolve()
+    if not folder.is_dir():
+        raise MoshiError(f"cannot write {path}: no such folder {folder}")
+    if path.is_dir():
+        raise MoshiError(f"cannot write {path}: it is a folder")
+    if not os.access(folder, os.W_OK):
+        raise MoshiError(f"cannot write {path}: permission denied")
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.list_devices:
         from .audio.devices import list_devices
@@ -65,6 +77,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.input_file and not (args.output_file or args.transcript):
         raise MoshiError("--input-file needs --output-file and/or --transcript")
 
+    for path in (args.output_file, args.transcript, args.record):
+        if path:
+            _check_writable(Path(path))  # fail before the model loads, not after
     from .audio.display import TextDisplay
     from .engine import build_engine
 
@@ -88,7 +103,7 @@ def _run(args: argparse.Namespace) -> int:
         # One model thread: MLX state is created, and used, on the same thread.
         model = start_model_thread()
         try:
-            engine = model.submit(build_engine, args).result()
+            engine = load_on_model_thread(model, lambda: build_engine(args))
             record = WavWriter(args.record, channels=2) if args.record else None
             loop = DuplexLoop(
                 engine, display=display,

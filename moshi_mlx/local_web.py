@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import ipaddress
 import logging
+import socket
 import sys
 
 from .engine import add_model_args, build_engine
@@ -33,13 +34,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"address to listen on (default {DEFAULT_HOST}, this machine only; "
         "0.0.0.0 opens it to your network)",
     )
-    web_group.add_argument("--port", type=int, default=DEFAULT_PORT,
+    web_group.add_argument("--port", type=_port, default=DEFAULT_PORT,
                            help=f"port (default {DEFAULT_PORT})")
     return parser.parse_args(argv)
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be between 0 and 65535, got {value}")
+    return value
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail before the (long) model load when the address cannot be listened on."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        raise MoshiError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
 def page_url(host: str, port: int) -> str:
-    if host in ("", "0.0.0.0", "::") or _is_loopback(host):
+    if host in ("", "0.0.0.0", "::", "localhost", "127.0.0.1", "::1"):
         name = "localhost"
     elif ":" in host:
         name = f"[{host}]"
@@ -78,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     server = ChatServer()
     try:
+        check_port_free(args.host, args.port)
         print("loading the model…", file=sys.stderr, flush=True)
         server.load_engine(lambda: build_engine(args))
         try:

@@ -56,9 +56,12 @@ def _load_codes(path: Path) -> np.ndarray:
         codes = np.load(path, allow_pickle=False)
     except Exception as exc:
         raise MoshiError(f"{path}: not a .npy array of codes ({exc})") from None
+    if not isinstance(codes, np.ndarray):  # an .npz archive
+        codes.close()
+        raise MoshiError(f"{path}: expected a .npy array of codes, not an .npz archive")
     if codes.ndim == 3 and codes.shape[0] == 1:
         codes = codes[0]
-    if codes.ndim != 2 or codes.shape[1] == 0 or not np.issubdtype(codes.dtype, np.integer):
+    if codes.ndim != 2 or 0 in codes.shape or not np.issubdtype(codes.dtype, np.integer):
         raise MoshiError(f"{path}: expected integer codes [K, frames], got {codes.dtype} "
                          f"{codes.shape}")
     if codes.min() < 0 or codes.max() >= 2048:

@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def start_model_thread() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="moshi-model")
+
+
+def load_on_model_thread(executor: ThreadPoolExecutor, factory: Callable[[], T]) -> T:
+    """Run `factory` (a model load, maybe a multi-GB download) on the model thread.
+
+    Ctrl-C while it runs ends the process at once with status 130: the load cannot be
+    cancelled from outside, and nothing has been written yet that would need flushing.
+    """
+    future = executor.submit(factory)
+    try:
+        return future.result()
+    except KeyboardInterrupt:
+        print("interrupted while loading the model", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)
 
 
 def stop_model_thread(executor: ThreadPoolExecutor) -> None:

@@ -179,8 +179,11 @@ def copy_into(source: Path, final: Path) -> None:
 def prepare_out_dir(out_dir: Path, force: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise WeightsError(f"{out_dir} exists and is not a folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    entries = list(out_dir.iterdir())
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        entries = list(out_dir.iterdir())
+    except OSError as exc:
+        raise WeightsError(f"cannot create {out_dir}: {exc.strerror or exc}") from None
     if entries and not force:
         raise WeightsError(f"{out_dir} is not empty; use --force to overwrite")
     for entry in entries:

@@ -187,10 +187,10 @@ class DuplexLoop:
         """Stop the worker and the streams; leaves the recording valid. Safe to call twice."""
         self.stop()
         for opened in (self.input, self.output):
-            if opened is not None:
-                try:
+            if opened is not None:  # a failing stream must not keep the rest from closing
+                with contextlib.suppress(Exception):
                     opened.stream.stop()
-                finally:
+                with contextlib.suppress(Exception):
                     opened.stream.close()
         self.input = self.output = None
         if isinstance(self._worker, threading.Thread):
@@ -216,7 +216,12 @@ class DuplexLoop:
 
     def run(self, duration: float | None = None) -> LoopStats:
         """Start, wait for `duration` seconds (None: until Ctrl-C or stop()), close."""
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            if self.record is not None:  # leave a valid (empty) recording behind
+                self.record.close()
+            raise
         try:
             deadline = None if duration is None else time.monotonic() + duration
             while not self._stop.is_set():

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import numpy as np
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from ..model_thread import start_model_thread, stop_model_thread
+from ..model_thread import load_on_model_thread, start_model_thread, stop_model_thread
 from . import protocol
 
 log = logging.getLogger("moshi_mlx.web")
@@ -63,7 +63,7 @@ class ChatServer:
 
     def load_engine(self, factory: Callable[[], ConversationEngine]) -> ConversationEngine:
         """Build the engine on the model thread (MLX state then lives on that one thread)."""
-        self.engine = self._executor.submit(factory).result()
+        self.engine = load_on_model_thread(self._executor, factory)
         return self.engine
 
     async def run_on_model_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
