@@ -8,7 +8,6 @@ frame. The engine holds all streaming state; `reset()` starts a fresh conversati
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -145,10 +144,9 @@ class Engine:
                            (tokenizer, "text tokenizer")):
             if not Path(path).is_file():
                 raise WeightsError(f"{what} not found: {path}")
-        config_dict = _read_config(config)
         check_quantization(moshi_weight, quantize)
         try:
-            lm = load_lm(str(moshi_weight), config=_lm_config(config_dict, config),
+            lm = load_lm(str(moshi_weight), config=config,
                          quantize=quantize, dtype=_mlx_dtype(dtype))
             codec = make_codec(mimi_weight, mimi_backend)
         except MemoryError:
@@ -231,17 +229,6 @@ def make_codec(mimi_weight: str | Path, backend: str = "mlx") -> Codec:
     return MlxCodec(load_mimi(str(mimi_weight), num_codebooks=NUM_CODEBOOKS))
 
 
-def _lm_config(data: dict | None, source: str | Path | None) -> Any:
-    """An LmConfig from config.json, minus the converter's own record of the quantization
-    (the weight file itself says how it is quantized)."""
-    if data is None:
-        return None
-    from .models.lm_config import LmConfig
-
-    data = {k: v for k, v in data.items() if k not in ("quantization", "quantize")}
-    return LmConfig.from_dict(data, source=str(source))
-
-
 def _mlx_dtype(name: str) -> Any:
     import mlx.core as mx
 
@@ -253,17 +240,6 @@ def _mlx_dtype(name: str) -> Any:
     if name not in dtypes:
         raise MoshiError(f"unknown dtype {name!r} (use one of {', '.join(dtypes)})")
     return dtypes[name]
-
-
-def _read_config(config: str | Path | dict | None) -> dict | None:
-    if config is None or isinstance(config, dict):
-        return config
-    try:
-        return json.loads(Path(config).read_text())
-    except FileNotFoundError:
-        raise WeightsError(f"config file not found: {config}") from None
-    except (OSError, ValueError) as exc:
-        raise WeightsError(f"cannot read config {config}: {exc}") from None
 
 
 def detect_quantization(weight_file: str | Path) -> int | None:
