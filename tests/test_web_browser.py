@@ -92,13 +92,20 @@ async def _converse(page, url: str, shot: Path) -> dict:
     await asyncio.sleep(3.0)
     t1, sent1 = time.monotonic(), await page.evaluate("window.moshi.framesSent")
     frames_per_s = (sent1 - sent0) / (t1 - t0)
-    state = await _wait_for(
+    await _wait_for(
         page, "m.audioFramesReceived >= 8 && m.nonSilentAudioFrames >= 3 && m.textPieces >= 3"
     )
+    # One snapshot: the page keeps receiving text, so its state and its DOM must be read
+    # in the same evaluate to be comparable.
+    state = await page.evaluate(
+        """() => ({
+            ...window.moshi,
+            lag_text: document.getElementById("lag-text").innerText,
+            status_text: document.getElementById("connection-text").innerText,
+            transcript: document.getElementById("transcript").innerText,
+        })"""
+    )
     state["frames_per_s"] = frames_per_s
-    state["lag_text"] = await page.inner_text("#lag-text")
-    state["status_text"] = await page.inner_text("#connection-text")
-    state["transcript"] = await page.inner_text("#transcript")
     ARTIFACTS.mkdir(exist_ok=True)
     await page.screenshot(path=str(shot))
     await page.click("#connect")  # Disconnect
