@@ -22,17 +22,22 @@ import sys
 import time
 from pathlib import Path
 
-import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from moshi_mlx.blas import blas_in_use, load_system_openblas  # noqa: E402
+
+load_system_openblas()  # before MLX loads, as the command-line tools do
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
 
 from moshi_mlx.generate import LmGen  # noqa: E402
 from moshi_mlx.models.lm import Lm, load_lm  # noqa: E402
 from moshi_mlx.models.lm_config import LmConfig  # noqa: E402
+from moshi_mlx.modules.parallel import default_cpu_threads  # noqa: E402
 from moshi_mlx.weights import QUANTIZATIONS, is_quantizable  # noqa: E402
 
 
@@ -123,15 +128,28 @@ def bench_fixture(steps: int) -> dict:
     return out | memory_figures()
 
 
-def bench_7b(bits: int, steps: int, dtype: mx.Dtype) -> dict:
+def bench_7b(bits: int, steps: int, dtype: mx.Dtype, thread_counts: list[int]) -> dict:
     cfg = LmConfig.moshi_7b()
     start = time.perf_counter()
     lm = random_quantized_lm(cfg, bits, dtype)
     build_s = time.perf_counter() - start
     weights_gb = sum(a.nbytes for _, a in tree_flatten(lm.parameters())) / 2**30
     mx.reset_peak_memory()
-    # A 7B step takes seconds here: time the two halves within the same steps (the one extra
-    # sync costs nothing at this scale) instead of running every step twice.
+    report: dict = {
+        "compute_dtype": str(dtype).split(".")[-1],
+        "weights_gb": round(weights_gb, 3),
+        "build_s": round(build_s, 1),
+    }
+    for threads in thread_counts:
+        split = lm.use_cpu_threads(threads)
+        report[f"cpu_threads_{threads}"] = {"layers_split": split} | time_7b_steps(lm, steps)
+    return report | memory_figures()
+
+
+def time_7b_steps(lm: Lm, steps: int) -> dict:
+    """A 7B step takes seconds here: time the two halves within the same steps (the one extra
+    sync costs nothing at this scale) instead of running every step twice."""
+    cfg = lm.cfg
     codes = np.random.default_rng(0).integers(0, cfg.card, size=(1, cfg.n_q - cfg.dep_q))
     gen = LmGen(lm, seed=0)
     gen.timings = {}
@@ -144,14 +162,11 @@ def bench_7b(bits: int, steps: int, dtype: mx.Dtype) -> dict:
             temporal.append(gen.timings["temporal_s"])
             depformer.append(gen.timings["depformer_s"])
     return {
-        "compute_dtype": str(dtype).split(".")[-1],
         "temporal_ms": round(1e3 * statistics.median(temporal), 1),
         "depformer_ms": round(1e3 * statistics.median(depformer), 1),
         "step_ms": round(1e3 * statistics.median(whole), 1),
         "steps_timed": steps,
-        "weights_gb": round(weights_gb, 3),
-        "build_s": round(build_s, 1),
-    } | memory_figures()
+    }
 
 
 def main() -> None:
@@ -161,14 +176,20 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="7B compute dtype (on MLX CPU, quantized matmuls with bf16 "
                         "activations are ~10x slower than with float32)")
+    parser.add_argument("--cpu-threads", type=int, nargs="+", default=None,
+                        help="7B: thread counts to time (default: 1 and all cores)")
     args = parser.parse_args()
-    report: dict = {"mlx": mx.__version__, "device": str(mx.default_device())}
+    report: dict = {"mlx": mx.__version__, "device": str(mx.default_device()),
+                    "blas": blas_in_use()}
+    thread_counts = args.cpu_threads or sorted({1, default_cpu_threads()})
     if args.only in (None, "fixture"):
         report["fixture_bf16"] = bench_fixture(args.steps or 50)
     for bits in (4, 8):
         if args.only in (None, "7b", f"q{bits}"):
             dtype = getattr(mx, args.dtype)
-            report[f"moshi_7b_q{bits}_{args.dtype}"] = bench_7b(bits, args.steps or 2, dtype)
+            report[f"moshi_7b_q{bits}_{args.dtype}"] = bench_7b(
+                bits, args.steps or 2, dtype, thread_counts
+            )
             mx.clear_cache()
     print(json.dumps(report, indent=2))
 

@@ -35,7 +35,12 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 FRAME = 1920
+
+from moshi_mlx.blas import blas_in_use, load_system_openblas  # noqa: E402
+
+load_system_openblas()  # before MLX loads, as the command-line tools do
 
 
 def _speech() -> np.ndarray:
@@ -222,6 +227,7 @@ def main() -> None:
         "weights": weights,
         "frames_timed": args.frames,
         "clip": "tests/fixtures/speech.wav (12.64 s)",
+        "blas": blas_in_use(),
     }
     print(json.dumps(results, indent=2))
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .blas import load_system_openblas
+
 __version__ = "0.1.0"
+
+# Before any submodule imports MLX: on Linux its CPU matrix products then use an installed
+# OpenBLAS instead of the wheel's reference BLAS (see moshi_mlx.blas).
+load_system_openblas()
 
 _EXPORTS = {
     "MoshiError": "moshi_mlx.errors",

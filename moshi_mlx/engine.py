@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .blas_hint import openblas_preload_hint
+from .blas import blas_hint
 from .errors import MoshiError, WeightsError
 
 SAMPLE_RATE = 24000
@@ -135,6 +135,7 @@ class Engine:
         audio_temp: float = 0.8,
         audio_topk: int = 250,
         mimi_backend: str = "mlx",
+        cpu_threads: int | None = None,
     ) -> Engine:
         import sentencepiece
 
@@ -146,8 +147,8 @@ class Engine:
                 raise WeightsError(f"{what} not found: {path}")
         check_quantization(moshi_weight, quantize)
         try:
-            lm = load_lm(str(moshi_weight), config=config,
-                         quantize=quantize, dtype=_mlx_dtype(dtype))
+            lm = load_lm(str(moshi_weight), config=config, quantize=quantize,
+                         dtype=_mlx_dtype(dtype), cpu_threads=cpu_threads)
             codec = make_codec(mimi_weight, mimi_backend)
         except MemoryError:
             raise MoshiError(
@@ -275,6 +276,13 @@ def _seed(text: str) -> int:
     return value
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """Options that choose and load the model (shared by the terminal and web front ends)."""
     g = parser.add_argument_group("model")
@@ -292,6 +300,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=("auto", "bf16", "f32"), default="auto",
                    help="activation dtype (default auto: bf16 on a GPU, f32 on the CPU "
                         "backend, where it is much faster)")
+    g.add_argument("--cpu-threads", type=_positive_int, default=None,
+                   help="when computing on the CPU, split large layers over N threads "
+                        "(default: one per core; 1 = no split)")
     g.add_argument("--seed", type=_seed, default=None, help="random seed for sampling (>= 0)")
     g.add_argument("--text-temp", type=float, default=0.7, help="text temperature (0 = greedy)")
     g.add_argument("--text-topk", type=int, default=25)
@@ -385,9 +396,9 @@ def build_engine(args: argparse.Namespace) -> Engine:
         audio_temp=args.audio_temp,
         audio_topk=args.audio_topk,
         mimi_backend=args.mimi_backend,
+        cpu_threads=args.cpu_threads,
     )
-    hint = openblas_preload_hint()
+    hint = blas_hint()
     if hint:
-        print(f"hint: MLX uses a slow reference BLAS here; start with {hint} for ~5x faster "
-              "frames", file=sys.stderr)
+        print(f"hint: {hint}", file=sys.stderr)
     return engine

@@ -4,6 +4,10 @@ from pathlib import Path
 
 import pytest
 
+# First, as in every entry point: on Linux this routes MLX's BLAS calls to an installed
+# OpenBLAS (moshi_mlx.blas), so the tests run the same numerics users get.
+import moshi_mlx  # noqa: F401
+
 FIXTURES = Path(__file__).parent / "fixtures"
 
 

@@ -95,6 +95,38 @@ def test_engine_steps_reproduce_the_official_pytorch_generation():
         assert all(v >= 0 for v in o.timings.values())
 
 
+def test_layers_split_on_the_model_thread_still_reproduce_pytorch():
+    """As the CLIs run a CPU model: loaded, split over CPU streams and stepped on the model
+    thread (the streams belong to that thread), greedy output still equals the goldens."""
+    import mlx.core as mx
+
+    from moshi_mlx import LmGen, load_lm
+    from moshi_mlx.model_thread import (
+        load_on_model_thread,
+        start_model_thread,
+        stop_model_thread,
+    )
+
+    golden = np.load(FIXTURES / "lm_golden.npz")
+    codec = _StubCodec(golden["user_codes"])
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(FIXTURES / "tokenizer.model"))
+
+    def build() -> Engine:
+        lm = load_lm(str(FIXTURES / "lm_pytorch.safetensors"),
+                     config=str(FIXTURES / "lm_config.json"), dtype=mx.float32, cpu_threads=1)
+        assert lm.use_cpu_threads(2, min_weights=0) > 0  # the fixture is below the threshold
+        return Engine(codec, LmGen(lm, text_temp=0.0, audio_temp=0.0), sp)
+
+    executor = start_model_thread()
+    try:
+        engine = load_on_model_thread(executor, build)
+        for _ in range(40):
+            executor.submit(engine.process, np.zeros(1920, np.float32)).result()
+    finally:
+        stop_model_thread(executor)
+    np.testing.assert_array_equal(np.stack(codec.decoded), golden["torch_f32_out"][1:40, 1:])
+
+
 def test_engine_with_mlx_mimi_agrees_with_rustymimi(random_mimi_path):
     """Real-size random Mimi + tiny LM, default MLX Mimi: the user's codes the LM sees are the
     ones rustymimi (Kyutai's Rust Mimi) computes, and the audio out is rustymimi's decoding

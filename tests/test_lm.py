@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
@@ -109,6 +110,25 @@ def test_float32_greedy_matches_pytorch_without_compile(weight_files, config_pat
     lm = load_lm(weight_files["pytorch"], config=config_path, dtype=mx.float32)
     result = run_greedy(lm, golden["user_codes"], compile=False)
     assert_matches_golden(result, golden, "torch_f32")
+
+
+@pytest.mark.parametrize(("kind", "prefix"), [("pytorch", "torch_f32"), ("q4", "torch_f32_deq_q4")])
+@pytest.mark.parametrize("threads", [2, 3])
+def test_layers_split_over_cpu_threads_still_match_pytorch(
+    weight_files, config_path, golden, kind, prefix, threads
+):
+    # The fixture's layers are below the default size threshold: force every one to split.
+    config = config_path if kind == "pytorch" else None
+    lm = load_lm(weight_files[kind], config=config, dtype=mx.float32, cpu_threads=1)
+    plain = run_greedy(lm, golden["user_codes"])
+    linears = [m for _, m in lm.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))]
+    assert lm.use_cpu_threads(threads, min_weights=0) == len(linears) > 0
+    split = run_greedy(lm, golden["user_codes"])
+    assert_matches_golden(split, golden, prefix)
+    np.testing.assert_allclose(split["text_logits"], plain["text_logits"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(split["audio_logits"], plain["audio_logits"], atol=1e-5, rtol=0)
+    assert lm.use_cpu_threads(1) == 0  # undone: the plain layers again
+    assert all(type(m) in (nn.Linear, nn.QuantizedLinear) for m in linears)
 
 
 @pytest.mark.parametrize(("bits", "prefix"), [(8, "torch_f32_deq_q8"), (4, "torch_f32_deq_q4")])

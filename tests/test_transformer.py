@@ -31,8 +31,9 @@ def numpy_attention(attn: Attention, x: np.ndarray, context: int) -> np.ndarray:
     return out @ w_out.T
 
 
-def run_in_chunks(attn: Attention, x: np.ndarray, context: int, chunks: list[int]) -> np.ndarray:
-    cache = KVCache(context)
+def run_in_chunks(attn: Attention, x: np.ndarray, context: int, chunks: list[int],
+                  grow_step: int = 256) -> np.ndarray:
+    cache = KVCache(context, grow_step)
     outputs, start = [], 0
     for size in chunks:
         outputs.append(np.array(attn(mx.array(x[:, start : start + size]), cache)))
@@ -57,12 +58,28 @@ def test_rope_matches_interleaved_reference() -> None:
         (32, [1] * 4 + [16]),  # never full
     ],
 )
-def test_streaming_attention_matches_reference(context: int, chunks: list[int]) -> None:
+@pytest.mark.parametrize("grow_step", [1, 4, 256])  # buffer grows while the ring fills
+def test_streaming_attention_matches_reference(context: int, chunks: list[int],
+                                               grow_step: int) -> None:
     mx.random.seed(1)
     attn = Attention(dim=32, num_heads=4, rope_max_period=MAX_PERIOD)
     x = np.random.default_rng(2).standard_normal((2, sum(chunks), 32)).astype(np.float32)
     expected = numpy_attention(attn, x, context)
-    np.testing.assert_allclose(run_in_chunks(attn, x, context, chunks), expected, atol=1e-4)
+    got = run_in_chunks(attn, x, context, chunks, grow_step)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_cache_grows_in_steps_up_to_the_context() -> None:
+    attn = Attention(dim=16, num_heads=2, rope_max_period=MAX_PERIOD)
+    cache = KVCache(10, grow_step=4)
+    lengths = []
+    for _ in range(14):
+        attn(mx.zeros((1, 1, 16)), cache)
+        lengths.append(cache.keys.shape[2])
+    assert lengths == [4] * 4 + [8] * 4 + [10] * 6
+    cache.reset()
+    attn(mx.zeros((1, 7, 16)), cache)  # one call past a step boundary reserves at once
+    assert cache.keys.shape[2] == 8
 
 
 def test_cache_memory_is_constant_past_context() -> None:

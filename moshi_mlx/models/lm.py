@@ -15,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import WeightsError
+from ..modules.parallel import DEFAULT_MIN_WEIGHTS, default_cpu_threads, split_linears
 from ..modules.transformer import Attention, KVCache
 from .lm_config import LmConfig, resolve_config
 
@@ -151,6 +152,13 @@ class Lm(nn.Module):
         self._compiled = None  # compiled graphs hold the old weights
         return super().load_weights(*args, **kwargs)
 
+    def use_cpu_threads(self, threads: int, min_weights: int = DEFAULT_MIN_WEIGHTS) -> int:
+        """Split the large linear layers into `threads` row blocks computed at the same time
+        on as many CPU streams (bit-identical results; 1 undoes it). Returns how many layers
+        are split. Call before creating an `LmGen`: compiled graphs keep the old layers."""
+        self._compiled = None
+        return split_linears(self, threads, min_weights)
+
     def make_cache(self) -> list[KVCache]:
         return [KVCache(self.cfg.context) for _ in self.transformer.layers]
 
@@ -209,6 +217,7 @@ def load_lm(
     config: LmConfig | str | os.PathLike | None = None,
     quantize: int | None = None,
     dtype: mx.Dtype = mx.bfloat16,
+    cpu_threads: int | None = None,
 ) -> Lm:
     """Load a Moshi LM from a checkpoint in the official MLX or PyTorch layout.
 
@@ -216,6 +225,8 @@ def load_lm(
     by `quantize`: model.safetensors / model.q8.safetensors / model.q4.safetensors).
     quantize: None (keep the file as it is), 4 or 8 (quantize a bf16 file on load, or assert
     that a pre-quantized file has these bits). dtype: compute dtype (bf16 or float32).
+    cpu_threads: split large layers over this many CPU threads (`Lm.use_cpu_threads`);
+    None: all cores when MLX computes on the CPU, no split on a GPU.
     """
     from ..weights import QUANTIZATIONS, read_lm_checkpoint
 
@@ -227,7 +238,9 @@ def load_lm(
     path = _weights_file(weights, quantize)
     cfg = resolve_config(config, path)
     tensors, file_quant = read_lm_checkpoint(path, cfg)
-    return build_lm(cfg, tensors, file_quant, quantize=quantize, dtype=dtype, name=path.name)
+    model = build_lm(cfg, tensors, file_quant, quantize=quantize, dtype=dtype, name=path.name)
+    model.use_cpu_threads(default_cpu_threads() if cpu_threads is None else cpu_threads)
+    return model
 
 
 def _weights_file(weights: str | os.PathLike, quantize: int | None) -> Path:

@@ -21,13 +21,19 @@ def rope(x: mx.array, offset: int | mx.array, max_period: float) -> mx.array:
 class KVCache:
     """Keys/values of the last `context` steps of one attention layer (ring buffer).
 
-    A query at position p sees key position s iff 0 <= p - s < context.
+    A query at position p sees key position s iff 0 <= p - s < context. Position p lives in
+    slot p % context. The buffer grows `grow_step` slots at a time up to `context`, so a short
+    conversation never pays for the whole window (3000 steps of a 7B model in float32 are
+    3 GB); once full it stays that size.
     """
 
-    def __init__(self, context: int) -> None:
+    def __init__(self, context: int, grow_step: int = 256) -> None:
         if context < 1:
             raise ValueError(f"context must be >= 1, got {context}")
+        if grow_step < 1:
+            raise ValueError(f"grow_step must be >= 1, got {grow_step}")
         self.context = context
+        self.grow_step = grow_step
         self.reset()
 
     def reset(self) -> None:
@@ -76,12 +82,25 @@ class KVCache:
         positions = self.offset - 1 - ((self.offset - 1 - slots) % self.context)
         return self.keys, self.values, positions
 
+    def _reserve(self, k: mx.array, v: mx.array, slots: int) -> None:
+        """Make the buffer at least `slots` long (only ever needed before the ring wraps, so
+        slots 0 .. offset-1 are in order and growing is appending zeros)."""
+        have = 0 if self.keys is None else self.keys.shape[2]
+        if slots <= have:
+            return
+        size = min(self.context, -(-slots // self.grow_step) * self.grow_step)
+        batch, heads, _, head_dim = k.shape
+        new_keys = mx.zeros((batch, heads, size - have, head_dim), dtype=k.dtype)
+        new_values = mx.zeros((batch, heads, size - have, head_dim), dtype=v.dtype)
+        if self.keys is None:
+            self.keys, self.values = new_keys, new_values
+        else:
+            self.keys = mx.concatenate([self.keys, new_keys], axis=2)
+            self.values = mx.concatenate([self.values, new_values], axis=2)
+
     def _store(self, k: mx.array, v: mx.array) -> None:
         capacity = self.context
-        if self.keys is None:
-            batch, heads, _, head_dim = k.shape
-            self.keys = mx.zeros((batch, heads, capacity, head_dim), dtype=k.dtype)
-            self.values = mx.zeros((batch, heads, capacity, head_dim), dtype=v.dtype)
+        self._reserve(k, v, min(capacity, self.offset + k.shape[2]))
         steps = k.shape[2]
         first_position = self.offset
         if steps > capacity:  # only the newest `capacity` steps can ever be seen again

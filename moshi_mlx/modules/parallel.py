@@ -1,0 +1,113 @@
+"""Row-split linear layers: one layer's matmul spread over several CPU threads.
+
+MLX's CPU backend runs the ops of a stream on that stream's own thread, and its quantized
+matmul (and float matmul with the reference BLAS of the Linux wheel) uses one core. Splitting
+a layer's output rows into blocks, each on its own CPU stream, computes the blocks at the same
+time. Each output element is still the same dot product over the same inputs in the same
+order, so results are bit-identical to the unsplit layer. On the GPU this only adds overhead:
+use it when the model runs on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+# Below this many weight elements a layer is fast enough that splitting only adds the
+# cross-thread hand-off (tens of microseconds).
+DEFAULT_MIN_WEIGHTS = 1 << 20
+
+
+def default_cpu_threads() -> int:
+    """Threads worth splitting over: the cores, when MLX computes on the CPU; else 1."""
+    if mx.default_device() != mx.cpu:
+        return 1
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+class _RowSplit:
+    """Shared by the two split classes: the blocks, rebuilt when the weights change."""
+
+    def _blocks(self) -> list[tuple[mx.Stream, dict[str, mx.array]]]:
+        weight = self["weight"]
+        cache = self.__dict__.get("_split_cache")
+        if cache is None or cache[0] is not weight:
+            rows = weight.shape[0]
+            names = [n for n in ("weight", "scales", "biases", "bias") if n in self]
+            bounds = np.linspace(0, rows, len(self._split_streams) + 1).round().astype(int)
+            blocks = [
+                (stream, {n: self[n][start:stop] for n in names})
+                for stream, start, stop in zip(self._split_streams, bounds[:-1], bounds[1:],
+                                               strict=True)
+            ]
+            cache = (weight, blocks)
+            self.__dict__["_split_cache"] = cache
+        return cache[1]
+
+    def _split_call(self, x: mx.array, matmul) -> mx.array:
+        outputs = []
+        for stream, block in self._blocks():
+            y = matmul(x, block, stream)
+            if "bias" in block:
+                y = mx.add(y, block["bias"], stream=stream)
+            outputs.append(y)
+        return mx.concatenate(outputs, axis=-1)
+
+
+class RowSplitLinear(_RowSplit, nn.Linear):
+    def __call__(self, x: mx.array) -> mx.array:
+        return self._split_call(
+            x, lambda x, block, stream: mx.matmul(x, block["weight"].T, stream=stream)
+        )
+
+
+class RowSplitQuantizedLinear(_RowSplit, nn.QuantizedLinear):
+    def __call__(self, x: mx.array) -> mx.array:
+        def matmul(x: mx.array, block: dict[str, mx.array], stream: mx.Stream) -> mx.array:
+            mode = {"mode": self.mode} if hasattr(self, "mode") else {}  # MLX >= 0.29
+            return mx.quantized_matmul(
+                x, block["weight"], scales=block["scales"], biases=block.get("biases"),
+                transpose=True, group_size=self.group_size, bits=self.bits, stream=stream,
+                **mode,
+            )
+
+        return self._split_call(x, matmul)
+
+
+_SPLIT_CLASS = {nn.Linear: RowSplitLinear, nn.QuantizedLinear: RowSplitQuantizedLinear}
+
+
+def split_linears(model: nn.Module, threads: int, min_weights: int = DEFAULT_MIN_WEIGHTS
+                  ) -> int:
+    """Make every Linear / QuantizedLinear of `model` whose weight matrix has at least
+    `min_weights` elements (counted unpacked) run as `threads` row blocks on as many CPU
+    streams. threads <= 1 undoes it. Parameters, their names and values are untouched.
+    Returns how many layers are split."""
+    streams = [mx.new_stream(mx.cpu) for _ in range(threads)] if threads > 1 else []
+    split = 0
+    for _, module in model.named_modules():
+        plain = _plain_class(module)
+        if plain is None:
+            continue
+        rows, columns = module["weight"].shape
+        if plain is nn.QuantizedLinear:
+            columns = columns * 32 // module.bits
+        if streams and rows >= threads and rows * columns >= min_weights:
+            # The instance keeps its parameters; only the class (its __call__) changes.
+            module.__class__ = _SPLIT_CLASS[plain]
+            module.__dict__["_split_streams"] = streams
+            module.__dict__.pop("_split_cache", None)
+            split += 1
+        else:
+            module.__class__ = plain
+    return split
+
+
+def _plain_class(module: nn.Module) -> type | None:
+    for plain, split_class in _SPLIT_CLASS.items():
+        if type(module) in (plain, split_class):
+            return plain
+    return None
