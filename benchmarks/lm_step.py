@@ -35,7 +35,7 @@ import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 from moshi_mlx.generate import LmGen  # noqa: E402
-from moshi_mlx.models.lm import Lm, load_lm  # noqa: E402
+from moshi_mlx.models.lm import Lm, as_stored, load_lm, quantized_linear_paths  # noqa: E402
 from moshi_mlx.models.lm_config import LmConfig  # noqa: E402
 from moshi_mlx.modules.parallel import default_cpu_threads  # noqa: E402
 from moshi_mlx.weights import QUANTIZATIONS, is_quantizable  # noqa: E402
@@ -53,6 +53,7 @@ def random_quantized_lm(cfg: LmConfig, bits: int, dtype: mx.Dtype) -> Lm:
         class_predicate=lambda path, m: hasattr(m, "to_quantized")
         and is_quantizable(f"{path}.weight"),
     )
+    linears = quantized_linear_paths(model)
     key = mx.random.key(0)
     built = []
     for name, array in tree_flatten(model.parameters()):
@@ -65,8 +66,8 @@ def random_quantized_lm(cfg: LmConfig, bits: int, dtype: mx.Dtype) -> Lm:
             value = mx.random.uniform(-0.02, 0.0, array.shape, key=sub) * (2**bits - 1) / 2
         else:  # norm gains
             value = mx.random.uniform(0.8, 1.2, array.shape, key=sub)
-        if value.dtype != mx.uint32:
-            value = value.astype(mx.bfloat16).astype(dtype)
+        if value.dtype != mx.uint32:  # bf16 values, kept as load_lm keeps a file's
+            value = as_stored(name, value.astype(mx.bfloat16), dtype, linears)
         mx.eval(value)  # one tensor at a time
         built.append((name, value))
     model.load_weights(built, strict=True)

@@ -102,6 +102,10 @@ def test_float32_greedy_matches_pytorch(weight_files, config_path, golden, kind,
     config = config_path if kind == "pytorch" else None
     lm = load_lm(weight_files[kind], config=config, dtype=mx.float32)
     assert lm.cfg == LmConfig.from_json(config_path)
+    if kind in ("q8", "q4"):  # linear scales kept bf16 (half the memory), still exact
+        kept = {type(m): m.scales.dtype for _, m in lm.named_modules() if hasattr(m, "scales")}
+        assert kept[nn.QuantizedLinear] == mx.bfloat16
+        assert kept.get(nn.QuantizedEmbedding, mx.float32) == mx.float32
     result = run_greedy(lm, golden["user_codes"])
     assert_matches_golden(result, golden, prefix)
 

@@ -281,14 +281,33 @@ def build_lm(cfg: LmConfig, tensors: dict[str, mx.array], file_quant, quantize: 
             ),
         )
     _check_shapes(cfg, tensors, model, name)
-    # Quantized weights stay packed uint32; every float tensor (scales and biases included)
-    # takes the compute dtype, so float32 dequantizes exactly as scales·q + biases in float32.
-    model.load_weights(
-        [(k, v if v.dtype == mx.uint32 else v.astype(dtype)) for k, v in tensors.items()],
-        strict=True,
-    )
+    linears = quantized_linear_paths(model)
+    model.load_weights([(k, as_stored(k, v, dtype, linears)) for k, v in tensors.items()],
+                       strict=True)
     mx.eval(model.parameters())
     return model
+
+
+def quantized_linear_paths(model: nn.Module) -> frozenset[str]:
+    return frozenset(path for path, m in model.named_modules()
+                     if isinstance(m, nn.QuantizedLinear))
+
+
+def as_stored(key: str, value: mx.array, dtype: mx.Dtype,
+              quantized_linears: frozenset[str]) -> mx.array:
+    """The tensor as the model keeps it. Quantized weights stay packed uint32. A quantized
+    linear layer's bf16 scales and biases stay bf16 under float32 activations too: its matmul
+    widens them exactly (scales·q + biases in float32, as a float32 copy would) at the same
+    speed, and the 7B q4 model is 0.9 GB smaller. (Quantized embeddings return the scales'
+    dtype, so theirs follow the compute dtype.) Every other float tensor takes the compute
+    dtype."""
+    if value.dtype == mx.uint32:
+        return value
+    if (key.endswith((".scales", ".biases")) and value.dtype == mx.bfloat16
+            and dtype in (mx.float32, mx.bfloat16)
+            and key.rsplit(".", 1)[0] in quantized_linears):
+        return value
+    return value.astype(dtype)
 
 
 def _check_shapes(cfg: LmConfig, tensors: dict[str, mx.array], model: Lm | None,
