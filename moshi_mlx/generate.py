@@ -11,6 +11,7 @@ step t).
 from __future__ import annotations
 
 import time
+import weakref
 
 import mlx.core as mx
 import numpy as np
@@ -53,7 +54,12 @@ class LmGen:
         self._greedy = self.text_sampler.greedy and self.audio_sampler.greedy
         # Sampling + the 8 depformer steps have fixed shapes: one compiled graph per batch size.
         self.compile = compile
-        self._sample_all = mx.compile(self._sample_all_eager) if compile else self._sample_all_eager
+        # Through a weak reference: a compiled function holding `self` would make a cycle that
+        # keeps a dropped generator (and its model's GBs) alive until a garbage collection.
+        generator = weakref.ref(self)
+        self._compiled_sample_all = (
+            mx.compile(lambda *args: generator()._sample_all_eager(*args)) if compile else None
+        )
         self.reset()
 
     def reset(self) -> None:
@@ -133,9 +139,8 @@ class LmGen:
             self.timings["temporal_s"] = half_time - start_time
 
         if force_text is None and force_audio is None:
-            text, raw_audio, audio_logits, next_key = self._sample_all(
-                hidden, text_logits, self._key
-            )
+            sample_all = self._compiled_sample_all or self._sample_all_eager
+            text, raw_audio, audio_logits, next_key = sample_all(hidden, text_logits, self._key)
             if not self._greedy:
                 self._key = next_key
         else:  # teacher forcing: eager, the forced tokens replace the sampled ones

@@ -160,3 +160,30 @@ def test_generation_past_context_keeps_constant_memory(short_lm):
     assert full[0][2] == SHORT_CONTEXT
     # Active memory does not grow once the window is full (steps 2c .. 4c).
     assert max(memory[2 * SHORT_CONTEXT :]) - min(memory[2 * SHORT_CONTEXT :]) < 1 << 20
+
+
+# --------------------------------------------------------------------------- memory
+
+
+@pytest.mark.parametrize("compile", [True, False])
+def test_dropping_a_model_frees_its_memory_without_a_garbage_collection(
+    fixtures_dir: Path, tiny_cfg: LmConfig, compile: bool
+):
+    """No reference cycles through the compiled functions: the last `del` frees the weights
+    and caches at once (a cycle would hold them until Python's next GC pass)."""
+    import gc
+
+    gc.collect()
+    gc.disable()
+    try:
+        before = mx.get_active_memory()
+        lm = load_lm(fixtures_dir / "lm_pytorch.safetensors", config=tiny_cfg, dtype=mx.float32)
+        lm.use_cpu_threads(2, min_weights=0)
+        gen = LmGen(lm, seed=0, compile=compile)
+        for _ in range(3):
+            gen.step(np.zeros((1, 8), np.int32))
+        assert mx.get_active_memory() - before > 10 * 2**20  # the weights are there
+        del lm, gen
+        assert mx.get_active_memory() - before < 2**20
+    finally:
+        gc.enable()

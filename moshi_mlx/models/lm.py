@@ -8,6 +8,7 @@ dep_q+1..n_q = the user's audio codebooks.
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -202,9 +203,12 @@ class _CompiledTemporal:
     blocks, head). Attention stays eager: its cache length and RoPE offset change each step."""
 
     def __init__(self, lm: Lm) -> None:
-        self.embed = mx.compile(lm.embed)
+        # `lm` holds this object: a strong reference back from a compiled function would be a
+        # cycle that only the garbage collector frees, keeping a dropped model's GBs alive.
+        model = weakref.ref(lm)
+        self.embed = mx.compile(lambda tokens: model().embed(tokens))
         self.mlp_blocks = [mx.compile(layer.mlp_block) for layer in lm.transformer.layers]
-        self.head = mx.compile(lm.head)
+        self.head = mx.compile(lambda x: model().head(x))
 
 
 # --------------------------------------------------------------------------- loading
