@@ -152,15 +152,23 @@ def test_page_talks_to_the_real_engine_in_chromium(random_mimi_path, tmp_path):
     assert errors == []
     assert native["contextSampleRate"] == 24000 and not native["resampling"]
     assert resampled["contextSampleRate"] != 24000 and resampled["resampling"]
+    check_two_conversations(native, resampled, recorder, frames_first)
+
+
+def check_two_conversations(native: dict, resampled: dict, recorder: RecordingEngine,
+                            frames_first: int) -> None:
+    """What any browser must show after a native-rate and a resampled conversation (page
+    states read in one snapshot each; `frames_first`: frames the model got in the first)."""
     for state in (native, resampled):
         assert state["handshake"] == {"protocol": 1, "sample_rate": 24000, "frame_size": 1920}
         assert 9.0 <= state["frames_per_s"] <= 16.0, state["frames_per_s"]
         assert state["status_text"] == "connected"
         assert state["lag_text"].endswith(" ms")
         assert state["peakReceived"] > 0.01  # Mimi-decoded audio, not the initial zeros
+        assert state["transcript"].strip() == state["text"].strip()
     assert recorder.resets == 2  # each Connect started a fresh conversation
 
-    # Speech from the fake microphone reached the model in both conversations.
+    # Audio from the fake microphone reached the model in both conversations.
     for rms in (recorder.input_rms[:frames_first], recorder.input_rms[frames_first:]):
         assert sum(r > 0.01 for r in rms) >= 3, rms
     assert sum(p > 0.01 for p in recorder.output_peak) >= 6
@@ -169,7 +177,6 @@ def test_page_talks_to_the_real_engine_in_chromium(random_mimi_path, tmp_path):
     conversations = "".join(recorder.texts).split("\n")[1:]
     assert native["text"] and conversations[0].startswith(native["text"])
     assert resampled["text"] and conversations[1].startswith(resampled["text"])
-    assert native["transcript"].strip() == native["text"].strip()
 
 
 def test_command_line_serves_and_prints_its_address(random_mimi_path):

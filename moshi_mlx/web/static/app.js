@@ -134,7 +134,7 @@ async function openAudio(stream, ctx) {
     try {
       source = ctx.createMediaStreamSource(stream);
     } catch (err) {
-      // Firefox cannot connect a microphone to a context at another rate.
+      // Older Firefox releases cannot connect a microphone to a context at another rate.
       ctx.close();
       ctx = null;
     }
