@@ -169,12 +169,23 @@ class Engine:
         except (OSError, RuntimeError):
             raise WeightsError(f"{tokenizer} is not a SentencePiece model") from None
         pad_id = getattr(getattr(lm, "cfg", None), "existing_text_padding_id", None)
-        return cls(codec, gen, sp, silent_text_ids=(0, 3 if pad_id is None else int(pad_id)))
+        engine = cls(codec, gen, sp, silent_text_ids=(0, 3 if pad_id is None else int(pad_id)))
+        engine.warm_up()
+        return engine
 
     def reset(self) -> None:
         self.codec.reset()
         self.lm_gen.reset()
         self.frames = 0
+
+    def warm_up(self, frames: int = 2) -> None:
+        """Run `frames` frames of silence, then reset: graphs are compiled and buffers
+        allocated now, not during the first frames of a conversation (where a stall of a
+        second would pile up microphone audio and then a burst of output). Frame 0 steps
+        only; frame 1 also decodes."""
+        for _ in range(frames):
+            self.process(np.zeros(self.frame_size, dtype=np.float32))
+        self.reset()
 
     def text_piece(self, token: int) -> str | None:
         """Printable text of a text token; None for padding, end-of-padding and control ids."""
