@@ -187,3 +187,28 @@ def test_dropping_a_model_frees_its_memory_without_a_garbage_collection(
         assert mx.get_active_memory() - before < 2**20
     finally:
         gc.enable()
+
+
+def test_split_layers_run_on_whichever_thread_steps(fixtures_dir: Path, tiny_cfg: LmConfig):
+    """MLX streams belong to the thread that made them: a model split on one thread must still
+    step on another (each thread gets its own CPU streams), with unchanged results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    lm = load_lm(fixtures_dir / "lm_pytorch.safetensors", config=tiny_cfg, dtype=mx.float32,
+                 cpu_threads=1)
+    codes = np.random.default_rng(3).integers(0, 2048, size=(6, 1, 8))
+
+    def greedy() -> list[int]:
+        gen = LmGen(lm, text_temp=0.0, audio_temp=0.0)
+        return [int(gen.step(c)[0][0]) for c in codes]
+
+    plain = greedy()
+    assert lm.use_cpu_threads(2, min_weights=0) > 0
+    worker = ThreadPoolExecutor(max_workers=1)
+    try:
+        assert greedy() == plain  # this thread
+        assert worker.submit(greedy).result() == plain  # another thread
+        assert greedy() == plain  # and back
+    finally:
+        worker.submit(mx.clear_streams).result()
+        worker.shutdown()

@@ -11,6 +11,7 @@ use it when the model runs on the CPU.
 from __future__ import annotations
 
 import os
+import threading
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -28,23 +29,37 @@ def default_cpu_threads() -> int:
     return max(1, min(os.cpu_count() or 1, 8))
 
 
+_thread = threading.local()
+
+
+def thread_cpu_streams(count: int) -> list[mx.Stream]:
+    """`count` CPU streams of the calling thread, made once per thread (MLX streams belong to
+    the thread that made them: another thread cannot run ops on them)."""
+    streams: list[mx.Stream] = getattr(_thread, "cpu_streams", [])
+    while len(streams) < count:
+        streams.append(mx.new_stream(mx.cpu))
+    _thread.cpu_streams = streams
+    return streams[:count]
+
+
 class _RowSplit:
-    """Shared by the two split classes: the blocks, rebuilt when the weights change."""
+    """Shared by the two split classes: the blocks of the calling thread, rebuilt when the
+    weights change."""
 
     def _blocks(self) -> list[tuple[mx.Stream, dict[str, mx.array]]]:
         weight = self["weight"]
-        cache = self.__dict__.get("_split_cache")
+        local = self.__dict__["_split_local"]
+        cache = getattr(local, "blocks", None)
         if cache is None or cache[0] is not weight:
-            rows = weight.shape[0]
+            streams = thread_cpu_streams(self.__dict__["_split_count"])
             names = [n for n in ("weight", "scales", "biases", "bias") if n in self]
-            bounds = np.linspace(0, rows, len(self._split_streams) + 1).round().astype(int)
+            bounds = np.linspace(0, weight.shape[0], len(streams) + 1).round().astype(int)
             blocks = [
                 (stream, {n: self[n][start:stop] for n in names})
-                for stream, start, stop in zip(self._split_streams, bounds[:-1], bounds[1:],
-                                               strict=True)
+                for stream, start, stop in zip(streams, bounds[:-1], bounds[1:], strict=True)
             ]
             cache = (weight, blocks)
-            self.__dict__["_split_cache"] = cache
+            local.blocks = cache
         return cache[1]
 
     def _split_call(self, x: mx.array, matmul) -> mx.array:
@@ -84,9 +99,8 @@ def split_linears(model: nn.Module, threads: int, min_weights: int = DEFAULT_MIN
                   ) -> int:
     """Make every Linear / QuantizedLinear of `model` whose weight matrix has at least
     `min_weights` elements (counted unpacked) run as `threads` row blocks on as many CPU
-    streams. threads <= 1 undoes it. Parameters, their names and values are untouched.
-    Returns how many layers are split."""
-    streams = [mx.new_stream(mx.cpu) for _ in range(threads)] if threads > 1 else []
+    streams (those of the thread that calls the layer). threads <= 1 undoes it. Parameters,
+    their names and values are untouched. Returns how many layers are split."""
     split = 0
     for _, module in model.named_modules():
         plain = _plain_class(module)
@@ -95,11 +109,11 @@ def split_linears(model: nn.Module, threads: int, min_weights: int = DEFAULT_MIN
         rows, columns = module["weight"].shape
         if plain is nn.QuantizedLinear:
             columns = columns * 32 // module.bits
-        if streams and rows >= threads and rows * columns >= min_weights:
+        if threads > 1 and rows >= threads and rows * columns >= min_weights:
             # The instance keeps its parameters; only the class (its __call__) changes.
             module.__class__ = _SPLIT_CLASS[plain]
-            module.__dict__["_split_streams"] = streams
-            module.__dict__.pop("_split_cache", None)
+            module.__dict__["_split_count"] = threads
+            module.__dict__["_split_local"] = threading.local()
             split += 1
         else:
             module.__class__ = plain
