@@ -24,6 +24,7 @@ OPENBLAS_PATTERNS = (
     "/usr/lib/libopenblas.so.0",
 )
 BUNDLED_MARKER = "mlx_cpu.libs/libblas"
+BUNDLED = "bundled reference BLAS"
 
 _loaded: str | None = None
 
@@ -42,7 +43,7 @@ def load_system_openblas() -> str | None:
     global _loaded
     if _loaded is not None:
         return _loaded
-    if sys.platform != "linux" or os.environ.get(ENV_SWITCH, "").lower() == "bundled":
+    if sys.platform != "linux" or _switched_off():
         return None
     if "mlx.core" in sys.modules:  # MLX's symbols are bound already
         return None
@@ -57,28 +58,15 @@ def load_system_openblas() -> str | None:
     return path
 
 
+def _switched_off() -> bool:
+    return os.environ.get(ENV_SWITCH, "").lower() == "bundled"
+
+
 def _mapped_libraries() -> str:
     try:
         return Path("/proc/self/maps").read_text()
     except OSError:
         return ""
-
-
-def blas_hint() -> str | None:
-    """A one-line hint for a process whose MLX runs on the wheel's reference BLAS with nothing
-    faster loaded, or None (not Linux, another BLAS in use, or the user chose the bundled one).
-    """
-    if sys.platform != "linux" or os.environ.get(ENV_SWITCH, "").lower() == "bundled":
-        return None
-    maps = _mapped_libraries()
-    if BUNDLED_MARKER not in maps or "libopenblas" in maps:
-        return None
-    installed = find_openblas()
-    if installed:
-        return (f"MLX uses a slow reference BLAS here; import moshi_mlx before mlx, or start "
-                f"with LD_PRELOAD={installed}, for ~5x faster Mimi")
-    return ("MLX uses a slow reference BLAS here; installing OpenBLAS "
-            "(apt install libopenblas0-pthread) makes Mimi ~5x faster")
 
 
 def blas_in_use() -> str:
@@ -88,4 +76,18 @@ def blas_in_use() -> str:
     maps = _mapped_libraries()
     if "libopenblas" in maps:
         return "openblas"
-    return "bundled reference BLAS" if BUNDLED_MARKER in maps else "unknown"
+    return BUNDLED if BUNDLED_MARKER in maps else "unknown"
+
+
+def blas_hint() -> str | None:
+    """A one-line hint for a process whose MLX runs on the wheel's reference BLAS with nothing
+    faster loaded, or None (not Linux, another BLAS in use, or the user chose the bundled one).
+    """
+    if _switched_off() or blas_in_use() != BUNDLED:
+        return None
+    installed = find_openblas()
+    if installed:
+        return (f"MLX uses a slow reference BLAS here; import moshi_mlx before mlx, or start "
+                f"with LD_PRELOAD={installed}, for ~5x faster Mimi")
+    return ("MLX uses a slow reference BLAS here; installing OpenBLAS "
+            "(apt install libopenblas0-pthread) makes Mimi ~5x faster")
