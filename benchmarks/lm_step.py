@@ -72,6 +72,7 @@ def random_quantized_lm(cfg: LmConfig, bits: int, dtype: mx.Dtype) -> Lm:
         built.append((name, value))
     model.load_weights(built, strict=True)
     mx.eval(model.parameters())
+    model.use_cpu_threads(default_cpu_threads())  # as load_lm does
     return model
 
 
