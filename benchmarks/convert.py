@@ -28,11 +28,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moshi_mlx.models.lm_config import LmConfig  # noqa: E402
 from weights_convert.safetensors_stream import (  # noqa: E402
     PlannedTensor,
     SafetensorsStreamWriter,
 )
+
+from moshi_mlx.models.lm_config import LmConfig  # noqa: E402
 
 
 def pytorch_layout(cfg: LmConfig) -> list[tuple[str, tuple[int, ...]]]:

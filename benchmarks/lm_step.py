@@ -33,12 +33,12 @@ load_system_openblas()  # before MLX loads, as the command-line tools do
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
+from moshi_mlx.weights import QUANTIZATIONS, is_quantizable  # noqa: E402
 
 from moshi_mlx.generate import LmGen  # noqa: E402
 from moshi_mlx.models.lm import Lm, as_stored, load_lm, quantized_linear_paths  # noqa: E402
 from moshi_mlx.models.lm_config import LmConfig  # noqa: E402
 from moshi_mlx.modules.parallel import default_cpu_threads  # noqa: E402
-from moshi_mlx.weights import QUANTIZATIONS, is_quantizable  # noqa: E402
 
 
 def random_quantized_lm(cfg: LmConfig, bits: int, dtype: mx.Dtype) -> Lm:

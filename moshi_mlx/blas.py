@@ -5,7 +5,7 @@ by 512x2048 float product takes ~15-30 ms with it and ~1.3-2.4 ms with OpenBLAS 
 machine. Loading an installed OpenBLAS into the global symbol scope before MLX's libraries
 load makes the dynamic linker bind MLX's `cblas_*` calls to it, exactly as LD_PRELOAD would,
 without restarting the process. `import moshi_mlx` does this (MOSHI_MLX_BLAS=bundled keeps the
-wheel's BLAS); it cannot once `mlx.core` was imported first.
+wheel's BLAS); it cannot once `mlx.core` was imported first, and then says so once on stderr.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ BUNDLED_MARKER = "mlx_cpu.libs/libblas"
 BUNDLED = "bundled reference BLAS"
 
 _loaded: str | None = None
+_warned = False
 
 
 def find_openblas() -> str | None:
@@ -46,6 +47,7 @@ def load_system_openblas() -> str | None:
     if sys.platform != "linux" or _switched_off():
         return None
     if "mlx.core" in sys.modules:  # MLX's symbols are bound already
+        _warn_imported_too_late()
         return None
     path = find_openblas()
     if path is None:
@@ -56,6 +58,21 @@ def load_system_openblas() -> str | None:
         return None
     _loaded = path
     return path
+
+
+def _warn_imported_too_late() -> None:
+    """Once per process, on stderr: mlx was imported before moshi_mlx, so an installed
+    OpenBLAS could not be put under MLX, which stays ~3x slower for Mimi."""
+    global _warned
+    if _warned or blas_in_use() != BUNDLED:
+        return
+    installed = find_openblas()
+    if installed is None:
+        return
+    _warned = True
+    print(f"moshi_mlx: warning: mlx was imported before moshi_mlx, so MLX keeps its slow "
+          f"reference BLAS (Mimi ~3x slower); import moshi_mlx first, or start with "
+          f"LD_PRELOAD={installed} (MOSHI_MLX_BLAS=bundled silences this)", file=sys.stderr)
 
 
 def _switched_off() -> bool:

@@ -1,11 +1,99 @@
-"""Find weight files: a local path, a local model folder, or a Hugging Face repo (cached)."""
+"""Where model files are found: the one table of file names and the one file / folder / repo
+and `-q` policy, for every model family and every command.
+
+A weights argument is a local file, a local model folder, or a Hugging Face repo id (through
+the huggingface_hub cache, so offline use works once a file is cached). When the hub cannot be
+reached and a file is not cached, the error comes at once (no retries) and names the repo,
+the file and what to pass instead.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
+import threading
+import urllib.request
 from pathlib import Path
 
 from .errors import WeightsError
+
+# ---------------------------------------------------------------------------- file names
+
+CONFIG_NAME = "config.json"
+# LM weights by quantization (None = bf16), in official repos and in our converter's folders.
+MODEL_FILES: dict[int | None, str] = {
+    None: "model.safetensors",
+    8: "model.q8.safetensors",
+    4: "model.q4.safetensors",
+}
+MIMI_NAME = "tokenizer-e351c8d8-checkpoint125.safetensors"
+MOSHI_TOKENIZER_NAME = "tokenizer_spm_32k_3.model"
+MANIFEST_NAME = "manifest.json"
+
+# Official repos name their quantization: kyutai/moshiko-mlx-q4, ...-q8, ...-bf16.
+_REPO_SUFFIXES: dict[int | None, str] = {4: "-q4", 8: "-q8", None: "-bf16"}
+HUB_PROBE_SECONDS = 2.0
+
+
+def quantize_flag(bits: int | None) -> str:
+    return "no -q" if bits is None else f"-q {bits}"
+
+
+def moshi_repo(voice: str, quantize: int | None) -> str:
+    """Official MLX repo of a Moshi voice for a quantization: kyutai/moshiko-mlx-q4 etc."""
+    return f"kyutai/{voice}-mlx{_REPO_SUFFIXES[quantize]}"
+
+
+def check_repo_name(repo: str, quantize: int | None) -> None:
+    """An official repo whose name states another quantization than -q is a clear error."""
+    name = repo.rsplit("/", 1)[-1].lower()
+    for bits, suffix in _REPO_SUFFIXES.items():
+        if name.endswith(suffix) and bits != quantize:
+            raise WeightsError(f"{repo} holds {MODEL_FILES[bits]}: use {quantize_flag(bits)} "
+                               f"(got {quantize_flag(quantize)})")
+
+
+def model_file(weights: str | os.PathLike, quantize: int | None) -> Path:
+    """The LM weight file that `weights` (file, folder or repo id) and `-q` designate.
+
+    - a file is taken as it is (its bits are checked against -q when it is read);
+    - a folder must hold the file -q names; where it does not, a folder with exactly one
+      weight file takes it when that file can serve -q (a bf16 file can be quantized on load;
+      a quantized file only serves its own -q or no -q);
+    - a repo id gives the file -q names, and an official repo whose name states other bits
+      is refused before anything is downloaded.
+    """
+    path = Path(weights).expanduser()
+    if path.is_file():
+        return path
+    wanted = MODEL_FILES[quantize]
+    if path.is_dir():
+        if (path / wanted).is_file():
+            return path / wanted
+        present = [bits for bits, name in MODEL_FILES.items() if (path / name).is_file()]
+        if not present:
+            names = ", ".join(MODEL_FILES.values())
+            raise WeightsError(f"{path} holds no model weights (expected one of {names})")
+        if len(present) == 1 and (present[0] is None or quantize is None):
+            return path / MODEL_FILES[present[0]]
+        have = ", ".join(MODEL_FILES[bits] for bits in present)
+        raise WeightsError(f"{path} has {have}, not {wanted} ({quantize_flag(quantize)}); "
+                           "fix -q")
+    check_repo_name(str(weights), quantize)
+    return resolve_file(weights, wanted)
+
+
+def optional_file(path_or_repo: str | os.PathLike, filename: str) -> Path | None:
+    """`filename` from a folder or repo when it has one (or can have it now), else None."""
+    path = Path(path_or_repo).expanduser()
+    if path.is_file():
+        return None
+    if path.is_dir():
+        return path / filename if (path / filename).is_file() else None
+    try:
+        return resolve_file(path_or_repo, filename)
+    except WeightsError:  # not in the repo, or offline and not cached: go without it
+        return None
 
 
 def resolve_file(path_or_repo: str | os.PathLike, filename: str | None = None) -> Path:
@@ -14,7 +102,7 @@ def resolve_file(path_or_repo: str | os.PathLike, filename: str | None = None) -
     - an existing file: returned as is (`filename` is ignored);
     - an existing directory: `directory / filename`;
     - otherwise a Hugging Face repo id ("owner/name"): `filename` from that repo, through the
-      huggingface_hub cache (offline use works when the file is cached).
+      huggingface_hub cache.
     """
     path = Path(path_or_repo).expanduser()
     if path.is_file():
@@ -35,7 +123,7 @@ def resolve_file(path_or_repo: str | os.PathLike, filename: str | None = None) -
 
 
 def _hub_download(repo: str, filename: str) -> Path:
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
         HFValidationError,
@@ -43,19 +131,48 @@ def _hub_download(repo: str, filename: str) -> Path:
         RepositoryNotFoundError,
     )
 
+    offline_hint = (f"{filename} of {repo} is not in the local Hugging Face cache and the hub "
+                    "cannot be reached{why}; pass a local file or folder instead")
+    try:
+        return Path(hf_hub_download(repo, filename, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass  # not cached: download below
+    except HFValidationError:
+        raise WeightsError(f"{repo}: no such file or folder, and not a valid repo id") from None
+    if constants.HF_HUB_OFFLINE:
+        raise WeightsError(offline_hint.format(why=" (HF_HUB_OFFLINE is set)"))
+    if not hub_reachable(constants.ENDPOINT):
+        raise WeightsError(offline_hint.format(why=" (offline?)"))
     try:
         return Path(hf_hub_download(repo, filename))
     # LocalEntryNotFoundError subclasses EntryNotFoundError in recent huggingface_hub: first.
     except LocalEntryNotFoundError:
-        raise WeightsError(
-            f"{filename} from {repo} is not in the local cache and cannot be downloaded "
-            "(offline?); pass a local file instead"
-        ) from None
+        raise WeightsError(offline_hint.format(why="")) from None
     except EntryNotFoundError:
         raise WeightsError(f"{filename} is not in the Hugging Face repo {repo}") from None
-    except HFValidationError:
-        raise WeightsError(f"{repo}: no such file or folder, and not a valid repo id") from None
     except RepositoryNotFoundError:
         raise WeightsError(f"Hugging Face repo {repo} not found (or not accessible)") from None
     except OSError as exc:
         raise WeightsError(f"cannot fetch {filename} from {repo}: {exc}") from None
+
+
+@functools.lru_cache(maxsize=4)
+def hub_reachable(endpoint: str, timeout: float = HUB_PROBE_SECONDS) -> bool:
+    """One HEAD request to the hub (honouring proxy settings), given at most `timeout`
+    seconds including name resolution: huggingface_hub itself retries for ~20 s."""
+    answered = threading.Event()
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"),
+                                   timeout=timeout)
+            answered.set()
+        except urllib.error.HTTPError:
+            answered.set()  # the server answered, even if not with 200
+        except Exception:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return answered.is_set()

@@ -17,7 +17,7 @@ from .model_thread import load_on_model_thread, start_model_thread, stop_model_t
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .engine import add_model_args
+    from .cli import add_model_args
 
     parser = argparse.ArgumentParser(
         prog="python -m moshi_mlx.local",
@@ -81,7 +81,7 @@ def _run(args: argparse.Namespace) -> int:
         if path:
             _check_writable(Path(path))  # fail before the model loads, not after
     from .audio.display import TextDisplay
-    from .engine import build_engine
+    from .cli import build_engine
 
     display = TextDisplay()
     if args.input_file:

@@ -13,7 +13,7 @@ import logging
 import socket
 import sys
 
-from .engine import add_model_args, build_engine
+from .cli import add_model_args, build_engine
 from .errors import MoshiError, cli_errors
 from .web.server import ChatServer, bound_port, serve
 

@@ -10,14 +10,14 @@ as an int32 .npy array [K, frames]; decoded audio is written as a 24 kHz mono WA
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from .cli import load_codes, print_blas_hint, save_npy
 from .errors import MoshiError, cli_errors
+from .rates import SAMPLE_RATE
 
 DEFAULT_WEIGHTS = "kyutai/moshiko-pytorch-bf16"
 
@@ -49,41 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_codes(path: Path) -> np.ndarray:
-    if not path.is_file():
-        raise MoshiError(f"{path}: no such codes file")
-    try:
-        codes = np.load(path, allow_pickle=False)
-    except Exception as exc:
-        raise MoshiError(f"{path}: not a .npy array of codes ({exc})") from None
-    if not isinstance(codes, np.ndarray):  # an .npz archive
-        codes.close()
-        raise MoshiError(f"{path}: expected a .npy array of codes, not an .npz archive")
-    if codes.ndim == 3 and codes.shape[0] == 1:
-        codes = codes[0]
-    if codes.ndim != 2 or 0 in codes.shape or not np.issubdtype(codes.dtype, np.integer):
-        raise MoshiError(f"{path}: expected integer codes [K, frames], got {codes.dtype} "
-                         f"{codes.shape}")
-    if codes.min() < 0 or codes.max() >= 2048:
-        raise MoshiError(f"{path}: codes must be in 0..2047")
-    return codes.astype(np.int32)
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    folder = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npy", dir=folder)
-    os.close(fd)
-    try:
-        np.save(tmp, array)
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise MoshiError(f"{path}: cannot write ({exc})") from None
-
-
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    print_blas_hint()
     from .audio.io import read_audio, write_audio
     from .models.mimi import load_mimi
 
@@ -95,10 +64,11 @@ def main(argv: list[str] | None = None) -> int:
             raise MoshiError(f"{args.output}: folder does not exist")
         mimi = load_mimi(args.weights, num_codebooks=args.codebooks or 8)
         codes = np.asarray(mimi.encode(pcm[None, None]))[0]
-        _save_npy(args.output, codes.astype(np.int32))
-        print(f"{args.input}: {len(pcm) / 24000:.2f} s -> codes {codes.shape}", file=sys.stderr)
+        save_npy(args.output, codes.astype(np.int32))
+        seconds = len(pcm) / SAMPLE_RATE
+        print(f"{args.input}: {seconds:.2f} s -> codes {codes.shape}", file=sys.stderr)
     else:
-        codes = _load_codes(args.input)
+        codes = load_codes(args.input)
         if args.codebooks is not None:
             if args.codebooks > codes.shape[0]:
                 raise MoshiError(
@@ -110,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         mimi = load_mimi(args.weights, num_codebooks=codes.shape[0])
         pcm = np.asarray(mimi.decode(codes[None]))[0, 0]
         write_audio(args.output, pcm)
-        print(f"{args.input}: codes {codes.shape} -> {len(pcm) / 24000:.2f} s", file=sys.stderr)
+        seconds = len(pcm) / SAMPLE_RATE
+        print(f"{args.input}: codes {codes.shape} -> {seconds:.2f} s", file=sys.stderr)
     return 0
 
 

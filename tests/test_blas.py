@@ -86,3 +86,23 @@ def test_mlx_binds_to_openblas_when_installed_and_to_its_own_blas_when_switched_
         assert blas.BUNDLED_MARKER in bound and "apt install" in hint
     bound, hint = _blas_bound_by_mlx(tmp_path / "bundled", "bundled")
     assert blas.BUNDLED_MARKER in bound and hint == "None"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the BLAS switch exists on Linux only")
+def test_importing_mlx_first_warns_once_exactly_when_it_costs_speed():
+    def stderr_of(code: str) -> str:
+        env = {k: v for k, v in os.environ.items() if k != blas.ENV_SWITCH}
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env=env, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stderr
+
+    late = stderr_of("import mlx.core; import moshi_mlx; import moshi_mlx.blas as b; "
+                     "b.load_system_openblas()")
+    if blas.find_openblas() is None:
+        assert late == ""  # nothing faster is installed: nothing to say
+    else:
+        lines = late.strip().splitlines()
+        assert len(lines) == 1 and "import moshi_mlx first" in lines[0], late
+        assert f"LD_PRELOAD={blas.find_openblas()}" in lines[0]
+    assert stderr_of("import moshi_mlx; import mlx.core") == ""

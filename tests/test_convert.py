@@ -90,10 +90,11 @@ def test_cli_makes_a_complete_model_folder(tmp_path):
 
 
 def test_our_config_json_is_read_by_the_lm_loader(official_mlx_files):
-    from moshi_mlx.models.lm_config import LmConfig, resolve_config
+    from moshi_mlx.loading import resolve_config
+    from moshi_mlx.models.lm_config import LmConfig
 
     for path in official_mlx_files.values():
-        assert resolve_config(None, path) == LmConfig.from_json(CONFIG_FILE)
+        assert resolve_config(None, path, ("moshi",)).config == LmConfig.from_json(CONFIG_FILE)
 
 
 def make_hub_cache(root: Path, repo: str, files: dict[str, Path]) -> Path:
@@ -187,7 +188,7 @@ def final_names(folder: Path) -> set[str]:
 
 
 def test_failure_halfway_leaves_no_final_file(tmp_path, monkeypatch):
-    from weights_convert import safetensors_stream
+    from moshi_mlx import safetensors as safetensors_stream
 
     original_write = safetensors_stream.SafetensorsStreamWriter.write
     calls = {"n": 0}
@@ -208,7 +209,7 @@ def test_failure_halfway_leaves_no_final_file(tmp_path, monkeypatch):
 
 KILL_HALFWAY = """
 import os, signal, sys
-from weights_convert import safetensors_stream
+from moshi_mlx import safetensors as safetensors_stream
 original = safetensors_stream.SafetensorsStreamWriter.write
 count = [0]
 def write(self, name, array):
@@ -257,7 +258,9 @@ def write_bad(tmp_path: Path, kind: str) -> tuple[list[str], str]:
         phrase = "not a Moshi LM checkpoint"
     elif kind == "missing_tensor":
         del tensors["depformer.layers.1.self_attn.out_proj.weight"]
-        phrase = "missing tensor depformer.layers.1.self_attn.out_proj.weight"
+        # named in our layout: a missing tensor has no name in the file
+        phrase = ("missing tensor depformer.slices.0.transformer.layers.1.self_attn.out_proj"
+                  ".weight")
     elif kind == "wrong_dtype":
         tensors["emb.3.weight"] = tensors["emb.3.weight"].astype(mx.float16)
         phrase = "emb.3.weight has dtype F16, expected BF16"

@@ -7,6 +7,7 @@ import argparse
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,15 +15,16 @@ import pytest
 import sentencepiece
 import soundfile
 
-from moshi_mlx.engine import (
-    Engine,
-    FrameOutput,
-    add_model_args,
-    build_engine,
-    detect_quantization,
-    resolve_model_files,
-)
+from moshi_mlx.cli import add_model_args, build_engine, resolve_model_files
+from moshi_mlx.engine import Engine, FrameOutput
 from moshi_mlx.errors import WeightsError
+from moshi_mlx.loading import inspect_checkpoint
+
+
+def detect_quantization(path: Path) -> int | None:
+    """Bits of a Moshi LM file from its header alone (None: not quantized)."""
+    quantization = inspect_checkpoint(path, FIXTURES / "lm_config.json").quantization
+    return None if quantization is None else quantization.bits
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO_ROOT = Path(__file__).parent.parent
@@ -202,7 +204,8 @@ def test_default_repo_follows_q_and_voice(monkeypatch, tmp_path, argv, repo, mod
     import moshi_mlx.hub
 
     monkeypatch.setattr(moshi_mlx.hub, "_hub_download", fake_download)
-    monkeypatch.setattr("moshi_mlx.engine.detect_quantization", lambda path: None)
+    monkeypatch.setattr("moshi_mlx.loading.inspect_checkpoint", lambda path, config: None)
+    monkeypatch.setattr("moshi_mlx.loading.check_requested_bits", lambda checkpoint, bits: None)
     files = resolve_model_files(_args(argv))
     assert (repo, model_file) in fetched
     assert (repo, "tokenizer_spm_32k_3.model") in fetched
@@ -266,3 +269,27 @@ def test_missing_weights_offline_is_one_clear_line(tmp_path):
     assert "kyutai/moshiko-mlx-q4" in lines[0] and "model.q4.safetensors" in lines[0]
     assert "cache" in lines[0]  # says why: not downloaded yet and offline, not "no such file"
     assert not (tmp_path / "out.wav").exists()
+
+
+@pytest.mark.parametrize("command", [
+    ["moshi_mlx.local", "-q", "4", "--input-file", str(FIXTURES / "speech.wav"),
+     "--output-file", "{tmp}/out.wav"],
+    ["moshi_mlx.mimi", "encode", str(FIXTURES / "speech.wav"), "{tmp}/codes.npy"],
+    ["weights_convert", "--hf-repo", "kyutai/moshika-pytorch-bf16", "--out", "{tmp}/out"],
+])
+def test_unreachable_hub_fails_at_once_with_one_line(tmp_path, command):
+    """No HF_HUB_OFFLINE, but nothing answers at the hub's address: no retries (huggingface_hub
+    alone takes ~23 s), one line naming the repo, the file and what to pass instead."""
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9")
+    env.pop("HF_HUB_OFFLINE", None)
+    args = [part.replace("{tmp}", str(tmp_path)) for part in command]
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "cannot be reached" in lines[0] and "pass a local file or folder" in lines[0]
+    assert elapsed < 10, elapsed  # the probe gives up after 2 s; the rest is Python start-up
+    assert not list(tmp_path.glob("out*")) and not (tmp_path / "codes.npy").exists()

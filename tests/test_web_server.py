@@ -13,6 +13,7 @@ import struct
 import threading
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 from types import SimpleNamespace
 
 import aiohttp
@@ -349,3 +350,25 @@ def test_cli_defaults_to_loopback_on_port_8998():
     assert page_url("192.168.1.5", 9000) == "http://192.168.1.5:9000"
     args = parse_args(["-q", "4", "--host", "0.0.0.0", "--port", "9001"])
     assert (args.quantize, args.host, args.port) == (4, "0.0.0.0", 9001)
+
+
+def test_page_and_handshake_carry_the_one_audio_format():
+    """The page gets 24 kHz / 1920 from the server as it is served (it has no copy of its own),
+    and the handshake repeats the same values."""
+    engine = FakeEngine()
+
+    async def scenario():
+        async with running(engine) as (url, _), aiohttp.ClientSession() as session:
+            async with session.get(url + "/") as response:
+                page = await response.text()
+            assert '<meta name="moshi-audio" content="24000,1920">' in page
+            ws = await session.ws_connect(url + "/api/chat")
+            handshake = await expect_handshake(ws)
+            assert (handshake["sample_rate"], handshake["frame_size"]) == (24000, 1920)
+            await ws.close()
+
+    asyncio.run(scenario())
+    static = Path(protocol.__file__).parent / "static"
+    for script in ("app.js", "worklet.js"):
+        source = (static / script).read_text()
+        assert "24000" not in source and "1920" not in source, script

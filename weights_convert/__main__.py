@@ -5,15 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 
+from moshi_mlx.cli import add_quantize_arg
 from moshi_mlx.errors import cli_errors
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m weights_convert",
-        description="Convert a Moshi LM checkpoint (PyTorch layout, bf16) into a local MLX "
-        "model folder: bf16, or quantized like the official MLX files (-q 8: 8 bits, group 64; "
-        "-q 4: 4 bits, group 32).",
+        description="Convert a model checkpoint (Moshi, STT or CSM; any layout the loader reads, "
+        "bf16 or float) into a local MLX model folder: bf16, or quantized like the official MLX "
+        "files (-q 8: 8 bits, group 64; -q 4: 4 bits, group 32).",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--hf-repo", help="Hugging Face repo id or local folder holding "
@@ -24,8 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", help="text tokenizer (tokenizer_spm_32k_3.model) to copy")
     parser.add_argument("--mimi-weight", help="Mimi weights "
                         "(tokenizer-e351c8d8-checkpoint125.safetensors) to copy")
-    parser.add_argument("-q", "--quantize", type=int, choices=(4, 8), default=None,
-                        help="quantize to 4 or 8 bits (default: keep bf16)")
+    add_quantize_arg(parser, "quantize to 4 or 8 bits (default: keep bf16)")
     parser.add_argument("--out", required=True, help="output folder (must be empty or new)")
     parser.add_argument("--force", action="store_true",
                         help="overwrite the converter's files in a non-empty output folder")

@@ -1,9 +1,12 @@
-"""Convert a Moshi LM checkpoint (PyTorch layout, bf16) into a local MLX model folder.
+"""Convert a checkpoint of any model family (Moshi, STT, CSM; any layout the loader reads)
+into a local MLX model folder.
 
-The folder holds the weights in the official MLX layout (bf16 `model.safetensors`, or
-`model.q8.safetensors` / `model.q4.safetensors` quantized like the official MLX files), the
-text tokenizer and the Mimi weights when the source has them, a `config.json` (LM config keys
-plus the quantization) and `manifest.json` (sha256 of the source and of every output file).
+The folder holds the weights in our layout (the official MLX one for the Kyutai models): bf16
+`model.safetensors`, or `model.q8.safetensors` / `model.q4.safetensors` quantized like the
+official MLX files; the text tokenizer and the Mimi weights when the source has them; a
+`config.json` (the source's config keys plus the quantization) and `manifest.json` (sha256 of
+the source and of every output file). Names, layouts and quantization come from
+`moshi_mlx.loading`: the converter runs the loader's own checks, sanitize and quantize.
 
 Memory stays bounded: tensors are read, mapped, quantized and written one source tensor at a
 time. Every file is written under a hidden temporary name and renamed when complete;
@@ -25,33 +28,33 @@ from typing import Any, BinaryIO
 
 import mlx.core as mx
 
+from moshi_mlx import hub
 from moshi_mlx.errors import WeightsError
-from moshi_mlx.hub import resolve_file
-from moshi_mlx.models.lm_config import LmConfig
-from moshi_mlx.weights import (
+from moshi_mlx.loading import (
+    DEFAULT_MODEL_TYPE,
+    FAMILIES,
     QUANTIZATIONS,
+    Checkpoint,
     Quantization,
-    SafetensorsHeader,
-    describe_checkpoint,
-    iter_tensors,
-    mlx_dtype,
-    pytorch_dep_q,
-    pytorch_to_mlx,
+    inspect_checkpoint,
+    quantizable_weights,
     quantize_tensor,
+    read_config_json,
+)
+from moshi_mlx.safetensors import (
+    PlannedTensor,
+    SafetensorsStreamWriter,
+    iter_tensors,
+    lazy_placeholders,
+    planned,
 )
 
 from . import __version__
-from .safetensors_stream import PlannedTensor, SafetensorsStreamWriter, planned
 
-TOKENIZER_NAME = "tokenizer_spm_32k_3.model"
-MIMI_NAME = "tokenizer-e351c8d8-checkpoint125.safetensors"
-SOURCE_WEIGHTS_NAME = "model.safetensors"
-MODEL_FILE_NAMES = {None: "model.safetensors", 8: "model.q8.safetensors", 4: "model.q4.safetensors"}
-CONFIG_NAME = "config.json"
-MANIFEST_NAME = "manifest.json"
 _PARTIAL_MARK = ".partial-"
 # Names this tool writes; `--force` removes exactly these (and stale temporaries) first.
-MANAGED_NAMES = {*MODEL_FILE_NAMES.values(), TOKENIZER_NAME, MIMI_NAME, CONFIG_NAME, MANIFEST_NAME}
+MANAGED_NAMES = {*hub.MODEL_FILES.values(), hub.MOSHI_TOKENIZER_NAME, hub.MIMI_NAME,
+                 hub.CONFIG_NAME, hub.MANIFEST_NAME}
 
 
 @dataclass
@@ -86,13 +89,11 @@ def find_sources(
     if (hf_repo is None) == (input_path is None):
         raise WeightsError("give exactly one of --hf-repo or --input")
     if hf_repo is not None:
-        sources = Sources(resolve_file(hf_repo, SOURCE_WEIGHTS_NAME), description=hf_repo)
-        optional = {CONFIG_NAME: "config", TOKENIZER_NAME: "tokenizer", MIMI_NAME: "mimi"}
-        for filename, attr in optional.items():
-            try:
-                setattr(sources, attr, resolve_file(hf_repo, filename))
-            except WeightsError:
-                pass  # the repo does not have it: the folder goes without
+        sources = Sources(hub.resolve_file(hf_repo, hub.MODEL_FILES[None]), description=hf_repo)
+        sources.config = hub.optional_file(hf_repo, hub.CONFIG_NAME)
+        names = _extra_names(sources.config)
+        sources.tokenizer = hub.optional_file(hf_repo, names["tokenizer"])
+        sources.mimi = hub.optional_file(hf_repo, names["mimi"])
     else:
         weights = Path(input_path).expanduser()
         if weights.is_dir():
@@ -101,10 +102,9 @@ def find_sources(
             raise WeightsError(f"{weights}: no such file")
         sources = Sources(weights, description=str(weights))
         # Standard names beside the input file are taken along, like a repo's.
-        beside = {"config": CONFIG_NAME, "tokenizer": TOKENIZER_NAME, "mimi": MIMI_NAME}
-        for attr, filename in beside.items():
-            if (weights.parent / filename).is_file():
-                setattr(sources, attr, weights.parent / filename)
+        sources.config = hub.optional_file(weights.parent, hub.CONFIG_NAME)
+        for attr, filename in _extra_names(sources.config).items():
+            setattr(sources, attr, hub.optional_file(weights.parent, filename))
     explicit = {
         "config": (config, "--config"),
         "tokenizer": (tokenizer, "--tokenizer"),
@@ -119,20 +119,12 @@ def find_sources(
     return sources
 
 
-def load_config(path: Path | None) -> LmConfig:
-    """The LM config of the source (its config.json), else the released 7B model's."""
-    if path is None:
-        return LmConfig.moshi_7b()
-    try:
-        data = json.loads(path.read_text())
-    except OSError as exc:
-        raise WeightsError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise WeightsError(f"{path} is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise WeightsError(f"{path}: expected a JSON object of LM config keys")
-    data.pop("quantization", None)  # our own record, present when re-converting our output
-    return LmConfig.from_dict(data, source=str(path))
+def _extra_names(config: Path | None) -> dict[str, str]:
+    """File names of the tokenizer and Mimi beside the weights: the config's own
+    `tokenizer_name` / `mimi_name` (official STT configs have them), else Moshi's."""
+    data = read_config_json(config) if config is not None else {}
+    return {"tokenizer": str(data.get("tokenizer_name") or hub.MOSHI_TOKENIZER_NAME),
+            "mimi": str(data.get("mimi_name") or hub.MIMI_NAME)}
 
 
 # ------------------------------------------------------------------------------------ output
@@ -196,40 +188,42 @@ def prepare_out_dir(out_dir: Path, force: bool) -> None:
 # ------------------------------------------------------------------------------------ weights
 
 
-def _outputs(
-    name: str, tensor: mx.array, layout: str, dep_q: int, quantization: Quantization | None
-) -> list[tuple[str, mx.array]]:
-    """MLX-layout (and quantized) output tensors of one source tensor; lazy."""
-    mapped = pytorch_to_mlx(name, tensor, dep_q) if layout == "pytorch" else [(name, tensor)]
-    if quantization is None:
-        return mapped
-    return [part for key, array in mapped for part in quantize_tensor(key, array, quantization)]
+class _Mapping:
+    """One source tensor -> its output tensors: the loader's sanitize, then quantization of
+    the weights the family quantizes."""
+
+    def __init__(self, checkpoint: Checkpoint, quantization: Quantization | None) -> None:
+        self.checkpoint = checkpoint
+        self.quantization = quantization
+        self.quantizable = (quantizable_weights(checkpoint.family, checkpoint.config)
+                            if quantization is not None else frozenset())
+
+    def outputs(self, name: str, tensor: mx.array) -> list[tuple[str, mx.array]]:
+        mapped = self.checkpoint.family.sanitize({name: tensor}, self.checkpoint.config)
+        if self.quantization is None:
+            return list(mapped.items())
+        return [part for key, array in mapped.items()
+                for part in (quantize_tensor(key, array, self.quantization)
+                             if key in self.quantizable else [(key, array)])]
 
 
-def plan_weights(
-    header: SafetensorsHeader, layout: str, dep_q: int, quantization: Quantization | None
-) -> list[PlannedTensor]:
+def plan_weights(mapping: _Mapping) -> list[PlannedTensor]:
     """Names, dtypes and shapes of every output tensor, in write order, without reading data:
     the same mapping runs on lazy placeholders that are never evaluated."""
-    plan: list[PlannedTensor] = []
-    for name in header.in_file_order():
-        info = header.tensors[name]
-        placeholder = mx.zeros(info.shape, dtype=mlx_dtype(info.dtype))
-        plan.extend(planned(key, array) for key, array in _outputs(
-            name, placeholder, layout, dep_q, quantization))
-    return plan
+    header = mapping.checkpoint.header
+    placeholders = lazy_placeholders(header)
+    return [planned(key, array) for name in header.in_file_order()
+            for key, array in mapping.outputs(name, placeholders[name])]
 
 
 def write_weights(
-    header: SafetensorsHeader,
-    layout: str,
-    dep_q: int,
-    quantization: Quantization | None,
+    mapping: _Mapping,
     plan: list[PlannedTensor],
     f: BinaryIO,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[str, str]:
     """Stream the converted tensors of `plan` into `f`; returns (source sha256, output sha256)."""
+    header = mapping.checkpoint.header
     writer = SafetensorsStreamWriter(f, plan)
     source_hash = hashlib.sha256()
     with open(header.path, "rb") as source:
@@ -239,7 +233,7 @@ def write_weights(
     for name, raw, tensor in iter_tensors(header):
         source_hash.update(raw)
         del raw
-        for key, array in _outputs(name, tensor, layout, dep_q, quantization):
+        for key, array in mapping.outputs(name, tensor):
             mx.eval(array)
             writer.write(key, array)
         del tensor
@@ -300,45 +294,43 @@ def convert(
         raise WeightsError(f"-q must be 4 or 8 (or absent for bf16), got {bits}")
     quantization = QUANTIZATIONS[bits] if bits is not None else None
     sources = find_sources(hf_repo, input_path, config, tokenizer, mimi_weight)
-    lm_config = load_config(sources.config)
-    header, layout, file_quantization = describe_checkpoint(sources.weights, lm_config)
-    if file_quantization is not None:
+    checkpoint = inspect_checkpoint(sources.weights, sources.config,
+                                    model_types=tuple(FAMILIES))
+    if checkpoint.quantization is not None:
         raise WeightsError(
-            f"{sources.weights.name} is already {file_quantization.bits}-bit quantized; "
+            f"{sources.weights.name} is already {checkpoint.quantization.bits}-bit quantized; "
             "convert from a bf16 checkpoint"
         )
 
     out = Path(out_dir).expanduser()
     _refuse_overwriting_sources(out, sources)
-    dep_q = pytorch_dep_q(header.tensors) if layout == "pytorch" else 0
-    plan = plan_weights(header, layout, dep_q, quantization)
+    mapping = _Mapping(checkpoint, quantization)
+    plan = plan_weights(mapping)
     prepare_out_dir(out, force)
     _check_free_space(out, sum(entry.nbytes for entry in plan) + _copied_bytes(sources))
-    model_file = out / MODEL_FILE_NAMES[bits]
+    model_file = out / hub.MODEL_FILES[bits]
+    header = checkpoint.header
     data_bytes = header.file_size - header.header_bytes
+    names = _extra_names(sources.config)
     try:
         with _progress_bar(data_bytes) as bar, atomic_file(model_file) as f:
-            source_sha, model_sha = write_weights(header, layout, dep_q, quantization, plan, f,
-                                                  bar.update)
+            source_sha, model_sha = write_weights(mapping, plan, f, bar.update)
         files = {model_file.name: model_file}
-        if sources.tokenizer is not None:
-            copy_into(sources.tokenizer, out / TOKENIZER_NAME)
-            files[TOKENIZER_NAME] = out / TOKENIZER_NAME
-        if sources.mimi is not None:
-            copy_into(sources.mimi, out / MIMI_NAME)
-            files[MIMI_NAME] = out / MIMI_NAME
-        config_data = lm_config.to_dict()
+        for attr, given in (("tokenizer", sources.tokenizer), ("mimi", sources.mimi)):
+            if given is not None:
+                copy_into(given, out / names[attr])
+                files[names[attr]] = out / names[attr]
+        config_data = _output_config(sources.config, checkpoint)
         config_data["moshi_name"] = model_file.name
-        if sources.tokenizer is not None:
-            config_data["tokenizer_name"] = TOKENIZER_NAME
-        if sources.mimi is not None:
-            config_data["mimi_name"] = MIMI_NAME
+        for attr, given in (("tokenizer", sources.tokenizer), ("mimi", sources.mimi)):
+            if given is not None:
+                config_data[f"{attr}_name"] = names[attr]
         config_data["quantization"] = (
             None if quantization is None
             else {"bits": quantization.bits, "group_size": quantization.group_size}
         )
-        _write_json(out / CONFIG_NAME, config_data)
-        files[CONFIG_NAME] = out / CONFIG_NAME
+        _write_json(out / hub.CONFIG_NAME, config_data)
+        files[hub.CONFIG_NAME] = out / hub.CONFIG_NAME
 
         hashes = {name: model_sha if name == model_file.name else sha256_file(path)
                   for name, path in files.items()}
@@ -349,25 +341,38 @@ def convert(
                 "weights": sources.description,
                 "file": sources.weights.name,
                 "sha256": source_sha,
-                "layout": layout,
-                "config": str(sources.config) if sources.config else "built-in moshi_7b preset",
+                "model_type": checkpoint.model_type,
+                "config": str(sources.config) if sources.config else "built-in default",
             },
             "quantization": config_data["quantization"],
             "files": {name: {"sha256": hashes[name], "bytes": path.stat().st_size}
                       for name, path in sorted(files.items())},
         }
-        _write_json(out / MANIFEST_NAME, manifest)
+        _write_json(out / hub.MANIFEST_NAME, manifest)
     except OSError as exc:
         raise WeightsError(f"cannot write into {out}: {exc.strerror or exc}") from None
-    files[MANIFEST_NAME] = out / MANIFEST_NAME
+    files[hub.MANIFEST_NAME] = out / hub.MANIFEST_NAME
     notes = []
     if sources.config is None:
-        notes.append(f"no {CONFIG_NAME} with the source: used the released 7B LM config")
-    for name, given in ((TOKENIZER_NAME, sources.tokenizer), (MIMI_NAME, sources.mimi)):
+        notes.append(f"no {hub.CONFIG_NAME} with the source: used the released 7B LM config")
+    for attr, given in (("tokenizer", sources.tokenizer), ("mimi", sources.mimi)):
         if given is None:
-            notes.append(f"no {name} with the source: not in the folder (--tokenizer, "
+            notes.append(f"no {names[attr]} with the source: not in the folder (--tokenizer, "
                          "--mimi-weight add them)")
     return ConversionResult(out, model_file, files, manifest, notes)
+
+
+def _output_config(source: Path | None, checkpoint: Checkpoint) -> dict[str, Any]:
+    """The source's config keys as they are (official keys we do not model survive), or
+    the default config's; a non-default family is named."""
+    if source is not None:
+        data = read_config_json(source)
+        data.pop("quantization", None)  # ours, when re-converting our own output
+    else:
+        data = checkpoint.config.to_dict()
+    if checkpoint.model_type != DEFAULT_MODEL_TYPE:
+        data["model_type"] = checkpoint.model_type
+    return data
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

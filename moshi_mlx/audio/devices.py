@@ -11,9 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import AudioError
-
-SAMPLE_RATE = 24000
-FRAME_SIZE = 1920
+from ..rates import FRAME_SIZE, SAMPLE_RATE
 
 
 def sounddevice() -> Any:

@@ -8,9 +8,9 @@ dep_q+1..n_q = the user's audio codebooks.
 from __future__ import annotations
 
 import os
+import re
 import weakref
 from collections.abc import Callable
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -18,7 +18,7 @@ import mlx.nn as nn
 from ..errors import WeightsError
 from ..modules.parallel import DEFAULT_MIN_WEIGHTS, default_cpu_threads, split_linears
 from ..modules.transformer import Attention, KVCache
-from .lm_config import LmConfig, resolve_config
+from .lm_config import LmConfig
 
 
 class RmsNorm(nn.Module):
@@ -212,126 +212,121 @@ class _CompiledTemporal:
 
 
 # --------------------------------------------------------------------------- loading
+# The family interface of `moshi_mlx.loading` (Moshi and STT share this model).
 
-_REPO_FILES = {None: "model.safetensors", 8: "model.q8.safetensors", 4: "model.q4.safetensors"}
+Config = LmConfig
+Model = Lm
+DESCRIPTION = "Moshi LM"
+STORED_DTYPE = "BF16"  # official checkpoints, both layouts
+
+
+def quant_predicate(path: str, module: nn.Module) -> bool:
+    """Every Linear and Embedding, as in the official MLX files (norm gains stay bf16)."""
+    return True
 
 
 def load_lm(
     weights: str | os.PathLike,
-    config: LmConfig | str | os.PathLike | None = None,
+    config: LmConfig | str | os.PathLike | dict | None = None,
     quantize: int | None = None,
-    dtype: mx.Dtype = mx.bfloat16,
+    dtype: mx.Dtype | str | None = None,
     cpu_threads: int | None = None,
 ) -> Lm:
     """Load a Moshi LM from a checkpoint in the official MLX or PyTorch layout.
 
-    weights: a .safetensors file, a folder, or a Hugging Face repo id (the file is then picked
-    by `quantize`: model.safetensors / model.q8.safetensors / model.q4.safetensors).
-    quantize: None (keep the file as it is), 4 or 8 (quantize a bf16 file on load, or assert
-    that a pre-quantized file has these bits). dtype: compute dtype (bf16 or float32).
+    weights: a .safetensors file, a model folder, or a Hugging Face repo id (the file is then
+    the one `-q` names: model.safetensors / model.q8.safetensors / model.q4.safetensors).
+    config: an LmConfig, a config.json mapping or path; default: the config.json beside the
+    weights, else the released 7B model's. quantize: None (keep the file as it is), 4 or 8
+    (quantize a bf16 file on load, or assert that a pre-quantized file has these bits).
+    dtype: compute dtype; None = auto (bf16 on a GPU, float32 on the CPU backend).
     cpu_threads: split large layers over this many CPU threads (`Lm.use_cpu_threads`);
     None: all cores when MLX computes on the CPU, no split on a GPU.
     """
-    from ..weights import QUANTIZATIONS, read_lm_checkpoint
+    from ..loading import load_model
 
-    if quantize is not None and quantize not in QUANTIZATIONS:
-        raise WeightsError(f"quantize must be one of {sorted(QUANTIZATIONS)} or None, "
-                           f"got {quantize}")
-    if dtype not in (mx.bfloat16, mx.float32, mx.float16):
-        raise WeightsError(f"unsupported compute dtype {dtype}")
-    path = _weights_file(weights, quantize)
-    cfg = resolve_config(config, path)
-    tensors, file_quant = read_lm_checkpoint(path, cfg)
-    model = build_lm(cfg, tensors, file_quant, quantize=quantize, dtype=dtype, name=path.name)
+    model, _ = load_model(weights, config, quantize, dtype, model_types=("moshi", "stt"))
     model.use_cpu_threads(default_cpu_threads() if cpu_threads is None else cpu_threads)
     return model
 
 
-def _weights_file(weights: str | os.PathLike, quantize: int | None) -> Path:
-    """The checkpoint to read: the file itself, or the one `quantize` names in a folder or
-    repo. A local folder without that file falls back to what it has: its bf16
-    model.safetensors when quantizing on load, its quantized file when quantize is None."""
-    from ..hub import resolve_file
-
-    wanted = _REPO_FILES[quantize]
-    folder = Path(weights).expanduser()
-    if folder.is_dir() and not (folder / wanted).is_file():
-        others = [_REPO_FILES[None]] if quantize is not None else [_REPO_FILES[8], _REPO_FILES[4]]
-        for name in others:
-            if (folder / name).is_file():
-                return folder / name
-    return resolve_file(weights, wanted)
+# PyTorch layout -> ours (the official MLX layout). Names found only in one layout tell which
+# layout a tensor comes from; names the two layouts share map to themselves.
+_PYTORCH_ONLY = re.compile(r"(^|\.)(emb\.\d+\.|depformer_in\.|linears\.|depformer_text_emb\."
+                           r"|depformer_emb\.|depformer\.layers\.)|\.alpha$|in_proj_weight$")
 
 
-def build_lm(cfg: LmConfig, tensors: dict[str, mx.array], file_quant, quantize: int | None = None,
-             dtype: mx.Dtype = mx.bfloat16, name: str = "checkpoint") -> Lm:
-    """Build an `Lm` from MLX-layout tensors (`file_quant`: the file's Quantization or None)."""
-    from ..weights import QUANTIZATIONS, is_quantizable, quantize_tensors
-
-    if file_quant is not None and quantize is not None and file_quant.bits != quantize:
-        raise WeightsError(f"{name} is {file_quant.bits}-bit quantized, but -q {quantize} "
-                           "was asked")
-    quant = file_quant
-    if file_quant is None and quantize is not None:
-        quant = QUANTIZATIONS[quantize]
-        _check_shapes(cfg, tensors, None, name)  # before quantizing, for a clear message
-        tensors = quantize_tensors(tensors, quant)
-    model = Lm(cfg)
-    if quant is not None:
-        nn.quantize(
-            model, group_size=quant.group_size, bits=quant.bits,
-            class_predicate=lambda path, module: (
-                hasattr(module, "to_quantized") and is_quantizable(f"{path}.weight")
-            ),
-        )
-    _check_shapes(cfg, tensors, model, name)
-    linears = quantized_linear_paths(model)
-    model.load_weights([(k, as_stored(k, v, dtype, linears)) for k, v in tensors.items()],
-                       strict=True)
-    mx.eval(model.parameters())
-    return model
+def sanitize(weights: dict[str, mx.array], config: LmConfig) -> dict[str, mx.array]:
+    """Tensors of either official layout (PyTorch or MLX) -> ours, lazily, tensor by tensor."""
+    if not any(_PYTORCH_ONLY.search(key) for key in weights):
+        return dict(weights)
+    out: dict[str, mx.array] = {}
+    for key, tensor in weights.items():
+        out.update(pytorch_to_mlx(key, tensor, config.dep_q))
+    return out
 
 
-def quantized_linear_paths(model: nn.Module) -> frozenset[str]:
-    return frozenset(path for path, m in model.named_modules()
-                     if isinstance(m, nn.QuantizedLinear))
+def _norm_gain(tensor: mx.array) -> mx.array:
+    return tensor.reshape(-1)
 
 
-def as_stored(key: str, value: mx.array, dtype: mx.Dtype,
-              quantized_linears: frozenset[str]) -> mx.array:
-    """The tensor as the model keeps it. Quantized weights stay packed uint32. A quantized
-    linear layer's bf16 scales and biases stay bf16 under float32 activations too: its matmul
-    widens them exactly (scales·q + biases in float32, as a float32 copy would) at the same
-    speed, and the 7B q4 model is 0.9 GB smaller. (Quantized embeddings return the scales'
-    dtype, so theirs follow the compute dtype.) Every other float tensor takes the compute
-    dtype."""
-    if value.dtype == mx.uint32:
-        return value
-    if (key.endswith((".scales", ".biases")) and value.dtype == mx.bfloat16
-            and dtype in (mx.float32, mx.bfloat16)
-            and key.rsplit(".", 1)[0] in quantized_linears):
-        return value
-    return value.astype(dtype)
+def _chunk(tensor: mx.array, parts: int, key: str) -> list[mx.array]:
+    if tensor.ndim != 2 or tensor.shape[0] % parts:
+        shape = tuple(tensor.shape)
+        raise WeightsError(f"tensor {key} of shape {shape} cannot be split in {parts} slices")
+    rows = tensor.shape[0] // parts
+    return [tensor[k * rows : (k + 1) * rows] for k in range(parts)]
 
 
-def _check_shapes(cfg: LmConfig, tensors: dict[str, mx.array], model: Lm | None,
-                  name: str) -> None:
-    from mlx.utils import tree_flatten
+_PT_RENAMES: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(r"emb\.(\d+)\.weight"), r"audio_embs.\1.weight"),
+    (re.compile(r"text_emb\.weight"), "text_emb.weight"),
+    (re.compile(r"text_linear\.weight"), "text_linear.weight"),
+    (re.compile(r"transformer\.layers\.(\d+)\.self_attn\.in_proj_weight"),
+     r"transformer.layers.\1.self_attn.in_proj.weight"),
+    (re.compile(r"transformer\.layers\.(\d+)\.self_attn\.out_proj\.weight"),
+     r"transformer.layers.\1.self_attn.out_proj.weight"),
+    (re.compile(r"transformer\.layers\.(\d+)\.gating\.(linear_in|linear_out)\.weight"),
+     r"transformer.layers.\1.gating.\2.weight"),
+    (re.compile(r"depformer_in\.(\d+)\.weight"), r"depformer.slices.\1.linear_in.weight"),
+    (re.compile(r"linears\.(\d+)\.weight"), r"depformer.slices.\1.linear_out.weight"),
+    (re.compile(r"depformer_text_emb\.weight"), "depformer.slices.0.emb.weight"),
+    (re.compile(r"depformer\.layers\.(\d+)\.gating\.(\d+)\.(linear_in|linear_out)\.weight"),
+     r"depformer.slices.\2.transformer.layers.\1.gating.\3.weight"),
+]
+_PT_NORM = re.compile(r"(transformer\.layers\.\d+\.norm[12]|out_norm)\.alpha")
+_PT_DEP_NORM = re.compile(r"depformer\.layers\.(\d+)\.(norm[12])\.alpha")
+_PT_DEP_EMB = re.compile(r"depformer_emb\.(\d+)\.weight")
+_PT_DEP_ATTN = re.compile(r"depformer\.layers\.(\d+)\.self_attn\.(in_proj_weight|out_proj\.weight)")
 
-    # Parameters of a fresh model are lazy: nothing is allocated for their shapes.
-    expected = dict(tree_flatten((model or Lm(cfg)).parameters()))
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    if missing or extra:
-        detail = []
-        if missing:
-            detail.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if extra:
-            detail.append(f"{len(extra)} unexpected (e.g. {extra[0]})")
-        raise WeightsError(f"{name} does not match the LM config "
-                           f"({cfg.num_layers} layers, dim {cfg.dim}): {', '.join(detail)}")
-    for key, want in expected.items():
-        have = tensors[key]
-        if tuple(have.shape) != tuple(want.shape):
-            raise WeightsError(f"{name} does not match the LM config: {key} has shape "
-                               f"{tuple(have.shape)}, the config expects {tuple(want.shape)}")
+
+def pytorch_to_mlx(key: str, tensor: mx.array, dep_q: int) -> list[tuple[str, mx.array]]:
+    """One PyTorch-layout tensor -> its MLX-layout tensors (lazy; nothing is evaluated).
+
+    The depformer attention matrices hold the `dep_q` per-slice matrices stacked on dim 0 and
+    fan out to `depformer.slices.{k}`; its norms are shared by all slices and are copied.
+    """
+    for pattern, target in _PT_RENAMES:
+        if pattern.fullmatch(key):
+            return [(pattern.sub(target, key), tensor)]
+    if _PT_NORM.fullmatch(key):
+        return [(key[: -len("alpha")] + "weight", _norm_gain(tensor))]
+    if match := _PT_DEP_EMB.fullmatch(key):
+        return [(f"depformer.slices.{int(match[1]) + 1}.emb.weight", tensor)]
+    if match := _PT_DEP_NORM.fullmatch(key):
+        layer, norm = match[1], match[2]
+        gain = _norm_gain(tensor)
+        return [
+            (f"depformer.slices.{k}.transformer.layers.{layer}.{norm}.weight", gain)
+            for k in range(dep_q)
+        ]
+    if match := _PT_DEP_ATTN.fullmatch(key):
+        layer = match[1]
+        proj = "in_proj" if match[2] == "in_proj_weight" else "out_proj"
+        return [
+            (f"depformer.slices.{k}.transformer.layers.{layer}.self_attn.{proj}.weight", part)
+            for k, part in enumerate(_chunk(tensor, dep_q, key))
+        ]
+    raise WeightsError(f"unexpected tensor {key!r}: not part of a Moshi LM checkpoint")
+
+

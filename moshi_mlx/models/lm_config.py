@@ -6,10 +6,8 @@ released Moshiko/Moshika v0.1 model.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
 from typing import Any
 
 from ..errors import WeightsError
@@ -112,6 +110,11 @@ class LmConfig:
         return cls()
 
     @classmethod
+    def default(cls) -> LmConfig:
+        """The config of a checkpoint that comes without one: the released 7B model."""
+        return cls.moshi_7b()
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> LmConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known - _METADATA_KEYS - set(_NEUTRAL_KEYS))
@@ -128,16 +131,9 @@ class LmConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> LmConfig:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except OSError as exc:
-            raise WeightsError(f"cannot read LM config {path}: {exc.strerror or exc}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise WeightsError(f"{path} is not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise WeightsError(f"{path}: expected a JSON object of LM config keys")
-        return cls.from_dict(data, source=str(path))
+        from ..loading import read_config_json
+
+        return cls.from_dict(read_config_json(path), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -182,20 +178,3 @@ def _gating_hidden(dim: int, dim_feedforward: int) -> int:
     if dim_feedforward == 4 * dim:
         return 21 * dim // 8
     return 2 * dim_feedforward // 3
-
-
-def resolve_config(config: LmConfig | str | os.PathLike | dict | None,
-                   weights_path: Path | None = None) -> LmConfig:
-    """Explicit config (LmConfig, dict or JSON path), else config.json beside the weights,
-    else the 7B preset."""
-    if isinstance(config, LmConfig):
-        return config
-    if isinstance(config, dict):
-        return LmConfig.from_dict(config)
-    if config is not None:
-        return LmConfig.from_json(config)
-    if weights_path is not None:
-        beside = Path(weights_path).parent / "config.json"
-        if beside.is_file():
-            return LmConfig.from_json(beside)
-    return LmConfig.moshi_7b()

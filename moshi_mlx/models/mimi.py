@@ -14,26 +14,24 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from functools import lru_cache
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
 from ..errors import AudioError, WeightsError
+from ..modules.cache import WindowCache
 from ..modules.conv import ConvState, ConvTrState
 from ..modules.rvq import SplitResidualVectorQuantizer
 from ..modules.seanet import ConvLayer, ConvTrLayer, SeanetConfig, SeanetDecoder, SeanetEncoder
 from ..modules.transformer import Attention
-
-MIMI_FILENAME = "tokenizer-e351c8d8-checkpoint125.safetensors"
+from ..rates import FRAME_SIZE, SAMPLE_RATE
 
 
 @dataclass
 class MimiConfig:
-    sample_rate: int = 24000
-    frame_size: int = 1920  # samples per 12.5 Hz frame
+    sample_rate: int = SAMPLE_RATE
+    frame_size: int = FRAME_SIZE  # samples per 12.5 Hz frame
     seanet: SeanetConfig = field(default_factory=SeanetConfig)
     dim: int = 512
     num_heads: int = 8
@@ -66,49 +64,6 @@ class LayerScale(nn.Module):
         return x * self.scale
 
 
-class WindowCache:
-    """Keys/values (after RoPE) of the newest `context - 1` steps, contiguous, oldest first.
-
-    A query at position p sees key position s iff 0 <= p - s < context, so the last
-    `context - 1` steps are all a following chunk can need. Keeping them in position order
-    (rather than a ring buffer) makes each update one concatenation, and the visibility mask
-    depends only on how many steps are past and new, so it is built once per shape.
-    """
-
-    def __init__(self, context: int) -> None:
-        if context < 1:
-            raise ValueError(f"context must be >= 1, got {context}")
-        self.context = context
-        self.keys: mx.array | None = None
-        self.values: mx.array | None = None
-        self.offset = 0  # absolute position of the next step
-
-    def update(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array, mx.array | None]:
-        """Append k, v [B, H, T, D]; return (keys, values, mask) to attend with (mask bool
-        [T, S], True = may attend, or None when every query sees every key)."""
-        steps = k.shape[2]
-        if self.keys is None:
-            keys, values = k, v
-        else:
-            keys = mx.concatenate([self.keys, k], axis=2)
-            values = mx.concatenate([self.values, v], axis=2)
-        past = keys.shape[2] - steps
-        keep = min(self.context - 1, keys.shape[2])
-        if keep > 0:
-            self.keys, self.values = keys[:, :, -keep:], values[:, :, -keep:]
-        self.offset += steps
-        return keys, values, _window_mask(past, steps, self.context)
-
-
-@lru_cache(maxsize=32)
-def _window_mask(past: int, steps: int, context: int) -> mx.array | None:
-    """Query i (after `past` cached keys) sees key j iff 0 <= past + i - j < context."""
-    if steps == 1 and past < context:
-        return None
-    delta = (past + np.arange(steps))[:, None] - np.arange(past + steps)[None, :]
-    return mx.array((delta >= 0) & (delta < context))
-
-
 class TransformerLayer(nn.Module):
     """Norm-first layer: x + ls1 * attn(norm1(x)); x + ls2 * linear2(gelu(linear1(norm2(x))))."""
 
@@ -122,24 +77,8 @@ class TransformerLayer(nn.Module):
         self.layer_scale_1 = LayerScale(cfg.dim)
         self.layer_scale_2 = LayerScale(cfg.dim)
 
-    def _attend(self, x: mx.array, cache: WindowCache) -> mx.array:
-        """Self-attention with the shared `Attention` weights and Mimi's window cache."""
-        attn = self.self_attn
-        batch, steps, dim = x.shape
-        qkv = attn.in_proj(x).reshape(batch, steps, 3, attn.num_heads, attn.head_dim)
-        qkv = qkv.transpose(2, 0, 3, 1, 4)  # [3, B, H, T, D]
-        qk = mx.fast.rope(
-            qkv[:2], attn.head_dim, traditional=True, base=attn.rope_max_period, scale=1.0,
-            offset=cache.offset,
-        )
-        keys, values, mask = cache.update(qk[1], qkv[2])
-        out = mx.fast.scaled_dot_product_attention(
-            qk[0], keys, values, scale=attn.head_dim**-0.5, mask=mask
-        )
-        return attn.out_proj(out.transpose(0, 2, 1, 3).reshape(batch, steps, dim))
-
     def __call__(self, x: mx.array, cache: WindowCache) -> mx.array:
-        x = x + self.layer_scale_1(self._attend(self.norm1(x), cache))
+        x = x + self.layer_scale_1(self.self_attn(self.norm1(x), cache))
         return x + self.layer_scale_2(self.linear2(nn.gelu(self.linear1(self.norm2(x)))))
 
 
@@ -386,29 +325,19 @@ def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     return out
 
 
-def _read_safetensors(path: Path) -> dict[str, mx.array]:
-    try:
-        weights = mx.load(str(path))
-    except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise WeightsError(f"{path}: not a readable safetensors file ({reason})") from None
-    if not isinstance(weights, dict):
-        raise WeightsError(f"{path}: not a safetensors file")
-    return weights
-
-
 def load_mimi(
     path_or_repo: str | os.PathLike, num_codebooks: int = 8, cfg: MimiConfig | None = None
 ) -> Mimi:
     """Load Mimi from the official checkpoint (local file/folder or Hugging Face repo id)."""
-    from ..hub import resolve_file
+    from ..hub import MIMI_NAME, resolve_file
+    from ..safetensors import read_safetensors
 
     cfg = cfg or MimiConfig()
     if not 1 <= num_codebooks <= cfg.max_codebooks:
         raise WeightsError(f"num_codebooks must be in 1..{cfg.max_codebooks}, got {num_codebooks}")
     cfg = dataclasses.replace(cfg, num_codebooks=num_codebooks)
-    path = resolve_file(path_or_repo, MIMI_FILENAME)
-    weights = sanitize(_read_safetensors(path))
+    path = resolve_file(path_or_repo, MIMI_NAME)
+    weights = sanitize(read_safetensors(path))
     model = Mimi(cfg)
     expected = dict(_flatten(model.parameters()))
     missing = sorted(set(expected) - set(weights))

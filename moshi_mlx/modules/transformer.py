@@ -1,119 +1,23 @@
-"""Streaming multi-head self-attention shared by Mimi and the Moshi LM.
+"""Streaming multi-head self-attention: the one attention of Mimi and the Kyutai LMs.
 
-Keys are cached after RoPE (absolute positions), so the order of slots in the ring buffer does
-not matter to attention: only which positions are visible does.
+Keys are cached after RoPE (absolute positions) in any cache of `moshi_mlx.modules.cache`.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
+
+from .cache import AttentionCache, KVCache, WindowCache
+
+__all__ = ["Attention", "AttentionCache", "KVCache", "WindowCache", "rope"]
 
 
 def rope(x: mx.array, offset: int | mx.array, max_period: float) -> mx.array:
-    """Interleaved rotary embedding of x [B, H, T, D] at positions offset .. offset+T-1."""
+    """Interleaved rotary embedding of x [..., T, D] at positions offset .. offset+T-1."""
     return mx.fast.rope(
         x, x.shape[-1], traditional=True, base=max_period, scale=1.0, offset=offset
     )
-
-
-class KVCache:
-    """Keys/values of the last `context` steps of one attention layer (ring buffer).
-
-    A query at position p sees key position s iff 0 <= p - s < context. Position p lives in
-    slot p % context. The buffer grows `grow_step` slots at a time up to `context`, so a short
-    conversation never pays for the whole window (3000 steps of a 7B model in float32 are
-    3 GB); once full it stays that size.
-    """
-
-    def __init__(self, context: int, grow_step: int = 256) -> None:
-        if context < 1:
-            raise ValueError(f"context must be >= 1, got {context}")
-        if grow_step < 1:
-            raise ValueError(f"grow_step must be >= 1, got {grow_step}")
-        self.context = context
-        self.grow_step = grow_step
-        self.reset()
-
-    def reset(self) -> None:
-        self.keys: mx.array | None = None
-        self.values: mx.array | None = None
-        self.offset = 0
-
-    def update(
-        self, k: mx.array, v: mx.array
-    ) -> tuple[mx.array, mx.array, mx.array | None]:
-        """Store k, v [B, H, T, D] (positions offset .. offset+T-1) and advance the offset.
-
-        Returns (keys, values, mask) to attend with: mask is bool [T, S] (True = may attend),
-        or None when every query may see every returned key.
-        """
-        steps = k.shape[2]
-        if steps == 1:
-            self._store(k, v)
-            self.offset += 1
-            if self.offset <= self.context:  # slots 0 .. offset-1 hold positions in order
-                return self.keys[:, :, : self.offset], self.values[:, :, : self.offset], None
-            return self.keys, self.values, None
-
-        old_keys, old_values, old_positions = self._visible()
-        query_positions = np.arange(self.offset, self.offset + steps)
-        if old_keys is None:
-            keys, values, key_positions = k, v, query_positions
-        else:
-            keys = mx.concatenate([old_keys, k], axis=2)
-            values = mx.concatenate([old_values, v], axis=2)
-            key_positions = np.concatenate([old_positions, query_positions])
-        delta = query_positions[:, None] - key_positions[None, :]
-        mask = mx.array((delta >= 0) & (delta < self.context))
-        self._store(k, v)
-        self.offset += steps
-        return keys, values, mask
-
-    def _visible(self) -> tuple[mx.array | None, mx.array | None, np.ndarray | None]:
-        """Cached keys/values with the absolute position held in each returned slot."""
-        if self.keys is None or self.offset == 0:
-            return None, None, None
-        if self.offset < self.context:
-            positions = np.arange(self.offset)
-            return self.keys[:, :, : self.offset], self.values[:, :, : self.offset], positions
-        slots = np.arange(self.context)
-        positions = self.offset - 1 - ((self.offset - 1 - slots) % self.context)
-        return self.keys, self.values, positions
-
-    def _reserve(self, k: mx.array, v: mx.array, slots: int) -> None:
-        """Make the buffer at least `slots` long (only ever needed before the ring wraps, so
-        slots 0 .. offset-1 are in order and growing is appending zeros)."""
-        have = 0 if self.keys is None else self.keys.shape[2]
-        if slots <= have:
-            return
-        size = min(self.context, -(-slots // self.grow_step) * self.grow_step)
-        batch, heads, _, head_dim = k.shape
-        new_keys = mx.zeros((batch, heads, size - have, head_dim), dtype=k.dtype)
-        new_values = mx.zeros((batch, heads, size - have, head_dim), dtype=v.dtype)
-        if self.keys is None:
-            self.keys, self.values = new_keys, new_values
-        else:
-            self.keys = mx.concatenate([self.keys, new_keys], axis=2)
-            self.values = mx.concatenate([self.values, new_values], axis=2)
-
-    def _store(self, k: mx.array, v: mx.array) -> None:
-        capacity = self.context
-        self._reserve(k, v, min(capacity, self.offset + k.shape[2]))
-        steps = k.shape[2]
-        first_position = self.offset
-        if steps > capacity:  # only the newest `capacity` steps can ever be seen again
-            k, v = k[:, :, -capacity:], v[:, :, -capacity:]
-            first_position += steps - capacity
-            steps = capacity
-        start = first_position % capacity
-        head = min(steps, capacity - start)
-        self.keys[:, :, start : start + head] = k[:, :, :head]
-        self.values[:, :, start : start + head] = v[:, :, :head]
-        if head < steps:  # wrap around to the start of the ring
-            self.keys[:, :, : steps - head] = k[:, :, head:]
-            self.values[:, :, : steps - head] = v[:, :, head:]
 
 
 class Attention(nn.Module):
@@ -129,16 +33,15 @@ class Attention(nn.Module):
         self.in_proj = nn.Linear(dim, 3 * dim, bias=False)
         self.out_proj = nn.Linear(dim, dim, bias=False)
 
-    def __call__(self, x: mx.array, cache: KVCache) -> mx.array:
+    def __call__(self, x: mx.array, cache: AttentionCache) -> mx.array:
         batch, steps, dim = x.shape
         qkv = self.in_proj(x).reshape(batch, steps, 3, self.num_heads, self.head_dim)
         qkv = qkv.transpose(2, 0, 3, 1, 4)  # [3, B, H, T, D]
-        q, k, v = qkv[0], qkv[1], qkv[2]
+        qk, v = qkv[:2], qkv[2]
         if self.rope_max_period is not None:
-            q = rope(q, cache.offset, self.rope_max_period)
-            k = rope(k, cache.offset, self.rope_max_period)
-        keys, values, mask = cache.update(k, v)
+            qk = rope(qk, cache.offset, self.rope_max_period)  # q and k in one op
+        keys, values, mask = cache.update(qk[1], v)
         out = mx.fast.scaled_dot_product_attention(
-            q, keys, values, scale=self.head_dim**-0.5, mask=mask
+            qk[0], keys, values, scale=self.head_dim**-0.5, mask=mask
         )
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(batch, steps, dim))

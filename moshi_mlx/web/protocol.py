@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from ..rates import FRAME_SIZE, SAMPLE_RATE
+
 PROTOCOL_VERSION = 1
-SAMPLE_RATE = 24000
-FRAME_SIZE = 1920
 
 KIND_HANDSHAKE = 0x00
 KIND_AUDIO = 0x01

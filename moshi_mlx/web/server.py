@@ -87,8 +87,12 @@ class ChatServer:
         app.on_shutdown.append(self._close_sockets)
         return app
 
-    async def _index(self, request: web.Request) -> web.FileResponse:
-        return web.FileResponse(STATIC_DIR / "index.html")
+    async def _index(self, request: web.Request) -> web.Response:
+        # The page learns the audio format here (the AudioContext is made before any socket).
+        page = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
+        page = page.replace("{sample_rate}", str(protocol.SAMPLE_RATE))
+        page = page.replace("{frame_size}", str(protocol.FRAME_SIZE))
+        return web.Response(text=page, content_type="text/html")
 
     async def _close_sockets(self, app: web.Application) -> None:
         for ws in list(self._sockets):

@@ -6,8 +6,11 @@ const KIND_HANDSHAKE = 0x00;
 const KIND_AUDIO = 0x01;
 const KIND_TEXT = 0x02;
 const KIND_STATUS = 0x05;
-const MODEL_RATE = 24000;
-const FRAME_SIZE = 1920;
+// The audio format is the server's (moshi_mlx.rates): written into this page as it is served,
+// so that the AudioContext can be made at that rate within the click, and repeated in the
+// handshake, which must agree.
+const [MODEL_RATE, FRAME_SIZE] = document
+  .querySelector('meta[name="moshi-audio"]').content.split(",").map(Number);
 const FRAME_MS = (1000 * FRAME_SIZE) / MODEL_RATE;
 const MAX_WS_BACKLOG_BYTES = 16 * (1 + 2 * FRAME_SIZE); // ~1.3 s of audio not yet sent
 
@@ -148,6 +151,7 @@ async function openAudio(stream, ctx) {
     numberOfInputs: 1,
     numberOfOutputs: 1,
     outputChannelCount: [1],
+    processorOptions: { modelRate: MODEL_RATE, frameSize: FRAME_SIZE },
   });
   source.connect(node);
   node.connect(ctx.destination);
@@ -234,6 +238,12 @@ function onSocketMessage(event) {
     ui.transcript.scrollTop = ui.transcript.scrollHeight;
   } else if (kind === KIND_HANDSHAKE) {
     moshi.handshake = parseJson(data);
+    const hs = moshi.handshake || {};
+    if (hs.sample_rate !== MODEL_RATE || hs.frame_size !== FRAME_SIZE) {
+      setState("error", "the server speaks another audio format: reload the page");
+      session.ws.close();
+      return;
+    }
     setState("connected", "");
     session.node.port.postMessage({ type: "capture", on: true });
   } else if (kind === KIND_STATUS) {

@@ -1,12 +1,12 @@
-// Audio thread: microphone -> 24 kHz frames of 1920 samples for the page, and Moshi's 24 kHz
-// audio -> speaker through a small jitter buffer. When the AudioContext does not run at
-// 24 kHz (Firefox with a 48 kHz microphone, for instance) both directions are resampled here.
+// Audio thread: microphone -> frames at the model's rate for the page, and Moshi's audio ->
+// speaker through a small jitter buffer. The model's rate and frame size come from the page
+// (processorOptions: modelRate, frameSize; the server's values). When the AudioContext does
+// not run at the model's rate (Firefox with a 48 kHz microphone, for instance) both directions
+// are resampled here.
 
-const MODEL_RATE = 24000;
-const FRAME_SIZE = 1920;
-const PREBUFFER_SAMPLES = 2880; // 120 ms of Moshi audio before playback (re)starts
-const MAX_BUFFERED_SAMPLES = 14400; // 600 ms: beyond this, skip ahead instead of lagging
-const RING_SIZE = 1 << 16; // power of two, > MAX_BUFFERED_SAMPLES + one message
+const PREBUFFER_MS = 120; // Moshi audio before playback (re)starts
+const MAX_BUFFERED_MS = 600; // beyond this, skip ahead instead of lagging
+const RING_SIZE = 1 << 16; // power of two, > the 600 ms buffer + one message
 const STATS_INTERVAL_S = 0.25;
 
 // Second-order low-pass (RBJ cookbook biquad), run before decimating the microphone so that
@@ -38,24 +38,29 @@ class LowPass {
 }
 
 class MoshiIO extends AudioWorkletProcessor {
-  constructor() {
+  constructor(options) {
     super();
+    const { modelRate, frameSize } = options.processorOptions;
+    this.modelRate = modelRate;
+    this.frameSize = frameSize;
+    this.prebufferSamples = Math.round((PREBUFFER_MS * modelRate) / 1000);
+    this.maxBufferedSamples = Math.round((MAX_BUFFERED_MS * modelRate) / 1000);
     // `sampleRate` is the AudioContext's rate (a global of the worklet scope).
-    this.captureStep = sampleRate / MODEL_RATE; // input samples per 24 kHz sample
-    this.playStep = MODEL_RATE / sampleRate; // 24 kHz samples per output sample
-    this.filters = sampleRate > MODEL_RATE
-      ? [new LowPass(0.45 * MODEL_RATE, sampleRate), new LowPass(0.45 * MODEL_RATE, sampleRate)]
+    this.captureStep = sampleRate / modelRate; // input samples per model sample
+    this.playStep = modelRate / sampleRate; // model samples per output sample
+    this.filters = sampleRate > modelRate
+      ? [new LowPass(0.45 * modelRate, sampleRate), new LowPass(0.45 * modelRate, sampleRate)]
       : [];
     this.scratch = new Float32Array(128);
 
     this.capturing = false;
-    this.frame = new Float32Array(FRAME_SIZE);
+    this.frame = new Float32Array(frameSize);
     this.frameFill = 0;
-    this.capturePos = 0; // next 24 kHz sample, in input samples from the block start
+    this.capturePos = 0; // next model-rate sample, in input samples from the block start
     this.lastInput = 0; // last input sample of the previous block (index -1)
 
     this.ring = new Float32Array(RING_SIZE);
-    this.written = 0; // total 24 kHz samples received
+    this.written = 0; // total model-rate samples received
     this.readPos = 0; // fractional read position in the same count
     this.playing = false;
     this.underruns = 0;
@@ -78,12 +83,12 @@ class MoshiIO extends AudioWorkletProcessor {
   }
 
   push(samples) {
-    const n = Math.min(samples.length, RING_SIZE - MAX_BUFFERED_SAMPLES);
+    const n = Math.min(samples.length, RING_SIZE - this.maxBufferedSamples);
     for (let i = 0; i < n; i++) {
       this.ring[(this.written + i) & (RING_SIZE - 1)] = samples[i];
     }
     this.written += n;
-    const excess = this.written - this.readPos - MAX_BUFFERED_SAMPLES;
+    const excess = this.written - this.readPos - this.maxBufferedSamples;
     if (excess > 0) { // arriving faster than played (e.g. a burst after a stall)
       this.readPos += excess;
       this.skippedSamples += excess;
@@ -104,9 +109,9 @@ class MoshiIO extends AudioWorkletProcessor {
       this.lastStats = currentTime;
       this.port.postMessage({
         type: "stats",
-        bufferedMs: (1000 * (this.written - this.readPos)) / MODEL_RATE,
+        bufferedMs: (1000 * (this.written - this.readPos)) / this.modelRate,
         underruns: this.underruns,
-        skippedMs: (1000 * this.skippedSamples) / MODEL_RATE,
+        skippedMs: (1000 * this.skippedSamples) / this.modelRate,
         playing: this.playing,
       });
     }
@@ -141,20 +146,20 @@ class MoshiIO extends AudioWorkletProcessor {
 
   emit(sample) {
     this.frame[this.frameFill++] = sample;
-    if (this.frameFill === FRAME_SIZE) {
+    if (this.frameFill === this.frameSize) {
       let energy = 0;
-      for (let i = 0; i < FRAME_SIZE; i++) energy += this.frame[i] * this.frame[i];
+      for (let i = 0; i < this.frameSize; i++) energy += this.frame[i] * this.frame[i];
       const samples = this.frame;
-      this.port.postMessage({ type: "frame", samples, rms: Math.sqrt(energy / FRAME_SIZE) },
+      this.port.postMessage({ type: "frame", samples, rms: Math.sqrt(energy / this.frameSize) },
         [samples.buffer]);
-      this.frame = new Float32Array(FRAME_SIZE);
+      this.frame = new Float32Array(this.frameSize);
       this.frameFill = 0;
     }
   }
 
   render(out) {
     if (!this.playing) {
-      if (this.written - this.readPos >= PREBUFFER_SAMPLES) {
+      if (this.written - this.readPos >= this.prebufferSamples) {
         this.playing = true;
       } else {
         out.fill(0);

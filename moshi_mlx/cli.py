@@ -1,0 +1,175 @@
+"""What every command line shares: argument types and groups, the model-file options and how
+they resolve (through `moshi_mlx.hub`), early checks, and the BLAS hint."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import hub
+from .errors import MoshiError
+
+VOICES = ("moshiko", "moshika")
+DTYPE_CHOICES = ("auto", "bf16", "f32")
+
+
+# ---------------------------------------------------------------------------- argument types
+
+
+def seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"seed must be between 0 and 2**63 - 1, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_quantize_arg(group: Any, help_text: str) -> None:
+    group.add_argument("-q", "--quantize", type=int, choices=(4, 8), default=None, help=help_text)
+
+
+def add_compute_args(group: Any) -> None:
+    """--dtype and --cpu-threads: how a loaded model computes (every model family)."""
+    group.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                       help="activation dtype (default auto: bf16 on a GPU, f32 on the CPU "
+                            "backend, where it is much faster)")
+    group.add_argument("--cpu-threads", type=positive_int, default=None,
+                       help="when computing on the CPU, split large layers over N threads "
+                            "(default: one per core; 1 = no split)")
+
+
+def print_blas_hint() -> None:
+    """One stderr line when MLX runs on the slow reference BLAS (Linux)."""
+    from .blas import blas_hint
+
+    hint = blas_hint()
+    if hint:
+        print(f"hint: {hint}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def load_codes(path: Path) -> np.ndarray:
+    """Mimi codes from a .npy file: [K, frames] or [1, K, frames] -> int32 [K, frames]."""
+    if not path.is_file():
+        raise MoshiError(f"{path}: no such codes file")
+    try:
+        codes = np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise MoshiError(f"{path}: not a .npy array of codes ({exc})") from None
+    if not isinstance(codes, np.ndarray):  # an .npz archive
+        codes.close()
+        raise MoshiError(f"{path}: expected a .npy array of codes, not an .npz archive")
+    if codes.ndim == 3 and codes.shape[0] == 1:
+        codes = codes[0]
+    if codes.ndim != 2 or 0 in codes.shape or not np.issubdtype(codes.dtype, np.integer):
+        raise MoshiError(f"{path}: expected integer codes [K, frames], got {codes.dtype} "
+                         f"{codes.shape}")
+    if codes.min() < 0 or codes.max() >= 2048:
+        raise MoshiError(f"{path}: codes must be in 0..2047")
+    return codes.astype(np.int32)
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    folder = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npy", dir=folder)
+    os.close(fd)
+    try:
+        np.save(tmp, array)
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise MoshiError(f"{path}: cannot write ({exc})") from None
+
+
+# ---------------------------------------------------------------------------- Moshi
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """Options that choose and load the Moshi model (terminal and web front ends)."""
+    g = parser.add_argument_group("model")
+    add_quantize_arg(g, "quantized weights: 4 or 8 bits (default: bf16)")
+    g.add_argument("--hf-repo", default=None,
+                   help="Hugging Face repo id or local folder holding the model files "
+                        "(default: the official kyutai/<voice>-mlx-<q4|q8|bf16> repo)")
+    g.add_argument("--voice", choices=VOICES, default="moshiko",
+                   help="which released voice to use when --hf-repo is not given")
+    g.add_argument("--moshi-weight", default=None, help="Moshi weight file (path or repo name)")
+    g.add_argument("--mimi-weight", default=None, help="Mimi weight file")
+    g.add_argument("--tokenizer", default=None, help="text tokenizer (SentencePiece .model)")
+    g.add_argument("--config", default=None, help="Moshi config.json (default: the repo's)")
+    add_compute_args(g)
+    g.add_argument("--seed", type=seed, default=None, help="random seed for sampling (>= 0)")
+    g.add_argument("--text-temp", type=float, default=0.7, help="text temperature (0 = greedy)")
+    g.add_argument("--text-topk", type=int, default=25)
+    g.add_argument("--audio-temp", type=float, default=0.8, help="audio temperature (0 = greedy)")
+    g.add_argument("--audio-topk", type=int, default=250)
+    g.add_argument("--mimi-backend", choices=("mlx", "rustymimi"), default="mlx",
+                   help="Mimi implementation (default: our MLX one)")
+
+
+@dataclass
+class ModelFiles:
+    moshi_weight: Path
+    mimi_weight: Path
+    tokenizer: Path
+    config: Path | None
+    quantize: int | None
+
+
+def resolve_model_files(args: argparse.Namespace) -> ModelFiles:
+    """Find the Moshi files from the parsed options (local paths, a folder or a hub repo) and
+    check the weights against -q from their header, before anything is loaded."""
+    from .loading import check_requested_bits, inspect_checkpoint
+
+    quantize = getattr(args, "quantize", None)
+    repo = args.hf_repo or hub.moshi_repo(getattr(args, "voice", "moshiko"), quantize)
+    moshi = hub.model_file(args.moshi_weight or repo, quantize)
+    mimi = hub.resolve_file(args.mimi_weight or repo, hub.MIMI_NAME)
+    tokenizer = hub.resolve_file(args.tokenizer or repo, hub.MOSHI_TOKENIZER_NAME)
+    config: Path | None = None
+    if args.config:
+        config = hub.resolve_file(args.config, hub.CONFIG_NAME)
+    elif not args.moshi_weight or args.hf_repo:
+        config = hub.optional_file(repo, hub.CONFIG_NAME)  # official repos work without one
+    check_requested_bits(inspect_checkpoint(moshi, config), quantize)
+    return ModelFiles(moshi, mimi, tokenizer, config, quantize)
+
+
+def build_engine(args: argparse.Namespace) -> Any:
+    """Resolve the files named by `add_model_args` options and load the engine."""
+    from .engine import Engine
+
+    files = resolve_model_files(args)
+    engine = Engine.from_files(
+        files.moshi_weight,
+        files.mimi_weight,
+        files.tokenizer,
+        config=files.config,
+        quantize=files.quantize,
+        dtype=args.dtype,
+        seed=args.seed,
+        text_temp=args.text_temp,
+        text_topk=args.text_topk,
+        audio_temp=args.audio_temp,
+        audio_topk=args.audio_topk,
+        mimi_backend=args.mimi_backend,
+        cpu_threads=args.cpu_threads,
+    )
+    print_blas_hint()
+    return engine
+

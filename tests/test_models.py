@@ -1,0 +1,141 @@
+"""One runner over a tiny config of every model family (in the spirit of mlx-lm's
+test_models.py): the model builds from its config.json, both official layouts sanitize to the
+same parameters, quantize-on-load (q4, q8) equals loading the converter's quantized file,
+streaming through the cache equals one whole-sequence pass, and batch rows are independent.
+
+A family joins by adding a `FamilyCase` to `CASES`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from moshi_mlx.loading import load_model, read_config_json
+from weights_convert import convert
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@dataclass(frozen=True)
+class FamilyCase:
+    name: str
+    model_types: tuple[str, ...]
+    config: Path
+    layouts: dict[str, Path]  # official layouts of the same weights; the first is converted
+    # (model, inputs [B, T, dim], caches) -> outputs [B, T, dim]: the sequence model
+    run: Callable[[nn.Module, mx.array, Any], mx.array]
+    make_cache: Callable[[nn.Module], Any]
+    dim: Callable[[nn.Module], int]
+    quantize: tuple[int, ...] = (4, 8)
+
+
+def _lm_run(model, x, caches):
+    return model.transformer(x, caches)
+
+
+CASES = [
+    FamilyCase(
+        name="moshi",
+        model_types=("moshi",),
+        config=FIXTURES / "lm_config.json",
+        layouts={"pytorch": FIXTURES / "lm_pytorch.safetensors"},
+        run=_lm_run,
+        make_cache=lambda model: model.make_cache(),
+        dim=lambda model: model.cfg.dim,
+    ),
+]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=lambda case: case.name)
+def case(request) -> FamilyCase:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def converted(case, tmp_path_factory) -> dict[int | None, Path]:
+    """The converter's bf16 / q8 / q4 folders of the case's first layout."""
+    root = tmp_path_factory.mktemp(f"converted_{case.name}")
+    source = next(iter(case.layouts.values()))
+    return {bits: convert(root / str(bits), input_path=source, config=case.config,
+                          bits=bits).model_file
+            for bits in (None, *case.quantize)}
+
+
+def load(case: FamilyCase, path: Path, quantize: int | None = None) -> nn.Module:
+    model, _ = load_model(path, config=case.config, quantize=quantize, dtype=mx.float32,
+                          model_types=case.model_types)
+    return model
+
+
+def parameters(model: nn.Module) -> dict[str, np.ndarray]:
+    # Raw bits: bf16 scales have no numpy dtype, and equality here means the same bytes.
+    return {k: np.array(v.view(mx.uint16) if v.dtype == mx.bfloat16 else v)
+            for k, v in tree_flatten(model.parameters())}
+
+
+def assert_same_parameters(a: nn.Module, b: nn.Module) -> None:
+    pa, pb = parameters(a), parameters(b)
+    assert pa.keys() == pb.keys()
+    for key in pa:
+        np.testing.assert_array_equal(pa[key], pb[key], err_msg=key)
+
+
+def test_builds_from_its_config_json(case):
+    from moshi_mlx.loading import resolve_config
+
+    resolved = resolve_config(case.config, None, case.model_types)
+    assert resolved.config == resolved.family.Config.from_dict(
+        {k: v for k, v in read_config_json(case.config).items() if k != "quantization"})
+    model = resolved.family.Model(resolved.config)
+    assert sum(v.size for _, v in tree_flatten(model.parameters())) > 0
+
+
+def test_every_layout_and_our_converted_file_give_the_same_model(case, converted):
+    reference = load(case, converted[None])
+    for name, path in case.layouts.items():
+        assert_same_parameters(load(case, path), reference), name
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantize_on_load_equals_the_converted_quantized_file(case, converted, bits):
+    if bits not in case.quantize:
+        pytest.skip(f"{case.name}: q{bits} does not apply to this tiny config")
+    on_load = load(case, next(iter(case.layouts.values())), quantize=bits)
+    assert any(isinstance(m, nn.QuantizedLinear) for _, m in on_load.named_modules())
+    assert_same_parameters(on_load, load(case, converted[bits]))
+
+
+def _inputs(dim: int, batch: int, steps: int, seed: int) -> mx.array:
+    return mx.array(np.random.default_rng(seed).normal(size=(batch, steps, dim)),
+                    dtype=mx.float32)
+
+
+def test_streaming_equals_one_whole_sequence_pass(case, converted):
+    model = load(case, converted[None])
+    x = _inputs(case.dim(model), 1, 12, seed=1)
+    whole = case.run(model, x, case.make_cache(model))
+    caches = case.make_cache(model)
+    steps = [case.run(model, x[:, t : t + 1], caches) for t in range(x.shape[1])]
+    streamed = mx.concatenate(steps, axis=1)
+    scale = float(mx.abs(whole).max())
+    np.testing.assert_allclose(np.array(streamed), np.array(whole), rtol=0, atol=1e-5 * scale)
+
+
+def test_batch_rows_are_independent(case, converted):
+    model = load(case, converted[None])
+    x = _inputs(case.dim(model), 2, 6, seed=2)
+    both = case.run(model, x, case.make_cache(model))
+    scale = float(mx.abs(both).max())
+    for row in range(2):
+        alone = case.run(model, x[row : row + 1], case.make_cache(model))
+        np.testing.assert_allclose(np.array(both[row : row + 1]), np.array(alone), rtol=0,
+                                   atol=1e-5 * scale)
