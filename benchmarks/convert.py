@@ -23,17 +23,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from weights_convert.safetensors_stream import (  # noqa: E402
-    PlannedTensor,
-    SafetensorsStreamWriter,
-)
+from moshi_mlx.blas import load_system_openblas  # noqa: E402
+
+load_system_openblas()  # before MLX loads, as the command-line tools do
+
+import mlx.core as mx  # noqa: E402
 
 from moshi_mlx.models.lm_config import LmConfig  # noqa: E402
+from moshi_mlx.safetensors import PlannedTensor, SafetensorsStreamWriter  # noqa: E402
 
 
 def pytorch_layout(cfg: LmConfig) -> list[tuple[str, tuple[int, ...]]]:

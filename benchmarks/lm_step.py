@@ -31,12 +31,17 @@ from moshi_mlx.blas import blas_in_use, load_system_openblas  # noqa: E402
 load_system_openblas()  # before MLX loads, as the command-line tools do
 
 import mlx.core as mx  # noqa: E402
-import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
-from moshi_mlx.weights import QUANTIZATIONS, is_quantizable  # noqa: E402
 
 from moshi_mlx.generate import LmGen  # noqa: E402
-from moshi_mlx.models.lm import Lm, as_stored, load_lm, quantized_linear_paths  # noqa: E402
+from moshi_mlx.loading import (  # noqa: E402
+    QUANTIZATIONS,
+    apply_quantization,
+    quantized_linear_paths,
+    stored_as,
+)
+from moshi_mlx.models import lm as lm_family  # noqa: E402
+from moshi_mlx.models.lm import Lm, load_lm  # noqa: E402
 from moshi_mlx.models.lm_config import LmConfig  # noqa: E402
 from moshi_mlx.modules.parallel import default_cpu_threads  # noqa: E402
 
@@ -48,11 +53,7 @@ def random_quantized_lm(cfg: LmConfig, bits: int, dtype: mx.Dtype) -> Lm:
     timing, and quantizing 7B float32 weights would take many minutes on these CPUs."""
     q = QUANTIZATIONS[bits]
     model = Lm(cfg)  # parameters are lazy: nothing allocated yet
-    nn.quantize(
-        model, group_size=q.group_size, bits=q.bits,
-        class_predicate=lambda path, m: hasattr(m, "to_quantized")
-        and is_quantizable(f"{path}.weight"),
-    )
+    apply_quantization(model, lm_family, q)
     linears = quantized_linear_paths(model)
     key = mx.random.key(0)
     built = []
@@ -67,7 +68,7 @@ def random_quantized_lm(cfg: LmConfig, bits: int, dtype: mx.Dtype) -> Lm:
         else:  # norm gains
             value = mx.random.uniform(0.8, 1.2, array.shape, key=sub)
         if value.dtype != mx.uint32:  # bf16 values, kept as load_lm keeps a file's
-            value = as_stored(name, value.astype(mx.bfloat16), dtype, linears)
+            value = stored_as(name, value.astype(mx.bfloat16), dtype, linears)
         mx.eval(value)  # one tensor at a time
         built.append((name, value))
     model.load_weights(built, strict=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .errors import MoshiError, cli_errors
 from .model_thread import load_on_model_thread, start_model_thread, stop_model_thread
+from .rates import SAMPLE_RATE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--input-device", default=None, help="microphone (index or name)")
     dev.add_argument("--output-device", default=None, help="speaker (index or name)")
     dev.add_argument("--device-rate", type=int, default=None,
-                     help="open the devices at this rate and resample (default: try 24000 Hz, "
+                     help="open the devices at this rate and resample (default: try "
+                          f"{SAMPLE_RATE} Hz, "
                           "then the device's own rate)")
     dev.add_argument("--record", default=None,
                      help="record the conversation to this WAV (Moshi left, you right)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from moshi_mlx import hub
 from moshi_mlx.cli import add_quantize_arg
 from moshi_mlx.errors import cli_errors
 
@@ -22,9 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--input", help="a local model.safetensors (PyTorch or MLX bf16 layout)")
     parser.add_argument("--config", help="LM config.json (default: the one beside the weights, "
                         "else the released 7B config)")
-    parser.add_argument("--tokenizer", help="text tokenizer (tokenizer_spm_32k_3.model) to copy")
-    parser.add_argument("--mimi-weight", help="Mimi weights "
-                        "(tokenizer-e351c8d8-checkpoint125.safetensors) to copy")
+    parser.add_argument("--tokenizer", help="text tokenizer to copy (default: the one named "
+                        f"by the config, else {hub.MOSHI_TOKENIZER_NAME}, beside the weights)")
+    parser.add_argument("--mimi-weight", help="Mimi weights to copy (default: the config's "
+                        f"mimi_name, else {hub.MIMI_NAME}, beside the weights)")
     add_quantize_arg(parser, "quantize to 4 or 8 bits (default: keep bf16)")
     parser.add_argument("--out", required=True, help="output folder (must be empty or new)")
     parser.add_argument("--force", action="store_true",

@@ -13,13 +13,11 @@ from typing import Any
 
 import numpy as np
 
+from ..rates import FRAME_SIZE, SAMPLE_RATE
 from .display import TextDisplay
 from .io import read_audio
 from .recorder import TranscriptWriter, WavWriter
 from .stats import LoopStats
-
-FRAME_SIZE = 1920
-SAMPLE_RATE = 24000
 
 
 def run_file(

@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import AudioError
-
-SAMPLE_RATE = 24000
+from ..rates import SAMPLE_RATE
 
 
 def resample(pcm: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:

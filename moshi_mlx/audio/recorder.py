@@ -13,10 +13,11 @@ import numpy as np
 import soundfile as sf
 
 from ..errors import AudioError
+from ..rates import SAMPLE_RATE
 
 
 class WavWriter:
-    def __init__(self, path: str | Path, channels: int = 1, sample_rate: int = 24000):
+    def __init__(self, path: str | Path, channels: int = 1, sample_rate: int = SAMPLE_RATE):
         self.path = Path(path)
         self.channels = channels
         self.frames_written = 0
