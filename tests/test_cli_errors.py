@@ -83,3 +83,23 @@ def test_unwritable_output_fails_before_the_model_loads(tmp_path, capsys) -> Non
                     str(tmp_path / "missing" / "out.wav")])
     assert exc.value.code == 1
     assert one_error_line(capsys).startswith("error: cannot write")
+
+
+@pytest.mark.parametrize(("script", "args", "needle"), [
+    ("moshi-mimi", ["decode", "missing.npy", "out.wav"], "missing.npy: no such codes file"),
+    ("moshi-convert", ["--input", "missing.safetensors", "--out", "out"], "no such file"),
+    ("moshi-local", ["--input-file", "missing.wav", "--output-file", "out.wav"], "missing.wav"),
+    ("moshi-web", ["--port", "99999"], "99999"),
+])
+def test_console_scripts_are_the_same_commands(tmp_path, script, args, needle) -> None:
+    """Each console script is installed beside the interpreter and behaves as `python -m`."""
+    import subprocess
+    import sys
+
+    path = Path(sys.executable).parent / script
+    assert path.is_file(), f"{script} is not installed (pip install -e .)"
+    proc = subprocess.run([str(path), *args], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]  # argparse errors come after the usage
+    assert needle in last and "Traceback" not in proc.stderr, proc.stderr
