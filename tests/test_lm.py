@@ -270,3 +270,11 @@ def test_missing_file_or_bad_quantize_is_a_clear_error(tmp_path, fixtures_dir):
         load_lm(tmp_path / "nope" / "model.safetensors")
     with pytest.raises(WeightsError, match="quantize must be one of"):
         load_lm(fixtures_dir / "lm_pytorch.safetensors", quantize=3)
+
+
+def test_library_default_dtype_is_the_cli_default(fixtures_dir, config_path):
+    """dtype=None is `--dtype auto`: float32 on the CPU backend, bf16 on a GPU."""
+    lm = load_lm(fixtures_dir / "lm_pytorch.safetensors", config=config_path)
+    expected = mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
+    assert lm.text_emb.weight.dtype == expected
+    assert lm.transformer.layers[0].self_attn.in_proj.weight.dtype == expected
