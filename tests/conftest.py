@@ -118,9 +118,9 @@ def chromium_executable() -> str | None:
         from playwright.sync_api import Error, sync_playwright
     except ImportError:
         unavailable("playwright is not installed (pip install -e '.[dev]')")
-    system = Path("/usr/bin/chromium")
-    if system.exists():
-        return str(system)
+    system = "/usr/bin/chromium"
+    if os.access(system, os.X_OK):
+        return system
     try:
         with sync_playwright() as pw:
             pw.chromium.launch(headless=True).close()
@@ -137,6 +137,6 @@ def firefox_executable() -> str:
     from bidi import FIREFOX
     from prerequisites import unavailable
 
-    if not Path(FIREFOX).exists():
+    if not os.access(FIREFOX, os.X_OK):
         unavailable(f"no Firefox ESR: {FIREFOX} is missing (apt-get install firefox-esr)")
     return FIREFOX
