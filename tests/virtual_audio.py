@@ -117,10 +117,6 @@ def server_address() -> str:
     return f"unix:{state_dir() / 'native'}"
 
 
-def environment() -> dict[str, str]:
-    return {"PULSE_SERVER": server_address()}
-
-
 def is_running() -> bool:
     if shutil.which("pactl") is None:
         return False
