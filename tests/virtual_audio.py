@@ -192,8 +192,10 @@ def start() -> bool:
     ]
     global _daemon
     with open(log, "wb") as log_file:
-        daemon = _daemon = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file,
-                                  stderr=log_file, start_new_session=True)
+        daemon = _daemon = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+            start_new_session=True,
+        )
     (directory / "pulseaudio.pid").write_text(str(daemon.pid))
     deadline = time.monotonic() + START_TIMEOUT_S
     while not is_running():
