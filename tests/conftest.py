@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -62,3 +64,79 @@ def random_mimi_path() -> Path:
     from mimi_random import ensure_random_mimi
 
     return ensure_random_mimi(Path(__file__).parent / ".cache", FIXTURES)
+
+
+# --------------------------------------------------------------------------- devices, browsers
+# Tests that need a sound daemon or a browser ask for these fixtures. What cannot be provided
+# skips the test with the reason (fails it under CI=true: prerequisites.unavailable).
+
+
+@pytest.fixture(scope="session")
+def sound_card() -> Iterator[str]:
+    """The virtual sound card (tests/virtual_audio.py) running: its PULSE_SERVER address,
+    also set in os.environ for the session (PortAudio in this process, paplay / parec and child
+    processes reach the card through it). As root, missing packages are apt-get installed
+    first. Started here unless it was running already, and then stopped at the end."""
+    import virtual_audio
+    from prerequisites import unavailable
+
+    if virtual_audio.missing_packages() and os.geteuid() == 0:
+        try:
+            virtual_audio.install()
+        except virtual_audio.VirtualAudioError as exc:
+            unavailable(f"virtual sound card: {exc}")
+    absent = virtual_audio.missing_packages()
+    if absent:
+        unavailable(f"virtual sound card: packages {' '.join(absent)} missing (as root: "
+                    "python tests/virtual_audio.py install)")
+    try:
+        started = virtual_audio.start()
+    except virtual_audio.VirtualAudioError as exc:
+        unavailable(f"virtual sound card did not start: {exc}")
+    address = virtual_audio.server_address()
+    previous = os.environ.get("PULSE_SERVER")
+    os.environ["PULSE_SERVER"] = address
+    from moshi_mlx.audio.devices import refresh_devices
+
+    refresh_devices()  # PortAudio lists only the devices there were when it initialised
+    yield address
+    if previous is None:
+        os.environ.pop("PULSE_SERVER", None)
+    else:
+        os.environ["PULSE_SERVER"] = previous
+    if started:
+        virtual_audio.stop()
+
+
+@pytest.fixture(scope="session")
+def chromium_executable() -> str | None:
+    """Debian's Chromium when installed, else None for playwright's own downloaded one; skips
+    when there is neither (or no playwright)."""
+    from prerequisites import unavailable
+
+    try:
+        from playwright.sync_api import Error, sync_playwright
+    except ImportError:
+        unavailable("playwright is not installed (pip install -e '.[dev]')")
+    system = "/usr/bin/chromium"
+    if os.access(system, os.X_OK):
+        return system
+    try:
+        with sync_playwright() as pw:
+            pw.chromium.launch(headless=True).close()
+    except Error as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        unavailable(f"no Chromium: /usr/bin/chromium is missing (apt-get install chromium) and "
+                    f"playwright's does not start ({first}; `playwright install chromium`)")
+    return None
+
+
+@pytest.fixture(scope="session")
+def firefox_executable() -> str:
+    """Debian's Firefox ESR (driven over WebDriver BiDi, tests/bidi.py); skips when missing."""
+    from bidi import FIREFOX
+    from prerequisites import unavailable
+
+    if not os.access(FIREFOX, os.X_OK):
+        unavailable(f"no Firefox ESR: {FIREFOX} is missing (apt-get install firefox-esr)")
+    return FIREFOX

@@ -116,6 +116,15 @@ def test_float32_greedy_matches_pytorch_without_compile(weight_files, config_pat
     assert_matches_golden(result, golden, "torch_f32")
 
 
+def assert_float32_agreement(got: np.ndarray, want: np.ndarray, what: str) -> None:
+    """The same float32 logits computed with another summation order: a float matmul split
+    into row blocks is not bit-identical (BLAS may block or pick its kernel by the block's
+    shape; OpenBLAS: 3e-5 on logits of magnitude 30). The rounding error of a logit scales with
+    the sums behind it, not with its own value: 1e-4 relative, or 1e-5 of the largest logit."""
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max(),
+                               err_msg=what)
+
+
 @pytest.mark.parametrize(("kind", "prefix"), [("pytorch", "torch_f32"), ("q4", "torch_f32_deq_q4")])
 @pytest.mark.parametrize("threads", [2, 3])
 def test_layers_split_over_cpu_threads_still_match_pytorch(
@@ -129,8 +138,11 @@ def test_layers_split_over_cpu_threads_still_match_pytorch(
     assert lm.use_cpu_threads(threads, min_weights=0) == len(linears) > 0
     split = run_greedy(lm, golden["user_codes"])
     assert_matches_golden(split, golden, prefix)
-    np.testing.assert_allclose(split["text_logits"], plain["text_logits"], atol=1e-5, rtol=0)
-    np.testing.assert_allclose(split["audio_logits"], plain["audio_logits"], atol=1e-5, rtol=0)
+    for key in ("text_logits", "audio_logits"):
+        if kind == "q4":  # quantized matmul: a row block is the same computation, row by row
+            np.testing.assert_array_equal(split[key], plain[key], err_msg=key)
+        else:
+            assert_float32_agreement(split[key], plain[key], key)
     assert lm.use_cpu_threads(1) == 0  # undone: the plain layers again
     assert all(type(m) in (nn.Linear, nn.QuantizedLinear) for m in linears)
 

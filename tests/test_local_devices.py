@@ -1,11 +1,11 @@
 """The real-time loop on real sounddevice streams: PulseAudio's virtual microphone and speaker
-(../shared/audio/virtual-audio.sh). A WAV is played into the microphone with `paplay`, and what
-reaches the speaker is recorded from its monitor with `parec`, independently of our code."""
+(the `sound_card` fixture: tests/virtual_audio.py, started when it can be, else these tests
+skip). A WAV is played into the microphone with `paplay`, and what reaches the speaker is
+recorded from its monitor with `parec`, independently of our code."""
 
 from __future__ import annotations
 
 import io
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,27 +24,7 @@ from moshi_mlx.local import main
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SPEECH = FIXTURES / "speech.wav"
-VIRTUAL_AUDIO = Path(__file__).resolve().parents[2] / "shared" / "audio" / "virtual-audio.sh"
 FRAME = 1920
-
-
-@pytest.fixture(scope="module")
-def virtual_audio():
-    """Start the virtual sound card (idempotent) and make PortAudio enumerate it."""
-    if not VIRTUAL_AUDIO.is_file():
-        pytest.fail(f"{VIRTUAL_AUDIO} not found (the virtual sound card for audio tests)")
-    proc = subprocess.run([str(VIRTUAL_AUDIO), "start"], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.fail(f"virtual audio did not start (run `{VIRTUAL_AUDIO} install`): "
-                    f"{proc.stderr.strip()}")
-    for tool in ("paplay", "parec"):
-        assert shutil.which(tool), f"{tool} missing (virtual-audio.sh install)"
-    from moshi_mlx.audio.devices import refresh_devices
-
-    refresh_devices()  # PortAudio may have been initialised before the daemon was up
-    yield
-    if "already running" not in proc.stderr:  # we started it: stop it again
-        subprocess.run([str(VIRTUAL_AUDIO), "stop"], capture_output=True)
 
 
 def _engine(mimi_path: Path, backend: str) -> Engine:
@@ -140,7 +120,7 @@ def _check_accounting(loop: DuplexLoop) -> None:
 
 
 @pytest.mark.parametrize("backend", ["rustymimi", "mlx"])
-def test_mic_to_model_to_speaker(virtual_audio, engine, random_mimi_path, tmp_path, backend):
+def test_mic_to_model_to_speaker(sound_card, engine, random_mimi_path, tmp_path, backend):
     engine = engine if backend == "rustymimi" else _engine(random_mimi_path, backend)
     engine.reset()
     speech, _ = soundfile.read(str(SPEECH), dtype="float32")
@@ -202,7 +182,7 @@ def test_mic_to_model_to_speaker(virtual_audio, engine, random_mimi_path, tmp_pa
     assert text_out.getvalue().strip(), "no text printed"  # Moshi's text, printed live
 
 
-def test_slow_step_keeps_latency_bounded_and_counts_late_frames(virtual_audio, engine):
+def test_slow_step_keeps_latency_bounded_and_counts_late_frames(sound_card, engine):
     engine.reset()
     step = engine.lm_gen.step
     delay = 0.3  # each step takes > 3.75 frames of real time
@@ -243,7 +223,7 @@ def test_slow_step_keeps_latency_bounded_and_counts_late_frames(virtual_audio, e
             : sum(len(p) for p in loop.played_real)])
 
 
-def test_device_at_another_rate_is_resampled(virtual_audio, engine, tmp_path):
+def test_device_at_another_rate_is_resampled(sound_card, engine, tmp_path):
     engine.reset()
     speech, _ = soundfile.read(str(SPEECH), dtype="float32")
     display, _, _ = _quiet_display()
@@ -291,7 +271,7 @@ def _model_argv(mimi: Path) -> list[str]:
     ]
 
 
-def test_cli_devices(virtual_audio, random_mimi_path, tmp_path, capsys):
+def test_cli_devices(sound_card, random_mimi_path, tmp_path, capsys):
     assert main(["--list-devices"]) == 0
     listing = capsys.readouterr().out
     assert "pulse" in listing and "default" in listing
@@ -303,7 +283,7 @@ def test_cli_devices(virtual_audio, random_mimi_path, tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("error: input device 97")
 
 
-def test_ctrl_c_closes_cleanly_and_leaves_a_valid_recording(virtual_audio, random_mimi_path,
+def test_ctrl_c_closes_cleanly_and_leaves_a_valid_recording(sound_card, random_mimi_path,
                                                             tmp_path):
     record = tmp_path / "talk.wav"
     proc = subprocess.Popen(
@@ -334,7 +314,7 @@ def test_ctrl_c_closes_cleanly_and_leaves_a_valid_recording(virtual_audio, rando
     assert info.channels == 2 and info.frames == frames * FRAME
 
 
-def test_open_failure_at_24k_falls_back_to_the_device_rate(virtual_audio, engine, monkeypatch):
+def test_open_failure_at_24k_falls_back_to_the_device_rate(sound_card, engine, monkeypatch):
     """PortAudio refusing 24 kHz / 1920-sample streams (as on some Macs): the loop reopens at
     the device's default rate and block size and resamples, and still hears the speech."""
     import sounddevice as sd
@@ -370,7 +350,7 @@ def test_open_failure_at_24k_falls_back_to_the_device_rate(virtual_audio, engine
     assert _share_heard(speech, loop.captured) >= 0.75
 
 
-def test_busy_device_is_one_clear_error(virtual_audio, engine, monkeypatch):
+def test_busy_device_is_one_clear_error(sound_card, engine, monkeypatch):
     import sounddevice as sd
 
     from moshi_mlx.errors import AudioError
@@ -396,7 +376,7 @@ class _EchoEngine:
         return FrameOutput(pcm.copy(), None, {"encode": 0.0, "step": 0.0, "decode": 0.0})
 
 
-def test_fast_model_has_no_late_frames_and_echoes_the_mic(virtual_audio, tmp_path):
+def test_fast_model_has_no_late_frames_and_echoes_the_mic(sound_card, tmp_path):
     """No false alarms: when compute keeps up, no frame is late or skipped, and the speaker
     plays the microphone's audio back bit-exact."""
     speech, _ = soundfile.read(str(SPEECH), dtype="float32")

@@ -1,8 +1,9 @@
 """End to end: the real page in headless Chromium (fake microphone playing speech.wav) talks
 to the real server running the real engine (tiny fixture LM + random real-size Mimi).
 
-Needs Debian's `chromium` (/usr/bin/chromium) and the `playwright` Python package, which
-drives it over CDP (no browser download)."""
+Needs the `playwright` Python package and a Chromium: Debian's `chromium` (/usr/bin/chromium,
+driven over CDP, no browser download) or else playwright's own (`playwright install chromium`).
+Without them the test skips (fails under CI=true): the `chromium_executable` fixture."""
 
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ from moshi_mlx.web.server import ChatServer, bound_port, serve
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ARTIFACTS = Path(__file__).parent / ".artifacts"
-CHROMIUM = "/usr/bin/chromium"
 
 
 def _fixture_engine(mimi_path: Path) -> Engine:
@@ -113,7 +113,8 @@ async def _converse(page, url: str, shot: Path) -> dict:
     return state
 
 
-def test_page_talks_to_the_real_engine_in_chromium(random_mimi_path, tmp_path):
+def test_page_talks_to_the_real_engine_in_chromium(chromium_executable, random_mimi_path,
+                                                   tmp_path):
     from playwright.async_api import async_playwright
 
     recorder = RecordingEngine(_fixture_engine(random_mimi_path))
@@ -127,7 +128,7 @@ def test_page_talks_to_the_real_engine_in_chromium(random_mimi_path, tmp_path):
             async with async_playwright() as pw:
                 # A fresh profile (--user-data-dir) per run, as playwright wants it passed.
                 browser = await pw.chromium.launch_persistent_context(
-                    tmp_path / "profile", executable_path=CHROMIUM, headless=True,
+                    tmp_path / "profile", executable_path=chromium_executable, headless=True,
                     args=_chromium_args(),
                 )
                 page = await browser.new_page()
