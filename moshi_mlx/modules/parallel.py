@@ -3,9 +3,11 @@
 MLX's CPU backend runs the ops of a stream on that stream's own thread, and its quantized
 matmul (and float matmul with the reference BLAS of the Linux wheel) uses one core. Splitting
 a layer's output rows into blocks, each on its own CPU stream, computes the blocks at the same
-time. Each output element is still the same dot product over the same inputs in the same
-order, so results are bit-identical to the unsplit layer. On the GPU this only adds overhead:
-use it when the model runs on the CPU.
+time. For a quantized layer each output element is the same dot product over the same inputs
+in the same order, so results are bit-identical to the unsplit layer. A float layer's row
+blocks go to BLAS as smaller products, which an optimised BLAS (OpenBLAS) may block and sum in
+another order: those agree to float32 rounding, not bit for bit. On the GPU this only adds
+overhead: use it when the model runs on the CPU.
 """
 
 from __future__ import annotations
