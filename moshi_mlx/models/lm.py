@@ -156,8 +156,8 @@ class Lm(nn.Module):
     def use_cpu_threads(self, threads: int, min_weights: int = DEFAULT_MIN_WEIGHTS) -> int:
         """Split the large linear layers into `threads` row blocks computed at the same time
         on as many CPU streams (bit-identical for quantized layers, float32 rounding for
-        float ones; 1 undoes it). Returns how many layers
-        are split. Call before creating an `LmGen`: compiled graphs keep the old layers."""
+        float ones; 1 undoes it). Returns how many layers are split. Call before creating an
+        `LmGen`: compiled graphs keep the old layers."""
         self._compiled = None
         return split_linears(self, threads, min_weights)
 
