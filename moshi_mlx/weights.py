@@ -13,7 +13,7 @@ import math
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -227,6 +227,7 @@ _PT_RENAMES: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"depformer_in\.(\d+)\.weight"), r"depformer.slices.\1.linear_in.weight"),
     (re.compile(r"linears\.(\d+)\.weight"), r"depformer.slices.\1.linear_out.weight"),
     (re.compile(r"depformer_text_emb\.weight"), "depformer.slices.0.emb.weight"),
+    (re.compile(r"extra_heads\.(\d+)\.weight"), r"extra_heads.\1.weight"),
     (re.compile(r"depformer\.layers\.(\d+)\.gating\.(\d+)\.(linear_in|linear_out)\.weight"),
      r"depformer.slices.\2.transformer.layers.\1.gating.\3.weight"),
 ]
@@ -267,12 +268,11 @@ def pytorch_to_mlx(key: str, tensor: mx.array, dep_q: int) -> list[tuple[str, mx
 
 
 def pytorch_dep_q(keys: Iterable[str]) -> int:
-    """Number of depformer slices of a PyTorch-layout checkpoint (its `depformer_in.{k}`)."""
+    """Number of depformer slices of a PyTorch-layout checkpoint (its `depformer_in.{k}`);
+    0 for a Kyutai STT checkpoint (no depformer)."""
     pattern = re.compile(r"depformer_in\.(\d+)\.weight")
     indices = {int(m[1]) for key in keys if (m := pattern.fullmatch(key))}
-    if not indices:
-        raise WeightsError("not a Moshi LM checkpoint (no depformer_in tensors)")
-    return max(indices) + 1
+    return max(indices) + 1 if indices else 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,6 +337,14 @@ class _KeyCounts:
     depformer_dim: int = 0
     hidden_dim: int = 0
     depformer_hidden_dim: int = 0
+    extra_heads_num_heads: int = 0
+    extra_heads_dim: int = 0
+
+
+def _extra_head_shapes(cfg: Any) -> dict[str, tuple[int, ...]]:
+    """Kyutai STT's extra heads (same names in both layouts)."""
+    return {f"extra_heads.{k}.weight": (cfg.extra_heads_dim, cfg.dim)
+            for k in range(cfg.extra_heads_num_heads)}
 
 
 def _layer_shapes(dim: int, hidden: int) -> dict[str, tuple[int, ...]]:
@@ -357,6 +365,7 @@ def expected_mlx_shapes(config: Any) -> dict[str, tuple[int, ...]]:
     shapes["text_emb.weight"] = (cfg.text_card + 1, dim)
     shapes["text_linear.weight"] = (cfg.text_card, dim)
     shapes["out_norm.weight"] = (dim,)
+    shapes.update(_extra_head_shapes(cfg))
     for layer in range(cfg.num_layers):
         for part, shape in _layer_shapes(dim, cfg.hidden_dim).items():
             shapes[f"transformer.layers.{layer}.{names[part]}.weight"] = shape
@@ -381,6 +390,7 @@ def expected_pytorch_shapes(config: Any) -> dict[str, tuple[int, ...]]:
     shapes["text_emb.weight"] = (cfg.text_card + 1, dim)
     shapes["text_linear.weight"] = (cfg.text_card, dim)
     shapes["out_norm.alpha"] = (1, 1, dim)
+    shapes.update(_extra_head_shapes(cfg))
     names = {"in_proj": "self_attn.in_proj_weight", "out_proj": "self_attn.out_proj.weight",
              "norm1": "norm1.alpha", "norm2": "norm2.alpha"}
     for layer in range(cfg.num_layers):
@@ -390,10 +400,11 @@ def expected_pytorch_shapes(config: Any) -> dict[str, tuple[int, ...]]:
     for k in range(dep_q):
         shapes[f"depformer_in.{k}.weight"] = (ddim, dim)
         shapes[f"linears.{k}.weight"] = (cfg.card, ddim)
-    shapes["depformer_text_emb.weight"] = (cfg.text_card + 1, ddim)
+    if dep_q:
+        shapes["depformer_text_emb.weight"] = (cfg.text_card + 1, ddim)
     for k in range(dep_q - 1):
         shapes[f"depformer_emb.{k}.weight"] = (cfg.card + 1, ddim)
-    for layer in range(cfg.depformer_num_layers):
+    for layer in range(cfg.depformer_num_layers if dep_q else 0):
         prefix = f"depformer.layers.{layer}"
         per_slice = _layer_shapes(ddim, cfg.depformer_hidden_dim)
         shapes[f"{prefix}.self_attn.in_proj_weight"] = (dep_q * 3 * ddim, ddim)
@@ -412,12 +423,14 @@ _COUNT_PATTERNS = {
         "dep_q": re.compile(r"depformer_in\.(\d+)\."),
         "num_layers": re.compile(r"transformer\.layers\.(\d+)\."),
         "depformer_num_layers": re.compile(r"depformer\.layers\.(\d+)\."),
+        "extra_heads_num_heads": re.compile(r"extra_heads\.(\d+)\."),
     },
     "mlx": {
         "n_q": re.compile(r"audio_embs\.(\d+)\."),
         "dep_q": re.compile(r"depformer\.slices\.(\d+)\."),
         "num_layers": re.compile(r"transformer\.layers\.(\d+)\."),
         "depformer_num_layers": re.compile(r"depformer\.slices\.\d+\.transformer\.layers\.(\d+)\."),
+        "extra_heads_num_heads": re.compile(r"extra_heads\.(\d+)\."),
     },
 }
 
@@ -437,10 +450,15 @@ def _expected_entries(
 ) -> dict[str, tuple[str, tuple[int, ...] | None]]:
     """Key -> (safetensors dtype, shape or None when unknown) of a complete checkpoint."""
     shapes_of = expected_pytorch_shapes if layout == "pytorch" else expected_mlx_shapes
+    keys = set(keys)
     if config is None:
         base = {key: None for key in shapes_of(_infer_counts(keys, layout))}
     else:
-        base = shapes_of(config)
+        # STT extra heads are optional (the official MLX files have none): their count comes
+        # from the file, their shapes from the config.
+        cfg = as_lm_config(config)
+        heads = _infer_counts(keys, layout).extra_heads_num_heads
+        base = shapes_of(replace(cfg, extra_heads_num_heads=heads))
     expected: dict[str, tuple[str, tuple[int, ...] | None]] = {}
     for key, shape in base.items():
         if quantization is not None and is_quantizable(key):
