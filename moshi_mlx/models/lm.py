@@ -1,13 +1,15 @@
-"""The Moshi language model: temporal transformer (Helium) + depth transformer (depformer).
+"""Kyutai LMs: Moshi = temporal transformer (Helium) + depth transformer (depformer);
+Kyutai STT = the temporal transformer alone (dep_q 0) plus optional `extra_heads` (VAD).
 
 Parameter names follow the official MLX checkpoint layout exactly, so a checkpoint loads with
 `model.load_weights(..., strict=True)`. Streams: 0 = text, 1..dep_q = Moshi's audio codebooks,
-dep_q+1..n_q = the user's audio codebooks.
+dep_q+1..n_q = the user's audio codebooks (all n_q for STT).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -146,7 +148,9 @@ class Lm(nn.Module):
         )
         self.out_norm = RmsNorm(cfg.dim, cfg.norm_eps, cfg.norm_in_float32)
         self.text_linear = nn.Linear(cfg.dim, cfg.text_card, bias=False)
-        self.depformer = Depformer(cfg)
+        self.depformer = Depformer(cfg) if cfg.dep_q else None
+        self.extra_heads = [nn.Linear(cfg.dim, cfg.extra_heads_dim, bias=False)
+                            for _ in range(cfg.extra_heads_num_heads)]
         self._compiled: _CompiledTemporal | None = None
 
     def load_weights(self, *args, **kwargs):
@@ -192,6 +196,13 @@ class Lm(nn.Module):
             x = mlp_block(x + layer.self_attn(layer.norm1(x), cache))
         return fast.head(x)
 
+    def extra_head_probs(self, hidden: mx.array) -> mx.array:
+        """Normed hidden [B, dim] -> softmax of every extra head [B, heads, classes] (float32).
+        For Kyutai STT these are the semantic VAD heads: class 0 = no voice activity over the
+        head's horizon."""
+        logits = mx.stack([head(hidden) for head in self.extra_heads], axis=1)
+        return mx.softmax(logits.astype(mx.float32), axis=-1)
+
     def head(self, x: mx.array) -> tuple[mx.array, mx.array]:
         """Temporal transformer output [B, 1, dim] -> (normed hidden [B, dim], text logits)."""
         x = self.out_norm(x)[:, 0, :]
@@ -222,8 +233,9 @@ def load_lm(
     quantize: int | None = None,
     dtype: mx.Dtype = mx.bfloat16,
     cpu_threads: int | None = None,
+    vad_weights: str | os.PathLike | None = None,
 ) -> Lm:
-    """Load a Moshi LM from a checkpoint in the official MLX or PyTorch layout.
+    """Load a Kyutai LM (Moshi or STT) from a checkpoint in the official MLX or PyTorch layout.
 
     weights: a .safetensors file, a folder, or a Hugging Face repo id (the file is then picked
     by `quantize`: model.safetensors / model.q8.safetensors / model.q4.safetensors).
@@ -231,8 +243,11 @@ def load_lm(
     that a pre-quantized file has these bits). dtype: compute dtype (bf16 or float32).
     cpu_threads: split large layers over this many CPU threads (`Lm.use_cpu_threads`);
     None: all cores when MLX computes on the CPU, no split on a GPU.
+    vad_weights: a checkpoint (either layout, e.g. the `-candle` repo's model.safetensors or
+    a repo id) whose `extra_heads` replace or add the STT VAD heads; the official MLX STT files
+    have none. Without it the model has the heads its file has (possibly none).
     """
-    from ..weights import QUANTIZATIONS, read_lm_checkpoint
+    from ..weights import QUANTIZATIONS, quantize_tensors, read_lm_checkpoint
 
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise WeightsError(f"quantize must be one of {sorted(QUANTIZATIONS)} or None, "
@@ -242,9 +257,57 @@ def load_lm(
     path = _weights_file(weights, quantize)
     cfg = resolve_config(config, path)
     tensors, file_quant = read_lm_checkpoint(path, cfg)
+    if vad_weights is not None:
+        heads = read_extra_heads(vad_weights, cfg)
+        if file_quant is not None:  # quantized like the rest of the file
+            heads = quantize_tensors(heads, file_quant)
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("extra_heads.")}
+        tensors.update(heads)
+    cfg = _with_file_extra_heads(cfg, tensors)
     model = build_lm(cfg, tensors, file_quant, quantize=quantize, dtype=dtype, name=path.name)
     model.use_cpu_threads(default_cpu_threads() if cpu_threads is None else cpu_threads)
     return model
+
+
+_EXTRA_HEAD_KEY = re.compile(r"extra_heads\.(\d+)\.weight")
+
+
+def read_extra_heads(weights: str | os.PathLike, cfg: LmConfig) -> dict[str, mx.array]:
+    """The `extra_heads.{i}.weight` tensors (bf16, [extra_heads_dim, dim]) of a checkpoint in
+    either layout (the names are the same); WeightsError when it has none or they do not fit."""
+    from ..hub import resolve_file
+    from ..weights import read_safetensors_header, read_tensor
+
+    path = resolve_file(weights, _REPO_FILES[None])
+    header = read_safetensors_header(path)
+    names = sorted((k for k in header.tensors if _EXTRA_HEAD_KEY.fullmatch(k)),
+                   key=lambda k: int(_EXTRA_HEAD_KEY.fullmatch(k)[1]))
+    if not names:
+        raise WeightsError(f"{path.name} has no VAD heads (no extra_heads tensors)")
+    if [int(_EXTRA_HEAD_KEY.fullmatch(k)[1]) for k in names] != list(range(len(names))):
+        raise WeightsError(f"{path.name}: extra_heads are not numbered 0..{len(names) - 1}")
+    if cfg.extra_heads_num_heads and len(names) != cfg.extra_heads_num_heads:
+        raise WeightsError(f"{path.name} has {len(names)} VAD heads, the config "
+                           f"{cfg.extra_heads_num_heads}")
+    heads = {}
+    with open(path, "rb") as f:
+        for name in names:
+            info = header.tensors[name]
+            if len(info.shape) != 2 or info.shape[1] != cfg.dim or info.dtype != "BF16":
+                raise WeightsError(f"{path.name}: {name} is {info.dtype} {info.shape}, expected "
+                                   f"BF16 [{cfg.extra_heads_dim}, {cfg.dim}] for this model")
+            heads[name] = read_tensor(f, header, name)[1]
+    return heads
+
+
+def _with_file_extra_heads(cfg: LmConfig, tensors: dict[str, mx.array]) -> LmConfig:
+    """The config with as many extra heads as the checkpoint holds (they are optional)."""
+    rows = [v.shape[0] for k, v in tensors.items() if _EXTRA_HEAD_KEY.fullmatch(k)]
+    if len(rows) == cfg.extra_heads_num_heads:
+        return cfg
+    if not rows:
+        return cfg.with_overrides(extra_heads_num_heads=0)
+    return cfg.with_overrides(extra_heads_num_heads=len(rows), extra_heads_dim=rows[0])
 
 
 def _weights_file(weights: str | os.PathLike, quantize: int | None) -> Path:
