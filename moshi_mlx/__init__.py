@@ -24,6 +24,7 @@ _EXPORTS = {
     "Lm": "moshi_mlx.models.lm",
     "load_lm": "moshi_mlx.models.lm",
     "LmGen": "moshi_mlx.generate",
+    "SttGen": "moshi_mlx.generate",
 }
 
 __all__ = sorted(_EXPORTS)
