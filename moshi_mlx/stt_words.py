@@ -88,14 +88,19 @@ class WordTracker:
 def timed_words(events: Sequence[Word | WordEnd], time_of: Callable[[int], float]
                 ) -> list[tuple[str, float, float]]:
     """(text, start, end) per word of a tracker's events: the end is the WordEnd right after
-    the word, else (another word followed first, or the stream ended) its closing step."""
-    words = []
+    the word, else (another word followed first, or the stream ended) its closing step. Words
+    closed by PAD share their EPAD's start time in the events; here each starts no earlier
+    than the word before ends, so the times never go back."""
+    words: list[tuple[str, float, float]] = []
+    previous_end = 0.0
     for i, event in enumerate(events):
         if not isinstance(event, Word):
             continue
         following = events[i + 1] if i + 1 < len(events) else None
         end = following.end if isinstance(following, WordEnd) else time_of(event.step)
-        words.append((event.text, event.start, max(end, event.start)))
+        start = max(event.start, previous_end)
+        previous_end = max(end, start)
+        words.append((event.text, start, previous_end))
     return words
 
 

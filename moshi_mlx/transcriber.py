@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -343,18 +343,26 @@ class Transcriber:
         mono)."""
         return self.transcribe_files([path])[0]
 
-    def transcribe_files(self, paths: Sequence[str | os.PathLike],
-                         chunk_frames: int = 1, progress=None) -> list[Transcript]:
-        """Transcribe several files as one batch (one stream per file)."""
+    def transcribe_files(self, paths: Sequence[str | os.PathLike], **options
+                         ) -> list[Transcript]:
+        """Transcribe several files as one batch (one stream per file); options as
+        `transcribe_pcm`."""
         from .audio.io import read_audio
 
         pcms = [read_audio(p) for p in paths]
-        return self.transcribe_pcm(pcms, chunk_frames=chunk_frames, progress=progress)
+        return self.transcribe_pcm(pcms, **options)
+
+    def stream_text(self, row: int = 0) -> str:
+        """The text of stream `row` so far (every piece, decoded)."""
+        return self._decode(self._streams[row].tokens).strip()
 
     def transcribe_pcm(self, pcms: Sequence[np.ndarray], chunk_frames: int = 1,
-                       progress=None) -> list[Transcript]:
-        """Transcribe float 24 kHz mono arrays as one batch. progress(done_s, total_s) is
-        called after each chunk."""
+                       progress: Callable[[float, float], None] | None = None,
+                       on_events: Callable[[list[Event]], None] | None = None
+                       ) -> list[Transcript]:
+        """Transcribe float 24 kHz mono arrays as one batch (one stream each).
+        progress(done_s, total_s) is called after each chunk of `chunk_frames` frames,
+        on_events(events) with the events of each chunk and of the flush."""
         self.reset(len(pcms))
         lengths = np.array([len(p) for p in pcms])
         longest = int(lengths.max())
@@ -368,14 +376,20 @@ class Transcriber:
         for start in range(0, longest, chunk):
             part = batch[:, start:start + chunk]
             fed = np.clip(lengths - start, 0, part.shape[1])
-            events += self.feed(part, lengths=fed)
+            new = self.feed(part, lengths=fed)
+            events += new
+            if on_events is not None:
+                on_events(new)
             if progress is not None:
                 progress(min(start + chunk, longest) / SAMPLE_RATE, longest / SAMPLE_RATE)
-        events += self.flush()
+        new = self.flush()
+        events += new
+        if on_events is not None:
+            on_events(new)
         transcripts = []
         for row in range(len(pcms)):
             mine = [e for e in events if e.stream == row]
-            text = self._decode(self._streams[row].tokens).strip()
-            transcripts.append(transcript_from_events(mine, text, lengths[row] / SAMPLE_RATE,
+            transcripts.append(transcript_from_events(mine, self.stream_text(row),
+                                                      lengths[row] / SAMPLE_RATE,
                                                       self.text_time))
         return transcripts

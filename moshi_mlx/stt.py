@@ -1,0 +1,348 @@
+"""Kyutai speech-to-text from the command line.
+
+    python -m moshi_mlx.stt talk.wav                       # prints the text as it comes
+    python -m moshi_mlx.stt a.wav b.mp3 --format json      # several files in one LM batch
+    python -m moshi_mlx.stt talk.wav --format srt -o talk.srt
+    python -m moshi_mlx.stt --codes codes.npy              # Mimi codes [32, T] instead of audio
+    python -m moshi_mlx.stt --model 2.6b -q 4 talk.wav
+
+Greedy decoding by default (the checkpoints' lm_gen_config; --temp to sample). The input
+gets the checkpoint's silence prefix and, at its end, the flush silence at once (see
+moshi_mlx.transcriber). Word times are seconds of the input. End of turn needs the VAD heads:
+the official MLX files have none; --vad-weights kyutai/stt-1b-en_fr-candle adds them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import MoshiError, WeightsError, cli_errors
+
+MODEL_REPOS = {"1b": "kyutai/stt-1b-en_fr-mlx", "2.6b": "kyutai/stt-2.6b-en-mlx"}
+CONFIG_NAME = "config.json"
+DEFAULT_MODEL_NAME = "model.safetensors"
+QUANTIZED_NAMES = {4: "model.q4.safetensors", 8: "model.q8.safetensors"}
+FORMATS = ("text", "json", "srt", "vtt")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m moshi_mlx.stt",
+        description="Transcribe speech with Kyutai STT (streaming, word timestamps, end of turn).")
+    parser.add_argument("inputs", nargs="*", type=Path, metavar="INPUT",
+                        help="audio files (any format soundfile reads); several are batched")
+    parser.add_argument("--codes", type=Path, default=None, metavar="FILE.npy",
+                        help="Mimi codes [32, T] or [1, 32, T] (.npy) instead of audio: no Mimi, "
+                             "no prefix or flush silence is added")
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", choices=sorted(MODEL_REPOS), default="1b",
+                   help="released model when --hf-repo is not given (default 1b)")
+    g.add_argument("--hf-repo", default=None,
+                   help=f"Hugging Face repo id or local folder (default {MODEL_REPOS['1b']})")
+    g.add_argument("--moshi-weight", default=None, help="STT LM weights (either layout)")
+    g.add_argument("--config", default=None, help="the model's config.json")
+    g.add_argument("--mimi-weight", default=None, help="Mimi weights")
+    g.add_argument("--tokenizer", default=None, help="text tokenizer (SentencePiece .model)")
+    g.add_argument("--vad-weights", default=None,
+                   help="checkpoint with the VAD heads (e.g. kyutai/stt-1b-en_fr-candle) when "
+                        "the weights have none")
+    g.add_argument("-q", "--quantize", type=int, choices=(4, 8), default=None,
+                   help="4 or 8 bits (a bf16 file is quantized on load)")
+    g.add_argument("--dtype", choices=("auto", "bf16", "f32"), default="auto",
+                   help="activation dtype (auto: f32 on the CPU backend, bf16 on a GPU)")
+    g.add_argument("--temp", type=float, default=0.0, help="text temperature (default 0: greedy)")
+    g.add_argument("--seed", type=int, default=None, help="random seed when sampling")
+    o = parser.add_argument_group("output")
+    o.add_argument("--format", choices=FORMATS, default="text")
+    o.add_argument("-o", "--output", type=Path, default=None,
+                   help="output file (a folder for several inputs); default stdout")
+    o.add_argument("--eot-threshold", type=float, default=0.5,
+                   help="end of turn when the no-voice probability exceeds this (default 0.5)")
+    return parser
+
+
+# --------------------------------------------------------------------------- files
+
+
+@dataclass
+class SttFiles:
+    weights: Path
+    config: Path
+    tokenizer: Path
+    mimi: Path | None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WeightsError(f"{path}: not a readable config.json ({exc})") from None
+    if not isinstance(data, dict):
+        raise WeightsError(f"{path}: expected a JSON object")
+    return data
+
+
+def resolve_stt_files(args: argparse.Namespace, need_mimi: bool) -> SttFiles:
+    from .hub import resolve_file
+
+    repo = args.hf_repo or MODEL_REPOS[args.model]
+    folder = Path(repo).expanduser()
+    if args.config:
+        config = resolve_file(args.config, CONFIG_NAME)
+    elif args.moshi_weight and not args.hf_repo:
+        beside = Path(args.moshi_weight).expanduser().parent / CONFIG_NAME
+        if not beside.is_file():
+            raise WeightsError("an STT model needs its config.json: pass --config")
+        config = beside
+    else:
+        config = resolve_file(repo, CONFIG_NAME)
+    names = _read_json(config)
+    model_name = names.get("moshi_name") or DEFAULT_MODEL_NAME
+    if args.moshi_weight:
+        weights = resolve_file(args.moshi_weight, model_name)
+    elif folder.is_dir() and args.quantize and (folder / QUANTIZED_NAMES[args.quantize]).is_file():
+        weights = folder / QUANTIZED_NAMES[args.quantize]
+    else:
+        weights = resolve_file(repo, model_name)
+    tokenizer = resolve_file(args.tokenizer or repo, names.get("tokenizer_name"))
+    mimi = None
+    if need_mimi:
+        mimi = resolve_file(args.mimi_weight or repo, names.get("mimi_name"))
+    return SttFiles(weights, config, tokenizer, mimi)
+
+
+def check_is_stt(files: SttFiles) -> None:
+    """One clear line for a Moshi (speech-to-speech) checkpoint or config given as STT."""
+    from .models.lm_config import LmConfig
+    from .weights import read_safetensors_header
+
+    cfg = LmConfig.from_json(files.config)
+    if not cfg.is_stt:
+        raise MoshiError(f"{files.config} describes a Moshi model (dep_q {cfg.dep_q}), not a "
+                         "speech-to-text one; use python -m moshi_mlx.local for Moshi")
+    keys = read_safetensors_header(files.weights).tensors
+    if any(k.startswith(("depformer", "linears.")) for k in keys):
+        raise MoshiError(f"{files.weights.name} is a Moshi checkpoint (it has a depformer), not "
+                         "a speech-to-text model")
+
+
+def load_codes(path: Path, n_q: int) -> np.ndarray:
+    if not path.is_file():
+        raise MoshiError(f"{path}: no such codes file")
+    try:
+        codes = np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise MoshiError(f"{path}: not a .npy array of codes ({exc})") from None
+    if not isinstance(codes, np.ndarray):
+        codes.close()
+        raise MoshiError(f"{path}: expected a .npy array, not an .npz archive")
+    if codes.ndim == 3 and codes.shape[0] == 1:
+        codes = codes[0]
+    if codes.ndim != 2 or not np.issubdtype(codes.dtype, np.integer) or codes.shape[1] == 0:
+        raise MoshiError(f"{path}: expected integer codes [{n_q}, T], got {codes.dtype} "
+                         f"{codes.shape}")
+    if codes.shape[0] != n_q:
+        raise MoshiError(f"{path} holds {codes.shape[0]} codebooks; the STT model reads {n_q}")
+    if codes.min() < 0 or codes.max() >= 2048:
+        raise MoshiError(f"{path}: codes must be in 0..2047")
+    return codes.astype(np.int32)
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _clock(seconds: float, separator: str) -> str:
+    millis = int(round(seconds * 1000))
+    hours, millis = divmod(millis, 3_600_000)
+    minutes, millis = divmod(millis, 60_000)
+    secs, millis = divmod(millis, 1000)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}{separator}{millis:03d}"
+
+
+def subtitle_cues(transcript, max_words: int = 12, max_seconds: float = 5.0,
+                  max_gap: float = 1.0) -> list[tuple[float, float, str]]:
+    """Words grouped into cues: a new cue after a pause, an end of turn, or a long line."""
+    cues: list[tuple[float, float, str]] = []
+    turns = sorted(transcript.end_of_turn)
+    current: list = []
+
+    def close() -> None:
+        if current:
+            cues.append((current[0].start, max(current[-1].end, current[0].start + 0.04),
+                         " ".join(w.word for w in current)))
+            current.clear()
+
+    for word in transcript.words:
+        if current and (len(current) >= max_words or word.end - current[0].start > max_seconds
+                        or word.start - current[-1].end > max_gap
+                        or any(current[-1].end <= t < word.start for t in turns)):
+            close()
+        current.append(word)
+    close()
+    return cues
+
+
+def render(transcript, fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(transcript.to_json_dict(), ensure_ascii=False, indent=2) + "\n"
+    if fmt == "text":
+        return transcript.text + "\n"
+    cues = subtitle_cues(transcript)
+    if fmt == "srt":
+        return "".join(f"{i}\n{_clock(a, ',')} --> {_clock(b, ',')}\n{text}\n\n"
+                       for i, (a, b, text) in enumerate(cues, 1))
+    return "WEBVTT\n\n" + "".join(f"{_clock(a, '.')} --> {_clock(b, '.')}\n{text}\n\n"
+                                  for a, b, text in cues)
+
+
+def _write(path: Path | None, text: str) -> None:
+    if path is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise MoshiError(f"{path}: cannot write ({exc.strerror or exc})") from None
+
+
+def _outputs(args: argparse.Namespace, names: list[str]) -> list[Path | None]:
+    if args.output is None:
+        return [None] * len(names)
+    if len(names) == 1 and not args.output.is_dir():
+        if not args.output.parent.is_dir() and str(args.output.parent):
+            raise MoshiError(f"{args.output}: folder does not exist")
+        return [args.output]
+    if not args.output.is_dir():
+        raise MoshiError(f"{args.output}: with several inputs, --output must be a folder")
+    suffix = "txt" if args.format == "text" else args.format
+    return [args.output / f"{Path(name).stem}.{suffix}" for name in names]
+
+
+class _Progress:
+    """Progress with the real-time factor on stderr (redrawn in place on a terminal)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, done: float, total: float) -> None:
+        if not self.tty:
+            return
+        spent = time.perf_counter() - self.start
+        sys.stderr.write(f"\r{100 * done / total:5.1f}%  {done:.1f}/{total:.1f} s of audio, "
+                         f"{done / max(spent, 1e-9):.2f}x real time")
+        sys.stderr.flush()
+
+    def finish(self, audio_seconds: float, streams: int) -> None:
+        spent = time.perf_counter() - self.start
+        if self.tty:
+            sys.stderr.write("\n")
+        sys.stderr.write(
+            f"{streams} stream(s), {audio_seconds:.1f} s of audio each at most, in {spent:.1f} s: "
+            f"real-time factor {spent / max(audio_seconds, 1e-9):.3f} "
+            f"({audio_seconds / max(spent, 1e-9):.2f}x real time)\n")
+
+
+# --------------------------------------------------------------------------- main
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if bool(args.inputs) == (args.codes is not None):
+        raise MoshiError("give audio file(s) or --codes FILE.npy (exactly one of them)")
+    if args.temp < 0:
+        raise MoshiError(f"--temp must be >= 0, got {args.temp}")
+    if not 0 < args.eot_threshold < 1:
+        raise MoshiError(f"--eot-threshold must be between 0 and 1, got {args.eot_threshold}")
+    from .audio.io import read_audio
+
+    pcms = [read_audio(path) for path in args.inputs]  # bad audio fails before loading
+    names = [str(p) for p in args.inputs] or [str(args.codes)]
+    outputs = _outputs(args, names)
+    files = resolve_stt_files(args, need_mimi=args.codes is None)
+    check_is_stt(files)
+    transcriber = _load(args, files)
+    if args.codes is not None:
+        codes = load_codes(args.codes, transcriber.lm.cfg.n_q)
+        transcripts = [_transcribe_codes(transcriber, codes)]
+    else:
+        transcripts = _transcribe_files(transcriber, pcms, args, outputs)
+    for name, transcript, output in zip(names, transcripts, outputs, strict=True):
+        if args.format == "text" and output is None and len(names) == 1 and not args.codes:
+            continue  # already streamed
+        text = render(transcript, args.format)
+        if output is None and len(names) > 1:
+            text = f"== {name}\n{text}"
+        _write(output, text)
+    return 0
+
+
+def _load(args: argparse.Namespace, files: SttFiles):
+    import sentencepiece
+
+    from .engine import _mlx_dtype
+    from .models.lm import load_lm
+    from .models.mimi import load_mimi
+    from .transcriber import Transcriber
+
+    lm = load_lm(files.weights, config=files.config, quantize=args.quantize,
+                 dtype=_mlx_dtype(args.dtype), vad_weights=args.vad_weights)
+    try:
+        tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(files.tokenizer))
+    except (OSError, RuntimeError):
+        raise WeightsError(f"{files.tokenizer} is not a SentencePiece model") from None
+    if tokenizer.get_piece_size() < lm.cfg.text_card:
+        raise WeightsError(f"{files.tokenizer} has {tokenizer.get_piece_size()} pieces, the "
+                           f"model {lm.cfg.text_card}: not this model's tokenizer")
+    mimi = None if files.mimi is None else load_mimi(files.mimi, num_codebooks=lm.cfg.n_q)
+    if not lm.extra_heads:
+        print("note: these weights have no VAD heads: no end of turn (--vad-weights adds them)",
+              file=sys.stderr)
+    return Transcriber(lm, tokenizer, mimi, temp=args.temp, seed=args.seed,
+                       eot_threshold=args.eot_threshold)
+
+
+def _transcribe_codes(transcriber, codes: np.ndarray):
+    from .transcriber import transcript_from_events
+
+    transcriber.reset(1)
+    events = transcriber.feed_codes(codes) + transcriber.flush()
+    return transcript_from_events(events, transcriber.stream_text(0), codes.shape[1] / 12.5,
+                                  transcriber.text_time)
+
+
+def _transcribe_files(transcriber, pcms: list[np.ndarray], args, outputs):
+    from .transcriber import TextPiece
+
+    progress = _Progress()
+    on_events = None
+    live = args.format == "text" and len(pcms) == 1 and outputs[0] is None
+    if live:  # one file to the terminal: the text is printed as it is transcribed
+
+        def on_events(events) -> None:
+            pieces = "".join(e.text for e in events if isinstance(e, TextPiece))
+            if pieces:
+                sys.stdout.write(pieces)
+                sys.stdout.flush()
+
+        progress.tty = False  # the text is the progress
+    transcripts = transcriber.transcribe_pcm(pcms, chunk_frames=4, progress=progress,
+                                             on_events=on_events)
+    if live:
+        sys.stdout.write("\n")
+    progress.finish(max(len(p) for p in pcms) / 24000, len(pcms))
+    return transcripts
+
+
+if __name__ == "__main__":
+    main()
