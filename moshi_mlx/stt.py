@@ -42,6 +42,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--codes", type=Path, default=None, metavar="FILE.npy",
                         help="Mimi codes [32, T] or [1, 32, T] (.npy) instead of audio: no Mimi, "
                              "no prefix or flush silence is added")
+    parser.add_argument("--mic", action="store_true",
+                        help="transcribe a microphone live; Ctrl-C (or --duration) ends it, "
+                             "flushes the last words and writes the transcript")
+    parser.add_argument("--input-device", default=None,
+                        help="microphone: device name or index (default: the system's)")
+    parser.add_argument("--duration", type=float, default=None,
+                        help="with --mic: stop after this many seconds of audio")
     g = parser.add_argument_group("model")
     g.add_argument("--model", choices=sorted(MODEL_REPOS), default="1b",
                    help="released model when --hf-repo is not given (default 1b)")
@@ -258,8 +265,10 @@ class _Progress:
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if bool(args.inputs) == (args.codes is not None):
-        raise MoshiError("give audio file(s) or --codes FILE.npy (exactly one of them)")
+    if sum([bool(args.inputs), args.codes is not None, args.mic]) != 1:
+        raise MoshiError("give audio file(s), --codes FILE.npy or --mic (exactly one of them)")
+    if args.duration is not None and (not args.mic or args.duration <= 0):
+        raise MoshiError("--duration takes a positive number of seconds, with --mic")
     if args.temp < 0:
         raise MoshiError(f"--temp must be >= 0, got {args.temp}")
     if not 0 < args.eot_threshold < 1:
@@ -267,7 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     from .audio.io import read_audio
 
     pcms = [read_audio(path) for path in args.inputs]  # bad audio fails before loading
-    names = [str(p) for p in args.inputs] or [str(args.codes)]
+    names = [str(p) for p in args.inputs] or [str(args.codes or "mic")]
+    if args.mic:
+        from .audio.devices import parse_device
+
+        args.input_device = parse_device(args.input_device)
+        _check_input(args.input_device)
     outputs = _outputs(args, names)
     files = resolve_stt_files(args, need_mimi=args.codes is None)
     check_is_stt(files)
@@ -275,11 +289,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.codes is not None:
         codes = load_codes(args.codes, transcriber.lm.cfg.n_q)
         transcripts = [_transcribe_codes(transcriber, codes)]
+    elif args.mic:
+        transcripts = [_transcribe_mic(transcriber, args)]
     else:
         transcripts = _transcribe_files(transcriber, pcms, args, outputs)
     for name, transcript, output in zip(names, transcripts, outputs, strict=True):
         if args.format == "text" and output is None and len(names) == 1 and not args.codes:
-            continue  # already streamed
+            continue  # already streamed (files and --mic)
         text = render(transcript, args.format)
         if output is None and len(names) > 1:
             text = f"== {name}\n{text}"
@@ -342,6 +358,69 @@ def _transcribe_files(transcriber, pcms: list[np.ndarray], args, outputs):
         sys.stdout.write("\n")
     progress.finish(max(len(p) for p in pcms) / 24000, len(pcms))
     return transcripts
+
+
+def _check_input(device) -> None:
+    from .audio.devices import _device_info, sounddevice
+
+    _device_info(sounddevice(), device, "input")  # AudioError (one line) before loading
+
+
+def _print_live(events, stream=None) -> None:
+    from .transcriber import EndOfTurn, TextPiece
+
+    out = []
+    for event in events:
+        if isinstance(event, TextPiece):
+            out.append(event.text)
+        elif isinstance(event, EndOfTurn):
+            out.append(" [end of turn]\n")
+    if out:
+        stream = stream or sys.stdout
+        stream.write("".join(out))
+        stream.flush()
+
+
+def _transcribe_mic(transcriber, args, opener=None):
+    """Live: capture -> Mimi -> LM as the audio comes; Ctrl-C stops, then the flush pushes the
+    silence at once so the last words come out without waiting for them to be spoken."""
+    from .audio.capture import MicCapture
+    from .transcriber import transcript_from_events
+
+    capture = MicCapture(args.input_device, **({} if opener is None else {"opener": opener}))
+    transcriber.reset(1)
+    events = []
+    fed = 0
+    worst_backlog = 0.0
+    # The live text goes to stdout when it is the output, else to the terminal (stderr).
+    live = sys.stdout if args.format == "text" and args.output is None else sys.stderr
+    capture.start()
+    print(f"listening on {capture.name} (Ctrl-C to stop)", file=sys.stderr)
+    started = time.perf_counter()
+    try:
+        while args.duration is None or fed < args.duration * 24000:
+            pcm = capture.read(timeout=0.5)
+            if args.duration is not None:
+                pcm = pcm[: max(0, int(args.duration * 24000) - fed)]
+            if pcm.size:
+                fed += pcm.size
+                new = transcriber.feed(pcm)
+                events += new
+                _print_live(new, live)
+                worst_backlog = max(worst_backlog, capture.backlog_seconds)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        capture.close()
+    new = transcriber.flush()
+    events += new
+    _print_live(new, live)
+    live.write("\n")
+    spent = time.perf_counter() - started
+    print(f"{fed / 24000:.1f} s of audio; worst backlog {worst_backlog:.2f} s, dropped "
+          f"{capture.dropped_seconds:.2f} s; compute {spent:.1f} s", file=sys.stderr)
+    return transcript_from_events(events, transcriber.stream_text(0), fed / 24000,
+                                  transcriber.text_time)
 
 
 if __name__ == "__main__":

@@ -149,3 +149,43 @@ def test_unreadable_audio_is_refused(model_args, tmp_path, capsys):
     assert_one_line_error(code, err, "cannot read audio")
     code, _, err = run_cli([*model_args], capsys)
     assert_one_line_error(code, err, "give audio file(s) or --codes")
+
+
+class FakeInput:
+    """A 48 kHz stereo input device that plays `pcm` (24 kHz mono) as fast as it is read."""
+
+    def __init__(self, pcm: np.ndarray) -> None:
+        import soxr
+
+        self.audio = np.repeat(soxr.resample(pcm, 24000, 48000)[:, None], 2, axis=1)
+
+    def __call__(self, kind, device, callback):
+        import threading
+        from types import SimpleNamespace
+
+        audio = self.audio
+
+        def play() -> None:
+            for start in range(0, len(audio), 4800):
+                callback(audio[start:start + 4800], 4800, None, None)
+
+        stream = SimpleNamespace(start=lambda: threading.Thread(target=play).start(),
+                                 stop=lambda: None, close=lambda: None)
+        return SimpleNamespace(stream=stream, sample_rate=48000, channels=2, blocksize=4800,
+                               name="fake mic")
+
+
+def test_mic_live_transcript(monkeypatch, fixtures_dir, model_args, random_mimi_path, capsys):
+    from moshi_mlx import stt
+    from moshi_mlx.audio import capture, io
+
+    speech = io.read_audio(fixtures_dir / "speech.wav")[: 24000 * 3]
+    monkeypatch.setattr(stt, "_check_input", lambda device: None)
+    monkeypatch.setattr(capture.devices, "open_stream", FakeInput(speech))
+    code, out, err = run_cli([*model_args, "--mimi-weight", str(random_mimi_path), "--mic",
+                              "--duration", "2", "--format", "json"], capsys)
+    assert code == 0, err
+    assert "listening on fake mic" in err and "2.0 s of audio" in err
+    result = json.loads(out)
+    assert result["words"] and result["words"][-1]["end"] <= 2.0
+    assert all(w["start"] <= w["end"] for w in result["words"])
