@@ -119,11 +119,22 @@ def resolve_stt_files(args: argparse.Namespace, need_mimi: bool) -> SttFiles:
         weights = folder / QUANTIZED_NAMES[args.quantize]
     else:
         weights = resolve_file(repo, model_name)
-    tokenizer = resolve_file(args.tokenizer or repo, names.get("tokenizer_name"))
+    tokenizer = resolve_file(args.tokenizer or repo, _named(names, "tokenizer_name",
+                                                            args.tokenizer, config))
     mimi = None
     if need_mimi:
-        mimi = resolve_file(args.mimi_weight or repo, names.get("mimi_name"))
+        mimi = resolve_file(args.mimi_weight or repo,
+                            _named(names, "mimi_name", args.mimi_weight, config))
     return SttFiles(weights, config, tokenizer, mimi)
+
+
+def _named(names: dict[str, Any], key: str, given: str | None, config: Path) -> str | None:
+    """The file name config.json gives for `key`; needed only when no path was given."""
+    name = names.get(key)
+    if name is None and given is None:
+        option = "--tokenizer" if key == "tokenizer_name" else "--mimi-weight"
+        raise WeightsError(f"{config} names no {key}: pass {option}")
+    return name
 
 
 def check_is_stt(files: SttFiles) -> None:

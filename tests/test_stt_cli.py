@@ -148,7 +148,7 @@ def test_unreadable_audio_is_refused(model_args, tmp_path, capsys):
     code, _, err = run_cli([*model_args, str(bad)], capsys)
     assert_one_line_error(code, err, "cannot read audio")
     code, _, err = run_cli([*model_args], capsys)
-    assert_one_line_error(code, err, "give audio file(s) or --codes")
+    assert_one_line_error(code, err, "give audio file(s), --codes FILE.npy or --mic")
 
 
 class FakeInput:
