@@ -189,3 +189,19 @@ def test_mic_live_transcript(monkeypatch, fixtures_dir, model_args, random_mimi_
     result = json.loads(out)
     assert result["words"] and result["words"][-1]["end"] <= 2.0
     assert all(w["start"] <= w["end"] for w in result["words"])
+
+
+def test_text_of_one_file_is_printed_as_it_comes(tmp_path, fixtures_dir, model_args,
+                                                 random_mimi_path, capsys):
+    import soundfile
+
+    speech, rate = soundfile.read(str(fixtures_dir / "speech.wav"), dtype="float32")
+    clip = tmp_path / "clip.wav"
+    soundfile.write(str(clip), speech[: rate * 2], rate)
+    mimi = ["--mimi-weight", str(random_mimi_path)]
+    code, live, err = run_cli([*model_args, *mimi, str(clip)], capsys)
+    assert code == 0, err
+    code, out, err = run_cli([*model_args, *mimi, str(clip), "--format", "json"], capsys)
+    assert code == 0, err
+    text = json.loads(out)["text"]
+    assert text and live.endswith("\n") and live.split() == text.split()
