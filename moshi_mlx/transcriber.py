@@ -366,15 +366,17 @@ class Transcriber:
         self.reset(len(pcms))
         lengths = np.array([len(p) for p in pcms])
         longest = int(lengths.max())
-        batch = np.zeros((len(pcms), longest), dtype=np.float32)
-        for row, pcm in enumerate(pcms):
-            batch[row, : len(pcm)] = pcm
         for row, length in enumerate(lengths):
             self.end_stream_after(row, int(length))
         events: list[Event] = []
         chunk = chunk_frames * FRAME_SIZE
         for start in range(0, longest, chunk):
-            part = batch[:, start:start + chunk]
+            # One chunk of the batch at a time (no padded copy of whole files); a stream past
+            # its end reads silence.
+            part = np.zeros((len(pcms), min(chunk, longest - start)), dtype=np.float32)
+            for row, pcm in enumerate(pcms):
+                piece = np.asarray(pcm[start:start + part.shape[1]], dtype=np.float32)
+                part[row, : len(piece)] = piece
             fed = np.clip(lengths - start, 0, part.shape[1])
             new = self.feed(part, lengths=fed)
             events += new
