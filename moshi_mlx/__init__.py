@@ -24,6 +24,9 @@ _EXPORTS = {
     "Lm": "moshi_mlx.models.lm",
     "load_lm": "moshi_mlx.models.lm",
     "LmGen": "moshi_mlx.generate",
+    "SttGen": "moshi_mlx.generate",
+    "Transcriber": "moshi_mlx.transcriber",
+    "Transcript": "moshi_mlx.transcriber",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -6,8 +6,9 @@ A family is a module in `moshi_mlx.models` that defines `Config` (a dataclass wi
 `from_dict(data, source)` and `default()`), `Model` (built from a Config; its parameter names
 are the layout we load), `sanitize(weights, config)` (any supported layout -> our names, lazily,
 tensor by tensor), `quant_predicate(path, module)` (which modules -q quantizes),
-`DESCRIPTION` (for messages) and `STORED_DTYPE` (the safetensors float dtype its checkpoints
-must use, or None for any float).
+`DESCRIPTION` (for messages; or `describe(config)`) and `STORED_DTYPE` (the safetensors float
+dtype its checkpoints must use, or None for any float); optionally `fit_config(config,
+tensors)` (the config fitted to optional parts a checkpoint may or may not have).
 
 Checks run on the header alone (names, dtypes and shapes against the model's own parameters,
 quantization) before any tensor data is read, so a wrong file or `-q` fails at once.
@@ -54,6 +55,11 @@ class Quantization:
 QUANTIZATIONS: dict[int, Quantization] = {4: Quantization(4, 32), 8: Quantization(8, 64)}
 COMPUTE_DTYPES: dict[str, mx.Dtype] = {"bf16": mx.bfloat16, "f32": mx.float32,
                                        "f16": mx.float16}
+
+
+def describe(family: ModuleType, config: Any) -> str:
+    """What a checkpoint of this family and config is, for messages ("Moshi LM")."""
+    return family.describe(config) if hasattr(family, "describe") else family.DESCRIPTION
 
 
 def check_quantize(quantize: int | None) -> None:
@@ -117,8 +123,11 @@ def resolve_config(config: Any, weights_path: Path | None,
         for model_type in model_types:
             family = family_module(model_type)
             if isinstance(config, family.Config):
-                return ResolvedConfig(_model_type_of(config, model_type), family, config, None,
-                                      "config")
+                found = _model_type_of(config, model_type)
+                if found not in model_types:
+                    raise WeightsError(f"the config describes a {found} model, not "
+                                       f"{' or '.join(model_types)}")
+                return ResolvedConfig(found, family, config, None, "config")
         raise WeightsError(f"config of type {type(config).__name__} is not a "
                            f"{'/'.join(model_types)} config")
     source = "config"
@@ -142,7 +151,10 @@ def resolve_config(config: Any, weights_path: Path | None,
 
 
 def _model_type_of(config: Any, fallback: str) -> str:
-    return getattr(config, "model_type", None) or fallback
+    model_type = getattr(config, "model_type", None) or fallback
+    if model_type not in FAMILIES:
+        raise WeightsError(f"config of unknown model_type {model_type!r}")
+    return model_type
 
 
 def _config_quantization(entry: Any, source: str) -> Quantization | None:
@@ -310,13 +322,16 @@ def inspect_checkpoint(path: str | os.PathLike, config: Any = None,
     resolved = resolve_config(config, path, model_types)
     family, cfg = resolved.family, resolved.config
     if not header.tensors:
-        raise WeightsError(f"{path.name} holds no tensors: not a {family.DESCRIPTION} checkpoint")
+        raise WeightsError(f"{path.name} holds no tensors: not a {describe(family, cfg)} "
+                           "checkpoint")
     mapped: dict[str, mx.array] = {}
     origin: dict[str, str] = {}
     for name, placeholder in lazy_placeholders(header).items():
         for key, array in family.sanitize({name: placeholder}, cfg).items():
             mapped[key] = array
             origin[key] = name
+    if hasattr(family, "fit_config"):  # optional parts (e.g. STT's VAD heads) the file has
+        cfg = family.fit_config(cfg, mapped)
     plain = family.Model(cfg)
     plain_shapes = {k: tuple(v.shape) for k, v in tree_flatten(plain.parameters())}
     quantization = detect_quantization(mapped, plain_shapes, path.name)
@@ -326,7 +341,7 @@ def inspect_checkpoint(path: str | os.PathLike, config: Any = None,
                            f"quantization, but {path.name} is {found}")
     if quantization is not None:
         apply_quantization(plain, family, quantization)
-    check_tensors(plain, mapped, path.name, family.DESCRIPTION, family.STORED_DTYPE, origin)
+    check_tensors(plain, mapped, path.name, describe(family, cfg), family.STORED_DTYPE, origin)
     return Checkpoint(path, header, resolved.model_type, family, cfg, quantization)
 
 
@@ -379,7 +394,7 @@ def load_model(weights: str | os.PathLike, config: Any = None, quantize: int | N
     model = family.Model(cfg)
     if target is not None:
         apply_quantization(model, family, target)
-    check_tensors(model, tensors, checkpoint.name, family.DESCRIPTION)
+    check_tensors(model, tensors, checkpoint.name, describe(family, cfg))
     quantized = quantized_linear_paths(model)
     model.load_weights([(k, stored_as(k, v, compute, quantized)) for k, v in tensors.items()],
                        strict=True)

@@ -66,6 +66,40 @@ def random_mimi_path() -> Path:
     return ensure_random_mimi(Path(__file__).parent / ".cache", FIXTURES)
 
 
+# The STT manifests name dtypes as MLX does; safetensors_entries gives the file's names.
+_MLX_DTYPE_NAMES = {"bfloat16": "BF16", "uint32": "U32", "float32": "F32"}
+
+
+@pytest.fixture(scope="session")
+def official_stt_mlx_files(tmp_path_factory) -> dict[str, Path]:
+    """The official MLX-layout files of `stt/stt_pytorch.safetensors`: {"bf16", "q4"} -> path,
+    made by our converter and checked tensor by tensor (dtype, shape, sha256) against the
+    manifests of the files the official MLX package made (`stt/stt_mlx{,.q4}.manifest.json`).
+    Each folder also holds the converter's config.json."""
+    import json
+
+    from references import safetensors_entries
+
+    from weights_convert import convert
+
+    stt = FIXTURES / "stt"
+    root = tmp_path_factory.mktemp("official_stt_mlx")
+    files: dict[str, Path] = {}
+    for name, bits, manifest in (("bf16", None, "stt_mlx.manifest.json"),
+                                 ("q4", 4, "stt_mlx.q4.manifest.json")):
+        result = convert(root / name, input_path=stt / "stt_pytorch.safetensors",
+                         config=stt / "stt_config.json", bits=bits)
+        official = json.loads((stt / manifest).read_text())["tensors"]
+        expected = {k: (_MLX_DTYPE_NAMES[v["dtype"]], v["shape"], v["sha256"])
+                    for k, v in official.items()}
+        got = safetensors_entries(result.model_file)
+        assert got.keys() == expected.keys(), f"{name}: tensor names differ from the official file"
+        wrong = sorted(k for k in expected if got[k] != expected[k])
+        assert not wrong, f"{name}: {len(wrong)} tensors differ from the official file: {wrong[:3]}"
+        files[name] = result.model_file
+    return files
+
+
 # --------------------------------------------------------------------------- devices, browsers
 # Tests that need a sound daemon or a browser ask for these fixtures. What cannot be provided
 # skips the test with the reason (fails it under CI=true: prerequisites.unavailable).

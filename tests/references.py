@@ -34,3 +34,24 @@ def safetensors_entries(path: Path) -> dict[str, tuple[str, list[int], str]]:
         digest = hashlib.sha256(data[start:end]).hexdigest()
         entries[name] = (entry["dtype"], entry["shape"], digest)
     return entries
+
+
+def rust_golden_words(golden: dict, decode) -> list[tuple[str, float, float]]:
+    """(word, start, end) that the STT fixtures' `rustlike_events_*` (asr.rs logic, clock
+    (step + 1 - 6) / 12.5) give on our clock step / 12.5 - 0.5 (prefix 0, delay 0.5 s), i.e.
+    max(0, rust - 0.1). A word ends at the EPAD right after it, else at the PAD step that
+    closed it; it starts no earlier than the word before ended."""
+    kinds, steps = golden["rustlike_events_kind"], golden["rustlike_events_step"]
+    times, tokens = golden["rustlike_events_time"], golden["rustlike_events_tokens"]
+    words, previous_end = [], 0.0
+    for i, kind in enumerate(kinds):
+        if kind != 0:
+            continue
+        if i + 1 < len(kinds) and kinds[i + 1] == 1:
+            end = max(0.0, float(times[i + 1]) - 0.1)
+        else:
+            end = max(0.0, int(steps[i]) / 12.5 - 0.5)
+        start = max(max(0.0, float(times[i]) - 0.1), previous_end)
+        previous_end = max(end, start)
+        words.append((decode([int(t) for t in str(tokens[i]).split()]), start, previous_end))
+    return words

@@ -1,8 +1,9 @@
-"""The Moshi language model: temporal transformer (Helium) + depth transformer (depformer).
+"""Kyutai LMs: Moshi = temporal transformer (Helium) + depth transformer (depformer);
+Kyutai STT = the temporal transformer alone (dep_q 0) plus optional `extra_heads` (VAD).
 
 Parameter names follow the official MLX checkpoint layout exactly, so a checkpoint loads with
 `model.load_weights(..., strict=True)`. Streams: 0 = text, 1..dep_q = Moshi's audio codebooks,
-dep_q+1..n_q = the user's audio codebooks.
+dep_q+1..n_q = the user's audio codebooks (all n_q for STT).
 """
 
 from __future__ import annotations
@@ -146,7 +147,9 @@ class Lm(nn.Module):
         )
         self.out_norm = RmsNorm(cfg.dim, cfg.norm_eps, cfg.norm_in_float32)
         self.text_linear = nn.Linear(cfg.dim, cfg.text_card, bias=False)
-        self.depformer = Depformer(cfg)
+        self.depformer = Depformer(cfg) if cfg.dep_q else None
+        self.extra_heads = [nn.Linear(cfg.dim, cfg.extra_heads_dim, bias=False)
+                            for _ in range(cfg.extra_heads_num_heads)]
         self._compiled: _CompiledTemporal | None = None
 
     def load_weights(self, *args, **kwargs):
@@ -193,6 +196,13 @@ class Lm(nn.Module):
             x = mlp_block(x + layer.self_attn(layer.norm1(x), cache))
         return fast.head(x)
 
+    def extra_head_probs(self, hidden: mx.array) -> mx.array:
+        """Normed hidden [B, dim] -> softmax of every extra head [B, heads, classes] (float32).
+        For Kyutai STT these are the semantic VAD heads: class 0 = no voice activity over the
+        head's horizon."""
+        logits = mx.stack([head(hidden) for head in self.extra_heads], axis=1)
+        return mx.softmax(logits.astype(mx.float32), axis=-1)
+
     def head(self, x: mx.array) -> tuple[mx.array, mx.array]:
         """Temporal transformer output [B, 1, dim] -> (normed hidden [B, dim], text logits)."""
         x = self.out_norm(x)[:, 0, :]
@@ -217,8 +227,26 @@ class _CompiledTemporal:
 
 Config = LmConfig
 Model = Lm
-DESCRIPTION = "Moshi LM"
+DESCRIPTION = "Kyutai LM"
+
+
+def describe(config: LmConfig) -> str:
+    return "Kyutai STT LM" if config.is_stt else "Moshi LM"
+
 STORED_DTYPE = "BF16"  # official checkpoints, both layouts
+
+_EXTRA_HEAD_KEY = re.compile(r"extra_heads\.(\d+)\.weight")
+
+
+def fit_config(config: LmConfig, tensors: dict[str, mx.array]) -> LmConfig:
+    """The config with as many extra (VAD) heads as the checkpoint holds: they are optional
+    (Kyutai's MLX STT files have none; the PyTorch / -candle files have them)."""
+    rows = [v.shape[0] for k, v in tensors.items() if _EXTRA_HEAD_KEY.fullmatch(k)]
+    if len(rows) == config.extra_heads_num_heads:
+        return config
+    if not rows:
+        return config.with_overrides(extra_heads_num_heads=0)
+    return config.with_overrides(extra_heads_num_heads=len(rows), extra_heads_dim=rows[0])
 
 
 def quant_predicate(path: str, module: nn.Module) -> bool:
@@ -232,8 +260,9 @@ def load_lm(
     quantize: int | None = None,
     dtype: mx.Dtype | str | None = None,
     cpu_threads: int | None = None,
+    vad_weights: str | os.PathLike | None = None,
 ) -> Lm:
-    """Load a Moshi LM from a checkpoint in the official MLX or PyTorch layout.
+    """Load a Kyutai LM (Moshi or STT) from a checkpoint in the official MLX or PyTorch layout.
 
     weights: a .safetensors file, a model folder, or a Hugging Face repo id (the file is then
     the one `-q` names: model.safetensors / model.q8.safetensors / model.q4.safetensors).
@@ -243,12 +272,69 @@ def load_lm(
     dtype: compute dtype; None = auto (bf16 on a GPU, float32 on the CPU backend).
     cpu_threads: split large layers over this many CPU threads (`Lm.use_cpu_threads`);
     None: all cores when MLX computes on the CPU, no split on a GPU.
+    vad_weights: a checkpoint (file, folder or repo id, either layout, e.g. the `-candle`
+    repo's model.safetensors) whose `extra_heads` replace or add the STT VAD heads; Kyutai's MLX
+    STT files have none. Without it the model has the heads its file has (possibly none).
     """
     from ..loading import load_model
 
-    model, _ = load_model(weights, config, quantize, dtype, model_types=("moshi", "stt"))
+    model, checkpoint = load_model(weights, config, quantize, dtype,
+                                   model_types=("moshi", "stt"))
+    if vad_weights is not None:
+        attach_extra_heads(model, vad_weights, checkpoint.quantization or (
+            None if quantize is None else _quantization(quantize)))
     model.use_cpu_threads(default_cpu_threads() if cpu_threads is None else cpu_threads)
     return model
+
+
+def _quantization(bits: int):
+    from ..loading import QUANTIZATIONS
+
+    return QUANTIZATIONS[bits]
+
+
+def attach_extra_heads(model: Lm, weights: str | os.PathLike, quantization) -> None:
+    """Give `model` the `extra_heads` of another checkpoint (either layout: the names are the
+    same), quantized as `quantization` (the model's own, or None)."""
+    from ..hub import model_file
+    from ..loading import quantize_tensors, stored_as
+    from ..safetensors import read_safetensors_header, read_tensor
+
+    path = model_file(weights, None)
+    header = read_safetensors_header(path)
+    names = sorted((k for k in header.tensors if _EXTRA_HEAD_KEY.fullmatch(k)),
+                   key=lambda k: int(_EXTRA_HEAD_KEY.fullmatch(k)[1]))
+    if not names:
+        raise WeightsError(f"{path.name} has no VAD heads (no extra_heads tensors)")
+    if [int(_EXTRA_HEAD_KEY.fullmatch(k)[1]) for k in names] != list(range(len(names))):
+        raise WeightsError(f"{path.name}: extra_heads are not numbered 0..{len(names) - 1}")
+    cfg = model.cfg
+    heads: dict[str, mx.array] = {}
+    with open(path, "rb") as f:
+        for name in names:
+            info = header.tensors[name]
+            if len(info.shape) != 2 or info.shape[1] != cfg.dim or info.dtype != STORED_DTYPE:
+                raise WeightsError(f"{path.name}: {name} is {info.dtype} {info.shape}, expected "
+                                   f"{STORED_DTYPE} [heads dim, {cfg.dim}] for this model")
+            heads[name] = read_tensor(f, header, name)[1]
+    rows = {v.shape[0] for v in heads.values()}
+    if len(rows) != 1:
+        raise WeightsError(f"{path.name}: its extra_heads differ in size")
+    model.cfg = cfg.with_overrides(extra_heads_num_heads=len(heads), extra_heads_dim=rows.pop())
+    model.extra_heads = [nn.Linear(cfg.dim, model.cfg.extra_heads_dim, bias=False)
+                         for _ in heads]
+    if quantization is not None:
+        heads = quantize_tensors(heads, frozenset(heads), quantization)
+        for k, head in enumerate(model.extra_heads):
+            model.extra_heads[k] = nn.QuantizedLinear.from_linear(
+                head, group_size=quantization.group_size, bits=quantization.bits)
+    compute = model.out_norm.weight.dtype  # every float tensor of a loaded model has it
+    linears = frozenset(f"extra_heads.{k}" for k in range(len(heads)))
+    if quantization is None:
+        linears = frozenset()
+    model.load_weights([(k, stored_as(k, v, compute, linears)) for k, v in heads.items()],
+                       strict=False)
+    mx.eval(model.extra_heads)
 
 
 # PyTorch layout -> ours (the official MLX layout). Names found only in one layout tell which

@@ -1,4 +1,5 @@
-"""Configuration of the Moshi language model (temporal transformer + depformer).
+"""Configuration of a Kyutai LM: Moshi (temporal transformer + depformer) or Kyutai STT
+(temporal transformer only, `dep_q` 0, optional `extra_heads` = semantic VAD).
 
 `LmConfig` mirrors the keys of the official lm `config.json`; `LmConfig.moshi_7b()` is the
 released Moshiko/Moshika v0.1 model.
@@ -27,13 +28,36 @@ _NEUTRAL_KEYS: dict[str, tuple] = {
     "conditioners": (None, {}),
     "fuser": (None, {}),
     "text_card_out": (None,),
-    "extra_heads_num_heads": (0, None),
-    "extra_heads_dim": (None, 6, 0),
     "depformer_weights_per_step_schedule": (None,),
     "depformer_low_rank_embeddings": (None,),
 }
 
 _DEFAULT_DELAYS = (0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1)
+
+
+@dataclass(frozen=True)
+class SttConfig:
+    """`stt_config` of a Kyutai STT config.json: the text stream is trained
+    `audio_delay_seconds` behind the audio; inputs start with `audio_silence_prefix_seconds`
+    of silence."""
+
+    audio_delay_seconds: float = 0.5
+    audio_silence_prefix_seconds: float = 0.0
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "config") -> SttConfig:
+        if not isinstance(data, dict):
+            raise WeightsError(f"{source}: stt_config must be a JSON object")
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise WeightsError(f"{source}: unknown stt_config key(s): {', '.join(unknown)}")
+        try:
+            values = {k: float(v) for k, v in data.items()}
+        except (TypeError, ValueError):
+            raise WeightsError(f"{source}: stt_config values must be numbers") from None
+        if any(v < 0 or v != v for v in values.values()):
+            raise WeightsError(f"{source}: stt_config values must be >= 0")
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -68,10 +92,26 @@ class LmConfig:
     depformer_pos_emb: str = "none"
     depformer_weights_per_step: bool = True
     delays: tuple[int, ...] = field(default=_DEFAULT_DELAYS)
+    # Kyutai STT: per-step classifier heads on the normed temporal output (semantic VAD).
+    extra_heads_num_heads: int = 0
+    extra_heads_dim: int = 6
+    stt_config: SttConfig | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "delays", tuple(int(d) for d in self.delays))
+        if isinstance(self.stt_config, dict):
+            object.__setattr__(self, "stt_config", SttConfig.from_dict(self.stt_config))
         self._validate()
+
+    @property
+    def is_stt(self) -> bool:
+        """A speech-to-text model: no depformer, reads all n_q audio streams."""
+        return self.dep_q == 0
+
+    @property
+    def model_type(self) -> str:
+        """The loader's family name (config.json `model_type`)."""
+        return "stt" if self.is_stt else "moshi"
 
     # ----------------------------------------------------------------- derived sizes
     @property
@@ -124,6 +164,12 @@ class LmConfig:
             if not any(data[key] == off for off in _NEUTRAL_KEYS[key]):
                 raise WeightsError(f"{source}: {key} = {data[key]!r} is not supported")
         values = {k: v for k, v in data.items() if k in known}
+        if values.get("extra_heads_num_heads") is None:
+            values.pop("extra_heads_num_heads", None)
+        if values.get("extra_heads_dim") is None:
+            values.pop("extra_heads_dim", None)
+        if values.get("stt_config") is not None:
+            values["stt_config"] = SttConfig.from_dict(values["stt_config"], source)
         try:
             return cls(**values)
         except (TypeError, ValueError) as exc:
@@ -138,6 +184,10 @@ class LmConfig:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["delays"] = list(self.delays)
+        if self.stt_config is None:
+            del data["stt_config"]
+        if self.extra_heads_num_heads == 0:
+            del data["extra_heads_num_heads"], data["extra_heads_dim"]
         return data
 
     def with_overrides(self, **changes: Any) -> LmConfig:
@@ -152,7 +202,9 @@ class LmConfig:
         need(len(self.delays) == self.n_q + 1, f"delays has {len(self.delays)} entries, "
              f"expected n_q + 1 = {self.n_q + 1}")
         need(all(d >= 0 for d in self.delays), "delays must be >= 0")
-        need(0 < self.dep_q <= self.n_q, f"dep_q {self.dep_q} must be in 1..n_q ({self.n_q})")
+        need(0 <= self.dep_q <= self.n_q, f"dep_q {self.dep_q} must be in 0..n_q ({self.n_q})")
+        need(self.extra_heads_num_heads >= 0 and self.extra_heads_dim >= 1,
+             "extra_heads_num_heads must be >= 0 and extra_heads_dim >= 1")
         need(self.dim % self.num_heads == 0, f"dim {self.dim} not divisible by num_heads")
         need(self.depformer_dim % self.depformer_num_heads == 0,
              f"depformer_dim {self.depformer_dim} not divisible by depformer_num_heads")
