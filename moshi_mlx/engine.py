@@ -11,12 +11,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from .errors import MoshiError, WeightsError
 from .rates import FRAME_SIZE, SAMPLE_RATE
+
+if TYPE_CHECKING:  # (sampling imports MLX, which this module loads only when stepping)
+    from .sampling import SamplingSettings
 
 NUM_CODEBOOKS = 8  # Moshi's codebooks per stream
 
@@ -160,6 +163,16 @@ class Engine:
         self.codec.reset()
         self.lm_gen.reset()
         self.frames = 0
+
+    @property
+    def sampling(self) -> SamplingSettings:
+        return self.lm_gen.sampling
+
+    def set_sampling(self, settings: SamplingSettings) -> None:
+        """Sample the next conversation with `settings` (call `reset` before it). A change is
+        compiled now, by warm-up frames, not during the conversation's first frames."""
+        if self.lm_gen.set_sampling(settings):
+            self.warm_up()
 
     def warm_up(self, frames: int = 2) -> None:
         """Run `frames` frames of silence, then reset: graphs are compiled and buffers

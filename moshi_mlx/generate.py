@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import time
 import weakref
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
 from .models.lm import Lm
-from .sampling import Sampler, new_key
+from .sampling import Sampler, SamplingSettings, new_key
 
 
 class LmGen:
@@ -54,13 +55,43 @@ class LmGen:
         self._greedy = self.text_sampler.greedy and self.audio_sampler.greedy
         # Sampling + the 8 depformer steps have fixed shapes: one compiled graph per batch size.
         self.compile = compile
-        # Through a weak reference: a compiled function holding `self` would make a cycle that
-        # keeps a dropped generator (and its model's GBs) alive until a garbage collection.
-        generator = weakref.ref(self)
-        self._compiled_sample_all = (
-            mx.compile(lambda *args: generator()._sample_all_eager(*args)) if compile else None
-        )
+        self._initial_samplers = (self.text_sampler, self.audio_sampler)
+        self._compiled: dict[tuple[Sampler, Sampler], Any] = {}
+        self._compiled_sample_all = self._compiled_for(self._initial_samplers)
         self.reset()
+
+    def _compiled_for(self, samplers: tuple[Sampler, Sampler]) -> Any:
+        """The compiled sampling graph of these samplers (their settings are constants in the
+        trace). Kept: the graph of the construction-time samplers and the newest one."""
+        if not self.compile:
+            return None
+        if samplers not in self._compiled:
+            self._compiled = {k: v for k, v in self._compiled.items()
+                              if k == self._initial_samplers}
+            # Through a weak reference: a compiled function holding `self` would make a cycle
+            # that keeps a dropped generator (and its model's GBs) alive until a garbage
+            # collection.
+            generator = weakref.ref(self)
+            self._compiled[samplers] = mx.compile(
+                lambda *args: generator()._sample_all_eager(*args))
+        return self._compiled[samplers]
+
+    @property
+    def sampling(self) -> SamplingSettings:
+        return SamplingSettings(self.text_sampler.temp, self.text_sampler.top_k,
+                                self.audio_sampler.temp, self.audio_sampler.top_k)
+
+    def set_sampling(self, settings: SamplingSettings) -> bool:
+        """Sample with `settings` from the next step on; True when they changed (the next step
+        then traces a new compiled graph, unless they are the construction-time ones)."""
+        samplers = (Sampler(settings.text_temp, settings.text_topk),
+                    Sampler(settings.audio_temp, settings.audio_topk))
+        if samplers == (self.text_sampler, self.audio_sampler):
+            return False
+        self.text_sampler, self.audio_sampler = samplers
+        self._greedy = self.text_sampler.greedy and self.audio_sampler.greedy
+        self._compiled_sample_all = self._compiled_for(samplers)
+        return True
 
     def reset(self) -> None:
         """Start a new conversation (same seed -> same samples again)."""

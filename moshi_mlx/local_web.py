@@ -1,7 +1,8 @@
 """Talk to Moshi in the browser: `python -m moshi_mlx.local_web [-q 4|8] [--port 8998]`.
 
 Loads the model, then serves a page (echo cancellation, noise suppression and device choice
-come from the browser) and a WebSocket at /api/chat; see moshi_mlx/web/README.md.
+come from the browser) and a WebSocket at /api/chat that speaks our PCM protocol to our page
+and Kyutai's Opus protocol to Kyutai's clients; see moshi_mlx/web/README.md.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import ipaddress
 import logging
 import socket
 import sys
+from pathlib import Path
 
 from .cli import add_model_args, build_engine
 from .errors import MoshiError, cli_errors
-from .web.server import ChatServer, bound_port, serve
+from .web.server import OUR_PAGE, ChatServer, bound_port, serve
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8998
@@ -36,7 +38,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     web_group.add_argument("--port", type=_port, default=DEFAULT_PORT,
                            help=f"port (default {DEFAULT_PORT})")
+    web_group.add_argument(
+        "--static", metavar="DIR", default=None,
+        help="serve this folder's index.html and files at / instead of our page, e.g. a build "
+        "of Kyutai's web client (its `dist`); `none`: no page, only /api/chat",
+    )
     return parser.parse_args(argv)
+
+
+def resolve_page(static: str | None) -> str | Path | None:
+    """--static -> ChatServer's `page`: our page (no flag), None (`none`) or a checked folder."""
+    if static is None:
+        return OUR_PAGE
+    if static == "none":
+        return None
+    folder = Path(static)
+    if not (folder / "index.html").is_file():
+        raise MoshiError(f"--static {static}: no index.html in that folder")
+    return folder
 
 
 def _port(text: str) -> int:
@@ -97,7 +116,7 @@ async def _serve_forever(server: ChatServer, host: str, port: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    server = ChatServer()
+    server = ChatServer(page=resolve_page(args.static))
     try:
         check_port_free(args.host, args.port)
         print("loading the model…", file=sys.stderr, flush=True)

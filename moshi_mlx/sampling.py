@@ -38,6 +38,17 @@ class Sampler:
         return mx.random.categorical(logits, axis=-1, key=key).astype(mx.int32)
 
 
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Temperature and top-k of Moshi's text and audio tokens (temperature 0: greedy; top-k 0:
+    no cut)."""
+
+    text_temp: float
+    text_topk: int
+    audio_temp: float
+    audio_topk: int
+
+
 def new_key(seed: int | None) -> mx.array:
     """A PRNG key of its own: from `seed`, or from OS entropy when seed is None."""
     if seed is None:

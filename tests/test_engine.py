@@ -98,6 +98,38 @@ def test_engine_steps_reproduce_the_official_pytorch_generation():
         assert all(v >= 0 for v in o.timings.values())
 
 
+def test_sampling_switched_to_greedy_per_conversation_reproduces_pytorch():
+    """A sampling engine switched to greedy between conversations (as the web server does for
+    a client's query parameters) generates the official greedy goldens; switched back, it
+    samples with its own settings again."""
+    import mlx.core as mx
+
+    from moshi_mlx import LmGen, load_lm
+    from moshi_mlx.sampling import SamplingSettings
+
+    golden = np.load(FIXTURES / "lm_golden.npz")
+    lm = load_lm(str(FIXTURES / "lm_pytorch.safetensors"),
+                 config=str(FIXTURES / "lm_config.json"), dtype=mx.float32)
+    codec = _StubCodec(golden["user_codes"])
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(FIXTURES / "tokenizer.model"))
+    engine = Engine(codec, LmGen(lm, seed=5), sp)
+    engine.warm_up()
+    defaults = engine.sampling
+    assert defaults == SamplingSettings(0.7, 25, 0.8, 250)
+    engine.set_sampling(SamplingSettings(0.0, 25, 0.0, 250))
+    engine.reset()
+    steps = 20
+    for _ in range(steps):
+        engine.process(np.zeros(1920, np.float32))
+    np.testing.assert_array_equal(np.stack(codec.decoded), golden["torch_f32_out"][1:steps, 1:])
+    engine.set_sampling(defaults)
+    engine.reset()
+    assert engine.sampling == defaults
+    for _ in range(steps):
+        engine.process(np.zeros(1920, np.float32))
+    assert not np.array_equal(np.stack(codec.decoded), golden["torch_f32_out"][1:steps, 1:])
+
+
 def test_layers_split_on_the_model_thread_still_reproduce_pytorch():
     """As the CLIs run a CPU model: loaded, split over CPU streams and stepped on the model
     thread (the streams belong to that thread), greedy output still equals the goldens."""

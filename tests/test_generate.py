@@ -12,7 +12,7 @@ from references import numpy_rope
 from moshi_mlx import load_lm
 from moshi_mlx.generate import LmGen
 from moshi_mlx.models.lm_config import LmConfig
-from moshi_mlx.sampling import Sampler
+from moshi_mlx.sampling import Sampler, SamplingSettings
 
 SHORT_CONTEXT = 6
 
@@ -84,6 +84,26 @@ def test_sampling_is_seedable_and_reproducible(lm):
     mx.random.seed(123)
     mx.random.normal((10,))
     np.testing.assert_array_equal(_sampled_run(LmGen(lm, seed=3), codes, 8), a)
+
+
+def test_sampling_settings_change_between_conversations(lm):
+    """A generator switched to greedy samples exactly as one built greedy (the compiled graph
+    is not the stale one of the old temperatures), and switched back it samples as before."""
+    codes = np.random.default_rng(2).integers(0, 2048, size=(8, 10))
+    greedy = _sampled_run(LmGen(lm, text_temp=0.0, audio_temp=0.0, seed=3), codes, 6)
+    sampled = _sampled_run(LmGen(lm, seed=3), codes, 6)
+    assert (greedy != sampled).any()
+    gen = LmGen(lm, seed=3)
+    defaults = gen.sampling
+    assert defaults == SamplingSettings(0.7, 25, 0.8, 250)
+    _sampled_run(gen, codes, 2)  # the default graph is traced
+    assert gen.set_sampling(SamplingSettings(0.0, 25, 0.0, 250))
+    assert not gen.set_sampling(SamplingSettings(0.0, 25, 0.0, 250))
+    gen.reset()
+    np.testing.assert_array_equal(_sampled_run(gen, codes, 6), greedy)
+    assert gen.set_sampling(defaults)
+    gen.reset()
+    np.testing.assert_array_equal(_sampled_run(gen, codes, 6), sampled)
 
 
 # --------------------------------------------------------------------------- long context

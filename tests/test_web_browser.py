@@ -203,7 +203,7 @@ def test_command_line_serves_and_prints_its_address(random_mimi_path):
             async with aiohttp.ClientSession() as session:
                 async with session.get(url + "/") as response:
                     page = await response.read()
-                ws = await session.ws_connect(url + "/api/chat")
+                ws = await session.ws_connect(url + "/api/chat", protocols=("moshi-mlx-pcm",))
                 kinds = [(await ws.receive(timeout=30)).data[0]]
                 for i in range(3):
                     frame = speech[i * 1920:(i + 1) * 1920].astype("<i2").tobytes()

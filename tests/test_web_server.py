@@ -25,6 +25,7 @@ from moshi_mlx.web import protocol
 from moshi_mlx.web.server import ChatServer, bound_port, serve
 
 FRAME = 1920
+PCM = ("moshi-mlx-pcm",)  # the WebSocket subprotocol that selects our protocol
 
 
 class FakeEngine:
@@ -102,7 +103,7 @@ async def connect_when_free(session, url: str, deadline_s: float = 5.0):
     """The server frees itself once the previous socket's handler returns: retry briefly."""
     end = time.monotonic() + deadline_s
     while True:
-        ws = await session.ws_connect(url + "/api/chat")
+        ws = await session.ws_connect(url + "/api/chat", protocols=PCM)
         kind, payload = await receive_kind(ws)
         if kind == 0x00:
             return ws
@@ -128,7 +129,8 @@ def test_round_trip_in_order_on_a_worker_thread():
         # Room for the whole burst: here no frame may be dropped.
         async with running(engine, max_queued_frames=8) as (url, _), \
                 aiohttp.ClientSession() as session:
-            ws = await session.ws_connect(url + "/api/chat")
+            ws = await session.ws_connect(url + "/api/chat", protocols=PCM)
+            assert ws.protocol == "moshi-mlx-pcm"  # the server agreed on our protocol
             handshake = await expect_handshake(ws)
             assert handshake["sample_rate"] == 24000 and handshake["frame_size"] == 1920
             sent = [frame_int16(i) for i in range(5)]
@@ -156,9 +158,9 @@ def test_second_client_is_told_busy_and_first_keeps_talking():
 
     async def scenario():
         async with running(engine) as (url, server), aiohttp.ClientSession() as session:
-            first = await session.ws_connect(url + "/api/chat")
+            first = await session.ws_connect(url + "/api/chat", protocols=PCM)
             await expect_handshake(first)
-            second = await session.ws_connect(url + "/api/chat")
+            second = await session.ws_connect(url + "/api/chat", protocols=PCM)
             kind, payload = await receive_kind(second)
             status = json.loads(payload)
             assert kind == 0x05 and status["type"] == "busy" and "try" in status["message"]
@@ -181,7 +183,7 @@ def test_disconnect_frees_the_model_with_a_fresh_state():
 
     async def scenario():
         async with running(engine) as (url, _), aiohttp.ClientSession() as session:
-            first = await session.ws_connect(url + "/api/chat")
+            first = await session.ws_connect(url + "/api/chat", protocols=PCM)
             await expect_handshake(first)
             for i in range(3):
                 await first.send_bytes(audio_bytes(frame_int16(i)))
@@ -223,7 +225,7 @@ def test_malformed_message_is_rejected_and_server_keeps_serving(name):
 
     async def scenario():
         async with running(engine) as (url, _), aiohttp.ClientSession() as session:
-            ws = await session.ws_connect(url + "/api/chat")
+            ws = await session.ws_connect(url + "/api/chat", protocols=PCM)
             await expect_handshake(ws)
             if isinstance(bad, str):
                 await ws.send_str(bad)
@@ -249,7 +251,7 @@ def test_oversized_message_is_refused_before_buffering():
 
     async def scenario():
         async with running(engine) as (url, _), aiohttp.ClientSession() as session:
-            ws = await session.ws_connect(url + "/api/chat")
+            ws = await session.ws_connect(url + "/api/chat", protocols=PCM)
             await expect_handshake(ws)
             await ws.send_bytes(b"\x01" + bytes(2_000_000))
             await read_until_closed(ws)
@@ -270,7 +272,7 @@ def test_slow_model_bounded_queue_drops_oldest_and_reports_lag():
     async def scenario():
         async with running(engine, max_queued_frames=3) as (url, _), \
                 aiohttp.ClientSession() as session:
-            ws = await session.ws_connect(url + "/api/chat")
+            ws = await session.ws_connect(url + "/api/chat", protocols=PCM)
             await expect_handshake(ws)
             for samples in sent:  # 1.6 s of audio at once, the model needs 3 s for it
                 await ws.send_bytes(audio_bytes(samples))
@@ -310,7 +312,7 @@ def test_model_failure_reports_error_then_next_client_starts_fresh():
 
     async def scenario():
         async with running(engine) as (url, _), aiohttp.ClientSession() as session:
-            ws = await session.ws_connect(url + "/api/chat")
+            ws = await session.ws_connect(url + "/api/chat", protocols=PCM)
             await expect_handshake(ws)
             for i in range(2):
                 await ws.send_bytes(audio_bytes(frame_int16(i)))
@@ -332,11 +334,11 @@ def test_cross_origin_websocket_is_refused():
     async def scenario():
         async with running(FakeEngine()) as (url, _), aiohttp.ClientSession() as session:
             with pytest.raises(aiohttp.WSServerHandshakeError) as info:
-                await session.ws_connect(url + "/api/chat",
+                await session.ws_connect(url + "/api/chat", protocols=PCM,
                                          headers={"Origin": "http://evil.example"})
             assert info.value.status == 403
             host = url.removeprefix("http://")
-            ws = await session.ws_connect(url + "/api/chat", headers={"Origin": f"http://{host}"})
+            ws = await session.ws_connect(url + "/api/chat", protocols=PCM, headers={"Origin": f"http://{host}"})
             await expect_handshake(ws)
             await ws.close()
 
@@ -362,7 +364,8 @@ def test_page_and_handshake_carry_the_one_audio_format():
             async with session.get(url + "/") as response:
                 page = await response.text()
             assert '<meta name="moshi-audio" content="24000,1920">' in page
-            ws = await session.ws_connect(url + "/api/chat")
+            assert '<meta name="moshi-protocol" content="moshi-mlx-pcm">' in page
+            ws = await session.ws_connect(url + "/api/chat", protocols=PCM)
             handshake = await expect_handshake(ws)
             assert (handshake["sample_rate"], handshake["frame_size"]) == (24000, 1920)
             await ws.close()

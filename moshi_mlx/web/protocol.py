@@ -1,6 +1,7 @@
-"""Wire format of the `/api/chat` WebSocket (see README.md in this folder).
+"""Our wire format of the `/api/chat` WebSocket (see README.md in this folder): raw PCM.
 
-Every message is binary: one kind byte, then its payload.
+A client selects it with the WebSocket subprotocol `SUBPROTOCOL`; without it, /api/chat speaks
+Kyutai's Opus protocol (kyutai.py). Every message is binary: one kind byte, then its payload.
 
 | kind | direction        | payload                                                     |
 |------|------------------|-------------------------------------------------------------|
@@ -20,6 +21,7 @@ import numpy as np
 from ..rates import FRAME_SIZE, SAMPLE_RATE
 
 PROTOCOL_VERSION = 1
+SUBPROTOCOL = "moshi-mlx-pcm"
 
 KIND_HANDSHAKE = 0x00
 KIND_AUDIO = 0x01
@@ -86,3 +88,23 @@ def parse_client_message(data: bytes) -> np.ndarray:
             f"({FRAME_SIZE} int16 samples)"
         )
     return decode_pcm(data[1:])
+
+
+class PcmWire:
+    """One connection's framing in our protocol: one audio message is one model frame."""
+
+    name = "pcm"
+    max_message_bytes = MAX_CLIENT_MESSAGE_BYTES
+
+    def ready_message(self) -> bytes:
+        return handshake_message()
+
+    def frames(self, data: bytes) -> list[np.ndarray]:
+        return [parse_client_message(data)]
+
+    def output_messages(self, pcm: np.ndarray, text: str | None) -> list[bytes]:
+        # Audio for every processed frame (the page paces its lag figure on it), text after.
+        return [audio_message(pcm)] + ([text_message(text)] if text else [])
+
+    def status_message(self, status_type: str, message: str = "", **fields: Any) -> bytes:
+        return status_message(status_type, message, **fields)

@@ -1,4 +1,9 @@
-"""aiohttp server: the page, its static files, and one conversation at a time over /api/chat.
+"""aiohttp server: a page, its static files, and one conversation at a time over /api/chat.
+
+/api/chat speaks two protocols, chosen per connection: ours (raw PCM, protocol.py) for clients
+that ask for the WebSocket subprotocol `protocol.SUBPROTOCOL` (our page does), Kyutai's
+(Ogg/Opus, kyutai.py) for all others, so that Kyutai's unmodified clients work. Only the
+framing differs (a "wire"); the conversation (model thread, bounded queue, lag) is one code.
 
 All model work (loading, `reset`, `process`) runs on one dedicated worker thread, so the
 event loop never waits on MLX and frames are processed strictly in arrival order.
@@ -7,6 +12,7 @@ event loop never waits on MLX and frames are processed strictly in arrival order
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -18,16 +24,23 @@ import numpy as np
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from ..model_thread import load_on_model_thread, start_model_thread, stop_model_thread
-from . import protocol
+from . import kyutai, protocol
+from .query import QueryError, sampling_overrides
 
 log = logging.getLogger("moshi_mlx.web")
 
 STATIC_DIR = Path(__file__).parent / "static"
+OUR_PAGE = "ours"  # ChatServer(page=...): our page (the default), a folder, or None
 FRAME_SECONDS = protocol.FRAME_SIZE / protocol.SAMPLE_RATE
+LAG_LOG_INTERVAL_S = 5.0
 
 
 class ConversationEngine(Protocol):
-    """What the server needs from `moshi_mlx.engine.Engine`."""
+    """What the server needs from `moshi_mlx.engine.Engine`.
+
+    Optional: `sampling` and `set_sampling(settings)` (moshi_mlx.sampling.SamplingSettings),
+    through which a client's sampling query parameters apply to its conversation only.
+    """
 
     def reset(self) -> None: ...
 
@@ -35,12 +48,31 @@ class ConversationEngine(Protocol):
         ...
 
 
+class Wire(Protocol):
+    """One connection's framing and audio codec (protocol.PcmWire, kyutai.OpusWire)."""
+
+    name: str
+    max_message_bytes: int
+
+    def ready_message(self) -> bytes: ...
+
+    def frames(self, data: bytes) -> list[np.ndarray]: ...  # raises protocol.ProtocolError
+
+    def output_messages(self, pcm: np.ndarray, text: str | None) -> list[bytes]: ...
+
+    def status_message(self, status_type: str, message: str = "", **fields: Any
+                       ) -> bytes | None: ...
+
+
 class ChatServer:
     """Serves the page and runs conversations on `engine`, one client at a time.
 
     max_queued_frames bounds the frames waiting for the model: when the model is slower than
-    real time the oldest waiting frame is dropped (counted, and reported to the page) instead
-    of letting the delay grow without end.
+    real time the oldest waiting frame is dropped (counted, logged, and reported to our page)
+    instead of letting the delay grow without end.
+
+    page: OUR_PAGE (our page at / and /static/), a folder to serve at / (a build of Kyutai's
+    web client: its index.html and files), or None (no page, only /api/chat).
     """
 
     def __init__(
@@ -49,15 +81,19 @@ class ChatServer:
         *,
         max_queued_frames: int = 4,
         stats_every_frames: int = 6,
+        page: str | Path | None = OUR_PAGE,
     ) -> None:
         if max_queued_frames < 1:
             raise ValueError("max_queued_frames must be at least 1")
         self.engine = engine
         self.max_queued_frames = max_queued_frames
         self.stats_every_frames = stats_every_frames
+        self.page = page
         self._executor = start_model_thread()
         self._busy = False
         self._sockets: set[web.WebSocketResponse] = set()
+        self._sphn: Any = None
+        self._sphn_missing_logged = False
 
     # --- model thread -------------------------------------------------------------------
 
@@ -80,9 +116,19 @@ class ChatServer:
 
     def make_app(self) -> web.Application:
         app = web.Application()
-        app.router.add_get("/", self._index)
         app.router.add_get("/api/chat", self._chat)
-        app.router.add_static("/static/", STATIC_DIR)
+        if self.page == OUR_PAGE:
+            app.router.add_get("/", self._index)
+            app.router.add_static("/static/", STATIC_DIR)
+            app.on_response_prepare.append(_our_page_headers)
+        elif self.page is not None:  # e.g. Kyutai's web client, as its server serves it
+            folder = Path(self.page)
+
+            async def folder_index(request: web.Request) -> web.FileResponse:
+                return web.FileResponse(folder / "index.html")
+
+            app.router.add_get("/", folder_index)
+            app.router.add_static("/", folder)
         app.on_response_prepare.append(_no_cache_headers)
         app.on_shutdown.append(self._close_sockets)
         return app
@@ -92,38 +138,69 @@ class ChatServer:
         page = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
         page = page.replace("{sample_rate}", str(protocol.SAMPLE_RATE))
         page = page.replace("{frame_size}", str(protocol.FRAME_SIZE))
+        page = page.replace("{subprotocol}", protocol.SUBPROTOCOL)
         return web.Response(text=page, content_type="text/html")
 
     async def _close_sockets(self, app: web.Application) -> None:
         for ws in list(self._sockets):
             await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
 
+    def _sphn_module(self) -> Any:
+        """sphn, or None (then logged once per server: Kyutai's clients are refused)."""
+        if self._sphn is None:
+            self._sphn = kyutai.load_sphn()
+            if self._sphn is None and not self._sphn_missing_logged:
+                self._sphn_missing_logged = True
+                log.warning("Kyutai's clients (Opus) are refused: sphn is not installed (%s)",
+                            kyutai.INSTALL_HINT)
+        return self._sphn
+
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         if not _same_origin(request):
             # A page from another site must not drive the local model through the browser.
             raise web.HTTPForbidden(text="cross-origin WebSocket refused")
+        ours = protocol.SUBPROTOCOL in _requested_subprotocols(request)
         # The heartbeat ends a conversation whose page vanished without closing (a laptop
         # put to sleep), so the model does not stay taken forever.
-        ws = web.WebSocketResponse(max_msg_size=protocol.MAX_CLIENT_MESSAGE_BYTES, heartbeat=10.0)
+        ws = web.WebSocketResponse(
+            protocols=(protocol.SUBPROTOCOL,) if ours else (),
+            max_msg_size=(protocol.MAX_CLIENT_MESSAGE_BYTES if ours
+                          else kyutai.MAX_CLIENT_MESSAGE_BYTES),
+            heartbeat=10.0,
+        )
         await ws.prepare(request)
+        wire: Wire | None = protocol.PcmWire() if ours else None
+        try:
+            overrides = sampling_overrides(request.query)
+        except QueryError as exc:
+            await _refuse(ws, wire, "error", f"bad query parameter: {exc}",
+                          WSCloseCode.POLICY_VIOLATION)
+            return ws
+        if not ours:
+            sphn = self._sphn_module()
+            if sphn is None:
+                await _refuse(ws, None, "error",
+                              f"Opus needs sphn on the server: {kyutai.INSTALL_HINT}",
+                              WSCloseCode.INTERNAL_ERROR)
+                return ws
+            wire = kyutai.OpusWire(sphn)
+        assert wire is not None
         if self._busy:
-            await ws.send_bytes(
-                protocol.status_message(
-                    "busy", "Moshi is already in a conversation with another client; try later."
-                )
-            )
-            await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"busy")
+            await _refuse(ws, wire, "busy",
+                          "Moshi is already in a conversation with another client; try later.",
+                          WSCloseCode.TRY_AGAIN_LATER)
             return ws
         if self.engine is None:
-            await ws.send_bytes(protocol.status_message("error", "the model is not loaded yet"))
-            await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"not ready")
+            await _refuse(ws, wire, "error", "the model is not loaded yet",
+                          WSCloseCode.TRY_AGAIN_LATER)
             return ws
         self._busy = True  # no await since the check above: no other handler can slip in
         self._sockets.add(ws)
         peer = request.remote
-        log.info("conversation started (%s)", peer)
+        log.info("conversation started (%s, %s protocol%s)", peer, wire.name,
+                 f", sampling {overrides}" if overrides else "")
         try:
-            conversation = _Conversation(self, self.engine, ws)
+            conversation = _Conversation(self, self.engine, ws, wire, overrides)
             await conversation.run()
             log.info(
                 "conversation ended (%s): %d frames in, %d out, %d dropped",
@@ -139,30 +216,64 @@ class ChatServer:
 
 
 class _Conversation:
-    """One WebSocket session: a receive loop feeding a bounded queue, a model loop draining it."""
+    """One WebSocket session: a receive loop feeding a bounded queue, a model loop draining it.
 
-    def __init__(self, server: ChatServer, engine: ConversationEngine, ws: web.WebSocketResponse):
+    `wire` turns client messages into model frames and model output into messages; nothing
+    else here depends on the protocol.
+    """
+
+    def __init__(self, server: ChatServer, engine: ConversationEngine, ws: web.WebSocketResponse,
+                 wire: Wire, sampling: dict[str, float | int] | None = None):
         self.server = server
         self.engine = engine
         self.ws = ws
+        self.wire = wire
+        self.sampling = sampling or {}
         self.queue: asyncio.Queue[np.ndarray] = asyncio.Queue(maxsize=server.max_queued_frames)
         self.frames_in = 0
         self.frames_out = 0
         self.frames_dropped = 0
         self._dropped_reported = 0
+        self._dropped_logged = 0
+        self._lag_logged_at = 0.0
         self._last_step_ms = 0.0
+
+    def _start(self) -> Any:
+        """On the model thread: this client's sampling settings, then a fresh state. Returns
+        the settings to restore afterwards (None: nothing changed)."""
+        previous = None
+        if self.sampling:
+            previous = getattr(self.engine, "sampling", None)
+            if previous is None:
+                log.info("this engine has no sampling settings; ignoring %s", self.sampling)
+            else:
+                self.engine.set_sampling(  # type: ignore[attr-defined]
+                    dataclasses.replace(previous, **self.sampling))
+        self.engine.reset()
+        return previous
 
     async def run(self) -> None:
         try:
-            await self.server.run_on_model_thread(self.engine.reset)
+            previous = await self.server.run_on_model_thread(self._start)
         except Exception:
             log.exception("engine.reset failed")
             await self._fail("the model could not start a conversation", WSCloseCode.INTERNAL_ERROR)
             return
         try:
-            await self.ws.send_bytes(protocol.handshake_message())
+            await self._converse()
+        finally:
+            if previous is not None:  # the next client gets the server's settings again
+                try:
+                    await self.server.run_on_model_thread(
+                        self.engine.set_sampling, previous)  # type: ignore[attr-defined]
+                except Exception:
+                    log.exception("restoring the sampling settings failed")
+
+    async def _converse(self) -> None:
+        try:
+            await self.ws.send_bytes(self.wire.ready_message())
         except (ConnectionError, RuntimeError):
-            return  # the page left while the model was resetting
+            return  # the client left while the model was resetting
         model_task = asyncio.create_task(self._model_loop())
         try:
             await self._receive_loop()
@@ -178,11 +289,12 @@ class _Conversation:
         async for msg in self.ws:
             if msg.type == WSMsgType.BINARY:
                 try:
-                    pcm = protocol.parse_client_message(msg.data)
+                    frames = self.wire.frames(msg.data)
                 except protocol.ProtocolError as exc:
                     await self._fail(f"malformed message: {exc}", WSCloseCode.UNSUPPORTED_DATA)
                     return
-                self._enqueue(pcm)
+                for pcm in frames:
+                    self._enqueue(pcm)
             elif msg.type == WSMsgType.TEXT:
                 await self._fail(
                     "malformed message: text frames are not part of the protocol",
@@ -213,37 +325,63 @@ class _Conversation:
                     await self._fail("the model failed on a frame", WSCloseCode.INTERNAL_ERROR)
                     return
                 self._last_step_ms = 1000.0 * (time.perf_counter() - started)
-                await self.ws.send_bytes(protocol.audio_message(out.pcm))
-                if out.text:
-                    await self.ws.send_bytes(protocol.text_message(out.text))
+                for message in self.wire.output_messages(out.pcm, out.text):
+                    await self.ws.send_bytes(message)
                 self.frames_out += 1
+                self._log_drops()
                 if (
                     self.frames_dropped != self._dropped_reported
                     or self.frames_out % self.server.stats_every_frames == 0
                 ):
                     await self._send_lag()
         except (ConnectionError, RuntimeError) as exc:
-            # The page went away while we were sending; the receive loop ends the session.
+            # The client went away while we were sending; the receive loop ends the session.
             log.debug("send failed: %s", exc)
+
+    def _log_drops(self) -> None:
+        """A log line while frames are being dropped, at most every LAG_LOG_INTERVAL_S."""
+        now = time.monotonic()
+        if (self.frames_dropped != self._dropped_logged
+                and now - self._lag_logged_at >= LAG_LOG_INTERVAL_S):
+            log.info("model slower than real time: %d frames dropped so far (step %.0f ms)",
+                     self.frames_dropped, self._last_step_ms)
+            self._dropped_logged = self.frames_dropped
+            self._lag_logged_at = now
 
     async def _send_lag(self) -> None:
         self._dropped_reported = self.frames_dropped
-        await self.ws.send_bytes(
-            protocol.status_message(
-                "lag",
-                queued_frames=self.queue.qsize(),
-                dropped_frames=self.frames_dropped,
-                step_ms=round(self._last_step_ms, 1),
-                realtime_factor=round(self._last_step_ms / (1000.0 * FRAME_SECONDS), 3),
-            )
+        status = self.wire.status_message(
+            "lag",
+            queued_frames=self.queue.qsize(),
+            dropped_frames=self.frames_dropped,
+            step_ms=round(self._last_step_ms, 1),
+            realtime_factor=round(self._last_step_ms / (1000.0 * FRAME_SECONDS), 3),
         )
+        if status is not None:
+            await self.ws.send_bytes(status)
 
     async def _fail(self, message: str, code: int) -> None:
+        await _refuse(self.ws, self.wire, "error", message, code)
+
+
+async def _refuse(ws: web.WebSocketResponse, wire: Wire | None, status_type: str, message: str,
+                  code: int) -> None:
+    """Tell the client why (a status message where its protocol has them), then close with
+    the reason (WebSocket close reasons are at most 123 bytes)."""
+    status = wire.status_message(status_type, message) if wire is not None else None
+    if status is not None:
         try:
-            await self.ws.send_bytes(protocol.status_message("error", message))
+            await ws.send_bytes(status)
         except (ConnectionError, RuntimeError):
             pass
-        await self.ws.close(code=code, message=message[:120].encode("utf-8"))
+    reason = message if status_type == "error" else f"{status_type}: {message}"
+    cut = reason.encode("utf-8")[:120].decode("utf-8", errors="ignore")  # whole characters
+    await ws.close(code=code, message=cut.encode("utf-8"))
+
+
+def _requested_subprotocols(request: web.Request) -> list[str]:
+    header = request.headers.get("Sec-WebSocket-Protocol", "")
+    return [name.strip() for name in header.split(",") if name.strip()]
 
 
 def _same_origin(request: web.Request) -> bool:
@@ -255,6 +393,9 @@ def _same_origin(request: web.Request) -> bool:
 
 async def _no_cache_headers(request: web.Request, response: web.StreamResponse) -> None:
     response.headers["Cache-Control"] = "no-cache"
+
+
+async def _our_page_headers(request: web.Request, response: web.StreamResponse) -> None:
     if request.path == "/" or request.path.startswith("/static/"):
         response.headers["Content-Security-Policy"] = (
             "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:"

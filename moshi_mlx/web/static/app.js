@@ -12,6 +12,9 @@ const KIND_STATUS = 0x05;
 const [MODEL_RATE, FRAME_SIZE] = document
   .querySelector('meta[name="moshi-audio"]').content.split(",").map(Number);
 const FRAME_MS = (1000 * FRAME_SIZE) / MODEL_RATE;
+// The WebSocket subprotocol that selects the server's PCM protocol on /api/chat (without it
+// the server speaks Kyutai's Opus protocol, for Kyutai's own clients).
+const SUBPROTOCOL = document.querySelector('meta[name="moshi-protocol"]').content;
 const MAX_WS_BACKLOG_BYTES = 16 * (1 + 2 * FRAME_SIZE); // ~1.3 s of audio not yet sent
 
 const el = (id) => document.getElementById(id);
@@ -288,7 +291,7 @@ async function connect() {
     ctx = opened.ctx;
     const node = opened.node;
     const scheme = location.protocol === "https:" ? "wss" : "ws";
-    const ws = new WebSocket(`${scheme}://${location.host}/api/chat`);
+    const ws = new WebSocket(`${scheme}://${location.host}/api/chat`, [SUBPROTOCOL]);
     ws.binaryType = "arraybuffer";
     session = { ws, ctx, stream, node };
     node.port.onmessage = (event) => onWorkletMessage(event.data);
