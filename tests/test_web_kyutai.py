@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,6 +15,7 @@ import aiohttp
 import numpy as np
 import pytest
 import soundfile
+from prerequisites import unavailable
 from test_web_server import PCM, FakeEngine, expect_handshake, running
 
 from moshi_mlx.errors import MoshiError
@@ -31,10 +31,7 @@ FRAME = 1920
 def _need_sphn():
     module = kyutai.load_sphn()
     if module is None:
-        message = "sphn is not installed (pip install -e '.[dev]')"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable("sphn is not installed (pip install -e '.[dev]')")
     return module
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
+from prerequisites import unavailable
 
 from moshi_mlx.engine import Engine
 from moshi_mlx.web import kyutai
@@ -59,19 +60,9 @@ def venv_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
 
-def unavailable(reason: str) -> None:
-    """Skip (one line), or fail under CI, where everything this test needs must be there."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(reason)
-    pytest.skip(reason)
-
-
 # --- the virtual sound card ------------------------------------------------------------------
-# The ONE place this file knows how the virtual sound card is made (a PulseAudio daemon with a
-# virtual microphone fed by `paplay` and a virtual speaker recorded with `parec`).
-
-VIRTUAL_AUDIO_SCRIPT = Path(__file__).resolve().parents[2] / "shared" / "audio" / "virtual-audio.sh"
-
+# The devices of tests/virtual_audio.py: a microphone fed by `paplay`, a speaker recorded by
+# `parec`.
 
 class SoundCard:
     """The default input/output devices PortAudio opens, plus a way in and a way out."""
@@ -90,18 +81,10 @@ class SoundCard:
 
 
 @pytest.fixture(scope="module")
-def virtual_sound_card():
-    if not VIRTUAL_AUDIO_SCRIPT.is_file():
-        unavailable(f"no virtual sound card: {VIRTUAL_AUDIO_SCRIPT} not found")
-    started = subprocess.run([str(VIRTUAL_AUDIO_SCRIPT), "start"], capture_output=True, text=True)
-    if started.returncode != 0:
-        unavailable(f"the virtual sound card did not start: {started.stderr.strip()[-200:]}")
-    for tool in ("paplay", "parec"):
-        if shutil.which(tool) is None:
-            unavailable(f"no virtual sound card: {tool} is missing")
-    yield SoundCard()
-    if "already running" not in started.stderr:  # we started it: stop it again
-        subprocess.run([str(VIRTUAL_AUDIO_SCRIPT), "stop"], capture_output=True)
+def virtual_sound_card(sound_card):
+    """The in-repo sound card (conftest `sound_card`: started, PULSE_SERVER set for us and the
+    client's process), with its way in and way out."""
+    return SoundCard()
 
 
 # --- Kyutai's client in its own venv --------------------------------------------------------
