@@ -236,6 +236,55 @@ def detect_quantization(tensors: dict[str, mx.array], plain_shapes: dict[str, tu
     return quantization
 
 
+# ---------------------------------------------------------------------------- fragments
+
+# A sanitize that needs several source tensors for one of ours (transformers' separate q/k/v
+# projections -> our fused in_proj) returns each piece as "<name>#<i>/<n>": part i of n,
+# joined in order along dim 0 once all n have been seen. Sanitize stays tensor by tensor.
+FRAGMENT = "#"
+
+
+def fragment_name(name: str, index: int, count: int) -> str:
+    return f"{name}{FRAGMENT}{index}/{count}"
+
+
+class FragmentJoiner:
+    """Collects fragments; `add` returns the finished tensors (a plain name at once, a
+    fragmented one when its last part arrives)."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, dict[int, mx.array]] = {}
+
+    def add(self, name: str, array: mx.array) -> list[tuple[str, mx.array]]:
+        if FRAGMENT not in name:
+            return [(name, array)]
+        key, _, part = name.rpartition(FRAGMENT)
+        index, count = (int(n) for n in part.split("/"))
+        parts = self.pending.setdefault(key, {})
+        parts[index] = array
+        if len(parts) < count:
+            return []
+        del self.pending[key]
+        return [(key, mx.concatenate([parts[i] for i in range(count)], axis=0))]
+
+    def check_done(self, source: str) -> None:
+        if self.pending:
+            key, parts = next(iter(self.pending.items()))
+            raise WeightsError(f"{source} lacks part of {key} (has {len(parts)} of its "
+                               "pieces, e.g. the q/k/v projections of one layer)")
+
+
+def sanitized(family: ModuleType, config: Any, tensors, source: str):
+    """(source name, array) pairs -> (our name, array, source name) through the family's
+    sanitize, fragments joined (the source name of a joined tensor is its last piece's)."""
+    joiner = FragmentJoiner()
+    for name, array in tensors:
+        for key, value in family.sanitize({name: array}, config).items():
+            for done, joined in joiner.add(key, value):
+                yield done, joined, name
+    joiner.check_done(source)
+
+
 # ---------------------------------------------------------------------------- checks
 
 
@@ -296,10 +345,9 @@ class Checkpoint:
 
     def read(self) -> dict[str, mx.array]:
         """Every tensor, read one at a time and sanitized into our layout."""
-        tensors: dict[str, mx.array] = {}
-        for name, _raw, array in iter_tensors(self.header):
-            tensors.update(self.family.sanitize({name: array}, self.config))
-        return tensors
+        pairs = ((name, array) for name, _raw, array in iter_tensors(self.header))
+        return {key: array for key, array, _ in
+                sanitized(self.family, self.config, pairs, self.path.name)}
 
 
 def inspect_checkpoint(path: str | os.PathLike, config: Any = None,
@@ -313,10 +361,10 @@ def inspect_checkpoint(path: str | os.PathLike, config: Any = None,
         raise WeightsError(f"{path.name} holds no tensors: not a {family.DESCRIPTION} checkpoint")
     mapped: dict[str, mx.array] = {}
     origin: dict[str, str] = {}
-    for name, placeholder in lazy_placeholders(header).items():
-        for key, array in family.sanitize({name: placeholder}, cfg).items():
-            mapped[key] = array
-            origin[key] = name
+    for key, array, name in sanitized(family, cfg, lazy_placeholders(header).items(),
+                                      path.name):
+        mapped[key] = array
+        origin[key] = name
     plain = family.Model(cfg)
     plain_shapes = {k: tuple(v.shape) for k, v in tree_flatten(plain.parameters())}
     quantization = detect_quantization(mapped, plain_shapes, path.name)

@@ -33,6 +33,7 @@ from moshi_mlx.errors import WeightsError
 from moshi_mlx.loading import (
     DEFAULT_MODEL_TYPE,
     FAMILIES,
+    FRAGMENT,
     QUANTIZATIONS,
     Checkpoint,
     Quantization,
@@ -40,13 +41,14 @@ from moshi_mlx.loading import (
     quantizable_weights,
     quantize_tensor,
     read_config_json,
+    sanitized,
 )
 from moshi_mlx.safetensors import (
     PlannedTensor,
     SafetensorsStreamWriter,
-    iter_tensors,
     lazy_placeholders,
     planned,
+    read_tensor,
 )
 
 from . import __version__
@@ -189,31 +191,53 @@ def prepare_out_dir(out_dir: Path, force: bool) -> None:
 
 
 class _Mapping:
-    """One source tensor -> its output tensors: the loader's sanitize, then quantization of
-    the weights the family quantizes."""
+    """Source tensors -> output tensors: the loader's sanitize (fragments joined), then
+    quantization of the weights the family quantizes.
+
+    The output is written in sorted name order, whatever the source layout, so every layout of
+    the same weights gives the same bytes. Each output comes from a group of source tensors
+    (usually one; the q/k/v projections of a transformers layer together), read when needed:
+    memory holds one group at a time (a source tensor that fans out to several outputs, e.g.
+    a stacked depformer matrix, is read again for outputs written apart)."""
 
     def __init__(self, checkpoint: Checkpoint, quantization: Quantization | None) -> None:
         self.checkpoint = checkpoint
         self.quantization = quantization
         self.quantizable = (quantizable_weights(checkpoint.family, checkpoint.config)
                             if quantization is not None else frozenset())
+        header = checkpoint.header
+        placeholders = lazy_placeholders(header)
+        producers: dict[str, list[str]] = {}
+        for name in header.in_file_order():
+            mapped = checkpoint.family.sanitize({name: placeholders[name]}, checkpoint.config)
+            for key in mapped:
+                producers.setdefault(key.split(FRAGMENT)[0], []).append(name)
+        self.group_of: dict[str, tuple[str, ...]] = {}  # output name -> its source names
+        self.plan: list[PlannedTensor] = []
+        for group in dict.fromkeys(tuple(names) for names in producers.values()):
+            for key, array in self.outputs(group, placeholders).items():
+                self.group_of[key] = group
+                self.plan.append(planned(key, array))
+        self.plan.sort(key=lambda entry: entry.name)
 
-    def outputs(self, name: str, tensor: mx.array) -> list[tuple[str, mx.array]]:
-        mapped = self.checkpoint.family.sanitize({name: tensor}, self.checkpoint.config)
-        if self.quantization is None:
-            return list(mapped.items())
-        return [part for key, array in mapped.items()
-                for part in (quantize_tensor(key, array, self.quantization)
-                             if key in self.quantizable else [(key, array)])]
+    def outputs(self, group: tuple[str, ...], arrays: dict[str, mx.array]
+                ) -> dict[str, mx.array]:
+        checkpoint = self.checkpoint
+        out: dict[str, mx.array] = {}
+        pairs = ((name, arrays[name]) for name in group)
+        for key, array, _ in sanitized(checkpoint.family, checkpoint.config, pairs,
+                                       checkpoint.name):
+            if key in self.quantizable:
+                out.update(quantize_tensor(key, array, self.quantization))
+            else:
+                out[key] = array
+        return out
 
 
 def plan_weights(mapping: _Mapping) -> list[PlannedTensor]:
     """Names, dtypes and shapes of every output tensor, in write order, without reading data:
     the same mapping runs on lazy placeholders that are never evaluated."""
-    header = mapping.checkpoint.header
-    placeholders = lazy_placeholders(header)
-    return [planned(key, array) for name in header.in_file_order()
-            for key, array in mapping.outputs(name, placeholders[name])]
+    return mapping.plan
 
 
 def write_weights(
@@ -221,25 +245,24 @@ def write_weights(
     plan: list[PlannedTensor],
     f: BinaryIO,
     progress: Callable[[int], None] | None = None,
-) -> tuple[str, str]:
-    """Stream the converted tensors of `plan` into `f`; returns (source sha256, output sha256)."""
+) -> str:
+    """Stream the converted tensors of `plan` into `f`; returns the output's sha256."""
     header = mapping.checkpoint.header
     writer = SafetensorsStreamWriter(f, plan)
-    source_hash = hashlib.sha256()
+    group: tuple[str, ...] = ()
+    outputs: dict[str, mx.array] = {}
     with open(header.path, "rb") as source:
-        source_hash.update(source.read(header.header_bytes))
-    # Tensors are contiguous in file order (checked on reading the header), so header bytes
-    # plus every tensor's bytes in that order hash to the whole source file.
-    for name, raw, tensor in iter_tensors(header):
-        source_hash.update(raw)
-        del raw
-        for key, array in mapping.outputs(name, tensor):
+        for entry in plan:
+            if mapping.group_of[entry.name] != group:
+                group = mapping.group_of[entry.name]
+                outputs = mapping.outputs(group, {name: read_tensor(source, header, name)[1]
+                                                  for name in group})
+            array = outputs[entry.name]
             mx.eval(array)
-            writer.write(key, array)
-        del tensor
-        if progress is not None:
-            progress(header.tensors[name].nbytes)
-    return source_hash.hexdigest(), writer.finish()
+            writer.write(entry.name, array)
+            if progress is not None:
+                progress(entry.nbytes)
+    return writer.finish()
 
 
 def _refuse_overwriting_sources(out: Path, sources: Sources) -> None:
@@ -310,11 +333,12 @@ def convert(
     _check_free_space(out, sum(entry.nbytes for entry in plan) + _copied_bytes(sources))
     model_file = out / hub.MODEL_FILES[bits]
     header = checkpoint.header
-    data_bytes = header.file_size - header.header_bytes
     names = _extra_names(sources.config)
     try:
-        with _progress_bar(data_bytes) as bar, atomic_file(model_file) as f:
-            source_sha, model_sha = write_weights(mapping, plan, f, bar.update)
+        with _progress_bar(sum(entry.nbytes for entry in plan)) as bar, \
+                atomic_file(model_file) as f:
+            model_sha = write_weights(mapping, plan, f, bar.update)
+        source_sha = sha256_file(header.path)
         files = {model_file.name: model_file}
         for attr, given in (("tokenizer", sources.tokenizer), ("mimi", sources.mimi)):
             if given is not None:
@@ -365,10 +389,10 @@ def convert(
 def _output_config(source: Path | None, checkpoint: Checkpoint) -> dict[str, Any]:
     """The source's config keys as they are (official keys we do not model survive), or
     the default config's; a non-default family is named."""
-    if source is not None:
+    if source is not None and not _is_transformers_config(read_config_json(source)):
         data = read_config_json(source)
         data.pop("quantization", None)  # ours, when re-converting our own output
-    else:
+    else:  # none, or a transformers one: the official keys of what was read
         data = checkpoint.config.to_dict()
     if checkpoint.model_type != DEFAULT_MODEL_TYPE:
         data["model_type"] = checkpoint.model_type
@@ -378,3 +402,9 @@ def _output_config(source: Path | None, checkpoint: Checkpoint) -> dict[str, Any
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     with atomic_file(path) as f:
         f.write((json.dumps(data, indent=2) + "\n").encode("utf-8"))
+
+
+def _is_transformers_config(data: dict[str, Any]) -> bool:
+    """A transformers config.json (`architectures`, sub-configs): its keys are not the
+    official ones our folders carry."""
+    return "architectures" in data or "depth_decoder_config" in data
