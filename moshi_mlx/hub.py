@@ -125,6 +125,21 @@ def mimi_files(path_or_repo: str | os.PathLike) -> tuple[list[Path], Path | None
     return files, optional_file(path_or_repo, CONFIG_NAME)
 
 
+def model_files(weights: str | os.PathLike, quantize: int | None) -> list[Path]:
+    """[`model_file`], or else the shards of a transformers checkpoint (a folder or repo with
+    model.safetensors.index.json; bf16, which -q quantizes while loading)."""
+    try:
+        return [model_file(weights, quantize)]
+    except WeightsError:
+        if Path(weights).expanduser().is_file():
+            raise
+        files = (transformers_weight_files(weights)
+                 if optional_file(weights, TRANSFORMERS_INDEX) is not None else None)
+        if not files:
+            raise
+        return files
+
+
 def optional_file(path_or_repo: str | os.PathLike, filename: str) -> Path | None:
     """`filename` from a folder or repo when it has one (or can have it now), else None."""
     path = Path(path_or_repo).expanduser()

@@ -29,12 +29,7 @@ from mlx.utils import tree_flatten
 
 from . import hub
 from .errors import WeightsError
-from .safetensors import (
-    SafetensorsHeader,
-    iter_tensors,
-    lazy_placeholders,
-    read_safetensors_header,
-)
+from .safetensors import CheckpointFiles
 
 FAMILIES: dict[str, str] = {
     "moshi": "moshi_mlx.models.lm",
@@ -332,50 +327,54 @@ def check_tensors(model: nn.Module, tensors: dict[str, mx.array], source: str,
 class Checkpoint:
     """A checked checkpoint, not yet read: what `load_model` and the converter work from."""
 
-    path: Path
-    header: SafetensorsHeader
+    files: CheckpointFiles  # one file, or the shards of a sharded checkpoint
     model_type: str
     family: ModuleType
     config: Any
     quantization: Quantization | None  # of the file
 
     @property
+    def path(self) -> Path:
+        return self.files.path
+
+    @property
     def name(self) -> str:
-        return self.path.name
+        return self.files.name
 
     def read(self) -> dict[str, mx.array]:
         """Every tensor, read one at a time and sanitized into our layout."""
-        pairs = ((name, array) for name, _raw, array in iter_tensors(self.header))
+        pairs = ((name, array) for name, _raw, array in self.files.iter_tensors())
         return {key: array for key, array, _ in
-                sanitized(self.family, self.config, pairs, self.path.name)}
+                sanitized(self.family, self.config, pairs, self.name)}
 
 
-def inspect_checkpoint(path: str | os.PathLike, config: Any = None,
+def inspect_checkpoint(path: str | os.PathLike | list[Path], config: Any = None,
                        model_types: tuple[str, ...] = ("moshi", "stt")) -> Checkpoint:
-    """Check a weight file from its header alone against its config (see resolve_config)."""
-    path = Path(path)
-    header = read_safetensors_header(path)
-    resolved = resolve_config(config, path, model_types)
+    """Check a weight file (or the list of a sharded checkpoint's files) from its header
+    alone against its config (see resolve_config)."""
+    paths = [Path(p) for p in path] if isinstance(path, (list, tuple)) else [Path(path)]
+    files = CheckpointFiles.read(paths)
+    name = files.name
+    resolved = resolve_config(config, files.path, model_types)
     family, cfg = resolved.family, resolved.config
-    if not header.tensors:
-        raise WeightsError(f"{path.name} holds no tensors: not a {family.DESCRIPTION} checkpoint")
+    if not files.owner:
+        raise WeightsError(f"{name} holds no tensors: not a {family.DESCRIPTION} checkpoint")
     mapped: dict[str, mx.array] = {}
     origin: dict[str, str] = {}
-    for key, array, name in sanitized(family, cfg, lazy_placeholders(header).items(),
-                                      path.name):
+    for key, array, source in sanitized(family, cfg, files.placeholders().items(), name):
         mapped[key] = array
-        origin[key] = name
+        origin[key] = source
     plain = family.Model(cfg)
     plain_shapes = {k: tuple(v.shape) for k, v in tree_flatten(plain.parameters())}
-    quantization = detect_quantization(mapped, plain_shapes, path.name)
+    quantization = detect_quantization(mapped, plain_shapes, name)
     if resolved.quantization is not None and resolved.quantization != quantization:
         found = "not quantized" if quantization is None else f"{quantization.bits}-bit"
         raise WeightsError(f"{resolved.source} says {resolved.quantization.bits}-bit "
-                           f"quantization, but {path.name} is {found}")
+                           f"quantization, but {name} is {found}")
     if quantization is not None:
         apply_quantization(plain, family, quantization)
-    check_tensors(plain, mapped, path.name, family.DESCRIPTION, family.STORED_DTYPE, origin)
-    return Checkpoint(path, header, resolved.model_type, family, cfg, quantization)
+    check_tensors(plain, mapped, name, family.DESCRIPTION, family.STORED_DTYPE, origin)
+    return Checkpoint(files, resolved.model_type, family, cfg, quantization)
 
 
 def check_requested_bits(checkpoint: Checkpoint, quantize: int | None) -> None:
@@ -416,7 +415,7 @@ def load_model(weights: str | os.PathLike, config: Any = None, quantize: int | N
     """
     check_quantize(quantize)
     compute = resolve_dtype(dtype)
-    checkpoint = inspect_checkpoint(hub.model_file(weights, quantize), config, model_types)
+    checkpoint = inspect_checkpoint(hub.model_files(weights, quantize), config, model_types)
     check_requested_bits(checkpoint, quantize)
     family, cfg = checkpoint.family, checkpoint.config
     tensors = checkpoint.read()

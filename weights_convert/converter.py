@@ -46,9 +46,8 @@ from moshi_mlx.loading import (
 from moshi_mlx.safetensors import (
     PlannedTensor,
     SafetensorsStreamWriter,
-    lazy_placeholders,
+    TensorReader,
     planned,
-    read_tensor,
 )
 
 from . import __version__
@@ -61,7 +60,7 @@ MANAGED_NAMES = {*hub.MODEL_FILES.values(), hub.MOSHI_TOKENIZER_NAME, hub.MIMI_N
 
 @dataclass
 class Sources:
-    weights: Path
+    weights: list[Path]  # one file, or a transformers checkpoint's shards
     config: Path | None = None
     tokenizer: Path | None = None
     mimi: Path | None = None
@@ -91,7 +90,7 @@ def find_sources(
     if (hf_repo is None) == (input_path is None):
         raise WeightsError("give exactly one of --hf-repo or --input")
     if hf_repo is not None:
-        sources = Sources(hub.resolve_file(hf_repo, hub.MODEL_FILES[None]), description=hf_repo)
+        sources = Sources(hub.model_files(hf_repo, None), description=hf_repo)
         sources.config = hub.optional_file(hf_repo, hub.CONFIG_NAME)
         names = _extra_names(sources.config)
         sources.tokenizer = hub.optional_file(hf_repo, names["tokenizer"])
@@ -102,7 +101,7 @@ def find_sources(
             raise WeightsError(f"{weights} is a folder: use --hf-repo for a model folder")
         if not weights.is_file():
             raise WeightsError(f"{weights}: no such file")
-        sources = Sources(weights, description=str(weights))
+        sources = Sources([weights], description=str(weights))
         # Standard names beside the input file are taken along, like a repo's.
         sources.config = hub.optional_file(weights.parent, hub.CONFIG_NAME)
         for attr, filename in _extra_names(sources.config).items():
@@ -205,10 +204,10 @@ class _Mapping:
         self.quantization = quantization
         self.quantizable = (quantizable_weights(checkpoint.family, checkpoint.config)
                             if quantization is not None else frozenset())
-        header = checkpoint.header
-        placeholders = lazy_placeholders(header)
+        files = checkpoint.files
+        placeholders = files.placeholders()
         producers: dict[str, list[str]] = {}
-        for name in header.in_file_order():
+        for name in files.in_file_order():
             mapped = checkpoint.family.sanitize({name: placeholders[name]}, checkpoint.config)
             for key in mapped:
                 producers.setdefault(key.split(FRAGMENT)[0], []).append(name)
@@ -247,16 +246,14 @@ def write_weights(
     progress: Callable[[int], None] | None = None,
 ) -> str:
     """Stream the converted tensors of `plan` into `f`; returns the output's sha256."""
-    header = mapping.checkpoint.header
     writer = SafetensorsStreamWriter(f, plan)
     group: tuple[str, ...] = ()
     outputs: dict[str, mx.array] = {}
-    with open(header.path, "rb") as source:
+    with TensorReader(mapping.checkpoint.files) as source:
         for entry in plan:
             if mapping.group_of[entry.name] != group:
                 group = mapping.group_of[entry.name]
-                outputs = mapping.outputs(group, {name: read_tensor(source, header, name)[1]
-                                                  for name in group})
+                outputs = mapping.outputs(group, {name: source.read(name) for name in group})
             array = outputs[entry.name]
             mx.eval(array)
             writer.write(entry.name, array)
@@ -268,7 +265,7 @@ def write_weights(
 def _refuse_overwriting_sources(out: Path, sources: Sources) -> None:
     """The output folder must not be where the inputs are (with --force they would be removed
     before being read)."""
-    for path in (sources.weights, sources.config, sources.tokenizer, sources.mimi):
+    for path in (*sources.weights, sources.config, sources.tokenizer, sources.mimi):
         if path is not None and path.name in MANAGED_NAMES and out.is_dir() and (
             path.resolve().parent == out.resolve()
         ):
@@ -321,7 +318,7 @@ def convert(
                                     model_types=tuple(FAMILIES))
     if checkpoint.quantization is not None:
         raise WeightsError(
-            f"{sources.weights.name} is already {checkpoint.quantization.bits}-bit quantized; "
+            f"{checkpoint.name} is already {checkpoint.quantization.bits}-bit quantized; "
             "convert from a bf16 checkpoint"
         )
 
@@ -332,13 +329,12 @@ def convert(
     prepare_out_dir(out, force)
     _check_free_space(out, sum(entry.nbytes for entry in plan) + _copied_bytes(sources))
     model_file = out / hub.MODEL_FILES[bits]
-    header = checkpoint.header
     names = _extra_names(sources.config)
     try:
         with _progress_bar(sum(entry.nbytes for entry in plan)) as bar, \
                 atomic_file(model_file) as f:
             model_sha = write_weights(mapping, plan, f, bar.update)
-        source_sha = sha256_file(header.path)
+        source_sha = checkpoint.files.sha256()
         files = {model_file.name: model_file}
         for attr, given in (("tokenizer", sources.tokenizer), ("mimi", sources.mimi)):
             if given is not None:
@@ -363,7 +359,7 @@ def convert(
             "version": __version__,
             "source": {
                 "weights": sources.description,
-                "file": sources.weights.name,
+                "file": ", ".join(path.name for path in sources.weights),
                 "sha256": source_sha,
                 "model_type": checkpoint.model_type,
                 "config": str(sources.config) if sources.config else "built-in default",
