@@ -62,3 +62,13 @@ def random_mimi_path() -> Path:
     from mimi_random import ensure_random_mimi
 
     return ensure_random_mimi(Path(__file__).parent / ".cache", FIXTURES)
+
+
+@pytest.fixture(scope="session")
+def transformers_moshi() -> Path:
+    """The tiny Moshi LM as a transformers folder (config.json + model.safetensors), rebuilt
+    from lm_pytorch.safetensors and checked tensor by tensor against the manifest of the file
+    transformers' conversion script made (tests/transformers_layout.py)."""
+    from transformers_layout import ensure_transformers_moshi
+
+    return ensure_transformers_moshi(Path(__file__).parent / ".cache")
