@@ -350,7 +350,7 @@ _TR_RENAMES: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"decoder\.model\.embed_tokens\.weight"), "text_emb.weight"),
     (re.compile(r"decoder\.lm_head\.weight"), "text_linear.weight"),
     (re.compile(r"decoder\.model\.norm\.weight"), "out_norm.weight"),
-    (re.compile(r"decoder\.model\.layers\.(\d+)\.self_attn\.o_proj\.linear\.weight"),
+    (re.compile(r"decoder\.model\.layers\.(\d+)\.self_attn\.o_proj(?:\.linear)?\.weight"),
      r"transformer.layers.\1.self_attn.out_proj.weight"),
     (re.compile(r"decoder\.model\.layers\.(\d+)\.mlp\.fc1\.weight"),
      r"transformer.layers.\1.gating.linear_in.weight"),
@@ -362,20 +362,21 @@ _TR_RENAMES: list[tuple[re.Pattern[str], str]] = [
      r"transformer.layers.\1.norm2.weight"),
     (re.compile(r"depth_decoder\.text_embed_tokens\.weight"), "depformer.slices.0.emb.weight"),
 ]
-_TR_QKV = re.compile(r"decoder\.model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.linear\.weight")
+_TR_QKV = re.compile(r"decoder\.model\.layers\.(\d+)\.self_attn\.([qkv])_proj(?:\.linear)?\.weight")
 _TR_DEP_EMB = re.compile(r"depth_decoder\.embed_tokens\.(\d+)\.weight")
 # Depth-decoder tensors stacked over the dep_q slices on dim 0 -> our per-slice name.
 _TR_DEP_STACKED: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"depth_decoder\.input_projections\.weight"), "linear_in.weight"),
     (re.compile(r"depth_decoder\.lm_heads\.weight"), "linear_out.weight"),
-    (re.compile(r"depth_decoder\.layers\.(\d+)\.self_attn\.o_proj\.linear\.weight"),
+    (re.compile(r"depth_decoder\.layers\.(\d+)\.self_attn\.o_proj(?:\.linear)?\.weight"),
      r"transformer.layers.\1.self_attn.out_proj.weight"),
     (re.compile(r"depth_decoder\.layers\.(\d+)\.mlp\.fc1\.weight"),
      r"transformer.layers.\1.gating.linear_in.weight"),
     (re.compile(r"depth_decoder\.layers\.(\d+)\.mlp\.fc2\.weight"),
      r"transformer.layers.\1.gating.linear_out.weight"),
 ]
-_TR_DEP_QKV = re.compile(r"depth_decoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.linear\.weight")
+_TR_DEP_QKV = re.compile(
+    r"depth_decoder\.layers\.(\d+)\.self_attn\.([qkv])_proj(?:\.linear)?\.weight")
 _TR_DEP_NORM = re.compile(r"depth_decoder\.layers\.(\d+)\.(input|post_attention)_layernorm\.weight")
 _QKV_INDEX = {"q": 0, "k": 1, "v": 2}
 
