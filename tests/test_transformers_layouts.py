@@ -198,3 +198,18 @@ def test_bundled_mimi_loads_with_its_audio_encoder_config(transformers_moshi):
     codes = mimi.encode(pcm)
     assert codes.shape == (1, 8, 3)
     assert mimi.decode(codes).shape == (1, 1, 3 * 1920)
+
+
+def test_projections_without_the_linear_level_load_the_same(transformers_moshi, golden,
+                                                           tmp_path):
+    # Older conversions named the projections `self_attn.q_proj.weight` (no `.linear`).
+    from moshi_mlx.safetensors import read_safetensors
+
+    tensors = {name.replace("_proj.linear.", "_proj."): array for name, array in
+               read_safetensors(transformers_moshi / "model.safetensors").items()}
+    assert not any(".linear." in name for name in tensors)
+    _write(tmp_path / "model.safetensors", tensors)
+    shutil.copy(transformers_moshi / "config.json", tmp_path / "config.json")
+    result = run_greedy(load_lm(tmp_path, dtype=mx.float32), golden["user_codes"], steps=5)
+    np.testing.assert_array_equal(result["text"], golden["torch_f32_text"][:5])
+    np.testing.assert_array_equal(result["audio_raw"], golden["torch_f32_audio_raw"][:5])
