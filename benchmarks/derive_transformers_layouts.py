@@ -8,9 +8,14 @@ Three steps, in two environments (the package never imports transformers or torc
        python benchmarks/derive_transformers_layouts.py derive --scripts DIR --out OUT
 
    DIR holds the two conversion scripts of the transformers repository (they are not in the
-   wheel): src/transformers/models/mimi/convert_mimi_checkpoint_to_pytorch.py and
-   src/transformers/models/moshi/convert_moshi_transformers.py. Their own `convert_checkpoint`
-   makes
+   wheel): src/transformers/models/mimi/convert_mimi_checkpoint_to_pytorch.py (read at commit
+   bd8ef8983d221a5b7af77f419211bd534028a606) and
+   src/transformers/models/moshi/convert_moshi_transformers.py (commit
+   2f856f50b4d248f8a4f8ccc72df3d0cfe85a6d16). Used with transformers 5.24.0 and torch 2.13
+   (CPU). The Moshi script's `convert_checkpoint` runs as it is; the Mimi script's renaming
+   (`_convert_model`, `convert_list`) fills a stand-in model (`_SavedLayout`), because
+   transformers 5 nests MimiModel's modules differently in memory than in its checkpoints.
+   They make
      - OUT/mimi: the tests' real-size random Mimi (tests/.cache, see tests/mimi_random.py) as a
        `MimiModel` folder (config.json + model.safetensors, like kyutai/mimi);
      - OUT/moshi: the tiny Moshi LM (tests/fixtures/lm_pytorch.safetensors + lm_config.json) as a
