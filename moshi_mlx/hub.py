@@ -10,6 +10,7 @@ the file and what to pass instead.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import threading
 import urllib.request
@@ -29,6 +30,9 @@ MODEL_FILES: dict[int | None, str] = {
 MIMI_NAME = "tokenizer-e351c8d8-checkpoint125.safetensors"
 MOSHI_TOKENIZER_NAME = "tokenizer_spm_32k_3.model"
 MANIFEST_NAME = "manifest.json"
+# transformers checkpoints (save_pretrained): one file, or shards listed by an index.
+TRANSFORMERS_WEIGHTS = "model.safetensors"
+TRANSFORMERS_INDEX = "model.safetensors.index.json"
 
 # Official repos name their quantization: kyutai/moshiko-mlx-q4, ...-q8, ...-bf16.
 _REPO_SUFFIXES: dict[int | None, str] = {4: "-q4", 8: "-q8", None: "-bf16"}
@@ -81,6 +85,59 @@ def model_file(weights: str | os.PathLike, quantize: int | None) -> Path:
                            "fix -q")
     check_repo_name(str(weights), quantize)
     return resolve_file(weights, wanted)
+
+
+def transformers_weight_files(path_or_repo: str | os.PathLike) -> list[Path] | None:
+    """The weight files of a transformers checkpoint folder or repo: model.safetensors, or
+    the shards its model.safetensors.index.json lists (in order); None when it has neither."""
+    single = optional_file(path_or_repo, TRANSFORMERS_WEIGHTS)
+    if single is not None:
+        return [single]
+    index = optional_file(path_or_repo, TRANSFORMERS_INDEX)
+    if index is None:
+        return None
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise WeightsError(f"{index} is not a valid safetensors index") from None
+    return [resolve_file(path_or_repo, shard) for shard in shards]
+
+
+def mimi_files(path_or_repo: str | os.PathLike) -> tuple[list[Path], Path | None]:
+    """Mimi's weight file(s) and the config.json that describes them, if any.
+
+    A file is taken as it is (with a config.json beside it). A folder or repo gives the
+    official file (tokenizer-e351c8d8-checkpoint125.safetensors) when it has one, else a
+    transformers checkpoint: model.safetensors or its shards, with config.json (kyutai/mimi;
+    a transformers Moshi checkpoint bundles its Mimi the same way)."""
+    path = Path(path_or_repo).expanduser()
+    if path.is_file():
+        beside = path.parent / CONFIG_NAME
+        return [path], beside if beside.is_file() else None
+    try:
+        return [resolve_file(path_or_repo, MIMI_NAME)], None
+    except WeightsError as official_error:
+        files = transformers_weight_files(path_or_repo)
+        if files is None:
+            raise WeightsError(f"{official_error} (nor a transformers {TRANSFORMERS_WEIGHTS})"
+                               ) from None
+    return files, optional_file(path_or_repo, CONFIG_NAME)
+
+
+def model_files(weights: str | os.PathLike, quantize: int | None) -> list[Path]:
+    """[`model_file`], or else the shards of a transformers checkpoint (a folder or repo with
+    model.safetensors.index.json; bf16, which -q quantizes while loading)."""
+    try:
+        return [model_file(weights, quantize)]
+    except WeightsError:
+        if Path(weights).expanduser().is_file():
+            raise
+        files = (transformers_weight_files(weights)
+                 if optional_file(weights, TRANSFORMERS_INDEX) is not None else None)
+        if not files:
+            raise
+        return files
 
 
 def optional_file(path_or_repo: str | os.PathLike, filename: str) -> Path | None:

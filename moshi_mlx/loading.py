@@ -30,12 +30,7 @@ from mlx.utils import tree_flatten
 
 from . import hub
 from .errors import WeightsError
-from .safetensors import (
-    SafetensorsHeader,
-    iter_tensors,
-    lazy_placeholders,
-    read_safetensors_header,
-)
+from .safetensors import CheckpointFiles
 
 FAMILIES: dict[str, str] = {
     "moshi": "moshi_mlx.models.lm",
@@ -248,6 +243,55 @@ def detect_quantization(tensors: dict[str, mx.array], plain_shapes: dict[str, tu
     return quantization
 
 
+# ---------------------------------------------------------------------------- fragments
+
+# A sanitize that needs several source tensors for one of ours (transformers' separate q/k/v
+# projections -> our fused in_proj) returns each piece as "<name>#<i>/<n>": part i of n,
+# joined in order along dim 0 once all n have been seen. Sanitize stays tensor by tensor.
+FRAGMENT = "#"
+
+
+def fragment_name(name: str, index: int, count: int) -> str:
+    return f"{name}{FRAGMENT}{index}/{count}"
+
+
+class FragmentJoiner:
+    """Collects fragments; `add` returns the finished tensors (a plain name at once, a
+    fragmented one when its last part arrives)."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, dict[int, mx.array]] = {}
+
+    def add(self, name: str, array: mx.array) -> list[tuple[str, mx.array]]:
+        if FRAGMENT not in name:
+            return [(name, array)]
+        key, _, part = name.rpartition(FRAGMENT)
+        index, count = (int(n) for n in part.split("/"))
+        parts = self.pending.setdefault(key, {})
+        parts[index] = array
+        if len(parts) < count:
+            return []
+        del self.pending[key]
+        return [(key, mx.concatenate([parts[i] for i in range(count)], axis=0))]
+
+    def check_done(self, source: str) -> None:
+        if self.pending:
+            key, parts = next(iter(self.pending.items()))
+            raise WeightsError(f"{source} lacks part of {key} (has {len(parts)} of its "
+                               "pieces, e.g. the q/k/v projections of one layer)")
+
+
+def sanitized(family: ModuleType, config: Any, tensors, source: str):
+    """(source name, array) pairs -> (our name, array, source name) through the family's
+    sanitize, fragments joined (the source name of a joined tensor is its last piece's)."""
+    joiner = FragmentJoiner()
+    for name, array in tensors:
+        for key, value in family.sanitize({name: array}, config).items():
+            for done, joined in joiner.add(key, value):
+                yield done, joined, name
+    joiner.check_done(source)
+
+
 # ---------------------------------------------------------------------------- checks
 
 
@@ -295,54 +339,56 @@ def check_tensors(model: nn.Module, tensors: dict[str, mx.array], source: str,
 class Checkpoint:
     """A checked checkpoint, not yet read: what `load_model` and the converter work from."""
 
-    path: Path
-    header: SafetensorsHeader
+    files: CheckpointFiles  # one file, or the shards of a sharded checkpoint
     model_type: str
     family: ModuleType
     config: Any
     quantization: Quantization | None  # of the file
 
     @property
+    def path(self) -> Path:
+        return self.files.path
+
+    @property
     def name(self) -> str:
-        return self.path.name
+        return self.files.name
 
     def read(self) -> dict[str, mx.array]:
         """Every tensor, read one at a time and sanitized into our layout."""
-        tensors: dict[str, mx.array] = {}
-        for name, _raw, array in iter_tensors(self.header):
-            tensors.update(self.family.sanitize({name: array}, self.config))
-        return tensors
+        pairs = ((name, array) for name, _raw, array in self.files.iter_tensors())
+        return {key: array for key, array, _ in
+                sanitized(self.family, self.config, pairs, self.name)}
 
 
-def inspect_checkpoint(path: str | os.PathLike, config: Any = None,
+def inspect_checkpoint(path: str | os.PathLike | list[Path], config: Any = None,
                        model_types: tuple[str, ...] = ("moshi", "stt")) -> Checkpoint:
-    """Check a weight file from its header alone against its config (see resolve_config)."""
-    path = Path(path)
-    header = read_safetensors_header(path)
-    resolved = resolve_config(config, path, model_types)
+    """Check a weight file (or the list of a sharded checkpoint's files) from its header
+    alone against its config (see resolve_config)."""
+    paths = [Path(p) for p in path] if isinstance(path, (list, tuple)) else [Path(path)]
+    files = CheckpointFiles.read(paths)
+    name = files.name
+    resolved = resolve_config(config, files.path, model_types)
     family, cfg = resolved.family, resolved.config
-    if not header.tensors:
-        raise WeightsError(f"{path.name} holds no tensors: not a {describe(family, cfg)} "
-                           "checkpoint")
+    if not files.owner:
+        raise WeightsError(f"{name} holds no tensors: not a {describe(family, cfg)} checkpoint")
     mapped: dict[str, mx.array] = {}
     origin: dict[str, str] = {}
-    for name, placeholder in lazy_placeholders(header).items():
-        for key, array in family.sanitize({name: placeholder}, cfg).items():
-            mapped[key] = array
-            origin[key] = name
+    for key, array, source in sanitized(family, cfg, files.placeholders().items(), name):
+        mapped[key] = array
+        origin[key] = source
     if hasattr(family, "fit_config"):  # optional parts (e.g. STT's VAD heads) the file has
         cfg = family.fit_config(cfg, mapped)
     plain = family.Model(cfg)
     plain_shapes = {k: tuple(v.shape) for k, v in tree_flatten(plain.parameters())}
-    quantization = detect_quantization(mapped, plain_shapes, path.name)
+    quantization = detect_quantization(mapped, plain_shapes, name)
     if resolved.quantization is not None and resolved.quantization != quantization:
         found = "not quantized" if quantization is None else f"{quantization.bits}-bit"
         raise WeightsError(f"{resolved.source} says {resolved.quantization.bits}-bit "
-                           f"quantization, but {path.name} is {found}")
+                           f"quantization, but {name} is {found}")
     if quantization is not None:
         apply_quantization(plain, family, quantization)
-    check_tensors(plain, mapped, path.name, describe(family, cfg), family.STORED_DTYPE, origin)
-    return Checkpoint(path, header, resolved.model_type, family, cfg, quantization)
+    check_tensors(plain, mapped, name, describe(family, cfg), family.STORED_DTYPE, origin)
+    return Checkpoint(files, resolved.model_type, family, cfg, quantization)
 
 
 def check_requested_bits(checkpoint: Checkpoint, quantize: int | None) -> None:
@@ -383,7 +429,7 @@ def load_model(weights: str | os.PathLike, config: Any = None, quantize: int | N
     """
     check_quantize(quantize)
     compute = resolve_dtype(dtype)
-    checkpoint = inspect_checkpoint(hub.model_file(weights, quantize), config, model_types)
+    checkpoint = inspect_checkpoint(hub.model_files(weights, quantize), config, model_types)
     check_requested_bits(checkpoint, quantize)
     family, cfg = checkpoint.family, checkpoint.config
     tensors = checkpoint.read()

@@ -182,6 +182,85 @@ def lazy_placeholders(header: SafetensorsHeader) -> dict[str, mx.array]:
             for name, info in header.tensors.items()}
 
 
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """One checkpoint in one safetensors file or in several shards (transformers'
+    model-0000i-of-0000N.safetensors): the checked headers, and which file holds each tensor.
+    Tensors are read one at a time, shard after shard."""
+
+    headers: tuple[SafetensorsHeader, ...]
+    owner: dict[str, SafetensorsHeader]
+
+    @classmethod
+    def read(cls, paths: list[Path] | tuple[Path, ...]) -> CheckpointFiles:
+        headers = tuple(read_safetensors_header(path) for path in paths)
+        owner: dict[str, SafetensorsHeader] = {}
+        for header in headers:
+            for name in header.tensors:
+                if name in owner:
+                    raise WeightsError(f"tensor {name} is in both {owner[name].path.name} and "
+                                       f"{header.path.name}")
+                owner[name] = header
+        return cls(headers, owner)
+
+    @property
+    def path(self) -> Path:
+        """The file, or the first shard."""
+        return self.headers[0].path
+
+    @property
+    def name(self) -> str:
+        if len(self.headers) == 1:
+            return self.path.name
+        return f"{self.path.parent.name}/ ({len(self.headers)} shards)"
+
+    @property
+    def tensors(self) -> dict[str, TensorInfo]:
+        return {name: header.tensors[name] for name, header in self.owner.items()}
+
+    def in_file_order(self) -> list[str]:
+        return [name for header in self.headers for name in header.in_file_order()]
+
+    def placeholders(self) -> dict[str, mx.array]:
+        return {name: array for header in self.headers
+                for name, array in lazy_placeholders(header).items()}
+
+    def iter_tensors(self) -> Iterator[tuple[str, bytes, mx.array]]:
+        for header in self.headers:
+            yield from iter_tensors(header)
+
+    def sha256(self) -> str:
+        """sha256 of the file; of a sharded checkpoint, of its shards' bytes in order."""
+        digest = hashlib.sha256()
+        for header in self.headers:
+            with open(header.path, "rb") as f:
+                while block := f.read(16 * 1024 * 1024):
+                    digest.update(block)
+        return digest.hexdigest()
+
+
+class TensorReader:
+    """Random access to a checkpoint's tensors by name (files opened once, closed on exit)."""
+
+    def __init__(self, files: CheckpointFiles) -> None:
+        self.files = files
+        self._open: dict[Path, BinaryIO] = {}
+
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for f in self._open.values():
+            f.close()
+        self._open.clear()
+
+    def read(self, name: str) -> mx.array:
+        header = self.files.owner[name]
+        if header.path not in self._open:
+            self._open[header.path] = open(header.path, "rb")  # noqa: SIM115 (closed on exit)
+        return read_tensor(self._open[header.path], header, name)[1]
+
+
 # --------------------------------------------------------------------------------------------
 # writing
 

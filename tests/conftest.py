@@ -174,3 +174,13 @@ def firefox_executable() -> str:
     if not os.access(FIREFOX, os.X_OK):
         unavailable(f"no Firefox ESR: {FIREFOX} is missing (apt-get install firefox-esr)")
     return FIREFOX
+
+
+@pytest.fixture(scope="session")
+def transformers_moshi() -> Path:
+    """The tiny Moshi LM as a transformers folder (config.json + model.safetensors), rebuilt
+    from lm_pytorch.safetensors and checked tensor by tensor against the manifest of the file
+    transformers' conversion script made (tests/transformers_layout.py)."""
+    from transformers_layout import ensure_transformers_moshi
+
+    return ensure_transformers_moshi(Path(__file__).parent / ".cache")

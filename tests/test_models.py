@@ -1,7 +1,8 @@
 """One runner over a tiny config of every model family (in the spirit of mlx-lm's
-test_models.py): the model builds from its config.json, both official layouts sanitize to the
-same parameters, quantize-on-load (q4, q8) equals loading the converter's quantized file,
-streaming through the cache equals one whole-sequence pass, and batch rows are independent.
+test_models.py): the model builds from its config.json, every layout (official, transformers)
+sanitizes to the same parameters, quantize-on-load (q4, q8) equals loading the converter's
+quantized file, streaming through the cache equals one whole-sequence pass, and batch rows are
+independent.
 
 A family joins by adding a `FamilyCase` to `CASES`.
 """
@@ -30,7 +31,9 @@ class FamilyCase:
     name: str
     model_types: tuple[str, ...]
     config: Path
-    layouts: dict[str, Path]  # official layouts of the same weights; the first is converted
+    # Layouts of the same weights (a path, or a function that makes the file); the first is
+    # converted.
+    layouts: dict[str, Path | Callable[[], Path]]
     # (model, inputs [B, T, dim], caches) -> outputs [B, T, dim]: the sequence model
     run: Callable[[nn.Module, mx.array, Any], mx.array]
     make_cache: Callable[[nn.Module], Any]
@@ -42,12 +45,23 @@ def _lm_run(model, x, caches):
     return model.transformer(x, caches)
 
 
+def _transformers_moshi() -> Path:
+    from transformers_layout import ensure_transformers_moshi
+
+    return ensure_transformers_moshi(Path(__file__).parent / ".cache") / "model.safetensors"
+
+
+def layout_path(layout: Path | Callable[[], Path]) -> Path:
+    return layout if isinstance(layout, Path) else layout()
+
+
 CASES = [
     FamilyCase(
         name="moshi",
         model_types=("moshi",),
         config=FIXTURES / "lm_config.json",
-        layouts={"pytorch": FIXTURES / "lm_pytorch.safetensors"},
+        layouts={"pytorch": FIXTURES / "lm_pytorch.safetensors",
+                 "transformers": _transformers_moshi},
         run=_lm_run,
         make_cache=lambda model: model.make_cache(),
         dim=lambda model: model.cfg.dim,
@@ -74,7 +88,7 @@ def case(request) -> FamilyCase:
 def converted(case, tmp_path_factory) -> dict[int | None, Path]:
     """The converter's bf16 / q8 / q4 folders of the case's first layout."""
     root = tmp_path_factory.mktemp(f"converted_{case.name}")
-    source = next(iter(case.layouts.values()))
+    source = layout_path(next(iter(case.layouts.values())))
     return {bits: convert(root / str(bits), input_path=source, config=case.config,
                           bits=bits).model_file
             for bits in (None, *case.quantize)}
@@ -111,15 +125,15 @@ def test_builds_from_its_config_json(case):
 
 def test_every_layout_and_our_converted_file_give_the_same_model(case, converted):
     reference = load(case, converted[None])
-    for name, path in case.layouts.items():
-        assert_same_parameters(load(case, path), reference), name
+    for name, layout in case.layouts.items():
+        assert_same_parameters(load(case, layout_path(layout)), reference), name
 
 
 @pytest.mark.parametrize(
     ("case", "bits"), [(c, bits) for c in CASES for bits in c.quantize], indirect=["case"],
     ids=[f"{c.name}-q{bits}" for c in CASES for bits in c.quantize])
 def test_quantize_on_load_equals_the_converted_quantized_file(case, converted, bits):
-    on_load = load(case, next(iter(case.layouts.values())), quantize=bits)
+    on_load = load(case, layout_path(next(iter(case.layouts.values()))), quantize=bits)
     assert any(isinstance(m, nn.QuantizedLinear) for _, m in on_load.named_modules())
     assert_same_parameters(on_load, load(case, converted[bits]))
 

@@ -33,6 +33,7 @@ from moshi_mlx.errors import WeightsError
 from moshi_mlx.loading import (
     DEFAULT_MODEL_TYPE,
     FAMILIES,
+    FRAGMENT,
     QUANTIZATIONS,
     Checkpoint,
     Quantization,
@@ -40,12 +41,12 @@ from moshi_mlx.loading import (
     quantizable_weights,
     quantize_tensor,
     read_config_json,
+    sanitized,
 )
 from moshi_mlx.safetensors import (
     PlannedTensor,
     SafetensorsStreamWriter,
-    iter_tensors,
-    lazy_placeholders,
+    TensorReader,
     planned,
 )
 
@@ -59,7 +60,7 @@ MANAGED_NAMES = {*hub.MODEL_FILES.values(), hub.MOSHI_TOKENIZER_NAME, hub.MIMI_N
 
 @dataclass
 class Sources:
-    weights: Path
+    weights: list[Path]  # one file, or a transformers checkpoint's shards
     config: Path | None = None
     tokenizer: Path | None = None
     mimi: Path | None = None
@@ -89,7 +90,7 @@ def find_sources(
     if (hf_repo is None) == (input_path is None):
         raise WeightsError("give exactly one of --hf-repo or --input")
     if hf_repo is not None:
-        sources = Sources(hub.resolve_file(hf_repo, hub.MODEL_FILES[None]), description=hf_repo)
+        sources = Sources(hub.model_files(hf_repo, None), description=hf_repo)
         sources.config = hub.optional_file(hf_repo, hub.CONFIG_NAME)
         names = _extra_names(sources.config)
         sources.tokenizer = hub.optional_file(hf_repo, names["tokenizer"])
@@ -100,7 +101,7 @@ def find_sources(
             raise WeightsError(f"{weights} is a folder: use --hf-repo for a model folder")
         if not weights.is_file():
             raise WeightsError(f"{weights}: no such file")
-        sources = Sources(weights, description=str(weights))
+        sources = Sources([weights], description=str(weights))
         # Standard names beside the input file are taken along, like a repo's.
         sources.config = hub.optional_file(weights.parent, hub.CONFIG_NAME)
         for attr, filename in _extra_names(sources.config).items():
@@ -189,31 +190,53 @@ def prepare_out_dir(out_dir: Path, force: bool) -> None:
 
 
 class _Mapping:
-    """One source tensor -> its output tensors: the loader's sanitize, then quantization of
-    the weights the family quantizes."""
+    """Source tensors -> output tensors: the loader's sanitize (fragments joined), then
+    quantization of the weights the family quantizes.
+
+    The output is written in sorted name order, whatever the source layout, so every layout of
+    the same weights gives the same bytes. Each output comes from a group of source tensors
+    (usually one; the q/k/v projections of a transformers layer together), read when needed:
+    memory holds one group at a time (a source tensor that fans out to several outputs, e.g.
+    a stacked depformer matrix, is read again for outputs written apart)."""
 
     def __init__(self, checkpoint: Checkpoint, quantization: Quantization | None) -> None:
         self.checkpoint = checkpoint
         self.quantization = quantization
         self.quantizable = (quantizable_weights(checkpoint.family, checkpoint.config)
                             if quantization is not None else frozenset())
+        files = checkpoint.files
+        placeholders = files.placeholders()
+        producers: dict[str, list[str]] = {}
+        for name in files.in_file_order():
+            mapped = checkpoint.family.sanitize({name: placeholders[name]}, checkpoint.config)
+            for key in mapped:
+                producers.setdefault(key.split(FRAGMENT)[0], []).append(name)
+        self.group_of: dict[str, tuple[str, ...]] = {}  # output name -> its source names
+        self.plan: list[PlannedTensor] = []
+        for group in dict.fromkeys(tuple(names) for names in producers.values()):
+            for key, array in self.outputs(group, placeholders).items():
+                self.group_of[key] = group
+                self.plan.append(planned(key, array))
+        self.plan.sort(key=lambda entry: entry.name)
 
-    def outputs(self, name: str, tensor: mx.array) -> list[tuple[str, mx.array]]:
-        mapped = self.checkpoint.family.sanitize({name: tensor}, self.checkpoint.config)
-        if self.quantization is None:
-            return list(mapped.items())
-        return [part for key, array in mapped.items()
-                for part in (quantize_tensor(key, array, self.quantization)
-                             if key in self.quantizable else [(key, array)])]
+    def outputs(self, group: tuple[str, ...], arrays: dict[str, mx.array]
+                ) -> dict[str, mx.array]:
+        checkpoint = self.checkpoint
+        out: dict[str, mx.array] = {}
+        pairs = ((name, arrays[name]) for name in group)
+        for key, array, _ in sanitized(checkpoint.family, checkpoint.config, pairs,
+                                       checkpoint.name):
+            if key in self.quantizable:
+                out.update(quantize_tensor(key, array, self.quantization))
+            else:
+                out[key] = array
+        return out
 
 
 def plan_weights(mapping: _Mapping) -> list[PlannedTensor]:
     """Names, dtypes and shapes of every output tensor, in write order, without reading data:
     the same mapping runs on lazy placeholders that are never evaluated."""
-    header = mapping.checkpoint.header
-    placeholders = lazy_placeholders(header)
-    return [planned(key, array) for name in header.in_file_order()
-            for key, array in mapping.outputs(name, placeholders[name])]
+    return mapping.plan
 
 
 def write_weights(
@@ -221,31 +244,28 @@ def write_weights(
     plan: list[PlannedTensor],
     f: BinaryIO,
     progress: Callable[[int], None] | None = None,
-) -> tuple[str, str]:
-    """Stream the converted tensors of `plan` into `f`; returns (source sha256, output sha256)."""
-    header = mapping.checkpoint.header
+) -> str:
+    """Stream the converted tensors of `plan` into `f`; returns the output's sha256."""
     writer = SafetensorsStreamWriter(f, plan)
-    source_hash = hashlib.sha256()
-    with open(header.path, "rb") as source:
-        source_hash.update(source.read(header.header_bytes))
-    # Tensors are contiguous in file order (checked on reading the header), so header bytes
-    # plus every tensor's bytes in that order hash to the whole source file.
-    for name, raw, tensor in iter_tensors(header):
-        source_hash.update(raw)
-        del raw
-        for key, array in mapping.outputs(name, tensor):
+    group: tuple[str, ...] = ()
+    outputs: dict[str, mx.array] = {}
+    with TensorReader(mapping.checkpoint.files) as source:
+        for entry in plan:
+            if mapping.group_of[entry.name] != group:
+                group = mapping.group_of[entry.name]
+                outputs = mapping.outputs(group, {name: source.read(name) for name in group})
+            array = outputs[entry.name]
             mx.eval(array)
-            writer.write(key, array)
-        del tensor
-        if progress is not None:
-            progress(header.tensors[name].nbytes)
-    return source_hash.hexdigest(), writer.finish()
+            writer.write(entry.name, array)
+            if progress is not None:
+                progress(entry.nbytes)
+    return writer.finish()
 
 
 def _refuse_overwriting_sources(out: Path, sources: Sources) -> None:
     """The output folder must not be where the inputs are (with --force they would be removed
     before being read)."""
-    for path in (sources.weights, sources.config, sources.tokenizer, sources.mimi):
+    for path in (*sources.weights, sources.config, sources.tokenizer, sources.mimi):
         if path is not None and path.name in MANAGED_NAMES and out.is_dir() and (
             path.resolve().parent == out.resolve()
         ):
@@ -298,7 +318,7 @@ def convert(
                                     model_types=tuple(FAMILIES))
     if checkpoint.quantization is not None:
         raise WeightsError(
-            f"{sources.weights.name} is already {checkpoint.quantization.bits}-bit quantized; "
+            f"{checkpoint.name} is already {checkpoint.quantization.bits}-bit quantized; "
             "convert from a bf16 checkpoint"
         )
 
@@ -309,12 +329,12 @@ def convert(
     prepare_out_dir(out, force)
     _check_free_space(out, sum(entry.nbytes for entry in plan) + _copied_bytes(sources))
     model_file = out / hub.MODEL_FILES[bits]
-    header = checkpoint.header
-    data_bytes = header.file_size - header.header_bytes
     names = _extra_names(sources.config)
     try:
-        with _progress_bar(data_bytes) as bar, atomic_file(model_file) as f:
-            source_sha, model_sha = write_weights(mapping, plan, f, bar.update)
+        with _progress_bar(sum(entry.nbytes for entry in plan)) as bar, \
+                atomic_file(model_file) as f:
+            model_sha = write_weights(mapping, plan, f, bar.update)
+        source_sha = checkpoint.files.sha256()
         files = {model_file.name: model_file}
         for attr, given in (("tokenizer", sources.tokenizer), ("mimi", sources.mimi)):
             if given is not None:
@@ -339,7 +359,7 @@ def convert(
             "version": __version__,
             "source": {
                 "weights": sources.description,
-                "file": sources.weights.name,
+                "file": ", ".join(path.name for path in sources.weights),
                 "sha256": source_sha,
                 "model_type": checkpoint.model_type,
                 "config": str(sources.config) if sources.config else "built-in default",
@@ -365,10 +385,10 @@ def convert(
 def _output_config(source: Path | None, checkpoint: Checkpoint) -> dict[str, Any]:
     """The source's config keys as they are (official keys we do not model survive), or
     the default config's; a non-default family is named."""
-    if source is not None:
+    if source is not None and not _is_transformers_config(read_config_json(source)):
         data = read_config_json(source)
         data.pop("quantization", None)  # ours, when re-converting our own output
-    else:
+    else:  # none, or a transformers one: the official keys of what was read
         data = checkpoint.config.to_dict()
     if checkpoint.model_type != DEFAULT_MODEL_TYPE:
         data["model_type"] = checkpoint.model_type
@@ -378,3 +398,9 @@ def _output_config(source: Path | None, checkpoint: Checkpoint) -> dict[str, Any
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     with atomic_file(path) as f:
         f.write((json.dumps(data, indent=2) + "\n").encode("utf-8"))
+
+
+def _is_transformers_config(data: dict[str, Any]) -> bool:
+    """A transformers config.json (`architectures`, sub-configs): its keys are not the
+    official ones our folders carry."""
+    return "architectures" in data or "depth_decoder_config" in data

@@ -343,13 +343,24 @@ _PYTORCH_ONLY = re.compile(r"(^|\.)(emb\.\d+\.|depformer_in\.|linears\.|depforme
                            r"|depformer_emb\.|depformer\.layers\.)|\.alpha$|in_proj_weight$")
 
 
+# transformers layout (MoshiForConditionalGeneration: kmhf/hf-moshiko): every key is under one
+# of these prefixes, none of which the other layouts use.
+_TRANSFORMERS_ONLY = re.compile(r"^(decoder\.(model|lm_head)\.|depth_decoder\.|embed_tokens\.\d+\."
+                                r"|audio_encoder\.)")
+
+
 def sanitize(weights: dict[str, mx.array], config: LmConfig) -> dict[str, mx.array]:
-    """Tensors of either official layout (PyTorch or MLX) -> ours, lazily, tensor by tensor."""
-    if not any(_PYTORCH_ONLY.search(key) for key in weights):
-        return dict(weights)
+    """Tensors of any supported layout (official PyTorch or MLX, transformers) -> ours, lazily,
+    tensor by tensor. The layout is recognised per key. A transformers q/k/v projection
+    becomes one fragment of our fused in_proj (see `moshi_mlx.loading.FRAGMENT`)."""
     out: dict[str, mx.array] = {}
     for key, tensor in weights.items():
-        out.update(pytorch_to_mlx(key, tensor, config.dep_q))
+        if _TRANSFORMERS_ONLY.search(key):
+            out.update(transformers_to_mlx(key, tensor, config))
+        elif _PYTORCH_ONLY.search(key):
+            out.update(pytorch_to_mlx(key, tensor, config.dep_q))
+        else:
+            out[key] = tensor
     return out
 
 
@@ -417,3 +428,100 @@ def pytorch_to_mlx(key: str, tensor: mx.array, dep_q: int) -> list[tuple[str, mx
     raise WeightsError(f"unexpected tensor {key!r}: not part of a Moshi LM checkpoint")
 
 
+
+
+# --------------------------------------------------------------------------- transformers layout
+
+_TR_RENAMES: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(r"embed_tokens\.(\d+)\.weight"), r"audio_embs.\1.weight"),
+    (re.compile(r"decoder\.model\.embed_tokens\.weight"), "text_emb.weight"),
+    (re.compile(r"decoder\.lm_head\.weight"), "text_linear.weight"),
+    (re.compile(r"decoder\.model\.norm\.weight"), "out_norm.weight"),
+    (re.compile(r"decoder\.model\.layers\.(\d+)\.self_attn\.o_proj(?:\.linear)?\.weight"),
+     r"transformer.layers.\1.self_attn.out_proj.weight"),
+    (re.compile(r"decoder\.model\.layers\.(\d+)\.mlp\.fc1\.weight"),
+     r"transformer.layers.\1.gating.linear_in.weight"),
+    (re.compile(r"decoder\.model\.layers\.(\d+)\.mlp\.fc2\.weight"),
+     r"transformer.layers.\1.gating.linear_out.weight"),
+    (re.compile(r"decoder\.model\.layers\.(\d+)\.input_layernorm\.weight"),
+     r"transformer.layers.\1.norm1.weight"),
+    (re.compile(r"decoder\.model\.layers\.(\d+)\.post_attention_layernorm\.weight"),
+     r"transformer.layers.\1.norm2.weight"),
+    (re.compile(r"depth_decoder\.text_embed_tokens\.weight"), "depformer.slices.0.emb.weight"),
+]
+_TR_QKV = re.compile(r"decoder\.model\.layers\.(\d+)\.self_attn\.([qkv])_proj(?:\.linear)?\.weight")
+_TR_DEP_EMB = re.compile(r"depth_decoder\.embed_tokens\.(\d+)\.weight")
+# Depth-decoder tensors stacked over the dep_q slices on dim 0 -> our per-slice name.
+_TR_DEP_STACKED: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(r"depth_decoder\.input_projections\.weight"), "linear_in.weight"),
+    (re.compile(r"depth_decoder\.lm_heads\.weight"), "linear_out.weight"),
+    (re.compile(r"depth_decoder\.layers\.(\d+)\.self_attn\.o_proj(?:\.linear)?\.weight"),
+     r"transformer.layers.\1.self_attn.out_proj.weight"),
+    (re.compile(r"depth_decoder\.layers\.(\d+)\.mlp\.fc1\.weight"),
+     r"transformer.layers.\1.gating.linear_in.weight"),
+    (re.compile(r"depth_decoder\.layers\.(\d+)\.mlp\.fc2\.weight"),
+     r"transformer.layers.\1.gating.linear_out.weight"),
+]
+_TR_DEP_QKV = re.compile(
+    r"depth_decoder\.layers\.(\d+)\.self_attn\.([qkv])_proj(?:\.linear)?\.weight")
+_TR_DEP_NORM = re.compile(r"depth_decoder\.layers\.(\d+)\.(input|post_attention)_layernorm\.weight")
+_QKV_INDEX = {"q": 0, "k": 1, "v": 2}
+
+
+def _interleaved_rope_rows(tensor: mx.array, num_heads: int, key: str) -> mx.array:
+    """Undo transformers' q/k row permutation: its RoPE rotates the two halves of each head
+    (rows i and i + head_dim/2), ours (traditional) rotates adjacent rows (2i, 2i + 1)."""
+    rows, cols = tensor.shape[0], tensor.shape[-1]
+    if tensor.ndim != 2 or rows % (2 * num_heads):
+        raise WeightsError(f"tensor {key} of shape {tuple(tensor.shape)} does not hold "
+                           f"{num_heads} heads (transformers Moshi layout)")
+    half = rows // num_heads // 2
+    return (tensor.reshape(num_heads, 2, half, cols).transpose(0, 2, 1, 3)
+            .reshape(rows, cols))
+
+
+def _slices(tensor: mx.array, dep_q: int, key: str) -> list[mx.array]:
+    if tensor.ndim != 3 or tensor.shape[0] != dep_q:
+        raise WeightsError(f"tensor {key} of shape {tuple(tensor.shape)} does not stack the "
+                           f"{dep_q} depformer slices (transformers Moshi layout)")
+    return [tensor[k] for k in range(dep_q)]
+
+
+def transformers_to_mlx(key: str, tensor: mx.array, config: LmConfig
+                        ) -> list[tuple[str, mx.array]]:
+    """One transformers-layout tensor -> its MLX-layout tensors or fragments (lazy).
+
+    The codec bundled in the file (`audio_encoder.*`) is not part of the LM: dropped here
+    (`load_mimi` reads it from the same file). Fused in_proj = [q; k; v] rows: each of
+    q_proj / k_proj / v_proj is fragment 0 / 1 / 2 of 3, joined by the loader.
+    """
+    from ..loading import fragment_name
+
+    if key.startswith("audio_encoder."):
+        return []
+    for pattern, target in _TR_RENAMES:
+        if pattern.fullmatch(key):
+            return [(pattern.sub(target, key), tensor)]
+    if match := _TR_QKV.fullmatch(key):
+        part = _QKV_INDEX[match[2]]
+        if part < 2:
+            tensor = _interleaved_rope_rows(tensor, config.num_heads, key)
+        name = f"transformer.layers.{match[1]}.self_attn.in_proj.weight"
+        return [(fragment_name(name, part, 3), tensor)]
+    if match := _TR_DEP_EMB.fullmatch(key):
+        return [(f"depformer.slices.{int(match[1]) + 1}.emb.weight", tensor)]
+    for pattern, target in _TR_DEP_STACKED:
+        if pattern.fullmatch(key):
+            inner = pattern.sub(target, key)
+            return [(f"depformer.slices.{k}.{inner}", part)
+                    for k, part in enumerate(_slices(tensor, config.dep_q, key))]
+    if match := _TR_DEP_QKV.fullmatch(key):
+        name = f"transformer.layers.{match[1]}.self_attn.in_proj.weight"
+        return [(fragment_name(f"depformer.slices.{k}.{name}", _QKV_INDEX[match[2]], 3), part)
+                for k, part in enumerate(_slices(tensor, config.dep_q, key))]
+    if match := _TR_DEP_NORM.fullmatch(key):
+        norm = "norm1" if match[2] == "input" else "norm2"
+        return [(f"depformer.slices.{k}.transformer.layers.{match[1]}.{norm}.weight", tensor)
+                for k in range(config.dep_q)]
+    raise WeightsError(f"unexpected tensor {key!r}: not part of a transformers-layout Moshi "
+                       "LM (MoshiForConditionalGeneration) checkpoint")

@@ -156,6 +156,10 @@ class LmConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> LmConfig:
+        """From an official lm config.json, or a transformers `MoshiConfig` one (recognised by
+        its `depth_decoder_config`; see `from_transformers_moshi`)."""
+        if "depth_decoder_config" in data:
+            return cls.from_dict(from_transformers_moshi(data, source), source)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known - _METADATA_KEYS - set(_NEUTRAL_KEYS))
         if unknown:
@@ -230,3 +234,102 @@ def _gating_hidden(dim: int, dim_feedforward: int) -> int:
     if dim_feedforward == 4 * dim:
         return 21 * dim // 8
     return 2 * dim_feedforward // 3
+
+
+# ---------------------------------------------------------------------------- transformers
+
+# Keys of a transformers config that carry no architecture (or only what is checked below).
+_TRANSFORMERS_METADATA = frozenset(
+    {"architectures", "dtype", "torch_dtype", "transformers_version", "initializer_range",
+     "use_cache", "attention_dropout", "tie_word_embeddings", "pad_token_id", "bos_token_id",
+     "eos_token_id", "max_position_embeddings", "audio_encoder_config", "model_type",
+     "input_size", "audio_vocab_size", "vocab_size", "num_codebooks", "_name_or_path",
+     "output_attentions", "output_hidden_states", "return_dict", "is_encoder_decoder"}
+)
+_TRANSFORMERS_MAIN = frozenset(
+    {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+     "head_dim", "ffn_dim", "hidden_act", "rms_norm_eps", "sliding_window", "rope_theta",
+     "rope_parameters", "rope_scaling", "depth_decoder_config"}
+)
+_TRANSFORMERS_DEPTH = frozenset(
+    {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+     "head_dim", "ffn_dim", "hidden_act", "rms_norm_eps", "sliding_window"}
+)
+
+
+def from_transformers_moshi(data: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """A transformers `MoshiConfig` config.json (kmhf/hf-moshiko) -> official lm config keys.
+
+    transformers keeps the fused gated-MLP width (`ffn_dim` = 2 x hidden), a sliding window
+    as the context, RoPE only in the temporal transformer, and no acoustic delays: Moshi's
+    standard ones (0 for text and codebook 0, 1 for the others, for both audio streams) are
+    used. `audio_encoder_config` describes the bundled Mimi and is not read here.
+    """
+    depth = data.get("depth_decoder_config")
+    if not isinstance(depth, dict):
+        raise WeightsError(f"{source}: depth_decoder_config must be a JSON object")
+    for part, keys, where in ((data, _TRANSFORMERS_MAIN, ""), (depth, _TRANSFORMERS_DEPTH,
+                                                                "depth_decoder_config.")):
+        unknown = sorted(set(part) - keys - _TRANSFORMERS_METADATA)
+        if unknown:
+            raise WeightsError(f"{source}: unknown transformers Moshi config key(s): "
+                               + ", ".join(where + key for key in unknown))
+
+    def get(part: dict, key: str, default: Any = None) -> Any:
+        value = part.get(key, default)
+        if value is None:
+            raise WeightsError(f"{source}: transformers Moshi config lacks {key}")
+        return value
+
+    def check(ok: bool, message: str) -> None:
+        if not ok:
+            raise WeightsError(f"{source}: {message} (transformers Moshi layout)")
+
+    dim, heads = int(get(data, "hidden_size")), int(get(data, "num_attention_heads"))
+    depth_dim = int(get(depth, "hidden_size"))
+    depth_heads = int(get(depth, "num_attention_heads"))
+    for part, width, n, where in ((data, dim, heads, ""), (depth, depth_dim, depth_heads,
+                                                           "depth_decoder_config.")):
+        check(part.get("num_key_value_heads") in (None, n),
+              f"{where}num_key_value_heads must equal num_attention_heads (no grouped queries)")
+        check(part.get("head_dim") in (None, width // n), f"{where}head_dim must be hidden_size "
+              "/ num_attention_heads")
+        check(part.get("hidden_act", "silu") == "silu", f"{where}hidden_act must be silu")
+        check(float(part.get("rms_norm_eps", 1e-8)) == 1e-8,
+              f"{where}rms_norm_eps must be 1e-8 (float32 RMSNorm)")
+        check(int(get(part, "ffn_dim")) % 2 == 0, f"{where}ffn_dim must be even")
+    rope = data.get("rope_parameters") or {}
+    check(data.get("rope_scaling") is None and rope.get("rope_type", "default") == "default",
+          "only the default RoPE is supported")
+    dep_q = int(get(data, "num_codebooks", 8))
+    card = data.get("audio_vocab_size") or (data.get("audio_encoder_config") or {}).get(
+        "codebook_size", 2048)
+    hidden = int(data["ffn_dim"]) // 2
+    depth_hidden = int(depth["ffn_dim"]) // 2
+    mapped = {
+        "dim": dim,
+        "text_card": int(get(data, "vocab_size")),
+        "n_q": 2 * dep_q,
+        "dep_q": dep_q,
+        "card": int(card),
+        "num_heads": heads,
+        "num_layers": int(get(data, "num_hidden_layers")),
+        # hidden = 2/3 of int(hidden_scale * dim) (official rule): exact for official sizes
+        "hidden_scale": 1.5 * hidden / dim,
+        "context": int(get(data, "sliding_window", 3000)),
+        "max_period": float(rope.get("rope_theta", data.get("rope_theta", 10000.0))),
+        "norm": "rms_norm_f32",
+        "positional_embedding": "rope",
+        "depformer_dim": depth_dim,
+        "depformer_dim_feedforward": 3 * depth_hidden // 2,
+        "depformer_num_heads": depth_heads,
+        "depformer_num_layers": int(get(depth, "num_hidden_layers")),
+        "depformer_context": int(get(depth, "sliding_window", 8)),
+        "depformer_pos_emb": "none",
+        "delays": [0] + 2 * ([0] + [1] * (dep_q - 1)),
+    }
+    check(_gating_hidden(dim, int(mapped["hidden_scale"] * dim)) == hidden,
+          f"ffn_dim {data['ffn_dim']} has no official hidden_scale")
+    check(_gating_hidden(depth_dim, mapped["depformer_dim_feedforward"]) == depth_hidden,
+          f"depth_decoder_config.ffn_dim {depth['ffn_dim']} has no official feed-forward size")
+    return mapped

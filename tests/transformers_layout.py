@@ -1,0 +1,138 @@
+"""The tiny Moshi LM in the transformers layout (MoshiForConditionalGeneration), rebuilt here
+from tests/fixtures/lm_pytorch.safetensors with numpy alone, and proven identical to the file
+transformers' own conversion script made (benchmarks/derive_transformers_layouts.py): every
+tensor's dtype, shape and sha256 must equal tests/fixtures/lm_transformers.manifest.json.
+
+The rebuild follows transformers' conversion: separate q/k/v projections, q and k rows in the
+half-split RoPE order, depformer matrices stacked over the 8 slices, RMSNorm gains flat, and a
+tiny random MimiModel bundled under `audio_encoder.` (values from a seeded generator per name).
+bfloat16 tensors are handled as their raw 16-bit patterns, so the rebuild is bit-exact.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+FIXTURES = Path(__file__).parent / "fixtures"
+MANIFEST = FIXTURES / "lm_transformers.manifest.json"
+CONFIG = FIXTURES / "lm_transformers_config.json"
+
+
+def _read_bf16(path: Path) -> dict[str, np.ndarray]:
+    """Raw uint16 patterns of a bf16 safetensors file."""
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    header.pop("__metadata__", None)
+    out = {}
+    for name, entry in header.items():
+        assert entry["dtype"] == "BF16", name
+        start, end = (8 + length + offset for offset in entry["data_offsets"])
+        out[name] = np.frombuffer(data[start:end], "<u2").reshape(entry["shape"])
+    return out
+
+
+def _write_bf16(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    header, offset, blobs = {"__metadata__": {"format": "pt"}}, 0, []
+    for name in sorted(tensors):
+        blob = np.ascontiguousarray(tensors[name], "<u2").tobytes()
+        header[name] = {"dtype": "BF16", "shape": list(tensors[name].shape),
+                        "data_offsets": [offset, offset + len(blob)]}
+        offset += len(blob)
+        blobs.append(blob)
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + b"".join(blobs))
+
+
+def _bf16(values: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns, round to nearest even (as torch's .to(bfloat16))."""
+    bits = values.astype("<f4").view("<u4").astype(np.uint64)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2")
+
+
+def tiny_mimi_value(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    return (rng.standard_normal(shape) * 0.05).astype(np.float32)
+
+
+def _half_split_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """Our interleaved q/k rows (2i, 2i+1 rotate together) -> transformers' (i, i + d/2)."""
+    rows, cols = w.shape
+    return w.reshape(heads, rows // heads // 2, 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
+
+
+def rebuild(names_and_shapes: dict[str, list[int]]) -> dict[str, np.ndarray]:
+    pt = _read_bf16(FIXTURES / "lm_pytorch.safetensors")
+    lm = json.loads((FIXTURES / "lm_config.json").read_text())
+    heads, dep_q = lm["num_heads"], lm["dep_q"]
+    out: dict[str, np.ndarray] = {}
+    for k in range(lm["n_q"]):
+        out[f"embed_tokens.{k}.weight"] = pt[f"emb.{k}.weight"]
+    out["decoder.model.embed_tokens.weight"] = pt["text_emb.weight"]
+    out["decoder.lm_head.weight"] = pt["text_linear.weight"]
+    out["decoder.model.norm.weight"] = pt["out_norm.alpha"].reshape(-1)
+    for layer in range(lm["num_layers"]):
+        src, dst = f"transformer.layers.{layer}.", f"decoder.model.layers.{layer}."
+        q, k, v = np.split(pt[src + "self_attn.in_proj_weight"], 3)
+        out[dst + "self_attn.q_proj.linear.weight"] = _half_split_rope_rows(q, heads)
+        out[dst + "self_attn.k_proj.linear.weight"] = _half_split_rope_rows(k, heads)
+        out[dst + "self_attn.v_proj.linear.weight"] = v
+        out[dst + "self_attn.o_proj.linear.weight"] = pt[src + "self_attn.out_proj.weight"]
+        out[dst + "mlp.fc1.weight"] = pt[src + "gating.linear_in.weight"]
+        out[dst + "mlp.fc2.weight"] = pt[src + "gating.linear_out.weight"]
+        out[dst + "input_layernorm.weight"] = pt[src + "norm1.alpha"].reshape(-1)
+        out[dst + "post_attention_layernorm.weight"] = pt[src + "norm2.alpha"].reshape(-1)
+    out["depth_decoder.text_embed_tokens.weight"] = pt["depformer_text_emb.weight"]
+    for k in range(dep_q - 1):
+        out[f"depth_decoder.embed_tokens.{k}.weight"] = pt[f"depformer_emb.{k}.weight"]
+    out["depth_decoder.input_projections.weight"] = np.stack(
+        [pt[f"depformer_in.{k}.weight"] for k in range(dep_q)])
+    out["depth_decoder.lm_heads.weight"] = np.stack(
+        [pt[f"linears.{k}.weight"] for k in range(dep_q)])
+    for layer in range(lm["depformer_num_layers"]):
+        src, dst = f"depformer.layers.{layer}.", f"depth_decoder.layers.{layer}."
+        in_proj = pt[src + "self_attn.in_proj_weight"]
+        q, k, v = np.split(in_proj.reshape(dep_q, -1, in_proj.shape[-1]), 3, axis=1)
+        out[dst + "self_attn.q_proj.linear.weight"] = q
+        out[dst + "self_attn.k_proj.linear.weight"] = k
+        out[dst + "self_attn.v_proj.linear.weight"] = v
+        out_proj = pt[src + "self_attn.out_proj.weight"]
+        out[dst + "self_attn.o_proj.linear.weight"] = out_proj.reshape(dep_q, -1,
+                                                                       out_proj.shape[-1])
+        for part, fc in (("linear_in", "fc1"), ("linear_out", "fc2")):
+            out[dst + f"mlp.{fc}.weight"] = np.stack(
+                [pt[src + f"gating.{k}.{part}.weight"] for k in range(dep_q)])
+        out[dst + "input_layernorm.weight"] = pt[src + "norm1.alpha"].reshape(-1)
+        out[dst + "post_attention_layernorm.weight"] = pt[src + "norm2.alpha"].reshape(-1)
+    for name, shape in names_and_shapes.items():
+        if name.startswith("audio_encoder."):
+            out[name] = _bf16(tiny_mimi_value(name[len("audio_encoder."):], tuple(shape)))
+    return out
+
+
+def ensure_transformers_moshi(cache_dir: Path) -> Path:
+    """A folder like kmhf/hf-moshiko's (config.json + model.safetensors) holding the tiny LM;
+    rebuilt once into `cache_dir`, checked against the manifest every time."""
+    from references import safetensors_entries
+
+    manifest = json.loads(MANIFEST.read_text())["tensors"]
+    folder = cache_dir / "lm_transformers"
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = folder / "model.safetensors.partial"
+        _write_bf16(partial, rebuild({k: v["shape"] for k, v in manifest.items()}))
+        partial.replace(weights)
+    shutil.copy(CONFIG, folder / "config.json")
+    got = safetensors_entries(weights)
+    expected = {k: (v["dtype"], v["shape"], v["sha256"]) for k, v in manifest.items()}
+    assert got.keys() == expected.keys(), "tensor names differ from transformers' file"
+    wrong = sorted(k for k in expected if got[k] != expected[k])
+    assert not wrong, f"{len(wrong)} tensors differ from transformers' file: {wrong[:3]}"
+    return folder
