@@ -38,6 +38,9 @@ FAMILIES: dict[str, str] = {
     "csm": "moshi_mlx.models.csm",
 }
 DEFAULT_MODEL_TYPE = "moshi"
+# transformers' model_type of a family's checkpoints in its layout (the family's sanitize and
+# Config.from_dict read that layout); "moshi" and "csm" are the same name in both.
+MODEL_TYPE_ALIASES: dict[str, str] = {"kyutai_speech_to_text": "stt"}
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,7 @@ def resolve_config(config: Any, weights_path: Path | None,
         family = family_module(model_types[0])
         return ResolvedConfig(model_types[0], family, family.Config.default(), None, "default")
     model_type = data.get("model_type") or DEFAULT_MODEL_TYPE
+    model_type = MODEL_TYPE_ALIASES.get(model_type, model_type)
     family = family_module(model_type, source)
     if model_type not in model_types:
         raise WeightsError(f"{source} describes a {model_type} model, not "
