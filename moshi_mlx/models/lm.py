@@ -349,14 +349,22 @@ _TRANSFORMERS_ONLY = re.compile(r"^(decoder\.(model|lm_head)\.|depth_decoder\.|e
                                 r"|audio_encoder\.)")
 
 
+# transformers layout (KyutaiSpeechToTextForConditionalGeneration: kyutai/stt-*-trfs): every
+# key is under one of these prefixes, none of which the other layouts use.
+_TRANSFORMERS_STT_ONLY = re.compile(
+    r"^(model\.(embed_tokens|layers|norm)\.|lm_head\.|codec_model\.)")
+
+
 def sanitize(weights: dict[str, mx.array], config: LmConfig) -> dict[str, mx.array]:
-    """Tensors of any supported layout (official PyTorch or MLX, transformers) -> ours, lazily,
-    tensor by tensor. The layout is recognised per key. A transformers q/k/v projection
-    becomes one fragment of our fused in_proj (see `moshi_mlx.loading.FRAGMENT`)."""
+    """Tensors of any supported layout (official PyTorch or MLX, transformers Moshi or STT)
+    -> ours, lazily, tensor by tensor. The layout is recognised per key. A transformers q/k/v
+    projection becomes one fragment of our fused in_proj (see `moshi_mlx.loading.FRAGMENT`)."""
     out: dict[str, mx.array] = {}
     for key, tensor in weights.items():
         if _TRANSFORMERS_ONLY.search(key):
             out.update(transformers_to_mlx(key, tensor, config))
+        elif _TRANSFORMERS_STT_ONLY.search(key):
+            out.update(transformers_stt_to_mlx(key, tensor, config))
         elif _PYTORCH_ONLY.search(key):
             out.update(pytorch_to_mlx(key, tensor, config.dep_q))
         else:
@@ -468,13 +476,14 @@ _TR_DEP_NORM = re.compile(r"depth_decoder\.layers\.(\d+)\.(input|post_attention)
 _QKV_INDEX = {"q": 0, "k": 1, "v": 2}
 
 
-def _interleaved_rope_rows(tensor: mx.array, num_heads: int, key: str) -> mx.array:
+def _interleaved_rope_rows(tensor: mx.array, num_heads: int, key: str,
+                           layout: str = "Moshi") -> mx.array:
     """Undo transformers' q/k row permutation: its RoPE rotates the two halves of each head
     (rows i and i + head_dim/2), ours (traditional) rotates adjacent rows (2i, 2i + 1)."""
     rows, cols = tensor.shape[0], tensor.shape[-1]
     if tensor.ndim != 2 or rows % (2 * num_heads):
         raise WeightsError(f"tensor {key} of shape {tuple(tensor.shape)} does not hold "
-                           f"{num_heads} heads (transformers Moshi layout)")
+                           f"{num_heads} heads (transformers {layout} layout)")
     half = rows // num_heads // 2
     return (tensor.reshape(num_heads, 2, half, cols).transpose(0, 2, 1, 3)
             .reshape(rows, cols))
@@ -525,3 +534,77 @@ def transformers_to_mlx(key: str, tensor: mx.array, config: LmConfig
                 for k in range(config.dep_q)]
     raise WeightsError(f"unexpected tensor {key!r}: not part of a transformers-layout Moshi "
                        "LM (MoshiForConditionalGeneration) checkpoint")
+
+
+
+# --------------------------------------------------------------------------- transformers STT
+
+_TR_STT_RENAMES: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(r"model\.norm\.weight"), "out_norm.weight"),
+    (re.compile(r"model\.layers\.(\d+)\.self_attn\.o_proj(?:\.linear)?\.weight"),
+     r"transformer.layers.\1.self_attn.out_proj.weight"),
+    (re.compile(r"model\.layers\.(\d+)\.mlp\.fc1\.weight"),
+     r"transformer.layers.\1.gating.linear_in.weight"),
+    (re.compile(r"model\.layers\.(\d+)\.mlp\.fc2\.weight"),
+     r"transformer.layers.\1.gating.linear_out.weight"),
+    (re.compile(r"model\.layers\.(\d+)\.input_layernorm\.weight"),
+     r"transformer.layers.\1.norm1.weight"),
+    (re.compile(r"model\.layers\.(\d+)\.post_attention_layernorm\.weight"),
+     r"transformer.layers.\1.norm2.weight"),
+]
+_TR_STT_QKV = re.compile(r"model\.layers\.(\d+)\.self_attn\.([qkv])_proj(?:\.linear)?\.weight")
+_TR_STT_EMBEDDINGS = "model.embed_tokens.embed_tokens.weight"
+_TR_STT_HEAD = "lm_head.weight"
+
+
+def _stt_rows(tensor: mx.array, rows: int, key: str) -> mx.array:
+    if tensor.ndim != 2 or tensor.shape[0] != rows:
+        raise WeightsError(f"tensor {key} of shape {tuple(tensor.shape)} does not have the "
+                           f"{rows} rows this config gives it (transformers Kyutai STT layout)")
+    return tensor
+
+
+def transformers_stt_to_mlx(key: str, tensor: mx.array, config: LmConfig
+                            ) -> list[tuple[str, mx.array]]:
+    """One transformers STT tensor -> its MLX-layout tensors or fragments (lazy).
+
+    - the one embedding table holds text_emb (text_card + 1 rows), then each codebook's
+      card + 1 rows, then a zero row (transformers' audio padding id): split back;
+    - lm_head has a zero row for the initial text token: dropped;
+    - q_proj / k_proj / v_proj: fragments 0 / 1 / 2 of our fused in_proj, q and k rows put
+      back in the interleaved-RoPE order;
+    - the bundled codec (`codec_model.*`) is not part of the LM: dropped (`load_mimi` reads it
+      from the same file). No extra (VAD) heads in this layout (`vad_weights` adds them).
+
+    transformers' conversion script widens the embedding table and lm_head to float32 (it
+    concatenates a float32 zero row); their values are the bf16 ones, so they are stored
+    back as bf16 (exact), like every float32 tensor of this layout.
+    """
+    from ..loading import fragment_name
+
+    if key.startswith("codec_model."):
+        return []
+    if tensor.dtype == mx.float32:
+        tensor = tensor.astype(mx.bfloat16)
+    if key == _TR_STT_EMBEDDINGS:
+        text_rows, audio_rows = config.text_card + 1, config.card + 1
+        table = _stt_rows(tensor, text_rows + config.n_q * audio_rows + 1, key)
+        out = [("text_emb.weight", table[:text_rows])]
+        for k in range(config.n_q):
+            start = text_rows + k * audio_rows
+            out.append((f"audio_embs.{k}.weight", table[start : start + audio_rows]))
+        return out
+    if key == _TR_STT_HEAD:
+        return [("text_linear.weight",
+                 _stt_rows(tensor, config.text_card + 1, key)[: config.text_card])]
+    for pattern, target in _TR_STT_RENAMES:
+        if pattern.fullmatch(key):
+            return [(pattern.sub(target, key), tensor)]
+    if match := _TR_STT_QKV.fullmatch(key):
+        part = _QKV_INDEX[match[2]]
+        if part < 2:
+            tensor = _interleaved_rope_rows(tensor, config.num_heads, key, "Kyutai STT")
+        name = f"transformer.layers.{match[1]}.self_attn.in_proj.weight"
+        return [(fragment_name(name, part, 3), tensor)]
+    raise WeightsError(f"unexpected tensor {key!r}: not part of a transformers-layout Kyutai "
+                       "STT (KyutaiSpeechToTextForConditionalGeneration) checkpoint")

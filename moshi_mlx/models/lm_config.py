@@ -157,9 +157,13 @@ class LmConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> LmConfig:
         """From an official lm config.json, or a transformers `MoshiConfig` one (recognised by
-        its `depth_decoder_config`; see `from_transformers_moshi`)."""
+        its `depth_decoder_config`; see `from_transformers_moshi`) or
+        `KyutaiSpeechToTextConfig` one (model_type kyutai_speech_to_text; see
+        `from_transformers_stt`)."""
         if "depth_decoder_config" in data:
             return cls.from_dict(from_transformers_moshi(data, source), source)
+        if data.get("model_type") == TRANSFORMERS_STT_MODEL_TYPE:
+            return cls.from_dict(from_transformers_stt(data, source), source)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known - _METADATA_KEYS - set(_NEUTRAL_KEYS))
         if unknown:
@@ -333,3 +337,112 @@ def from_transformers_moshi(data: dict[str, Any], source: str = "config") -> dic
     check(_gating_hidden(depth_dim, mapped["depformer_dim_feedforward"]) == depth_hidden,
           f"depth_decoder_config.ffn_dim {depth['ffn_dim']} has no official feed-forward size")
     return mapped
+
+
+# ---------------------------------------------------------------------------- transformers STT
+
+TRANSFORMERS_STT_MODEL_TYPE = "kyutai_speech_to_text"
+# The feature extractor's config beside config.json in a -trfs repo: it holds the stt_config.
+TRANSFORMERS_STT_PREPROCESSOR = "preprocessor_config.json"
+_TRANSFORMERS_STT_KEYS = frozenset(
+    {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+     "head_dim", "ffn_dim", "hidden_act", "rms_norm_eps", "sliding_window", "rope_theta",
+     "rope_parameters", "rope_scaling", "codebook_vocab_size", "audio_bos_token_id",
+     "audio_pad_token_id", "codec_config", "frame_size"}
+)
+
+
+def from_transformers_stt(data: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """A transformers `KyutaiSpeechToTextConfig` config.json (kyutai/stt-2.6b-en-trfs,
+    kyutai/stt-1b-en_fr-trfs) -> official lm config keys.
+
+    transformers counts the initial text token in `vocab_size` (text_card + 1: the rows of
+    text_emb; its lm_head has a zero row for it) and the initial audio token in
+    `codebook_vocab_size` (card + 1); the attention window is `sliding_window` (our context);
+    the gated MLP width is fused (`ffn_dim` = 2 x hidden). It has no extra (VAD) heads and no
+    acoustic delays (all 0 for STT). The stt_config (text delay, silence prefix) is not in
+    config.json but in the feature extractor's preprocessor_config.json of the same repo: it
+    is read when it lies beside `source` (a config.json path); otherwise stt_config stays
+    unset and the transcriber uses SttConfig's defaults (stt-1b-en_fr's 0.5 s / 0 s; wrong
+    for stt-2.6b-en, whose file says 2.5 s / 1 s). `codec_config` describes the bundled Mimi
+    and is not read here.
+    """
+    unknown = sorted(set(data) - _TRANSFORMERS_STT_KEYS - _TRANSFORMERS_METADATA)
+    if unknown:
+        raise WeightsError(f"{source}: unknown transformers Kyutai STT config key(s): "
+                           + ", ".join(unknown))
+
+    def get(key: str, default: Any = None) -> Any:
+        value = data.get(key, default)
+        if value is None:
+            raise WeightsError(f"{source}: transformers Kyutai STT config lacks {key}")
+        return value
+
+    def check(ok: bool, message: str) -> None:
+        if not ok:
+            raise WeightsError(f"{source}: {message} (transformers Kyutai STT layout)")
+
+    dim, heads = int(get("hidden_size")), int(get("num_attention_heads"))
+    check(data.get("num_key_value_heads") in (None, heads),
+          "num_key_value_heads must equal num_attention_heads (no grouped queries)")
+    check(data.get("head_dim") in (None, dim // heads),
+          "head_dim must be hidden_size / num_attention_heads")
+    check(data.get("hidden_act", "silu") == "silu", "hidden_act must be silu")
+    check(float(data.get("rms_norm_eps", 1e-8)) == 1e-8,
+          "rms_norm_eps must be 1e-8 (float32 RMSNorm)")
+    check(int(get("ffn_dim")) % 2 == 0, "ffn_dim must be even")
+    rope = data.get("rope_parameters") or {}
+    check(data.get("rope_scaling") is None and rope.get("rope_type", "default") == "default",
+          "only the default RoPE is supported")
+    text_card = int(get("vocab_size")) - 1
+    card = int(get("codebook_vocab_size", 2049)) - 1
+    n_q = int(get("num_codebooks", 32))
+    check(data.get("audio_bos_token_id") in (None, card),
+          f"audio_bos_token_id must be the initial audio token {card}")
+    pad = text_card + 1 + n_q * (card + 1)  # the zero row closing the embedding table
+    check(data.get("audio_pad_token_id") in (None, pad), f"audio_pad_token_id must be {pad}")
+    # bos_token_id (the initial text token, text_card in our files) is not checked: the
+    # class default 48000 lies outside the vocab; the model always starts from text_card.
+    text_pad = 3 if data.get("pad_token_id") is None else data["pad_token_id"]
+    hidden = int(data["ffn_dim"]) // 2
+    mapped: dict[str, Any] = {
+        "dim": dim,
+        "text_card": text_card,
+        "existing_text_padding_id": int(text_pad),
+        "n_q": n_q,
+        "dep_q": 0,
+        "card": card,
+        "num_heads": heads,
+        "num_layers": int(get("num_hidden_layers")),
+        "hidden_scale": 1.5 * hidden / dim,
+        "context": int(get("sliding_window", 375)),
+        "max_period": float(rope.get("rope_theta", data.get("rope_theta", 100000.0))),
+        "norm": "rms_norm_f32",
+        "positional_embedding": "rope",
+        "delays": [0] * (n_q + 1),
+    }
+    check(_gating_hidden(dim, int(mapped["hidden_scale"] * dim)) == hidden,
+          f"ffn_dim {data['ffn_dim']} has no official hidden_scale")
+    stt = _feature_extractor_stt_config(source)
+    if stt is not None:
+        mapped["stt_config"] = stt
+    return mapped
+
+
+def _feature_extractor_stt_config(source: str) -> dict[str, float] | None:
+    """audio_delay_seconds / audio_silence_prefix_seconds of the preprocessor_config.json
+    beside the config.json `source`, if there is one."""
+    import json
+    from pathlib import Path
+
+    path = Path(source).parent / TRANSFORMERS_STT_PREPROCESSOR
+    if not Path(source).is_file() or not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise WeightsError(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise WeightsError(f"{path}: expected a JSON object")
+    keys = ("audio_delay_seconds", "audio_silence_prefix_seconds")
+    return {key: data[key] for key in keys if data.get(key) is not None} or None

@@ -475,14 +475,19 @@ def config_from_transformers(data: dict, source: str = "config") -> MimiConfig:
 
 # ---- loading ------------------------------------------------------------------------------
 
-# Moshi's transformers checkpoints (kmhf/hf-moshiko) bundle their Mimi under this prefix.
+# Moshi's transformers checkpoints (kmhf/hf-moshiko) bundle their Mimi under this prefix,
+# Kyutai STT's (kyutai/stt-*-trfs) under the other; each config.json describes it in a key.
 BUNDLED_PREFIX = "audio_encoder."
+STT_BUNDLED_PREFIX = "codec_model."
+_BUNDLING_CONFIGS = {"moshi": ("audio_encoder_config", BUNDLED_PREFIX),
+                     "kyutai_speech_to_text": ("codec_config", STT_BUNDLED_PREFIX)}
 
 # Keys that tell which other model a file holds (for the "not a Mimi" message).
 _OTHER_LAYOUTS = (
     ("depformer_in.", "a Moshi LM in the official PyTorch layout"),
     ("depformer.slices.", "a Moshi LM in the MLX layout"),
     ("depth_decoder.", "a Moshi LM in the transformers layout"),
+    ("model.embed_tokens.embed_tokens.", "a Kyutai STT LM in the transformers layout"),
 )
 
 
@@ -494,8 +499,8 @@ def _layout_hint(keys) -> str:
 
 
 def _mimi_config(config_path, source: str) -> tuple[MimiConfig | None, str]:
-    """The MimiConfig a transformers config.json describes (and the tensor prefix of a
-    Moshi file's bundled Mimi), or None for any other config (official LM configs)."""
+    """The MimiConfig a transformers config.json describes (and the tensor prefix of the Mimi
+    bundled in a Moshi or STT file), or None for any other config (official LM configs)."""
     from ..loading import read_config_json
 
     if config_path is None:
@@ -503,9 +508,9 @@ def _mimi_config(config_path, source: str) -> tuple[MimiConfig | None, str]:
     data = read_config_json(config_path)
     if data.get("model_type") == "mimi":
         return config_from_transformers(data, str(config_path)), ""
-    if data.get("model_type") == "moshi" and isinstance(data.get("audio_encoder_config"), dict):
-        return (config_from_transformers(data["audio_encoder_config"],
-                                         f"{config_path} audio_encoder_config"), BUNDLED_PREFIX)
+    key, prefix = _BUNDLING_CONFIGS.get(data.get("model_type"), (None, ""))
+    if key is not None and isinstance(data.get(key), dict):
+        return config_from_transformers(data[key], f"{config_path} {key}"), prefix
     return None, ""
 
 
@@ -516,7 +521,9 @@ def load_mimi(
     (tokenizer-e351c8d8-checkpoint125.safetensors) or the transformers one (`MimiModel`:
     config.json + model.safetensors, sharded too, e.g. kyutai/mimi; or the Mimi bundled in a
     transformers Moshi checkpoint, e.g. kmhf/hf-moshiko). cfg: the architecture; default: the
-    transformers config.json beside the weights when there is one, else kyutai/mimi's."""
+    transformers config.json beside the weights when there is one, else kyutai/mimi's.
+    A transformers Kyutai STT checkpoint (kyutai/stt-*-trfs) bundles its Mimi the same way
+    (`codec_model.*`, described by `codec_config`)."""
     from ..hub import mimi_files
     from ..safetensors import read_safetensors
 
@@ -530,9 +537,12 @@ def load_mimi(
     raw: dict[str, mx.array] = {}
     for path in files:
         raw.update(read_safetensors(path))
-    if prefix or any(key.startswith(BUNDLED_PREFIX) for key in raw):
-        raw = {key[len(BUNDLED_PREFIX):]: value for key, value in raw.items()
-               if key.startswith(BUNDLED_PREFIX)}
+    if not prefix:
+        prefix = next((p for p in (BUNDLED_PREFIX, STT_BUNDLED_PREFIX)
+                       if any(key.startswith(p) for key in raw)), "")
+    if prefix:
+        raw = {key[len(prefix):]: value for key, value in raw.items()
+               if key.startswith(prefix)}
     try:
         weights = sanitize(raw, cfg)
     except WeightsError as exc:
