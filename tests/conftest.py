@@ -184,3 +184,14 @@ def transformers_moshi() -> Path:
     from transformers_layout import ensure_transformers_moshi
 
     return ensure_transformers_moshi(Path(__file__).parent / ".cache")
+
+
+@pytest.fixture(scope="session")
+def transformers_stt() -> Path:
+    """The tiny STT as a transformers folder (config.json, preprocessor_config.json,
+    model.safetensors), rebuilt from stt/stt_pytorch.safetensors and checked tensor by tensor
+    against the manifest of the file transformers' conversion script made
+    (tests/transformers_layout.py)."""
+    from transformers_layout import ensure_transformers_stt
+
+    return ensure_transformers_stt(Path(__file__).parent / ".cache")

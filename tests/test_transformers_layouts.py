@@ -16,7 +16,7 @@ import pytest
 from test_lm import assert_matches_golden, run_greedy
 
 from moshi_mlx import WeightsError, load_lm
-from moshi_mlx.models.lm_config import LmConfig, from_transformers_moshi
+from moshi_mlx.models.lm_config import LmConfig, SttConfig, from_transformers_moshi
 from weights_convert import convert
 
 
@@ -103,12 +103,12 @@ def test_unsupported_transformers_config_is_a_clear_error(fixtures_dir, change, 
 
 
 def _write(path: Path, tensors: dict[str, mx.array]) -> None:
-    from moshi_mlx.safetensors import tensor_to_bytes
+    from moshi_mlx.safetensors import SAFETENSORS_DTYPE_NAMES, tensor_to_bytes
 
     header, offset, blobs = {}, 0, []
     for name, array in tensors.items():
         blob = tensor_to_bytes(array)
-        header[name] = {"dtype": "BF16", "shape": list(array.shape),
+        header[name] = {"dtype": SAFETENSORS_DTYPE_NAMES[array.dtype], "shape": list(array.shape),
                         "data_offsets": [offset, offset + len(blob)]}
         offset += len(blob)
         blobs.append(blob)
@@ -213,3 +213,161 @@ def test_projections_without_the_linear_level_load_the_same(transformers_moshi, 
     result = run_greedy(load_lm(tmp_path, dtype=mx.float32), golden["user_codes"], steps=5)
     np.testing.assert_array_equal(result["text"], golden["torch_f32_text"][:5])
     np.testing.assert_array_equal(result["audio_raw"], golden["torch_f32_audio_raw"][:5])
+
+
+# --------------------------------------------------------------------------- Kyutai STT
+# The tiny STT in the layout of transformers' convert_kyutai_speech_to_text_to_hf.py
+# (kyutai/stt-*-trfs): one embedding table, lm_head with a zero row, split q/k/v, no VAD heads
+# (the script has none: they were left out before converting), a tiny Mimi as `codec_model`.
+
+
+@pytest.fixture(scope="module")
+def stt_golden(fixtures_dir: Path) -> dict[str, np.ndarray]:
+    with np.load(fixtures_dir / "stt" / "stt_golden.npz") as data:
+        return {k: data[k] for k in data.files}
+
+
+def _architecture(cfg: LmConfig) -> dict:
+    """The fields that shape an STT model (the depformer ones are unused with dep_q 0)."""
+    return {k: v for k, v in cfg.to_dict().items() if not k.startswith("depformer")}
+
+
+def _official_stt_without_heads(fixtures_dir: Path) -> LmConfig:
+    return LmConfig.from_json(fixtures_dir / "stt" / "stt_config.json").with_overrides(
+        extra_heads_num_heads=0)
+
+
+@pytest.mark.parametrize("version", ["v1", "v3"])
+def test_stt_float32_tokens_and_vad_match_pytorch(transformers_stt, fixtures_dir, stt_golden,
+                                                  version):
+    from test_stt_lm import assert_matches, run_stt
+
+    # The -trfs layout has no VAD heads: they come from the PyTorch (-candle-like) file.
+    lm = load_lm(transformers_stt, dtype=mx.float32,
+                 vad_weights=fixtures_dir / "stt" / "stt_pytorch.safetensors")
+    result = run_stt(lm, stt_golden[f"codes_{version}"])
+    assert result["text"].shape[1] == stt_golden[f"torch_f32_B_{version}_text"].size
+    assert_matches(result, stt_golden, f"torch_f32_B_{version}")
+
+
+def _stt_tokens(lm, codes: np.ndarray) -> np.ndarray:
+    """Greedy text tokens of official steps 0..T on codes [32, T] (timing B)."""
+    from moshi_mlx import SttGen
+
+    gen = SttGen(lm, temp=0.0)
+    tokens = [int(gen.initial_text[0])]
+    for t in range(codes.shape[1]):
+        tokens.append(int(gen.step(codes[None, :, t])[0][0]))
+    return np.array(tokens)
+
+
+def test_stt_without_vad_weights_has_no_heads_and_the_same_tokens(transformers_stt,
+                                                                   fixtures_dir, stt_golden):
+    lm = load_lm(transformers_stt, dtype=mx.float32)
+    assert lm.extra_heads == []
+    # config.json + preprocessor_config.json give the official architecture and stt_config.
+    assert _architecture(lm.cfg) == _architecture(_official_stt_without_heads(fixtures_dir))
+    assert lm.cfg.stt_config == SttConfig(audio_delay_seconds=0.5,
+                                          audio_silence_prefix_seconds=0.0)
+    np.testing.assert_array_equal(_stt_tokens(lm, stt_golden["codes_v1"]),
+                                  stt_golden["torch_f32_B_v1_text"])
+
+
+def test_stt_quantize_on_load_matches_the_q4_golden(transformers_stt, stt_golden):
+    lm = load_lm(transformers_stt, quantize=4, dtype=mx.float32)
+    np.testing.assert_array_equal(_stt_tokens(lm, stt_golden["codes_v1"]),
+                                  stt_golden["torch_f32_deq_q4_B_v1_text"])
+
+
+def _pytorch_stt_without_heads(fixtures_dir: Path, path: Path) -> Path:
+    """The official PyTorch file as the -trfs repos were converted from (no extra heads)."""
+    from moshi_mlx.safetensors import read_safetensors
+
+    tensors = read_safetensors(fixtures_dir / "stt" / "stt_pytorch.safetensors")
+    _write(path, {k: v for k, v in tensors.items() if not k.startswith("extra_heads.")})
+    return path
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_stt_converter_output_is_byte_identical_to_the_official_layout(
+    transformers_stt, fixtures_dir, tmp_path, bits
+):
+    source = _pytorch_stt_without_heads(fixtures_dir, tmp_path / "stt_pytorch.safetensors")
+    official = convert(tmp_path / "official", input_path=source,
+                       config=fixtures_dir / "stt" / "stt_config.json", bits=bits)
+    ours = convert(tmp_path / "transformers", hf_repo=str(transformers_stt), bits=bits)
+    assert ours.model_file.name == official.model_file.name
+    assert _sha256(ours.model_file) == _sha256(official.model_file)
+    # The folder's config.json holds official keys (model_type stt, the stt_config of the
+    # preprocessor_config.json), the same architecture as the official config.
+    data = json.loads((tmp_path / "transformers" / "config.json").read_text())
+    assert data["model_type"] == "stt"
+    assert data["stt_config"] == {"audio_delay_seconds": 0.5, "audio_silence_prefix_seconds": 0.0}
+    written = LmConfig.from_dict({k: v for k, v in data.items() if k != "quantization"})
+    assert _architecture(written) == _architecture(_official_stt_without_heads(fixtures_dir))
+
+
+def test_stt_transformers_config_maps_to_ours(fixtures_dir, tmp_path):
+    data = json.loads((fixtures_dir / "stt" / "stt_transformers_config.json").read_text())
+    cfg = LmConfig.from_dict(data)  # no preprocessor_config.json beside a dict: no stt_config
+    assert cfg.stt_config is None and cfg.is_stt and cfg.extra_heads_num_heads == 0
+    expected = _official_stt_without_heads(fixtures_dir).with_overrides(stt_config=None)
+    assert _architecture(cfg) == _architecture(expected)
+    # stt-2.6b-en-trfs's feature extractor: 2.5 s delay, 1 s silence prefix.
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
+        {"audio_delay_seconds": 2.5, "audio_silence_prefix_seconds": 1.0,
+         "feature_extractor_type": "KyutaiSpeechToTextFeatureExtractor"}))
+    assert LmConfig.from_json(tmp_path / "config.json").stt_config == SttConfig(2.5, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"num_key_value_heads": 2}, "num_key_value_heads must equal num_attention_heads"),
+        ({"audio_pad_token_id": 5}, "audio_pad_token_id must be 66569"),
+        ({"rope_parameters": {"rope_type": "yarn"}}, "only the default RoPE"),
+        ({"sliding_windows": 4}, "unknown transformers Kyutai STT config key.*sliding_windows"),
+    ],
+)
+def test_unsupported_stt_transformers_config_is_a_clear_error(fixtures_dir, change, message):
+    data = json.loads((fixtures_dir / "stt" / "stt_transformers_config.json").read_text())
+    with pytest.raises(WeightsError, match=message) as info:
+        LmConfig.from_dict({**data, **change}, "config.json")
+    assert "\n" not in str(info.value) and "transformers Kyutai STT" in str(info.value)
+
+
+def test_stt_unknown_tensor_names_the_transformers_stt_layout(transformers_stt, tmp_path):
+    bad = _copy_without(transformers_stt, tmp_path / "bad", add="model.layers.0.cross_attn.weight")
+    with pytest.raises(WeightsError, match="transformers-layout Kyutai STT") as info:
+        load_lm(bad)
+    assert "model.layers.0.cross_attn.weight" in str(info.value)
+
+
+def test_stt_embedding_table_of_another_size_is_a_clear_error(transformers_stt, tmp_path):
+    data = json.loads((transformers_stt / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**data, "num_codebooks": 31,
+                                                      "audio_pad_token_id": None}))
+    shutil.copy(transformers_stt / "model.safetensors", tmp_path / "model.safetensors")
+    with pytest.raises(WeightsError, match="does not have the 64521 rows"):
+        load_lm(tmp_path)
+
+
+def test_stt_bundled_mimi_loads_with_its_codec_config(transformers_stt):
+    """The -trfs repos have no separate Mimi file: load_mimi reads the `codec_model.*`
+    tensors of the LM's folder, with the architecture of `codec_config`."""
+    from mlx.utils import tree_flatten
+    from transformers_layout import tiny_mimi_value
+
+    from moshi_mlx.models.mimi import load_mimi
+
+    mimi = load_mimi(transformers_stt, num_codebooks=32)
+    config = json.loads((transformers_stt / "config.json").read_text())["codec_config"]
+    assert (mimi.cfg.dim, mimi.cfg.seanet.n_filters, mimi.cfg.codebook_dim,
+            mimi.cfg.max_codebooks) == (config["hidden_size"], config["num_filters"],
+                                        config["codebook_dim"], config["num_quantizers"])
+    bias = dict(tree_flatten(mimi.parameters()))["encoder.model.0.conv.conv.bias"]
+    expected = tiny_mimi_value("encoder.layers.0.conv.bias", tuple(bias.shape))
+    np.testing.assert_array_equal(np.array(bias), expected)  # stored float32, kept exactly
+    pcm = np.random.default_rng(0).normal(0, 0.1, 3 * 1920).astype(np.float32)
+    assert mimi.encode(pcm).shape == (1, 32, 3)

@@ -1,12 +1,15 @@
-"""The tiny Moshi LM in the transformers layout (MoshiForConditionalGeneration), rebuilt here
-from tests/fixtures/lm_pytorch.safetensors with numpy alone, and proven identical to the file
-transformers' own conversion script made (benchmarks/derive_transformers_layouts.py): every
-tensor's dtype, shape and sha256 must equal tests/fixtures/lm_transformers.manifest.json.
+"""The tiny Moshi LM and the tiny STT in the transformers layouts (MoshiForConditionalGeneration,
+KyutaiSpeechToTextForConditionalGeneration), rebuilt here from tests/fixtures/lm_pytorch.safetensors
+and tests/fixtures/stt/stt_pytorch.safetensors with numpy alone, and proven identical to the files
+transformers' own conversion scripts made (benchmarks/derive_transformers_layouts.py): every
+tensor's dtype, shape and sha256 must equal lm_transformers.manifest.json /
+stt/stt_transformers.manifest.json.
 
-The rebuild follows transformers' conversion: separate q/k/v projections, q and k rows in the
+The Moshi rebuild follows transformers' conversion: separate q/k/v projections, q and k rows in the
 half-split RoPE order, depformer matrices stacked over the 8 slices, RMSNorm gains flat, and a
 tiny random MimiModel bundled under `audio_encoder.` (values from a seeded generator per name).
-bfloat16 tensors are handled as their raw 16-bit patterns, so the rebuild is bit-exact.
+bfloat16 tensors are handled as their raw 16-bit patterns, so the rebuild is bit-exact. The STT
+one is at the end of this file.
 """
 
 from __future__ import annotations
@@ -130,6 +133,94 @@ def ensure_transformers_moshi(cache_dir: Path) -> Path:
         _write_bf16(partial, rebuild({k: v["shape"] for k, v in manifest.items()}))
         partial.replace(weights)
     shutil.copy(CONFIG, folder / "config.json")
+    got = safetensors_entries(weights)
+    expected = {k: (v["dtype"], v["shape"], v["sha256"]) for k, v in manifest.items()}
+    assert got.keys() == expected.keys(), "tensor names differ from transformers' file"
+    wrong = sorted(k for k in expected if got[k] != expected[k])
+    assert not wrong, f"{len(wrong)} tensors differ from transformers' file: {wrong[:3]}"
+    return folder
+
+
+# ---------------------------------------------------------------------------- Kyutai STT
+
+STT_FIXTURES = FIXTURES / "stt"
+STT_MANIFEST = STT_FIXTURES / "stt_transformers.manifest.json"
+STT_CONFIG = STT_FIXTURES / "stt_transformers_config.json"
+STT_PREPROCESSOR = STT_FIXTURES / "stt_transformers_preprocessor_config.json"
+CODEC_PREFIX = "codec_model."
+
+
+def _bf16_as_f32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns -> the float32 of the same value (what torch.cat with a float32
+    tensor widens them to)."""
+    return (bits.astype(np.uint32) << 16).view("<f4")
+
+
+def rebuild_stt(names_and_shapes: dict[str, list[int]]) -> dict[str, np.ndarray]:
+    """The tiny STT as transformers' conversion script writes it: text_emb, the 32 audio
+    tables and a zero row in one float32 embedding table; text_linear plus a zero row as a
+    float32 lm_head; q/k rows in the half-split RoPE order; gains flat; no extra heads; the
+    tiny Mimi (float32) under `codec_model.`. Raw bit patterns: bf16 as uint16, float32 as
+    float32."""
+    pt = _read_bf16(STT_FIXTURES / "stt_pytorch.safetensors")
+    lm = json.loads((STT_FIXTURES / "stt_config.json").read_text())
+    heads, dim = lm["num_heads"], lm["dim"]
+    zero_row = np.zeros((1, dim), np.float32)
+    out: dict[str, np.ndarray] = {}
+    tables = [pt["text_emb.weight"]] + [pt[f"emb.{k}.weight"] for k in range(lm["n_q"])]
+    out["model.embed_tokens.embed_tokens.weight"] = np.concatenate(
+        [_bf16_as_f32(t) for t in tables] + [zero_row])
+    out["lm_head.weight"] = np.concatenate([_bf16_as_f32(pt["text_linear.weight"]), zero_row])
+    out["model.norm.weight"] = pt["out_norm.alpha"].reshape(-1)
+    for layer in range(lm["num_layers"]):
+        src, dst = f"transformer.layers.{layer}.", f"model.layers.{layer}."
+        q, k, v = np.split(pt[src + "self_attn.in_proj_weight"], 3)
+        out[dst + "self_attn.q_proj.linear.weight"] = _half_split_rope_rows(q, heads)
+        out[dst + "self_attn.k_proj.linear.weight"] = _half_split_rope_rows(k, heads)
+        out[dst + "self_attn.v_proj.linear.weight"] = v
+        out[dst + "self_attn.o_proj.linear.weight"] = pt[src + "self_attn.out_proj.weight"]
+        out[dst + "mlp.fc1.weight"] = pt[src + "gating.linear_in.weight"]
+        out[dst + "mlp.fc2.weight"] = pt[src + "gating.linear_out.weight"]
+        out[dst + "input_layernorm.weight"] = pt[src + "norm1.alpha"].reshape(-1)
+        out[dst + "post_attention_layernorm.weight"] = pt[src + "norm2.alpha"].reshape(-1)
+    for name, shape in names_and_shapes.items():
+        if name.startswith(CODEC_PREFIX):
+            out[name] = tiny_mimi_value(name[len(CODEC_PREFIX):], tuple(shape))
+    return out
+
+
+def _write_mixed(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    """safetensors with uint16 arrays stored as BF16 and float32 ones as F32."""
+    header, offset, blobs = {"__metadata__": {"format": "pt"}}, 0, []
+    for name in sorted(tensors):
+        array = tensors[name]
+        dtype = "BF16" if array.dtype == np.uint16 else "F32"
+        blob = np.ascontiguousarray(array, "<u2" if dtype == "BF16" else "<f4").tobytes()
+        header[name] = {"dtype": dtype, "shape": list(array.shape),
+                        "data_offsets": [offset, offset + len(blob)]}
+        offset += len(blob)
+        blobs.append(blob)
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + b"".join(blobs))
+
+
+def ensure_transformers_stt(cache_dir: Path) -> Path:
+    """A folder like kyutai/stt-*-trfs (config.json, preprocessor_config.json,
+    model.safetensors) holding the tiny STT; rebuilt once into `cache_dir`, checked against
+    the manifest every time."""
+    from references import safetensors_entries
+
+    manifest = json.loads(STT_MANIFEST.read_text())["tensors"]
+    folder = cache_dir / "stt_transformers"
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = folder / "model.safetensors.partial"
+        _write_mixed(partial, rebuild_stt({k: v["shape"] for k, v in manifest.items()}))
+        partial.replace(weights)
+    shutil.copy(STT_CONFIG, folder / "config.json")
+    shutil.copy(STT_PREPROCESSOR, folder / "preprocessor_config.json")
     got = safetensors_entries(weights)
     expected = {k: (v["dtype"], v["shape"], v["sha256"]) for k, v in manifest.items()}
     assert got.keys() == expected.keys(), "tensor names differ from transformers' file"
