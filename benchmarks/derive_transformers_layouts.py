@@ -7,7 +7,7 @@ Three steps, in two environments (the package never imports transformers or torc
 
        python benchmarks/derive_transformers_layouts.py derive --scripts DIR --out OUT
 
-   DIR holds the two conversion scripts of the transformers repository (they are not in the
+   DIR holds the three conversion scripts of the transformers repository (they are not in the
    wheel): src/transformers/models/mimi/convert_mimi_checkpoint_to_pytorch.py (read at commit
    bd8ef8983d221a5b7af77f419211bd534028a606) and
    src/transformers/models/moshi/convert_moshi_transformers.py (commit
@@ -21,14 +21,26 @@ Three steps, in two environments (the package never imports transformers or torc
      - OUT/moshi: the tiny Moshi LM (tests/fixtures/lm_pytorch.safetensors + lm_config.json) as a
        `MoshiForConditionalGeneration` folder (like kmhf/hf-moshiko), bundling a tiny random
        `MimiModel` (OUT/tiny_mimi, values from `tiny_mimi_value`) as its audio encoder.
+     - OUT/stt: the tiny STT (tests/fixtures/stt/stt_pytorch.safetensors + stt_config.json,
+       its extra heads left out: the script has none) as a
+       `KyutaiSpeechToTextForConditionalGeneration` folder (like kyutai/stt-1b-en_fr-trfs,
+       with preprocessor_config.json), bundling a tiny random 32-codebook `MimiModel`
+       (OUT/tiny_mimi32) as its codec. Script:
+       src/transformers/models/kyutai_speech_to_text/convert_kyutai_speech_to_text_to_hf.py
+       (commit 1e016c8bea7a635eae040d5bad0fc2ed2e3fe691); its `write_model` hard-codes the
+       2.6b config, so its steps run here with the tiny config (`derive_stt`).
    With --fixtures it also writes tests/fixtures/lm_transformers.manifest.json (dtype, shape,
-   sha256 of every tensor) and lm_transformers_config.json: the tests rebuild the file from
-   lm_pytorch.safetensors with their own code and check it against this manifest.
+   sha256 of every tensor) and lm_transformers_config.json, and stt/stt_transformers.manifest.json,
+   stt_transformers_config.json, stt_transformers_preprocessor_config.json: the tests rebuild
+   the files from the PyTorch fixtures with their own code and check them against these.
+   --skip mimi|moshi|stt leaves a model out.
 
 2. reference (same venv): transformers' own MimiModel and MoshiForConditionalGeneration run on
    the derived folders: OUT/reference.npz (Mimi codes and decoded audio of the test speech;
    Moshi's teacher-forced greedy tokens and logits on the golden trajectory) and the agreement
-   of Moshi with tests/fixtures/lm_golden.npz.
+   of Moshi with tests/fixtures/lm_golden.npz; transformers' KyutaiSpeechToText on the stored
+   codes of tests/fixtures/stt/stt_golden.npz (teacher-forced, and greedy through its cache)
+   and its agreement with the float32 STT goldens.
 
 3. verify (our venv, with MLX and rustymimi):
 
@@ -54,6 +66,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
+STT_FIXTURES = FIXTURES / "stt"
 RANDOM_MIMI = ROOT / "tests" / ".cache" / "mimi_random_v2.safetensors"
 FRAME = 1920
 CODEBOOKS = 8
@@ -192,35 +205,26 @@ def derive_mimi(mimi_script, out: Path) -> None:
         model.save_pretrained(str(out))
 
 
-def derive(scripts: Path, out: Path, write_fixtures: bool, skip_mimi: bool) -> None:
-    import torch
-    from transformers import MimiConfig, MimiModel
-
+def derive(scripts: Path, out: Path, write_fixtures: bool, skip: set[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    mimi_script = _load_script(scripts / "convert_mimi_checkpoint_to_pytorch.py")
-    moshi_script = _load_script(scripts / "convert_moshi_transformers.py")
-
-    if not skip_mimi:
+    if "mimi" not in skip:
         if not RANDOM_MIMI.is_file():
             sys.exit(f"{RANDOM_MIMI} missing: run tests/test_mimi.py once (it generates it)")
+        mimi_script = _load_script(scripts / "convert_mimi_checkpoint_to_pytorch.py")
         derive_mimi(mimi_script, out / "mimi")
+    if "moshi" not in skip:
+        derive_moshi(_load_script(scripts / "convert_moshi_transformers.py"), out,
+                     write_fixtures)
+    if "stt" not in skip:
+        derive_stt(_load_script(scripts / "convert_kyutai_speech_to_text_to_hf.py"), out,
+                   write_fixtures)
+    print(f"derived into {out}")
 
-    # Values keyed by the names MimiModel saves (its checkpoint layout), read back strictly.
-    from safetensors import safe_open
-    from safetensors.torch import save_file
 
-    tiny_dir = out / "tiny_mimi"
-    MimiModel(MimiConfig(**TINY_MIMI)).save_pretrained(str(tiny_dir))
-    with safe_open(str(tiny_dir / "model.safetensors"), "pt") as f:
-        shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-    save_file({name: torch.from_numpy(tiny_mimi_value(name, shape))
-               for name, shape in shapes.items()}, str(tiny_dir / "model.safetensors"),
-              metadata={"format": "pt"})
-    tiny, info = MimiModel.from_pretrained(str(tiny_dir), output_loading_info=True)
-    assert not any(info.values()), info
-    tiny.save_pretrained(str(tiny_dir))
+def derive_moshi(moshi_script, out: Path, write_fixtures: bool) -> None:
+    # The bundled tiny Mimi has the card (2048 codes) and codebooks (dep_q = 8) the LM needs.
+    tiny_mimi(out / "tiny_mimi", CODEBOOKS)
     tiny_config = json.loads((out / "tiny_mimi" / "config.json").read_text())
-
     lm = json.loads((FIXTURES / "lm_config.json").read_text())
     config_dir = out / "moshi_config"
     config_dir.mkdir(exist_ok=True)
@@ -234,7 +238,124 @@ def derive(scripts: Path, out: Path, write_fixtures: bool, skip_mimi: bool) -> N
             json.dumps({"source": "convert_moshi_transformers.py on lm_pytorch.safetensors",
                         "tensors": entries}, indent=1) + "\n")
         shutil.copy(out / "moshi" / "config.json", FIXTURES / "lm_transformers_config.json")
-    print(f"derived into {out}")
+
+
+def stt_transformers_config(lm: dict, mimi_config: dict) -> dict:
+    """KyutaiSpeechToTextConfig keys for our official STT config.json. transformers' vocab
+    holds the text_card output tokens plus the initial token (text_emb rows); its
+    bos_token_id is that initial token (the class default, 48000, is outside the vocab)."""
+    hidden = _gating_hidden(lm["dim"], int(lm["hidden_scale"] * lm["dim"]))
+    vocab = lm["text_card"] + 1
+    return {
+        "vocab_size": vocab,
+        "codebook_vocab_size": lm["card"] + 1,
+        "num_codebooks": lm["n_q"],
+        "hidden_size": lm["dim"],
+        "num_hidden_layers": lm["num_layers"],
+        "num_attention_heads": lm["num_heads"],
+        "num_key_value_heads": lm["num_heads"],
+        "ffn_dim": 2 * hidden,
+        "sliding_window": lm["context"],
+        "max_position_embeddings": lm["context"],
+        "rope_parameters": {"rope_theta": float(lm["max_period"]), "rope_type": "default"},
+        "rms_norm_eps": 1e-8,
+        "audio_bos_token_id": lm["card"],
+        "audio_pad_token_id": vocab + lm["n_q"] * (lm["card"] + 1),
+        "pad_token_id": lm["existing_text_padding_id"],
+        "bos_token_id": lm["text_card"],
+        "codec_config": mimi_config,
+    }
+
+
+def tiny_mimi(folder: Path, num_quantizers: int):
+    """A tiny random MimiModel (values from `tiny_mimi_value`, keyed by the names MimiModel
+    saves, read back strictly), saved into `folder`."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from transformers import MimiConfig, MimiModel
+
+    MimiModel(MimiConfig(**{**TINY_MIMI, "num_quantizers": num_quantizers})).save_pretrained(
+        str(folder))
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    save_file({name: torch.from_numpy(tiny_mimi_value(name, shape))
+               for name, shape in shapes.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    model, info = MimiModel.from_pretrained(str(folder), output_loading_info=True)
+    assert not any(info.values()), info
+    model.save_pretrained(str(folder))
+    return model
+
+
+def derive_stt(stt_script, out: Path, write_fixtures: bool) -> None:
+    """The STT script's `write_model` steps with the tiny config instead of the 2.6b default
+    it hard-codes: `convert_kyutai_speech_to_text_state_dict` on stt_pytorch.safetensors,
+    `convert_mimi_state_dict` on the tiny Mimi's tensors, the three strict loads, the
+    generation configs, save_pretrained, a strict reload; then `write_processor`'s feature
+    extractor (the stt_config delay and prefix live in preprocessor_config.json, not in
+    config.json). The extra (VAD) heads are left out: the script knows no `extra_heads`
+    (its strict load refuses them), and the -trfs repos were converted from files without
+    them."""
+    import safetensors.torch
+    import torch
+    from transformers import (
+        KyutaiSpeechToTextConfig,
+        KyutaiSpeechToTextFeatureExtractor,
+        KyutaiSpeechToTextForConditionalGeneration,
+    )
+
+    lm = json.loads((STT_FIXTURES / "stt_config.json").read_text())
+    codec = tiny_mimi(out / "tiny_mimi32", lm["n_q"])
+    codec_config = json.loads((out / "tiny_mimi32" / "config.json").read_text())
+    config = KyutaiSpeechToTextConfig(**stt_transformers_config(lm, codec_config))
+    config.use_cache = True
+    config.codec_config.sliding_window = 250
+
+    state_dict = safetensors.torch.load_file(str(STT_FIXTURES / "stt_pytorch.safetensors"))
+    dropped = sorted(k for k in state_dict if k.startswith("extra_heads."))
+    for key in dropped:
+        del state_dict[key]
+    state_dict = stt_script.convert_kyutai_speech_to_text_state_dict(state_dict, config)
+    codec_state = stt_script.convert_mimi_state_dict(dict(codec.state_dict()),
+                                                     config.codec_config)
+    with torch.device("meta"):
+        model = KyutaiSpeechToTextForConditionalGeneration(config)
+    linear_weight = state_dict.pop("text_linear.weight")
+    model.model.load_state_dict(state_dict, strict=True, assign=True)
+    linear_weight = torch.cat([linear_weight, torch.zeros(1, config.hidden_size)])
+    model.lm_head.load_state_dict({"weight": linear_weight}, strict=True, assign=True)
+    model.codec_model.load_state_dict(codec_state, strict=True, assign=True)
+    for attr in ("_name_or_path",):
+        for part in (model.config, model.config.codec_config):
+            if hasattr(part, attr):
+                delattr(part, attr)
+    model.generation_config._from_model_config = False
+    model.generation_config.audio_window_size = 1
+    model.generation_config.cache_implementation = "sliding_window"
+    model.codec_model.generation_config._from_model_config = False
+    model.codec_model.generation_config.cache_implementation = "sliding_window"
+    model.codec_model.generation_config.use_cache = True
+    folder = out / "stt"
+    model.save_pretrained(str(folder))
+    _, info = KyutaiSpeechToTextForConditionalGeneration.from_pretrained(
+        str(folder), dtype=torch.bfloat16, output_loading_info=True)
+    assert not any(info.values()), info
+    stt = lm["stt_config"]
+    KyutaiSpeechToTextFeatureExtractor(
+        audio_delay_seconds=stt["audio_delay_seconds"],
+        audio_silence_prefix_seconds=stt["audio_silence_prefix_seconds"],
+    ).save_pretrained(str(folder))
+    print(f"STT: left out {len(dropped)} extra_heads tensors; derived into {folder}")
+    if write_fixtures:
+        entries = manifest(folder / "model.safetensors")
+        (STT_FIXTURES / "stt_transformers.manifest.json").write_text(
+            json.dumps({"source": "convert_kyutai_speech_to_text_to_hf.py on "
+                        "stt_pytorch.safetensors (extra_heads left out)",
+                        "tensors": entries}, indent=1) + "\n")
+        shutil.copy(folder / "config.json", STT_FIXTURES / "stt_transformers_config.json")
+        shutil.copy(folder / "preprocessor_config.json",
+                    STT_FIXTURES / "stt_transformers_preprocessor_config.json")
 
 
 # ---------------------------------------------------------------------------- reference
@@ -278,6 +399,12 @@ def reference(out: Path) -> None:
         results["mimi_codes"] = codes.numpy().astype(np.int32)
         results["mimi_decoded"] = mimi.decode(codes).audio_values.numpy()
 
+    if (out / "stt").is_dir():
+        reference_stt(out, results, report)
+    if not (out / "moshi").is_dir():
+        np.savez(out / "reference.npz", **results)
+        print(json.dumps(report, indent=1))
+        return
     golden = dict(np.load(FIXTURES / "lm_golden.npz"))
     lm = json.loads((FIXTURES / "lm_config.json").read_text())
     dep_q = lm["dep_q"]
@@ -314,6 +441,79 @@ def reference(out: Path) -> None:
         np.abs(results["moshi_audio_logits"] - golden["torch_f32_audio_logits"]).max())
     np.savez(out / "reference.npz", **results)
     print(json.dumps(report, indent=1))
+
+
+def stt_inputs(text: np.ndarray, codes: np.ndarray, text_card: int, card: int) -> np.ndarray:
+    """[steps, 33] input ids of the golden STT run (timing B, FIXTURES.md): step 0 the initial
+    tokens (text_card, card on every codebook), step t >= 1 the text token of step t - 1 and
+    audio frame t - 1."""
+    steps = len(text)
+    ids = np.empty((steps, 1 + codes.shape[0]), np.int64)
+    ids[0, 0], ids[0, 1:] = text_card, card
+    ids[1:, 0] = text[:-1]
+    ids[1:, 1:] = codes[:, : steps - 1].T
+    return ids
+
+
+def reference_stt(out: Path, results: dict, report: dict) -> None:
+    """transformers' KyutaiSpeechToTextForConditionalGeneration on the derived STT folder,
+    on the stored Mimi codes (its own generate() encodes audio with the bundled tiny random
+    Mimi, whose codes are not the goldens'): teacher-forced on the golden trajectory (one
+    pass), and greedy step by step through its sliding-window cache (its own tokens fed
+    back). Tokens are compared as argmax over the text_card real logits; transformers'
+    lm_head has one more, a zero row for the initial token, counted separately. The one-pass
+    teacher-forced forward attends to the whole past (without a cache its causal mask has no
+    sliding window), so it leaves the goldens once the 40-step window is crossed; the cached
+    step-by-step run is how its generate() runs."""
+    import torch
+    from transformers import KyutaiSpeechToTextForConditionalGeneration
+
+    golden = dict(np.load(STT_FIXTURES / "stt_golden.npz"))
+    lm = json.loads((STT_FIXTURES / "stt_config.json").read_text())
+    text_card, card = lm["text_card"], lm["card"]
+    model = KyutaiSpeechToTextForConditionalGeneration.from_pretrained(
+        str(out / "stt"), dtype=torch.float32).eval()
+    for version in ("v1", "v3"):
+        expected = golden[f"torch_f32_B_{version}_text"]
+        codes = golden[f"codes_{version}"]
+        ids = torch.from_numpy(stt_inputs(expected, codes, text_card, card))[None]
+        steps = ids.shape[1]
+        logits = model(input_ids=ids, use_cache=False).logits[0]
+        forced = logits[:, :text_card].argmax(-1).numpy()
+        results[f"stt_{version}_forced_text"] = forced
+        forced_diverged = np.flatnonzero(forced != expected)
+        entry = {
+            "steps": steps,
+            "teacher_forced_tokens_equal": f"{int((forced == expected).sum())}/{steps}",
+            "teacher_forced_first_divergence":
+                int(forced_diverged[0]) if forced_diverged.size else None,
+            "teacher_forced_argmax_incl_zero_row_equal":
+                f"{int((logits.argmax(-1).numpy() == expected).sum())}/{steps}",
+        }
+        if version == "v1":
+            reference = golden["torch_f32_B_v1_text_logits_first16"]
+            entry["teacher_forced_logit_maxabs_first16"] = float(
+                np.abs(logits[: len(reference), :text_card].numpy() - reference).max())
+        cache, token, greedy, first_logits = None, text_card, [], []
+        for t in range(steps):
+            audio = [card] * codes.shape[0] if t == 0 else codes[:, t - 1].tolist()
+            step_ids = torch.tensor([[[token] + audio]])
+            output = model(input_ids=step_ids, cache=cache, use_cache=True)
+            cache = output.cache
+            token = int(output.logits[0, -1, :text_card].argmax())
+            greedy.append(token)
+            if t < 16:
+                first_logits.append(output.logits[0, -1, :text_card].numpy())
+        greedy = np.array(greedy)
+        if version == "v1":
+            entry["greedy_logit_maxabs_first16"] = float(
+                np.abs(np.stack(first_logits) - golden["torch_f32_B_v1_text_logits_first16"]).max())
+        results[f"stt_{version}_greedy_text"] = greedy
+        diverged = np.flatnonzero(greedy != expected)
+        entry["greedy_tokens_equal"] = f"{int((greedy == expected).sum())}/{steps}"
+        entry["greedy_first_divergence"] = int(diverged[0]) if diverged.size else None
+        report[f"stt_{version}"] = entry
+    report["stt_vad"] = "no extra heads in the transformers layout (nothing to compare)"
 
 
 # ---------------------------------------------------------------------------- verify
@@ -388,12 +588,13 @@ def main() -> None:
     parser.add_argument("--scripts", type=Path, help="folder of the two conversion scripts")
     parser.add_argument("--fixtures", action="store_true",
                         help="derive: write the manifest and config into tests/fixtures")
-    parser.add_argument("--skip-mimi", action="store_true", help="derive: only the tiny Moshi")
+    parser.add_argument("--skip", action="append", default=[], choices=["mimi", "moshi", "stt"],
+                        help="derive: leave this model out (repeatable)")
     args = parser.parse_args()
     if args.step == "derive":
         if args.scripts is None:
             parser.error("derive needs --scripts")
-        derive(args.scripts, args.out, args.fixtures, args.skip_mimi)
+        derive(args.scripts, args.out, args.fixtures, set(args.skip))
     elif args.step == "reference":
         reference(args.out)
     else:
