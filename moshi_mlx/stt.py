@@ -86,8 +86,9 @@ class SttFiles:
 def resolve_stt_files(args: argparse.Namespace, need_mimi: bool) -> SttFiles:
     """The files from the options, through the hub's one file / folder / repo / -q policy.
     Kyutai's STT repos hold bf16 weights only: -q then quantizes them on load."""
-    from .hub import CONFIG_NAME, MODEL_FILES, model_file, resolve_file
+    from .hub import CONFIG_NAME, MODEL_FILES, model_file, optional_file, resolve_file
     from .loading import read_config_json
+    from .models.lm_config import TRANSFORMERS_STT_MODEL_TYPE, TRANSFORMERS_STT_PREPROCESSOR
 
     repo = args.hf_repo or MODEL_REPOS[args.model]
     if args.config:
@@ -100,6 +101,11 @@ def resolve_stt_files(args: argparse.Namespace, need_mimi: bool) -> SttFiles:
     else:
         config = resolve_file(repo, CONFIG_NAME)
     names = read_config_json(config)
+    # A transformers checkpoint (kyutai/stt-*-trfs) bundles its Mimi, and keeps its stt_config
+    # in preprocessor_config.json, which the config mapping reads beside config.json.
+    bundled_mimi = names.get("model_type") == TRANSFORMERS_STT_MODEL_TYPE
+    if bundled_mimi and not args.config and not (args.moshi_weight and not args.hf_repo):
+        optional_file(repo, TRANSFORMERS_STT_PREPROCESSOR)
     if args.moshi_weight:
         weights = model_file(args.moshi_weight, args.quantize)
     elif Path(repo).expanduser().is_dir():
@@ -109,7 +115,9 @@ def resolve_stt_files(args: argparse.Namespace, need_mimi: bool) -> SttFiles:
     tokenizer = resolve_file(args.tokenizer or repo, _named(names, "tokenizer_name",
                                                             args.tokenizer, config))
     mimi = None
-    if need_mimi:
+    if need_mimi and bundled_mimi and not args.mimi_weight:
+        mimi = weights
+    elif need_mimi:
         mimi = resolve_file(args.mimi_weight or repo,
                             _named(names, "mimi_name", args.mimi_weight, config))
     return SttFiles(weights, config, tokenizer, mimi)
