@@ -371,3 +371,41 @@ def test_stt_bundled_mimi_loads_with_its_codec_config(transformers_stt):
     np.testing.assert_array_equal(np.array(bias), expected)  # stored float32, kept exactly
     pcm = np.random.default_rng(0).normal(0, 0.1, 3 * 1920).astype(np.float32)
     assert mimi.encode(pcm).shape == (1, 32, 3)
+
+
+def test_stt_cli_on_the_transformers_folder_gives_the_official_words(transformers_stt,
+                                                                      fixtures_dir, stt_golden,
+                                                                      tmp_path, capsys):
+    """python -m moshi_mlx.stt --hf-repo <a -trfs folder>: only the sentencepiece tokenizer is
+    missing from such a repo; the words equal the official Rust word logic's."""
+    import sentencepiece
+    from references import rust_golden_words
+
+    from moshi_mlx.stt import main
+
+    codes = tmp_path / "codes.npy"
+    np.save(codes, stt_golden["codes_v1"][:, :175].astype(np.int32))
+    tokenizer = fixtures_dir / "stt" / "stt_tokenizer.model"
+    code = main(["--hf-repo", str(transformers_stt), "--tokenizer", str(tokenizer),
+                 "--codes", str(codes), "--format", "json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    words = [(w["word"], w["start"], w["end"]) for w in json.loads(out)["words"]]
+    decode = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer)).decode
+    expected = rust_golden_words(stt_golden, decode)
+    assert [w for w, _, _ in words[: len(expected)]] == [w for w, _, _ in expected]
+    np.testing.assert_allclose([t for _, s, e in words[: len(expected)] for t in (s, e)],
+                               [t for _, s, e in expected for t in (s, e)], atol=1e-3)
+
+
+def test_stt_cli_reads_audio_through_the_bundled_codec(transformers_stt, fixtures_dir, capsys):
+    """Without --mimi-weight the -trfs file's own codec (codec_model.*) encodes the audio:
+    the same transcript as naming that file as the Mimi."""
+    from moshi_mlx.stt import main
+
+    args = ["--hf-repo", str(transformers_stt), "--tokenizer",
+            str(fixtures_dir / "stt" / "stt_tokenizer.model"), str(fixtures_dir / "speech.wav")]
+    assert main(args) == 0
+    bundled = capsys.readouterr().out
+    assert main([*args, "--mimi-weight", str(transformers_stt / "model.safetensors")]) == 0
+    assert capsys.readouterr().out == bundled and bundled.strip()
