@@ -92,6 +92,7 @@ def find_sources(
     if hf_repo is not None:
         sources = Sources(hub.model_files(hf_repo, None), description=hf_repo)
         sources.config = hub.optional_file(hf_repo, hub.CONFIG_NAME)
+        _fetch_stt_preprocessor(hf_repo, sources.config)
         names = _extra_names(sources.config)
         sources.tokenizer = hub.optional_file(hf_repo, names["tokenizer"])
         sources.mimi = hub.optional_file(hf_repo, names["mimi"])
@@ -118,6 +119,19 @@ def find_sources(
                 raise WeightsError(f"{path}: no such file ({option})")
             setattr(sources, attr, path)
     return sources
+
+
+def _fetch_stt_preprocessor(hf_repo: str, config: Path | None) -> None:
+    """A transformers STT repo (kyutai/stt-*-trfs) keeps its stt_config in
+    preprocessor_config.json, which the config mapping reads beside config.json: fetch it."""
+    from moshi_mlx.models.lm_config import (
+        TRANSFORMERS_STT_MODEL_TYPE,
+        TRANSFORMERS_STT_PREPROCESSOR,
+    )
+
+    if config is not None and read_config_json(config).get("model_type") == \
+            TRANSFORMERS_STT_MODEL_TYPE:
+        hub.optional_file(hf_repo, TRANSFORMERS_STT_PREPROCESSOR)
 
 
 def _extra_names(config: Path | None) -> dict[str, str]:
