@@ -433,7 +433,10 @@ def load_model(weights: str | os.PathLike, config: Any = None, quantize: int | N
     """
     check_quantize(quantize)
     compute = resolve_dtype(dtype)
-    checkpoint = inspect_checkpoint(hub.model_files(weights, quantize), config, model_types)
+    files = hub.model_files(weights, quantize)
+    if config is None and not Path(weights).expanduser().exists():  # a repo: its config.json
+        config = hub.optional_file(weights, hub.CONFIG_NAME)
+    checkpoint = inspect_checkpoint(files, config, model_types)
     check_requested_bits(checkpoint, quantize)
     family, cfg = checkpoint.family, checkpoint.config
     tensors = checkpoint.read()
