@@ -1,0 +1,289 @@
+"""Text (+ conversation context) to Mimi frames with Sesame CSM, following Sesame's recipe.
+
+Prompt: for each context segment, the text rows of `<|begin_of_text|>[speaker]text<|end_of_text|>`,
+then one row per Mimi frame of its audio, then one all-zero audio row (end of audio); then the
+text rows of the target turn. Each generated frame is fed back as one audio row. Generation
+stops on an all-zero frame (not emitted) or after `max_frames`.
+
+Ids 2048..2050 of the 2051-entry audio vocabulary are not Mimi codes (every reference's Mimi
+decoder fails on them). By default (`allow_non_codes=False`) their logits are masked before
+sampling, so every returned frame decodes; `allow_non_codes=True` samples from the full
+vocabulary exactly as the references do (the parity tests use it) and `frames_to_audio`
+refuses such frames instead of passing them to Mimi.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from .errors import MoshiError, WeightsError
+from .models.csm import Csm
+from .sampling import Sampler, new_key
+
+MIMI_CODES = 2048  # valid Mimi code ids are 0..2047
+SESAME_MAX_FRAMES = 1125  # Sesame's default max_audio_length_ms 90 000 / 80 ms
+FRAME_SAMPLES = 1920  # 80 ms at 24 kHz
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One conversation turn: a speaker id, its text, and optionally its audio (24 kHz mono
+    float samples) or its Mimi codes [num_codebooks, frames]."""
+
+    speaker: int
+    text: str
+    audio: np.ndarray | None = None
+    codes: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        check_speaker(self.speaker)
+        if not isinstance(self.text, str):
+            raise MoshiError(f"segment text must be a string, got {type(self.text).__name__}")
+        if (self.audio is not None or self.codes is not None) and not self.text.strip():
+            raise MoshiError("a context audio needs its text (the transcript of what is said)")
+        if self.audio is not None and self.codes is not None:
+            raise MoshiError("give a segment its audio or its codes, not both")
+
+
+def check_speaker(speaker: object) -> int:
+    if isinstance(speaker, bool) or not isinstance(speaker, (int, np.integer)) or speaker < 0:
+        raise MoshiError(f"speaker must be a non-negative int, got {speaker!r}")
+    return int(speaker)
+
+
+class CsmTokenizer:
+    """Text turns -> token ids with Sesame's template `<|begin_of_text|>[speaker]text<|end_of_text|>`
+    (no space after the bracket), through a HF `tokenizer.json`."""
+
+    BOS = "<|begin_of_text|>"
+    EOS = "<|end_of_text|>"
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        from tokenizers import Tokenizer
+
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:
+            raise WeightsError(f"{path}: not a tokenizer.json ({exc})") from None
+        bos, eos = self.tokenizer.token_to_id(self.BOS), self.tokenizer.token_to_id(self.EOS)
+        if bos is None or eos is None:
+            raise WeightsError(f"{path}: no {self.BOS} / {self.EOS} tokens (not a Llama-3 "
+                               "tokenizer)")
+        self.bos, self.eos = bos, eos
+
+    def encode_turn(self, speaker: int, text: str) -> list[int]:
+        ids = self.tokenizer.encode(f"[{speaker}]{text}", add_special_tokens=False).ids
+        return [self.bos, *ids, self.eos]
+
+
+def load_tokenizer(path_or_repo: str | os.PathLike) -> CsmTokenizer:
+    """tokenizer.json: a file, a folder holding it, or a Hugging Face repo id."""
+    from .hub import resolve_file
+
+    return CsmTokenizer(resolve_file(path_or_repo, "tokenizer.json"))
+
+
+def encode_context_audio(mimi, segment: Segment, num_codebooks: int = 32) -> Segment:
+    """The segment with its audio replaced by Mimi codes (a no-op for codes or text only)."""
+    if segment.audio is None:
+        return segment
+    pcm = np.asarray(segment.audio, dtype=np.float32).reshape(-1)
+    if pcm.size == 0:
+        raise MoshiError("a context audio holds no samples")
+    if mimi.num_codebooks != num_codebooks:
+        raise MoshiError(f"Mimi encodes {mimi.num_codebooks} codebooks, CSM needs "
+                         f"{num_codebooks}")
+    codes = np.asarray(mimi.encode(pcm[None, None]))[0].astype(np.int32)
+    return Segment(segment.speaker, segment.text, codes=codes)
+
+
+def build_prompt(tokenizer: CsmTokenizer, context: Sequence[Segment], speaker: int, text: str,
+                 num_codebooks: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Prompt rows: tokens int32 [S, K + 1] and mask bool [S, K + 1] (columns 0..K-1 audio
+    codebooks, column K text)."""
+    rows: list[np.ndarray] = []
+    masks: list[np.ndarray] = []
+    width = num_codebooks + 1
+
+    def text_rows(spk: int, words: str) -> None:
+        ids = np.asarray(tokenizer.encode_turn(spk, words), dtype=np.int32)
+        t = np.zeros((len(ids), width), np.int32)
+        t[:, -1] = ids
+        m = np.zeros((len(ids), width), bool)
+        m[:, -1] = True
+        rows.append(t)
+        masks.append(m)
+
+    for seg in context:
+        if not isinstance(seg, Segment):
+            raise MoshiError(f"context items must be Segments, got {type(seg).__name__}")
+        if seg.audio is not None:
+            raise MoshiError("encode context audio first (encode_context_audio, or pass mimi=)")
+        text_rows(seg.speaker, seg.text)
+        if seg.codes is None:
+            continue
+        codes = np.asarray(seg.codes)
+        if codes.ndim != 2 or codes.shape[0] != num_codebooks:
+            raise MoshiError(f"context codes must be [{num_codebooks}, frames], got "
+                             f"{codes.shape}")
+        if codes.size and (codes.min() < 0 or codes.max() >= MIMI_CODES):
+            raise MoshiError(f"context codes must be Mimi codes 0..{MIMI_CODES - 1}")
+        audio = np.zeros((codes.shape[1] + 1, width), np.int32)  # + the all-zero EOS row
+        audio[:-1, :-1] = codes.T
+        m = np.zeros_like(audio, dtype=bool)
+        m[:, :-1] = True
+        rows.append(audio)
+        masks.append(m)
+    text_rows(check_speaker(speaker), text)
+    return np.concatenate(rows), np.concatenate(masks)
+
+
+class SpeechStream:
+    """Iterator over generated frames (np.int32 [K] each). After it ends, `stop_reason` is
+    "eos" (the all-zero frame came) or "max" (max_frames reached). `record_logits` keeps each
+    step's codebook-0 logits and each frame's depth logits [K-1, V] (float32 numpy)."""
+
+    def __init__(self, model: Csm, tokens: np.ndarray, mask: np.ndarray, max_frames: int,
+                 sampler: Sampler, seed: int | None, allow_non_codes: bool,
+                 record_logits: bool = False) -> None:
+        self.model, self.sampler, self.max_frames = model, sampler, max_frames
+        self.key = None if sampler.greedy else new_key(seed)
+        self.record_logits = record_logits
+        self.c0_logits: list[np.ndarray] = []
+        self.depth_logits: list[np.ndarray] = []
+        self.stop_reason: str | None = None
+        self.frames = 0
+        vocab = model.cfg.audio_vocab_size
+        self._bias = None
+        if not allow_non_codes and vocab > MIMI_CODES:
+            self._bias = mx.where(mx.arange(vocab) >= MIMI_CODES, -mx.inf, 0.0)
+        self._caches = model.backbone_cache()
+        x = model.embed_frames(mx.array(tokens)[None], mx.array(mask)[None])
+        self._hidden = model.backbone_step(x, self._caches)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return self
+
+    def _pick(self, logits: mx.array, key: mx.array | None) -> mx.array:
+        logits = logits.astype(mx.float32)
+        if self._bias is not None:
+            logits = logits + self._bias
+        return self.sampler(logits, key)
+
+    def _frame(self) -> mx.array:
+        model, h = self.model, self.hidden_state
+        k = model.cfg.num_codebooks
+        keys = [None] * k
+        if self.key is not None:
+            self.key, frame_key = mx.random.split(self.key)
+            keys = list(mx.random.split(frame_key, k))
+        c0_logits = model.codebook0_head(h)
+        code = self._pick(c0_logits, keys[0])
+        codes = [code]
+        depth = []
+        caches = model.decoder_cache()
+        x = mx.stack([h, model.audio_embedding(0, code)], axis=1)  # positions 0, 1
+        for i in range(1, k):
+            logits = model.depth_logits(x, caches, i)
+            depth.append(logits)
+            code = self._pick(logits, keys[i])
+            codes.append(code)
+            x = model.audio_embedding(i, code)[:, None, :]
+        frame = mx.stack(codes, axis=1)  # [1, K]
+        if self.record_logits:
+            self.c0_logits.append(np.asarray(c0_logits[0].astype(mx.float32)))
+            self.depth_logits.append(np.asarray(mx.stack(depth, 1)[0].astype(mx.float32)))
+        return frame
+
+    @property
+    def hidden_state(self) -> mx.array:
+        return self._hidden
+
+    def __next__(self) -> np.ndarray:
+        if self.stop_reason is not None:
+            raise StopIteration
+        if self.frames >= self.max_frames:
+            self.stop_reason = "max"
+            raise StopIteration
+        frame = self._frame()
+        mx.eval(frame)
+        codes = np.asarray(frame[0])
+        if not codes.any():
+            self.stop_reason = "eos"
+            raise StopIteration
+        self.frames += 1
+        if self.frames < self.max_frames:  # the next frame's backbone state
+            self._hidden = self.model.backbone_step(self.model.embed_audio_frame(frame),
+                                                    self._caches)
+        return codes.astype(np.int32)
+
+
+def stream_speech(model: Csm, tokenizer: CsmTokenizer, text: str, speaker: int = 0,
+                  context: Sequence[Segment] = (), temperature: float = 0.9, top_k: int = 50,
+                  max_frames: int | None = None, seed: int | None = None, mimi=None,
+                  allow_non_codes: bool = False, record_logits: bool = False) -> SpeechStream:
+    """Like `generate_speech`, as an iterator of frames (np.int32 [K]) produced one by one."""
+    if not isinstance(text, str) or not text.strip():
+        raise MoshiError("nothing to say: the text is empty")
+    if temperature < 0:
+        raise MoshiError(f"temperature must be >= 0, got {temperature}")
+    if top_k < 0:
+        raise MoshiError(f"top_k must be >= 0, got {top_k}")
+    k = model.cfg.num_codebooks
+    segments = []
+    for seg in context:
+        if isinstance(seg, Segment) and seg.audio is not None:
+            if mimi is None:
+                raise MoshiError("a context segment has audio: pass mimi= to encode it")
+            seg = encode_context_audio(mimi, seg, k)
+        segments.append(seg)
+    tokens, mask = build_prompt(tokenizer, segments, speaker, text, k)
+    budget = model.cfg.backbone.max_seq_len
+    if max_frames is None:
+        max_frames = min(SESAME_MAX_FRAMES, budget - 1 - len(tokens))
+    elif isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 1:
+        raise MoshiError(f"max_frames must be a positive int, got {max_frames!r}")
+    if len(tokens) + max_frames >= budget or max_frames < 1:
+        raise MoshiError(f"text and context too long: the prompt takes {len(tokens)} positions, "
+                         f"plus {max(max_frames, 1)} frames to generate must stay under "
+                         f"{budget}; shorten the text or context")
+    sampler = Sampler(temp=float(temperature), top_k=int(top_k))
+    return SpeechStream(model, tokens, mask, max_frames, sampler, seed, allow_non_codes,
+                        record_logits)
+
+
+def generate_speech(model: Csm, tokenizer: CsmTokenizer, text: str, speaker: int = 0,
+                    context: Sequence[Segment] = (), temperature: float = 0.9, top_k: int = 50,
+                    max_frames: int | None = None, seed: int | None = None, mimi=None,
+                    allow_non_codes: bool = False) -> np.ndarray:
+    """Speak `text` as `speaker`, conditioned on earlier turns -> frames int32 [T, K].
+
+    temperature 0: greedy. max_frames None: Sesame's 90 s, capped by the 2048-position budget
+    left after the prompt. Context segments with audio need `mimi` (32 codebooks)."""
+    stream = stream_speech(model, tokenizer, text, speaker, context, temperature, top_k,
+                           max_frames, seed, mimi, allow_non_codes)
+    frames = list(stream)
+    k = model.cfg.num_codebooks
+    return np.stack(frames) if frames else np.zeros((0, k), np.int32)
+
+
+def check_mimi_codes(frames: np.ndarray) -> np.ndarray:
+    """Frames [T, K] as Mimi codes [1, K, T]; ids >= 2048 are refused, never decoded."""
+    frames = np.asarray(frames)
+    if frames.size and (frames.min() < 0 or frames.max() >= MIMI_CODES):
+        t, c = np.argwhere((frames < 0) | (frames >= MIMI_CODES))[0]
+        raise MoshiError(f"frame {t} codebook {c} holds id {frames[t, c]}, not a Mimi code "
+                         "(generated with allow_non_codes=True?)")
+    return frames.T[None].astype(np.int32)
+
+
+def frames_to_audio(mimi, frames: np.ndarray) -> np.ndarray:
+    """Decode frames [T, K] with Mimi -> 24 kHz mono float32 [T * 1920]."""
+    if len(frames) == 0:
+        return np.zeros(0, np.float32)
+    return np.asarray(mimi.decode(check_mimi_codes(frames)))[0, 0].astype(np.float32)

@@ -1,0 +1,543 @@
+"""Sesame CSM (csm-1b): a Llama backbone predicts Mimi codebook 0 of each 80 ms frame, a small
+Llama depth decoder predicts codebooks 1..31 from the backbone state.
+
+Our parameter layout keeps Sesame's interleaved-pair RoPE (q/k rows as in the original
+checkpoint); `sanitize` maps the original (SesameAILabs/csm) and the transformers
+(`CsmForConditionalGeneration`) layouts to it, undoing the transformers q/k row permutation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from ..errors import WeightsError
+from ..modules.transformer import KVCache
+
+# ---------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """llama3 frequency scaling, in torchtune's parameters (transformers' re-parameterisation
+    with a smaller `old_context` and factors divided alike gives the same frequencies)."""
+
+    factor: float = 32.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    old_context: float = 8192.0
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    num_layers: int
+    dim: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_dim: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: RopeScaling | None = field(default_factory=RopeScaling)
+    max_seq_len: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise WeightsError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads "
+                               f"{self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise WeightsError(f"head_dim must be even for RoPE, got {self.head_dim}")
+
+
+def _flavor(num_layers: int, dim: int, heads: int, kv: int, hidden: int) -> LlamaConfig:
+    return LlamaConfig(num_layers, dim, heads, kv, dim // heads, hidden)
+
+
+# SesameAILabs/csm FLAVORS (torchtune llama3_2 builders); head_dim = dim // heads there.
+SESAME_FLAVORS: dict[str, LlamaConfig] = {
+    "llama-1B": _flavor(16, 2048, 32, 8, 8192),
+    "llama-100M": _flavor(4, 1024, 8, 2, 8192),
+}
+
+# config.json keys that carry no model structure (tolerated, ignored).
+_METADATA_KEYS = frozenset({
+    "architectures", "dtype", "torch_dtype", "transformers_version", "model_type",
+    "initializer_range", "use_cache", "attention_dropout", "hidden_act", "tie_word_embeddings",
+    "tie_codebooks_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
+    "audio_token_id", "audio_eos_token_id", "codebook_pad_token_id", "codebook_eos_token_id",
+    "codec_config", "quantization", "_name_or_path", "output_attentions",
+    "output_hidden_states", "return_dict", "attention_bias", "mlp_bias", "pretraining_tp",
+})
+_LM_KEYS = frozenset({"text_card", "dep_q", "depformer_dim", "existing_text_padding_id"})
+
+
+@dataclass(frozen=True)
+class CsmConfig:
+    backbone: LlamaConfig
+    decoder: LlamaConfig
+    text_vocab_size: int = 128256
+    audio_vocab_size: int = 2051
+    num_codebooks: int = 32
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> CsmConfig:
+        """Any of: the Sesame config.json (`backbone_flavor`...; fixture flavors given as
+        `flavors` {name: torchtune llama3_2 kwargs}), the transformers config.json
+        (`model_type` csm), or our own `to_dict()`."""
+        if not isinstance(data, dict):
+            raise WeightsError(f"{source}: expected a JSON object")
+        if _LM_KEYS & data.keys():
+            raise WeightsError(f"{source} is a Moshi/STT LM config, not a CSM (Sesame) config")
+        if "backbone_flavor" in data:
+            return _from_sesame(data, source)
+        if data.get("model_type") == "csm" or "depth_decoder_config" in data:
+            return _from_transformers(data, source)
+        if "backbone" in data and "decoder" in data:
+            return _from_ours(data, source)
+        raise WeightsError(f"{source}: not a CSM config (no backbone_flavor, no model_type csm)")
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> CsmConfig:
+        """config.json; a Sesame one may have its custom flavors in `flavors.json` beside it."""
+        path = Path(path)
+        data = _read_json(path)
+        flavors = path.parent / "flavors.json"
+        if isinstance(data, dict) and "backbone_flavor" in data and flavors.is_file():
+            data = {**data, "flavors": _read_json(flavors)}
+        return cls.from_dict(data, str(path))
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WeightsError(f"{path}: cannot read JSON ({exc})") from None
+
+
+def _reject_unknown(data: dict, known: set[str], source: str) -> None:
+    unknown = sorted(set(data) - known - _METADATA_KEYS)
+    if unknown:
+        raise WeightsError(f"{source}: unknown CSM config keys {unknown}")
+
+
+def _from_sesame(data: dict, source: str) -> CsmConfig:
+    _reject_unknown(data, {"backbone_flavor", "decoder_flavor", "text_vocab_size",
+                           "audio_vocab_size", "audio_num_codebooks", "flavors"}, source)
+    custom = data.get("flavors") or {}
+
+    def flavor(key: str) -> LlamaConfig:
+        name = data.get(key)
+        if name in SESAME_FLAVORS:
+            return SESAME_FLAVORS[name]
+        if name in custom:
+            return _from_torchtune(custom[name], f"{source} flavor {name}")
+        raise WeightsError(f"{source}: unknown {key} {name!r} (known: "
+                           f"{sorted(SESAME_FLAVORS)}; others need a flavors.json)")
+
+    try:
+        return CsmConfig(flavor("backbone_flavor"), flavor("decoder_flavor"),
+                         int(data["text_vocab_size"]), int(data["audio_vocab_size"]),
+                         int(data["audio_num_codebooks"]))
+    except KeyError as exc:
+        raise WeightsError(f"{source}: missing key {exc}") from None
+
+
+def _from_torchtune(kw: dict, source: str) -> LlamaConfig:
+    _reject_unknown(kw, {"vocab_size", "num_layers", "num_heads", "num_kv_heads", "embed_dim",
+                         "max_seq_len", "intermediate_dim", "attn_dropout", "norm_eps",
+                         "rope_base", "scale_factor"}, source)
+    try:
+        dim, heads = int(kw["embed_dim"]), int(kw["num_heads"])
+        return LlamaConfig(
+            int(kw["num_layers"]), dim, heads, int(kw["num_kv_heads"]), dim // heads,
+            int(kw["intermediate_dim"]), float(kw.get("norm_eps", 1e-5)),
+            float(kw.get("rope_base", 500000)),
+            RopeScaling(factor=float(kw.get("scale_factor", 32))),
+            int(kw.get("max_seq_len", 2048)))
+    except KeyError as exc:
+        raise WeightsError(f"{source}: missing key {exc}") from None
+
+
+_HF_LLAMA_KEYS = {"num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+                  "head_dim", "intermediate_size", "rms_norm_eps", "rope_theta", "rope_scaling",
+                  "rope_parameters", "max_position_embeddings", "vocab_size", "num_codebooks"}
+
+
+def _hf_llama(d: dict, source: str) -> LlamaConfig:
+    rope = dict(d.get("rope_parameters") or {})
+    rope.update(d.get("rope_scaling") or {})
+    theta = float(d.get("rope_theta", rope.get("rope_theta", 500000.0)))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "llama3":
+        scaling = RopeScaling(float(rope["factor"]), float(rope["low_freq_factor"]),
+                              float(rope["high_freq_factor"]),
+                              float(rope["original_max_position_embeddings"]))
+    elif kind == "default":
+        scaling = None
+    else:
+        raise WeightsError(f"{source}: unsupported rope_type {kind!r}")
+    try:
+        dim, heads = int(d["hidden_size"]), int(d["num_attention_heads"])
+        return LlamaConfig(
+            int(d["num_hidden_layers"]), dim, heads, int(d.get("num_key_value_heads", heads)),
+            int(d.get("head_dim") or dim // heads), int(d["intermediate_size"]),
+            float(d.get("rms_norm_eps", 1e-5)), theta, scaling,
+            int(d.get("max_position_embeddings", 2048)))
+    except KeyError as exc:
+        raise WeightsError(f"{source}: missing key {exc}") from None
+
+
+def _from_transformers(data: dict, source: str) -> CsmConfig:
+    _reject_unknown(data, _HF_LLAMA_KEYS | {"depth_decoder_config", "text_vocab_size"}, source)
+    depth = data.get("depth_decoder_config")
+    if not isinstance(depth, dict):
+        raise WeightsError(f"{source}: missing depth_decoder_config")
+    _reject_unknown(depth, _HF_LLAMA_KEYS | {"backbone_hidden_size"}, f"{source} depth decoder")
+    if data.get("attention_bias") or data.get("mlp_bias"):
+        raise WeightsError(f"{source}: biases in attention/MLP are not supported")
+    return CsmConfig(_hf_llama(data, source), _hf_llama(depth, f"{source} depth decoder"),
+                     int(data.get("text_vocab_size", 128256)), int(data.get("vocab_size", 2051)),
+                     int(data.get("num_codebooks", 32)))
+
+
+def _from_ours(data: dict, source: str) -> CsmConfig:
+    _reject_unknown(data, {"backbone", "decoder", "text_vocab_size", "audio_vocab_size",
+                           "num_codebooks"}, source)
+
+    def llama(d: dict) -> LlamaConfig:
+        d = dict(d)
+        scaling = d.pop("rope_scaling", None)
+        try:
+            return LlamaConfig(**d, rope_scaling=RopeScaling(**scaling) if scaling else None)
+        except TypeError as exc:
+            raise WeightsError(f"{source}: {exc}") from None
+
+    rest = {k: int(v) for k, v in data.items() if k not in ("backbone", "decoder")}
+    return CsmConfig(llama(data["backbone"]), llama(data["decoder"]), **rest)
+
+
+# ---------------------------------------------------------------------------- model
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
+    """Inverse frequencies [head_dim / 2] of llama3-scaled RoPE (float64 math, float32 out)."""
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if scaling is None:
+        return inv.astype(np.float32)
+    low_wavelen = scaling.old_context / scaling.low_freq_factor
+    high_wavelen = scaling.old_context / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    smooth = ((scaling.old_context / wavelen - scaling.low_freq_factor)
+              / (scaling.high_freq_factor - scaling.low_freq_factor))
+    blended = (1 - smooth) * inv / scaling.factor + smooth * inv
+    out = np.where(wavelen < high_wavelen, inv,
+                   np.where(wavelen > low_wavelen, inv / scaling.factor, blended))
+    return out.astype(np.float32)
+
+
+class RmsNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = mx.ones((dim,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.rms_norm(x, self.weight, self.eps)
+
+
+class LlamaAttention(nn.Module):
+    """Grouped-query attention with interleaved-pair (traditional) RoPE at given periods."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        self.q_proj = nn.Linear(cfg.dim, cfg.num_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.out_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.dim, bias=False)
+        # MLX's rope takes periods (1 / inverse frequency); not a parameter.
+        self._periods = mx.array(1.0 / rope_inv_freq(cfg.head_dim, cfg.rope_theta,
+                                                     cfg.rope_scaling))
+
+    def __call__(self, x: mx.array, cache: KVCache) -> mx.array:
+        batch, steps, _ = x.shape
+        q = self.q_proj(x).reshape(batch, steps, self.num_heads, -1).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(batch, steps, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(batch, steps, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
+        q = mx.fast.rope(q, self.head_dim, traditional=True, base=None, scale=1.0,
+                         offset=cache.offset, freqs=self._periods)
+        k = mx.fast.rope(k, self.head_dim, traditional=True, base=None, scale=1.0,
+                         offset=cache.offset, freqs=self._periods)
+        keys, values, mask = cache.update(k, v)
+        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.head_dim**-0.5,
+                                                   mask=mask)
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(batch, steps, -1))
+
+
+class SwiGlu(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.attn_norm = RmsNorm(cfg.dim, cfg.norm_eps)
+        self.attn = LlamaAttention(cfg)
+        self.mlp_norm = RmsNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = SwiGlu(cfg.dim, cfg.hidden_dim)
+
+    def __call__(self, x: mx.array, cache: KVCache) -> mx.array:
+        x = x + self.attn(self.attn_norm(x), cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Llama(nn.Module):
+    """Decoder layers + final norm (no token embedding, no output head)."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.layers = [LlamaLayer(cfg) for _ in range(cfg.num_layers)]
+        self.norm = RmsNorm(cfg.dim, cfg.norm_eps)
+
+    def __call__(self, x: mx.array, caches: list[KVCache]) -> mx.array:
+        for layer, cache in zip(self.layers, caches, strict=True):
+            x = layer(x, cache)
+        return self.norm(x)
+
+
+class Csm(nn.Module):
+    """Backbone + depth decoder. Frame rows are [..., num_codebooks + 1] ints (audio codebooks,
+    then the text token) with a same-shaped bool mask of the columns to sum."""
+
+    def __init__(self, cfg: CsmConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = Llama(cfg.backbone)
+        self.decoder = Llama(cfg.decoder)
+        self.text_embeddings = nn.Embedding(cfg.text_vocab_size, cfg.backbone.dim)
+        self.audio_embeddings = nn.Embedding(cfg.audio_vocab_size * cfg.num_codebooks,
+                                             cfg.backbone.dim)
+        self.projection = nn.Linear(cfg.backbone.dim, cfg.decoder.dim, bias=False)
+        self.codebook0_head = nn.Linear(cfg.backbone.dim, cfg.audio_vocab_size, bias=False)
+        self.audio_head = mx.zeros((cfg.num_codebooks - 1, cfg.decoder.dim,
+                                    cfg.audio_vocab_size))
+
+    def backbone_cache(self) -> list[KVCache]:
+        return [KVCache(self.cfg.backbone.max_seq_len) for _ in self.backbone.layers]
+
+    def decoder_cache(self) -> list[KVCache]:
+        return [KVCache(self.cfg.num_codebooks, grow_step=self.cfg.num_codebooks)
+                for _ in self.decoder.layers]
+
+    def audio_embedding(self, codebook: int, codes: mx.array) -> mx.array:
+        return self.audio_embeddings(codes + codebook * self.cfg.audio_vocab_size)
+
+    def embed_frames(self, tokens: mx.array, mask: mx.array) -> mx.array:
+        """tokens, mask [B, S, K + 1] -> summed input embeddings [B, S, backbone dim]."""
+        k = self.cfg.num_codebooks
+        offsets = mx.arange(k, dtype=mx.int32) * self.cfg.audio_vocab_size
+        audio = self.audio_embeddings(tokens[..., :k] + offsets)  # [B, S, K, dim]
+        audio = (audio * mask[..., :k, None].astype(audio.dtype)).sum(axis=-2)
+        text = self.text_embeddings(tokens[..., k]) * mask[..., k, None].astype(audio.dtype)
+        return audio + text
+
+    def embed_audio_frame(self, codes: mx.array) -> mx.array:
+        """codes [B, K] of one generated frame -> backbone input [B, 1, dim]."""
+        offsets = mx.arange(self.cfg.num_codebooks, dtype=mx.int32) * self.cfg.audio_vocab_size
+        return self.audio_embeddings(codes + offsets).sum(axis=-2)[:, None, :]
+
+    def backbone_step(self, x: mx.array, caches: list[KVCache]) -> mx.array:
+        """Input embeddings [B, S, dim] -> normed hidden state at the last position [B, dim]."""
+        return self.backbone(x, caches)[:, -1, :]
+
+    def depth_logits(self, x: mx.array, caches: list[KVCache], codebook: int) -> mx.array:
+        """Decoder on projected inputs x [B, S, backbone dim] -> logits [B, V] of `codebook`."""
+        h = self.decoder(self.projection(x), caches)[:, -1, :]
+        return h @ self.audio_head[codebook - 1]
+
+
+# ---------------------------------------------------------------------------- weights
+
+_LAYER_KEYS_SESAME = {
+    "attn.q_proj.weight": "attn.q_proj.weight",
+    "attn.k_proj.weight": "attn.k_proj.weight",
+    "attn.v_proj.weight": "attn.v_proj.weight",
+    "attn.output_proj.weight": "attn.out_proj.weight",
+    "mlp.w1.weight": "mlp.gate_proj.weight",
+    "mlp.w3.weight": "mlp.up_proj.weight",
+    "mlp.w2.weight": "mlp.down_proj.weight",
+    "sa_norm.scale": "attn_norm.weight",
+    "mlp_norm.scale": "mlp_norm.weight",
+}
+_LAYER_KEYS_HF = {
+    "self_attn.q_proj.weight": "attn.q_proj.weight",
+    "self_attn.k_proj.weight": "attn.k_proj.weight",
+    "self_attn.v_proj.weight": "attn.v_proj.weight",
+    "self_attn.o_proj.weight": "attn.out_proj.weight",
+    "mlp.gate_proj.weight": "mlp.gate_proj.weight",
+    "mlp.up_proj.weight": "mlp.up_proj.weight",
+    "mlp.down_proj.weight": "mlp.down_proj.weight",
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "mlp_norm.weight",
+}
+_TOP_SESAME = {
+    "text_embeddings.weight": "text_embeddings.weight",
+    "audio_embeddings.weight": "audio_embeddings.weight",
+    "projection.weight": "projection.weight",
+    "codebook0_head.weight": "codebook0_head.weight",
+    "audio_head": "audio_head",
+    "backbone.norm.scale": "backbone.norm.weight",
+    "decoder.norm.scale": "decoder.norm.weight",
+}
+_TOP_HF = {
+    "embed_text_tokens.weight": "text_embeddings.weight",
+    "depth_decoder.model.embed_tokens.weight": "audio_embeddings.weight",
+    "backbone_model.embed_tokens.embed_audio_tokens.weight": "audio_embeddings.weight",
+    "depth_decoder.model.inputs_embeds_projector.weight": "projection.weight",
+    "lm_head.weight": "codebook0_head.weight",
+    "depth_decoder.codebooks_head.weight": "audio_head",
+    "backbone_model.norm.weight": "backbone.norm.weight",
+    "depth_decoder.model.norm.weight": "decoder.norm.weight",
+}
+_LAYER_SESAME = re.compile(r"(backbone|decoder)\.layers\.(\d+)\.(.+)")
+_LAYER_HF = re.compile(r"(backbone_model|depth_decoder\.model)\.layers\.(\d+)\.(.+)")
+
+
+def detect_layout(keys) -> str:
+    """'sesame', 'transformers' or 'ours' from checkpoint tensor names."""
+    keys = list(keys)
+    if any(k.startswith(("backbone_model.", "depth_decoder.", "embed_text_tokens.")) for k in keys):
+        return "transformers"
+    if any(".attn.output_proj." in k or k.endswith(".scale") for k in keys):
+        return "sesame"
+    if any(k.startswith(("backbone.", "decoder.")) for k in keys):
+        return "ours"
+    if any(k.startswith(("transformer.layers.", "depformer", "text_emb", "emb.")) for k in keys):
+        raise WeightsError("a Moshi/STT LM checkpoint was given, not a CSM (Sesame) checkpoint")
+    raise WeightsError("not a CSM checkpoint (neither the Sesame nor the transformers layout)")
+
+
+def rope_rows_to_interleaved(w: mx.array, heads: int) -> mx.array:
+    """Undo transformers' q/k row permutation (interleaved-pair -> rotate-half RoPE)."""
+    out_dim, in_dim = w.shape
+    head_dim = out_dim // heads
+    return (w.reshape(heads, 2, head_dim // 2, in_dim).transpose(0, 2, 1, 3)
+            .reshape(out_dim, in_dim))
+
+
+def rope_rows_to_rotate_half(w: mx.array, heads: int) -> mx.array:
+    """transformers' q/k row permutation (the inverse of `rope_rows_to_interleaved`)."""
+    out_dim, in_dim = w.shape
+    head_dim = out_dim // heads
+    return (w.reshape(heads, head_dim // 2, 2, in_dim).transpose(0, 2, 1, 3)
+            .reshape(out_dim, in_dim))
+
+
+def sanitize(weights: dict[str, mx.array], config: CsmConfig) -> dict[str, mx.array]:
+    """Sesame or transformers (or our own) layout -> our parameter names, lazily. The
+    transformers file's bundled `codec_model.*` Mimi is dropped (we decode with our Mimi)."""
+    layout = detect_layout(weights)
+    if layout == "ours":
+        return dict(weights)
+    sesame = layout == "sesame"
+    top, layer_keys, pattern = ((_TOP_SESAME, _LAYER_KEYS_SESAME, _LAYER_SESAME) if sesame
+                                else (_TOP_HF, _LAYER_KEYS_HF, _LAYER_HF))
+    out: dict[str, mx.array] = {}
+    unknown = []
+    for key, value in weights.items():
+        if not sesame and key.startswith("codec_model."):
+            continue
+        if key in top:
+            out[top[key]] = value
+            continue
+        match = pattern.fullmatch(key)
+        if match is None or match.group(3) not in layer_keys:
+            unknown.append(key)
+            continue
+        part = "backbone" if match.group(1).startswith("backbone") else "decoder"
+        name = layer_keys[match.group(3)]
+        if not sesame and name in ("attn.q_proj.weight", "attn.k_proj.weight"):
+            llama = config.backbone if part == "backbone" else config.decoder
+            heads = llama.num_heads if name.startswith("attn.q") else llama.num_kv_heads
+            value = rope_rows_to_interleaved(value, heads)
+        out[f"{part}.layers.{match.group(2)}.{name}"] = value
+    if unknown:
+        raise WeightsError(f"{len(unknown)} unknown tensors for the {layout} CSM layout "
+                           f"(e.g. {unknown[0]})")
+    return out
+
+
+def quant_predicate(path: str, module: nn.Module) -> bool:
+    """Linears inside the backbone and depth decoder layers. Embeddings, heads and the
+    projection stay exact. A linear whose input width is not a multiple of 64 (the largest
+    group size of q4/q8) is kept too (only tiny test models have those)."""
+    return (isinstance(module, nn.Linear) and path.startswith(("backbone.layers.",
+                                                               "decoder.layers."))
+            and module.weight.shape[-1] % 64 == 0)
+
+
+# ---------------------------------------------------------------------------- loading
+
+QUANTIZATIONS = {4: (4, 32), 8: (8, 64)}  # bits -> (bits, group size)
+
+
+def load_csm(weights: str | os.PathLike, config: CsmConfig | str | os.PathLike | None = None,
+             quantize: int | None = None, dtype: mx.Dtype | None = None) -> Csm:
+    """Load CSM from a .safetensors file, a folder (config.json beside it) or a hub repo id.
+
+    config: a CsmConfig, a config.json path, or None (the config.json beside the weights / in
+    the repo). quantize: None, 4 (group 32) or 8 (group 64) for the backbone and decoder
+    linears. dtype: None = float32 on the CPU, bfloat16 on a GPU."""
+    from ..hub import resolve_file
+    from .lm import as_stored
+
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise WeightsError(f"quantize must be 4, 8 or None, got {quantize!r}")
+    path = resolve_file(weights, "model.safetensors")
+    if config is None:
+        config = path.parent / "config.json" if Path(weights).expanduser().exists() else \
+            resolve_file(weights, "config.json")
+    cfg = config if isinstance(config, CsmConfig) else CsmConfig.from_file(Path(config))
+    if dtype is None:
+        dtype = mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
+    try:
+        tensors = mx.load(str(path))
+    except Exception as exc:
+        raise WeightsError(f"{path}: cannot read safetensors ({exc})") from None
+    tensors = sanitize(tensors, cfg)
+    model = Csm(cfg)
+    if quantize is not None:
+        bits, group = QUANTIZATIONS[quantize]
+        nn.quantize(model, group_size=group, bits=bits, class_predicate=quant_predicate)
+    linears = frozenset(p for p, m in model.named_modules() if isinstance(m, nn.QuantizedLinear))
+    if linears:  # quantize the float tensors of those linears as nn.quantize laid them out
+        bits, group = QUANTIZATIONS[quantize]
+        for name in linears:
+            w, s, b = mx.quantize(tensors.pop(f"{name}.weight").astype(dtype), group, bits)
+            tensors.update({f"{name}.weight": w, f"{name}.scales": s, f"{name}.biases": b})
+    try:
+        model.load_weights([(k, as_stored(k, v, dtype, linears)) for k, v in tensors.items()],
+                           strict=True)
+    except ValueError as exc:
+        raise WeightsError(f"{path} does not match the CSM config: {exc}") from None
+    mx.eval(model.parameters())
+    return model
