@@ -1,4 +1,5 @@
-"""Moshi and Mimi in MLX. Public names are imported lazily so `import moshi_mlx` stays cheap."""
+"""Moshi, Mimi and Sesame CSM in MLX. Public names are imported lazily (`import moshi_mlx` is
+cheap)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,15 @@ _EXPORTS = {
     "Lm": "moshi_mlx.models.lm",
     "load_lm": "moshi_mlx.models.lm",
     "LmGen": "moshi_mlx.generate",
+    "Csm": "moshi_mlx.models.csm",
+    "CsmConfig": "moshi_mlx.models.csm",
+    "load_csm": "moshi_mlx.models.csm",
+    "CsmTokenizer": "moshi_mlx.csm_generate",
+    "load_tokenizer": "moshi_mlx.csm_generate",
+    "Segment": "moshi_mlx.csm_generate",
+    "generate_speech": "moshi_mlx.csm_generate",
+    "stream_speech": "moshi_mlx.csm_generate",
+    "frames_to_audio": "moshi_mlx.csm_generate",
 }
 
 __all__ = sorted(_EXPORTS)

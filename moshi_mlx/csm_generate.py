@@ -57,8 +57,9 @@ def check_speaker(speaker: object) -> int:
 
 
 class CsmTokenizer:
-    """Text turns -> token ids with Sesame's template `<|begin_of_text|>[speaker]text<|end_of_text|>`
-    (no space after the bracket), through a HF `tokenizer.json`."""
+    """Text turns -> token ids with Sesame's template
+    `<|begin_of_text|>[speaker]text<|end_of_text|>` (no space after the bracket), through a HF
+    `tokenizer.json`."""
 
     BOS = "<|begin_of_text|>"
     EOS = "<|end_of_text|>"
