@@ -15,6 +15,7 @@ refuses such frames instead of passing them to Mimi.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -288,3 +289,56 @@ def frames_to_audio(mimi, frames: np.ndarray) -> np.ndarray:
     if len(frames) == 0:
         return np.zeros(0, np.float32)
     return np.asarray(mimi.decode(check_mimi_codes(frames)))[0, 0].astype(np.float32)
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?…。！？])\s+")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split on whitespace after sentence-ending punctuation (and on blank lines)."""
+    parts = []
+    for paragraph in re.split(r"\n\s*\n", text):
+        parts += [s.strip() for s in _SENTENCE_END.split(paragraph.replace("\n", " "))]
+    return [p for p in parts if p]
+
+
+def stream_long_speech(model: Csm, tokenizer: CsmTokenizer, text: str, speaker: int = 0,
+                       context: Sequence[Segment] = (), temperature: float = 0.9,
+                       top_k: int = 50, max_frames: int | None = None, seed: int | None = None,
+                       mimi=None) -> Iterator[np.ndarray]:
+    """Speak a text of any length sentence by sentence: each sentence is one turn conditioned
+    on `context` plus the turns generated so far (oldest generated turns are dropped when the
+    2048-position budget runs short). `max_frames` applies to each sentence; sentence i uses
+    seed + i. Yields frames (np.int32 [K])."""
+    k = model.cfg.num_codebooks
+    base = [encode_context_audio(mimi, s, k) if s.audio is not None and mimi is not None else s
+            for s in context]
+    spoken: list[Segment] = []
+    sentences = split_sentences(text) if isinstance(text, str) else []
+    if not sentences:
+        raise MoshiError("nothing to say: the text is empty")
+    for i, sentence in enumerate(sentences):
+        need = max_frames if max_frames is not None else 1
+        while spoken and _prompt_length(tokenizer, [*base, *spoken], speaker, sentence, k) \
+                + need >= model.cfg.backbone.max_seq_len:
+            spoken.pop(0)
+        frames = []
+        for frame in stream_speech(model, tokenizer, sentence, speaker, [*base, *spoken],
+                                   temperature, top_k, max_frames,
+                                   None if seed is None else seed + i, mimi):
+            frames.append(frame)
+            yield frame
+        if frames:
+            spoken.append(Segment(speaker, sentence, codes=_as_codes(frames)))
+
+
+def _as_codes(frames: list[np.ndarray]) -> np.ndarray:
+    """Generated frames as context codes [K, T] (non-codes, if allowed, become 0)."""
+    codes = np.stack(frames).T.copy()
+    codes[codes >= MIMI_CODES] = 0
+    return codes
+
+
+def _prompt_length(tokenizer: CsmTokenizer, context: Sequence[Segment], speaker: int,
+                   text: str, k: int) -> int:
+    return len(build_prompt(tokenizer, context, speaker, text, k)[0])
