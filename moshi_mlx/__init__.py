@@ -33,6 +33,8 @@ _EXPORTS = {
     "Segment": "moshi_mlx.csm_generate",
     "generate_speech": "moshi_mlx.csm_generate",
     "stream_speech": "moshi_mlx.csm_generate",
+    "stream_long_speech": "moshi_mlx.csm_generate",
+    "ContextCache": "moshi_mlx.csm_generate",
     "frames_to_audio": "moshi_mlx.csm_generate",
 }
 

@@ -145,14 +145,66 @@ def build_prompt(tokenizer: CsmTokenizer, context: Sequence[Segment], speaker: i
     return np.concatenate(rows), np.concatenate(masks)
 
 
+class ContextCache:
+    """The backbone KV caches of one model plus the rows (tokens, mask) they hold. A call whose
+    prompt starts with rows already held only computes the rest: a conversation re-sends its
+    whole history every turn, and each generated turn's frames are already in the cache."""
+
+    def __init__(self, model: Csm) -> None:
+        self.model = model
+        self.caches = model.backbone_cache()
+        width = model.cfg.num_codebooks + 1
+        self.tokens = np.zeros((0, width), np.int32)
+        self.mask = np.zeros((0, width), bool)
+        self.reused = 0  # rows the last prefill took from the cache
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def prefill(self, tokens: np.ndarray, mask: np.ndarray) -> mx.array:
+        """Make the caches hold exactly these prompt rows -> hidden state at the last one."""
+        held = min(len(self.tokens), len(tokens) - 1)  # recompute at least the last row
+        same = np.all((self.tokens[:held] == tokens[:held]) & (self.mask[:held] == mask[:held]),
+                      axis=1)
+        reuse = held if same.all() else int(np.argmin(same))
+        self.rewind(reuse)
+        self.reused = reuse
+        x = self.model.embed_frames(mx.array(tokens[reuse:])[None], mx.array(mask[reuse:])[None])
+        self.tokens, self.mask = tokens.copy(), mask.copy()
+        return self.model.backbone_step(x, self.caches)
+
+    def feed_frame(self, frame: mx.array) -> mx.array:
+        """Append a generated frame (lazy [1, K]) as an audio row -> the next hidden state.
+        The row is recorded by `commit_frame` once its codes are known."""
+        return self.model.backbone_step(self.model.embed_audio_frame(frame), self.caches)
+
+    def commit_frame(self, codes: np.ndarray) -> None:
+        row = np.zeros((1, self.tokens.shape[1]), np.int32)
+        row[0, :-1] = codes
+        mask = np.zeros_like(row, dtype=bool)
+        mask[0, :-1] = True
+        self.tokens = np.concatenate([self.tokens, row])
+        self.mask = np.concatenate([self.mask, mask])
+
+    def rewind(self, length: int) -> None:
+        for cache in self.caches:
+            cache.rewind(length)
+        self.tokens, self.mask = self.tokens[:length], self.mask[:length]
+
+
 class SpeechStream:
     """Iterator over generated frames (np.int32 [K] each). After it ends, `stop_reason` is
     "eos" (the all-zero frame came) or "max" (max_frames reached). `record_logits` keeps each
-    step's codebook-0 logits and each frame's depth logits [K-1, V] (float32 numpy)."""
+    step's codebook-0 logits and each frame's depth logits [K-1, V] (float32 numpy).
+
+    Each frame is one lazy graph (codebook 0, the 31 depth steps and their sampling); the next
+    backbone step is queued behind it before the host reads the codes for the EOS check."""
 
     def __init__(self, model: Csm, tokens: np.ndarray, mask: np.ndarray, max_frames: int,
                  sampler: Sampler, seed: int | None, allow_non_codes: bool,
-                 record_logits: bool = False) -> None:
+                 record_logits: bool = False, cache: ContextCache | None = None) -> None:
+        if cache is not None and cache.model is not model:
+            raise MoshiError("this ContextCache belongs to another model")
         self.model, self.sampler, self.max_frames = model, sampler, max_frames
         self.key = None if sampler.greedy else new_key(seed)
         self.record_logits = record_logits
@@ -164,9 +216,8 @@ class SpeechStream:
         self._bias = None
         if not allow_non_codes and vocab > MIMI_CODES:
             self._bias = mx.where(mx.arange(vocab) >= MIMI_CODES, -mx.inf, 0.0)
-        self._caches = model.backbone_cache()
-        x = model.embed_frames(mx.array(tokens)[None], mx.array(mask)[None])
-        self._hidden = model.backbone_step(x, self._caches)
+        self.cache = cache if cache is not None else ContextCache(model)
+        self._hidden = self.cache.prefill(tokens, mask)
 
     def __iter__(self) -> Iterator[np.ndarray]:
         return self
@@ -177,8 +228,9 @@ class SpeechStream:
             logits = logits + self._bias
         return self.sampler(logits, key)
 
-    def _frame(self) -> mx.array:
-        model, h = self.model, self.hidden_state
+    def _frame(self, h: mx.array) -> tuple[mx.array, mx.array, list[mx.array]]:
+        """Hidden state [1, dim] -> (frame codes [1, K], codebook-0 logits, depth logits)."""
+        model = self.model
         k = model.cfg.num_codebooks
         keys = [None] * k
         if self.key is not None:
@@ -196,15 +248,7 @@ class SpeechStream:
             code = self._pick(logits, keys[i])
             codes.append(code)
             x = model.audio_embedding(i, code)[:, None, :]
-        frame = mx.stack(codes, axis=1)  # [1, K]
-        if self.record_logits:
-            self.c0_logits.append(np.asarray(c0_logits[0].astype(mx.float32)))
-            self.depth_logits.append(np.asarray(mx.stack(depth, 1)[0].astype(mx.float32)))
-        return frame
-
-    @property
-    def hidden_state(self) -> mx.array:
-        return self._hidden
+        return mx.stack(codes, axis=1), c0_logits, depth
 
     def __next__(self) -> np.ndarray:
         if self.stop_reason is not None:
@@ -212,23 +256,35 @@ class SpeechStream:
         if self.frames >= self.max_frames:
             self.stop_reason = "max"
             raise StopIteration
-        frame = self._frame()
-        mx.eval(frame)
-        codes = np.asarray(frame[0])
+        frame, c0_logits, depth = self._frame(self._hidden)
+        last = self.frames + 1 >= self.max_frames
+        if last:  # no next step: the budget check counted only max_frames positions
+            mx.eval(frame)
+        else:
+            next_hidden = self.cache.feed_frame(frame)
+            mx.async_eval(frame, next_hidden)
+        if self.record_logits:
+            self.c0_logits.append(np.asarray(c0_logits[0].astype(mx.float32)))
+            self.depth_logits.append(np.asarray(mx.stack(depth, 1)[0].astype(mx.float32)))
+        codes = np.asarray(frame[0]).astype(np.int32)
         if not codes.any():
             self.stop_reason = "eos"
+            if not last:  # the zero frame went into the backbone cache: take it out
+                mx.eval(next_hidden)
+                self.cache.rewind(len(self.cache))
             raise StopIteration
         self.frames += 1
-        if self.frames < self.max_frames:  # the next frame's backbone state
-            self._hidden = self.model.backbone_step(self.model.embed_audio_frame(frame),
-                                                    self._caches)
-        return codes.astype(np.int32)
+        if not last:
+            self.cache.commit_frame(codes)
+            self._hidden = next_hidden
+        return codes
 
 
 def stream_speech(model: Csm, tokenizer: CsmTokenizer, text: str, speaker: int = 0,
                   context: Sequence[Segment] = (), temperature: float = 0.9, top_k: int = 50,
                   max_frames: int | None = None, seed: int | None = None, mimi=None,
-                  allow_non_codes: bool = False, record_logits: bool = False) -> SpeechStream:
+                  allow_non_codes: bool = False, record_logits: bool = False,
+                  cache: ContextCache | None = None) -> SpeechStream:
     """Like `generate_speech`, as an iterator of frames (np.int32 [K]) produced one by one."""
     if not isinstance(text, str) or not text.strip():
         raise MoshiError("nothing to say: the text is empty")
@@ -256,19 +312,21 @@ def stream_speech(model: Csm, tokenizer: CsmTokenizer, text: str, speaker: int =
                          f"{budget}; shorten the text or context")
     sampler = Sampler(temp=float(temperature), top_k=int(top_k))
     return SpeechStream(model, tokens, mask, max_frames, sampler, seed, allow_non_codes,
-                        record_logits)
+                        record_logits, cache)
 
 
 def generate_speech(model: Csm, tokenizer: CsmTokenizer, text: str, speaker: int = 0,
                     context: Sequence[Segment] = (), temperature: float = 0.9, top_k: int = 50,
                     max_frames: int | None = None, seed: int | None = None, mimi=None,
-                    allow_non_codes: bool = False) -> np.ndarray:
+                    allow_non_codes: bool = False, cache: ContextCache | None = None
+                    ) -> np.ndarray:
     """Speak `text` as `speaker`, conditioned on earlier turns -> frames int32 [T, K].
 
     temperature 0: greedy. max_frames None: Sesame's 90 s, capped by the 2048-position budget
-    left after the prompt. Context segments with audio need `mimi` (32 codebooks)."""
+    left after the prompt. Context segments with audio need `mimi` (32 codebooks). `cache`: a
+    ContextCache kept across calls, so a context already processed is not computed again."""
     stream = stream_speech(model, tokenizer, text, speaker, context, temperature, top_k,
-                           max_frames, seed, mimi, allow_non_codes)
+                           max_frames, seed, mimi, allow_non_codes, cache=cache)
     frames = list(stream)
     k = model.cfg.num_codebooks
     return np.stack(frames) if frames else np.zeros((0, k), np.int32)
@@ -317,6 +375,7 @@ def stream_long_speech(model: Csm, tokenizer: CsmTokenizer, text: str, speaker: 
     sentences = split_sentences(text) if isinstance(text, str) else []
     if not sentences:
         raise MoshiError("nothing to say: the text is empty")
+    cache = ContextCache(model)
     for i, sentence in enumerate(sentences):
         need = max_frames if max_frames is not None else 1
         while spoken and _prompt_length(tokenizer, [*base, *spoken], speaker, sentence, k) \
@@ -325,7 +384,7 @@ def stream_long_speech(model: Csm, tokenizer: CsmTokenizer, text: str, speaker: 
         frames = []
         for frame in stream_speech(model, tokenizer, sentence, speaker, [*base, *spoken],
                                    temperature, top_k, max_frames,
-                                   None if seed is None else seed + i, mimi):
+                                   None if seed is None else seed + i, mimi, cache=cache):
             frames.append(frame)
             yield frame
         if frames:

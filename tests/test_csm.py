@@ -20,10 +20,13 @@ import pytest
 from references import safetensors_entries
 
 from moshi_mlx.csm_generate import (
+    ContextCache,
     Segment,
     build_prompt,
     generate_speech,
     load_tokenizer,
+    split_sentences,
+    stream_long_speech,
     stream_speech,
 )
 from moshi_mlx.errors import MoshiError, WeightsError
@@ -310,3 +313,50 @@ def test_quant_predicate_on_csm_1b():
     assert chosen == {p for p in linears if ".layers." in p}
     assert len(chosen) == (16 + 4) * 7
     assert "projection" not in chosen and "codebook0_head" not in chosen
+
+
+# ---------------------------------------------------------------- conversation helpers
+
+
+def test_context_cache_reuses_the_conversation_so_far(models, tokenizer, golden):
+    model = models["sesame"]
+    cache = ContextCache(model)
+    first = generate_speech(model, tokenizer, TEXT["b"], 1, context_for("b", golden),
+                            temperature=0, max_frames=6, cache=cache)
+    assert len(first) == 6
+    prompt = len(golden["prompt_b_frames"])
+    assert len(cache) == prompt + 5  # the last frame is never fed back (max reached)
+    history = [*context_for("b", golden), Segment(1, TEXT["b"], codes=first.T)]
+    second = generate_speech(model, tokenizer, "And again.", 1, history, temperature=0,
+                             max_frames=6, cache=cache)
+    assert cache.reused == prompt + 5
+    fresh = generate_speech(model, tokenizer, "And again.", 1, history, temperature=0,
+                            max_frames=6)
+    np.testing.assert_array_equal(second, fresh)
+
+
+def test_the_eos_frame_is_not_left_in_the_cache(models, tokenizer, golden):
+    cache = ContextCache(models["sesame"])
+    stream = stream_speech(models["sesame"], tokenizer, TEXT["a"], 0, temperature=0,
+                           max_frames=24, allow_non_codes=True, cache=cache)
+    frames = np.stack(list(stream))
+    assert stream.stop_reason == "eos" and len(frames) == 10
+    assert len(cache) == len(golden["prompt_a_frames"]) + 10
+    np.testing.assert_array_equal(cache.tokens[-10:, :32], frames)
+
+
+def test_split_sentences():
+    assert split_sentences("Hi there. How are you?  Fine!\n\nNew part") == [
+        "Hi there.", "How are you?", "Fine!", "New part"]
+    assert split_sentences("  ") == []
+
+
+def test_long_text_is_spoken_sentence_by_sentence(models, tokenizer):
+    model = models["sesame"]
+    one, two = "Hello from Sesame.", "Numbers are spoken slowly."
+    frames = np.stack(list(stream_long_speech(model, tokenizer, f"{one} {two}", 0,
+                                              temperature=0, max_frames=4)))
+    first = generate_speech(model, tokenizer, one, 0, temperature=0, max_frames=4)
+    second = generate_speech(model, tokenizer, two, 0, [Segment(0, one, codes=first.T)],
+                             temperature=0, max_frames=4)
+    np.testing.assert_array_equal(frames, np.concatenate([first, second]))
