@@ -360,3 +360,20 @@ def test_long_text_is_spoken_sentence_by_sentence(models, tokenizer):
     second = generate_speech(model, tokenizer, two, 0, [Segment(0, one, codes=first.T)],
                              temperature=0, max_frames=4)
     np.testing.assert_array_equal(frames, np.concatenate([first, second]))
+
+
+def test_dtype_follows_the_device_and_bf16_runs(tokenizer):
+    model = load_csm(CSM / "sesame")
+    want = mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
+    assert model.audio_head.dtype == want
+    half = load_csm(CSM / "sesame", dtype=mx.bfloat16, quantize=8)
+    assert half.backbone.layers[0].mlp.gate_proj.weight.dtype == mx.bfloat16
+    frames = generate_speech(half, tokenizer, TEXT["a"], 0, temperature=0.9, max_frames=3,
+                             seed=1)
+    assert frames.shape[1] == 32 and frames.min() >= 0 and frames.max() < 2048
+
+
+def test_missing_config_is_a_one_line_error(tmp_path):
+    shutil.copy(CSM / "sesame" / "model.safetensors", tmp_path / "model.safetensors")
+    with pytest.raises(WeightsError, match="no such CSM config"):
+        load_csm(tmp_path / "model.safetensors")

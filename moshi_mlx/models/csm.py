@@ -501,22 +501,21 @@ QUANTIZATIONS = {4: (4, 32), 8: (8, 64)}  # bits -> (bits, group size)
 
 
 def load_csm(weights: str | os.PathLike, config: CsmConfig | str | os.PathLike | None = None,
-             quantize: int | None = None, dtype: mx.Dtype | None = None) -> Csm:
+             quantize: int | None = None, dtype: mx.Dtype | None = None,
+             cpu_threads: int | None = None) -> Csm:
     """Load CSM from a .safetensors file, a folder (config.json beside it) or a hub repo id.
 
     config: a CsmConfig, a config.json path, or None (the config.json beside the weights / in
     the repo). quantize: None, 4 (group 32) or 8 (group 64) for the backbone and decoder
-    linears. dtype: None = float32 on the CPU, bfloat16 on a GPU."""
-    from ..hub import resolve_file
+    linears. dtype: None = float32 on the CPU (MLX's fast CPU kernels), bfloat16 on a GPU.
+    cpu_threads: split large linears over this many CPU streams (bit-identical); None = all
+    cores on the CPU, no split on a GPU."""
+    from ..modules.parallel import default_cpu_threads, split_linears
     from .lm import as_stored
 
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise WeightsError(f"quantize must be 4, 8 or None, got {quantize!r}")
-    path = resolve_file(weights, "model.safetensors")
-    if config is None:
-        config = path.parent / "config.json" if Path(weights).expanduser().exists() else \
-            resolve_file(weights, "config.json")
-    cfg = config if isinstance(config, CsmConfig) else CsmConfig.from_file(Path(config))
+    path, cfg = _resolve_files(weights, config)
     if dtype is None:
         dtype = mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
     try:
@@ -529,15 +528,35 @@ def load_csm(weights: str | os.PathLike, config: CsmConfig | str | os.PathLike |
         bits, group = QUANTIZATIONS[quantize]
         nn.quantize(model, group_size=group, bits=bits, class_predicate=quant_predicate)
     linears = frozenset(p for p, m in model.named_modules() if isinstance(m, nn.QuantizedLinear))
-    if linears:  # quantize the float tensors of those linears as nn.quantize laid them out
-        bits, group = QUANTIZATIONS[quantize]
-        for name in linears:
-            w, s, b = mx.quantize(tensors.pop(f"{name}.weight").astype(dtype), group, bits)
-            tensors.update({f"{name}.weight": w, f"{name}.scales": s, f"{name}.biases": b})
+    for name in linears:  # quantize those layers' float weights the way nn.quantize did
+        weight = tensors.pop(f"{name}.weight", None)
+        if weight is None:
+            raise WeightsError(f"{path} does not match the CSM config: no {name}.weight")
+        w, scales, biases = mx.quantize(weight.astype(dtype), group, bits)
+        tensors.update({f"{name}.weight": w, f"{name}.scales": scales, f"{name}.biases": biases})
     try:
         model.load_weights([(k, as_stored(k, v, dtype, linears)) for k, v in tensors.items()],
                            strict=True)
     except ValueError as exc:
         raise WeightsError(f"{path} does not match the CSM config: {exc}") from None
     mx.eval(model.parameters())
+    split_linears(model, default_cpu_threads() if cpu_threads is None else cpu_threads)
     return model
+
+
+def _resolve_files(weights: str | os.PathLike, config: CsmConfig | str | os.PathLike | None
+                   ) -> tuple[Path, CsmConfig]:
+    """The weights file and the config: given, beside a local file / in a local folder, or
+    both from a Hugging Face repo."""
+    from ..hub import resolve_file
+
+    path = resolve_file(weights, "model.safetensors")
+    if isinstance(config, CsmConfig):
+        return path, config
+    if config is None:
+        local = Path(weights).expanduser().exists()
+        config = path.parent / "config.json" if local else resolve_file(weights, "config.json")
+    config = Path(config)
+    if not config.is_file():
+        raise WeightsError(f"{config}: no such CSM config file (pass config=)")
+    return path, CsmConfig.from_file(config)
