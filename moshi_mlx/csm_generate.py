@@ -173,10 +173,11 @@ class ContextCache:
         self.tokens, self.mask = tokens.copy(), mask.copy()
         return self.model.backbone_step(x, self.caches)
 
-    def feed_frame(self, frame: mx.array) -> mx.array:
+    def feed_frame(self, frame: mx.array, compiled: bool = True) -> mx.array:
         """Append a generated frame (lazy [1, K]) as an audio row -> the next hidden state.
         The row is recorded by `commit_frame` once its codes are known."""
-        return self.model.backbone_step(self.model.embed_audio_frame(frame), self.caches)
+        return self.model.backbone_step(self.model.embed_audio_frame(frame), self.caches,
+                                        compiled)
 
     def commit_frame(self, codes: np.ndarray) -> None:
         row = np.zeros((1, self.tokens.shape[1]), np.int32)
@@ -202,12 +203,14 @@ class SpeechStream:
 
     def __init__(self, model: Csm, tokens: np.ndarray, mask: np.ndarray, max_frames: int,
                  sampler: Sampler, seed: int | None, allow_non_codes: bool,
-                 record_logits: bool = False, cache: ContextCache | None = None) -> None:
+                 record_logits: bool = False, cache: ContextCache | None = None,
+                 compiled: bool = True) -> None:
         if cache is not None and cache.model is not model:
             raise MoshiError("this ContextCache belongs to another model")
         self.model, self.sampler, self.max_frames = model, sampler, max_frames
         self.key = None if sampler.greedy else new_key(seed)
         self.record_logits = record_logits
+        self.compiled = compiled
         self.c0_logits: list[np.ndarray] = []
         self.depth_logits: list[np.ndarray] = []
         self.stop_reason: str | None = None
@@ -243,7 +246,7 @@ class SpeechStream:
         caches = model.decoder_cache()
         x = mx.stack([h, model.audio_embedding(0, code)], axis=1)  # positions 0, 1
         for i in range(1, k):
-            logits = model.depth_logits(x, caches, i)
+            logits = model.depth_logits(x, caches, i, self.compiled)
             depth.append(logits)
             code = self._pick(logits, keys[i])
             codes.append(code)
@@ -261,7 +264,7 @@ class SpeechStream:
         if last:  # no next step: the budget check counted only max_frames positions
             mx.eval(frame)
         else:
-            next_hidden = self.cache.feed_frame(frame)
+            next_hidden = self.cache.feed_frame(frame, self.compiled)
             mx.async_eval(frame, next_hidden)
         if self.record_logits:
             self.c0_logits.append(np.asarray(c0_logits[0].astype(mx.float32)))
@@ -284,8 +287,9 @@ def stream_speech(model: Csm, tokenizer: CsmTokenizer, text: str, speaker: int =
                   context: Sequence[Segment] = (), temperature: float = 0.9, top_k: int = 50,
                   max_frames: int | None = None, seed: int | None = None, mimi=None,
                   allow_non_codes: bool = False, record_logits: bool = False,
-                  cache: ContextCache | None = None) -> SpeechStream:
-    """Like `generate_speech`, as an iterator of frames (np.int32 [K]) produced one by one."""
+                  cache: ContextCache | None = None, compiled: bool = True) -> SpeechStream:
+    """Like `generate_speech`, as an iterator of frames (np.int32 [K]) produced one by one.
+    compiled=False runs every op eagerly (same results; for debugging and comparison)."""
     if not isinstance(text, str) or not text.strip():
         raise MoshiError("nothing to say: the text is empty")
     if temperature < 0:
@@ -312,7 +316,7 @@ def stream_speech(model: Csm, tokenizer: CsmTokenizer, text: str, speaker: int =
                          f"{budget}; shorten the text or context")
     sampler = Sampler(temp=float(temperature), top_k=int(top_k))
     return SpeechStream(model, tokens, mask, max_frames, sampler, seed, allow_non_codes,
-                        record_logits, cache)
+                        record_logits, cache, compiled)
 
 
 def generate_speech(model: Csm, tokenizer: CsmTokenizer, text: str, speaker: int = 0,

@@ -211,14 +211,15 @@ def test_prompt_frames_match_the_references(prompt, tokenizer_file, golden):
 # ---------------------------------------------------------------- reference parity
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "eager"])
 @pytest.mark.parametrize("layout", ["sesame", "hf"])
 @pytest.mark.parametrize("prompt", ["a", "b"])
-def test_greedy_frames_and_logits_match_the_references(prompt, layout, models, tokenizer,
-                                                       golden):
+def test_greedy_frames_and_logits_match_the_references(prompt, layout, compiled, models,
+                                                       tokenizer, golden):
     max_frames = int(golden["max_frames"][0 if prompt == "a" else 1])
     stream = stream_speech(models[layout], tokenizer, TEXT[prompt], SPEAKER[prompt],
                            context_for(prompt, golden), temperature=0, max_frames=max_frames,
-                           allow_non_codes=True, record_logits=True)
+                           allow_non_codes=True, record_logits=True, compiled=compiled)
     frames = np.stack(list(stream))
     np.testing.assert_array_equal(frames, golden[f"hf_{prompt}_frames"])
     assert stream.stop_reason == str(golden[f"hf_{prompt}_stop"])

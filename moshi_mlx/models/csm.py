@@ -271,19 +271,29 @@ class LlamaAttention(nn.Module):
         self._periods = mx.array(1.0 / rope_inv_freq(cfg.head_dim, cfg.rope_theta,
                                                      cfg.rope_scaling))
 
-    def __call__(self, x: mx.array, cache: KVCache) -> mx.array:
+    def project(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, ...]:
+        """Normed input [B, T, dim] at positions offset.. -> q, k, v [B, heads, T, head_dim]
+        with RoPE applied to q and k."""
         batch, steps, _ = x.shape
         q = self.q_proj(x).reshape(batch, steps, self.num_heads, -1).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(batch, steps, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(batch, steps, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
         q = mx.fast.rope(q, self.head_dim, traditional=True, base=None, scale=1.0,
-                         offset=cache.offset, freqs=self._periods)
+                         offset=offset, freqs=self._periods)
         k = mx.fast.rope(k, self.head_dim, traditional=True, base=None, scale=1.0,
-                         offset=cache.offset, freqs=self._periods)
+                         offset=offset, freqs=self._periods)
+        return q, k, v
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, cache: KVCache) -> mx.array:
+        """Store k, v in the cache, attend -> heads merged [B, T, heads * head_dim]."""
         keys, values, mask = cache.update(k, v)
         out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.head_dim**-0.5,
                                                    mask=mask)
-        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(batch, steps, -1))
+        batch, _, steps, _ = q.shape
+        return out.transpose(0, 2, 1, 3).reshape(batch, steps, -1)
+
+    def __call__(self, x: mx.array, cache: KVCache) -> mx.array:
+        return self.out_proj(self.attend(*self.project(x, cache.offset), cache))
 
 
 class SwiGlu(nn.Module):
@@ -309,6 +319,13 @@ class LlamaLayer(nn.Module):
         x = x + self.attn(self.attn_norm(x), cache)
         return x + self.mlp(self.mlp_norm(x))
 
+    def pre_attention(self, x: mx.array, offset: mx.array) -> tuple[mx.array, ...]:
+        return self.attn.project(self.attn_norm(x), offset)
+
+    def post_attention(self, x: mx.array, attended: mx.array) -> mx.array:
+        x = x + self.attn.out_proj(attended)
+        return x + self.mlp(self.mlp_norm(x))
+
 
 class Llama(nn.Module):
     """Decoder layers + final norm (no token embedding, no output head)."""
@@ -317,11 +334,27 @@ class Llama(nn.Module):
         super().__init__()
         self.layers = [LlamaLayer(cfg) for _ in range(cfg.num_layers)]
         self.norm = RmsNorm(cfg.dim, cfg.norm_eps)
+        self._compiled: list | None = None
 
-    def __call__(self, x: mx.array, caches: list[KVCache]) -> mx.array:
-        for layer, cache in zip(self.layers, caches, strict=True):
-            x = layer(x, cache)
+    def __call__(self, x: mx.array, caches: list[KVCache], compiled: bool = False) -> mx.array:
+        """compiled: run each layer's fixed-shape parts (norm, projections, RoPE / output
+        projection, MLP) through `mx.compile`d functions; attention over the cache stays
+        eager. For steps of a recurring length (one generated frame, one depth step): a new
+        length traces anew. Built on first use: compile only once the weights are loaded."""
+        if not compiled:
+            for layer, cache in zip(self.layers, caches, strict=True):
+                x = layer(x, cache)
+            return self.norm(x)
+        if self._compiled is None:
+            self._compiled = [(mx.compile(layer.pre_attention), mx.compile(layer.post_attention))
+                              for layer in self.layers]
+        for layer, cache, (pre, post) in zip(self.layers, caches, self._compiled, strict=True):
+            q, k, v = pre(x, mx.array(cache.offset, dtype=mx.int32))
+            x = post(x, layer.attn.attend(q, k, v, cache))
         return self.norm(x)
+
+    def forget_compiled(self) -> None:
+        self._compiled = None  # compiled graphs hold the weights they were traced with
 
 
 class Csm(nn.Module):
@@ -365,13 +398,20 @@ class Csm(nn.Module):
         offsets = mx.arange(self.cfg.num_codebooks, dtype=mx.int32) * self.cfg.audio_vocab_size
         return self.audio_embeddings(codes + offsets).sum(axis=-2)[:, None, :]
 
-    def backbone_step(self, x: mx.array, caches: list[KVCache]) -> mx.array:
-        """Input embeddings [B, S, dim] -> normed hidden state at the last position [B, dim]."""
-        return self.backbone(x, caches)[:, -1, :]
+    def load_weights(self, *args, **kwargs):
+        self.backbone.forget_compiled()
+        self.decoder.forget_compiled()
+        return super().load_weights(*args, **kwargs)
 
-    def depth_logits(self, x: mx.array, caches: list[KVCache], codebook: int) -> mx.array:
+    def backbone_step(self, x: mx.array, caches: list[KVCache], compiled: bool = False
+                      ) -> mx.array:
+        """Input embeddings [B, S, dim] -> normed hidden state at the last position [B, dim]."""
+        return self.backbone(x, caches, compiled)[:, -1, :]
+
+    def depth_logits(self, x: mx.array, caches: list[KVCache], codebook: int,
+                     compiled: bool = False) -> mx.array:
         """Decoder on projected inputs x [B, S, backbone dim] -> logits [B, V] of `codebook`."""
-        h = self.decoder(self.projection(x), caches)[:, -1, :]
+        h = self.decoder(self.projection(x), caches, compiled)[:, -1, :]
         return h @ self.audio_head[codebook - 1]
 
 
