@@ -29,6 +29,7 @@ from .sampling import Sampler, new_key
 MIMI_CODES = 2048  # valid Mimi code ids are 0..2047
 SESAME_MAX_FRAMES = 1125  # Sesame's default max_audio_length_ms 90 000 / 80 ms
 FRAME_SAMPLES = 1920  # 80 ms at 24 kHz
+SENTENCE_ROOM_FRAMES = 250  # 20 s: room kept for each sentence of a long text
 
 
 @dataclass(frozen=True)
@@ -370,8 +371,9 @@ def stream_long_speech(model: Csm, tokenizer: CsmTokenizer, text: str, speaker: 
                        mimi=None) -> Iterator[np.ndarray]:
     """Speak a text of any length sentence by sentence: each sentence is one turn conditioned
     on `context` plus the turns generated so far (oldest generated turns are dropped when the
-    2048-position budget runs short). `max_frames` applies to each sentence; sentence i uses
-    seed + i. Yields frames (np.int32 [K])."""
+    2048-position budget runs short, keeping room for `max_frames`, or for 20 s when it is
+    None). `max_frames` applies to each sentence; sentence i uses seed + i. Yields frames
+    (np.int32 [K])."""
     k = model.cfg.num_codebooks
     base = [encode_context_audio(mimi, s, k) if s.audio is not None and mimi is not None else s
             for s in context]
@@ -381,7 +383,7 @@ def stream_long_speech(model: Csm, tokenizer: CsmTokenizer, text: str, speaker: 
         raise MoshiError("nothing to say: the text is empty")
     cache = ContextCache(model)
     for i, sentence in enumerate(sentences):
-        need = max_frames if max_frames is not None else 1
+        need = max_frames if max_frames is not None else SENTENCE_ROOM_FRAMES
         while spoken and _prompt_length(tokenizer, [*base, *spoken], speaker, sentence, k) \
                 + need >= model.cfg.backbone.max_seq_len:
             spoken.pop(0)

@@ -378,3 +378,49 @@ def test_missing_config_is_a_one_line_error(tmp_path):
     shutil.copy(CSM / "sesame" / "model.safetensors", tmp_path / "model.safetensors")
     with pytest.raises(WeightsError, match="no such CSM config"):
         load_csm(tmp_path / "model.safetensors")
+
+
+def test_a_hub_repo_gives_weights_config_and_tokenizer(monkeypatch, hf_dir, tokenizer, golden):
+    """A repo id resolves model.safetensors, config.json and tokenizer.json through the hub
+    (here a stand-in serving the transformers-layout files)."""
+    import moshi_mlx.hub
+
+    fetched = []
+
+    def fake_download(repo: str, filename: str) -> Path:
+        fetched.append((repo, filename))
+        return hf_dir / filename
+
+    monkeypatch.setattr(moshi_mlx.hub, "_hub_download", fake_download)
+    model = load_csm("sesame/csm-1b", dtype=mx.float32)
+    tok = load_tokenizer("sesame/csm-1b")
+    assert sorted(fetched) == [("sesame/csm-1b", name) for name in
+                               ("config.json", "model.safetensors", "tokenizer.json")]
+    frames = generate_speech(model, tok, TEXT["a"], 0, temperature=0, max_frames=24,
+                             allow_non_codes=True)
+    np.testing.assert_array_equal(frames, golden["hf_a_frames"])
+
+
+def test_long_text_drops_the_oldest_sentences_when_the_budget_runs_short(tokenizer):
+    import dataclasses
+
+    full = CsmConfig.from_file(CSM / "sesame" / "config.json")
+    small = dataclasses.replace(full, backbone=dataclasses.replace(full.backbone,
+                                                                   max_seq_len=64))
+    model = load_csm(CSM / "sesame", config=small, dtype=mx.float32)
+    sentences = ["Hello from Sesame.", "Numbers are spoken.", "Seven and twelve.",
+                 "Slowly now."]
+    frames = np.stack(list(stream_long_speech(model, tokenizer, " ".join(sentences), 0,
+                                              temperature=0, max_frames=4)))
+    done, turns = [], []
+    for sentence in sentences:
+        context = list(turns)
+        while context and len(build_prompt(tokenizer, context, 0, sentence)[0]) + 4 >= 64:
+            context.pop(0)
+        part = generate_speech(model, tokenizer, sentence, 0, context, temperature=0,
+                               max_frames=4)
+        done.append(part)
+        turns.append(Segment(0, sentence, codes=part.T))
+    # The premise: the last sentence cannot see the first one.
+    assert len(build_prompt(tokenizer, turns[:3], 0, sentences[3])[0]) + 4 >= 64
+    np.testing.assert_array_equal(frames, np.concatenate(done))
