@@ -20,11 +20,14 @@ import sys
 import time
 from pathlib import Path
 
-import mlx.core as mx
-import mlx.nn as nn
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from moshi_mlx.blas import blas_in_use, load_system_openblas  # noqa: E402
+
+load_system_openblas()  # before MLX loads, as the command-line tools do
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
 
 from moshi_mlx.csm_generate import (  # noqa: E402
     ContextCache,
@@ -69,6 +72,7 @@ def run(model: Csm, tokenizer, frames: int, mimi) -> dict:
                        codes=np.asarray(np.load(FIXTURES / "csm_golden.npz")["context_codes"]))]
     # Warm-up (kernels, allocations), then the measured run with a fresh cache.
     list(stream_speech(model, tokenizer, TEXT, 1, context, max_frames=2, seed=0))
+    log("warmed up")
     mx.reset_peak_memory()
     start = time.perf_counter()
     stream = stream_speech(model, tokenizer, TEXT, 1, context, max_frames=frames, seed=0,
@@ -110,7 +114,7 @@ def main() -> None:
         mimi = load_mimi(args.mimi, num_codebooks=32)
     tokenizer = load_tokenizer(FIXTURES / "tokenizer.json")
     results = {"device": str(mx.default_device()), "machine": platform.machine(),
-               "mlx": mx.__version__, "frames_asked": args.frames}
+               "mlx": mx.__version__, "blas": blas_in_use(), "frames_asked": args.frames}
     for name in args.models.split(","):
         t0 = time.perf_counter()
         if name == "fixture":
@@ -118,10 +122,12 @@ def main() -> None:
             label = "fixture_float32"
         elif name == "1b":
             model = random_1b(args.quantize or None)
-            label = f"csm1b_random_{'q' + str(args.quantize) if args.quantize else 'bf16'}"
+            dtype = "float32" if mx.default_device() == mx.cpu else "bf16"
+            label = f"csm1b_random_{'q' + str(args.quantize) if args.quantize else dtype}"
         else:
             raise SystemExit(f"unknown model {name!r}")
         load_s = time.perf_counter() - t0
+        log(f"{label}: built in {load_s:.1f} s")
         results[label] = {"build_s": round(load_s, 2), **run(model, tokenizer, args.frames, mimi)}
         del model
         mx.clear_cache()
