@@ -42,6 +42,7 @@ from moshi_mlx.models.csm import (  # noqa: E402
     load_csm,
     quant_predicate,
 )
+from moshi_mlx.modules.parallel import default_cpu_threads, split_linears  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures" / "csm"
 TEXT = "Numbers like seven and twelve are spoken slowly."
@@ -58,6 +59,7 @@ def random_1b(bits: int | None) -> Csm:
         b, group = QUANTIZATIONS[bits]
         nn.quantize(model, group_size=group, bits=b, class_predicate=quant_predicate)
     mx.eval(model.parameters())
+    split_linears(model, default_cpu_threads())  # as load_csm does
     return model
 
 

@@ -548,8 +548,8 @@ def load_csm(weights: str | os.PathLike, config: CsmConfig | str | os.PathLike |
     config: a CsmConfig, a config.json path, or None (the config.json beside the weights / in
     the repo). quantize: None, 4 (group 32) or 8 (group 64) for the backbone and decoder
     linears. dtype: None = float32 on the CPU (MLX's fast CPU kernels), bfloat16 on a GPU.
-    cpu_threads: split large linears over this many CPU streams (bit-identical); None = all
-    cores on the CPU, no split on a GPU."""
+    cpu_threads: split large linears over this many CPU streams (as load_lm; each output is
+    the same dot product); None = all cores on the CPU, no split on a GPU."""
     from ..modules.parallel import default_cpu_threads, split_linears
     from .lm import as_stored
 
