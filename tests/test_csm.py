@@ -424,3 +424,32 @@ def test_long_text_drops_the_oldest_sentences_when_the_budget_runs_short(tokeniz
     # The premise: the last sentence cannot see the first one.
     assert len(build_prompt(tokenizer, turns[:3], 0, sentences[3])[0]) + 4 >= 64
     np.testing.assert_array_equal(frames, np.concatenate(done))
+
+
+def test_cpu_prompt_through_dequantized_weights_matches_the_quantized_kernel(
+        monkeypatch, tokenizer, golden):
+    import moshi_mlx.models.csm as csm
+
+    model = load_csm(CSM / "sesame", quantize=8, dtype=mx.float32)
+
+    def first_logits() -> np.ndarray:
+        stream = stream_speech(model, tokenizer, TEXT["b"], 1, context_for("b", golden),
+                               temperature=0, max_frames=1, record_logits=True)
+        list(stream)
+        return stream.c0_logits[0]
+
+    calls = []
+    real_dequantize = mx.dequantize
+
+    def counting_dequantize(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real_dequantize(*args, **kwargs)
+
+    monkeypatch.setattr(csm.mx, "default_device", lambda: mx.cpu)
+    monkeypatch.setattr(csm.mx, "dequantize", counting_dequantize)
+    dequantized = first_logits()
+    assert len(calls) == 2  # the backbone's two quantized layers, for the 101-row prompt
+    monkeypatch.setattr(csm, "DEQUANTIZED_ROWS", 10**9)  # every row through the kernel
+    kernel = first_logits()
+    assert len(calls) == 2
+    np.testing.assert_allclose(dequantized, kernel, rtol=1e-5, atol=1e-4)

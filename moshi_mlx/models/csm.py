@@ -256,6 +256,23 @@ class RmsNorm(nn.Module):
         return mx.fast.rms_norm(x, self.weight, self.eps)
 
 
+# Inputs with more rows than this (a prompt) go through quantized layers as a float matmul on
+# the dequantized weights when MLX computes on the CPU: its CPU quantized matmul is a
+# row-by-row kernel on one core (a 101-row csm-1b q4 prefill: 104 s on 2 cores), BLAS is not.
+DEQUANTIZED_ROWS = 8
+
+
+def apply_linear(layer: nn.Module, x: mx.array) -> mx.array:
+    if (isinstance(layer, nn.QuantizedLinear) and x.shape[-2] > DEQUANTIZED_ROWS
+            and mx.default_device() == mx.cpu):
+        mode = {"mode": layer.mode} if hasattr(layer, "mode") else {}
+        weight = mx.dequantize(layer.weight, layer.scales.astype(mx.float32),
+                               layer.biases.astype(mx.float32), layer.group_size, layer.bits,
+                               **mode)
+        return x @ weight.astype(x.dtype).T
+    return layer(x)
+
+
 class LlamaAttention(nn.Module):
     """Grouped-query attention with interleaved-pair (traditional) RoPE at given periods."""
 
@@ -275,9 +292,13 @@ class LlamaAttention(nn.Module):
         """Normed input [B, T, dim] at positions offset.. -> q, k, v [B, heads, T, head_dim]
         with RoPE applied to q and k."""
         batch, steps, _ = x.shape
-        q = self.q_proj(x).reshape(batch, steps, self.num_heads, -1).transpose(0, 2, 1, 3)
-        k = self.k_proj(x).reshape(batch, steps, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(batch, steps, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
+
+        def heads(layer: nn.Module, count: int) -> mx.array:
+            return apply_linear(layer, x).reshape(batch, steps, count, -1).transpose(0, 2, 1, 3)
+
+        q = heads(self.q_proj, self.num_heads)
+        k = heads(self.k_proj, self.num_kv_heads)
+        v = heads(self.v_proj, self.num_kv_heads)
         q = mx.fast.rope(q, self.head_dim, traditional=True, base=None, scale=1.0,
                          offset=offset, freqs=self._periods)
         k = mx.fast.rope(k, self.head_dim, traditional=True, base=None, scale=1.0,
@@ -293,7 +314,7 @@ class LlamaAttention(nn.Module):
         return out.transpose(0, 2, 1, 3).reshape(batch, steps, -1)
 
     def __call__(self, x: mx.array, cache: KVCache) -> mx.array:
-        return self.out_proj(self.attend(*self.project(x, cache.offset), cache))
+        return apply_linear(self.out_proj, self.attend(*self.project(x, cache.offset), cache))
 
 
 class SwiGlu(nn.Module):
@@ -304,7 +325,8 @@ class SwiGlu(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        hidden = nn.silu(apply_linear(self.gate_proj, x)) * apply_linear(self.up_proj, x)
+        return apply_linear(self.down_proj, hidden)
 
 
 class LlamaLayer(nn.Module):
