@@ -36,6 +36,7 @@ _EXPORTS = {
     "stream_long_speech": "moshi_mlx.csm_generate",
     "ContextCache": "moshi_mlx.csm_generate",
     "frames_to_audio": "moshi_mlx.csm_generate",
+    "stream_audio": "moshi_mlx.csm_generate",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -354,6 +354,15 @@ def frames_to_audio(mimi, frames: np.ndarray) -> np.ndarray:
     return np.asarray(mimi.decode(check_mimi_codes(frames)))[0, 0].astype(np.float32)
 
 
+def stream_audio(mimi, frames) -> Iterator[np.ndarray]:
+    """Decode frames (np.int32 [K] each, e.g. from `stream_speech`) one by one through Mimi's
+    streaming decoder -> 1920-sample float32 chunks (no clicks between frames)."""
+    mimi.reset()
+    for frame in frames:
+        pcm = mimi.decode_step(check_mimi_codes(np.asarray(frame)[None]))
+        yield np.asarray(pcm)[0, 0].astype(np.float32)
+
+
 _SENTENCE_END = re.compile(r"(?<=[.!?…。！？])\s+")
 
 

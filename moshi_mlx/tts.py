@@ -221,26 +221,31 @@ def _write_streaming(path: Path, frames, mimi) -> list[np.ndarray]:
     """Decode and append each frame as it comes; the file is closed (valid) on Ctrl-C too."""
     import soundfile
 
-    from .csm_generate import check_mimi_codes
+    from .csm_generate import stream_audio
 
-    mimi.reset()
     done: list[np.ndarray] = []
+
+    def remember(frames):
+        for frame in frames:
+            done.append(frame)
+            yield frame
+
     try:
         out = soundfile.SoundFile(str(path), "w", samplerate=24000, channels=1,
                                   subtype="FLOAT", format="WAV")
     except Exception as exc:
         raise MoshiError(f"{path}: cannot write audio ({exc})") from None
+    written = 0
     try:
-        for frame in frames:
-            pcm = np.asarray(mimi.decode_step(check_mimi_codes(frame[None])))[0, 0]
-            out.write(pcm.astype(np.float32))
+        for pcm in stream_audio(mimi, remember(frames)):
+            out.write(pcm)
             out.flush()
-            done.append(frame)
+            written += 1
     except KeyboardInterrupt:
-        print(f"\ninterrupted: {path} holds the first {len(done)} frames", file=sys.stderr)
+        print(f"\ninterrupted: {path} holds the first {written} frames", file=sys.stderr)
     finally:
         out.close()
-    return done
+    return done[:written]
 
 
 if __name__ == "__main__":

@@ -121,3 +121,20 @@ def test_a_moshi_checkpoint_is_refused(tmp_path, capsys):
               "--tokenizer", str(CSM / "tokenizer.json")])
     assert exit_info.value.code == 1
     assert "Moshi/STT LM config" in capsys.readouterr().err
+
+
+def test_ctrl_c_while_streaming_leaves_a_valid_wav(mimi, library, tmp_path):
+    from moshi_mlx.tts import _write_streaming
+
+    frames = generate_speech(*library, "Hello from Sesame.", 0, temperature=0, max_frames=3)
+
+    def interrupted():
+        yield frames[0]
+        yield frames[1]
+        raise KeyboardInterrupt
+
+    wav = tmp_path / "cut.wav"
+    kept = _write_streaming(wav, interrupted(), mimi)
+    assert len(kept) == 2
+    pcm, rate = soundfile.read(str(wav), dtype="float32")
+    assert rate == 24000 and pcm.shape == (2 * FRAME,)
