@@ -1,4 +1,5 @@
-"""Moshi and Mimi in MLX. Public names are imported lazily so `import moshi_mlx` stays cheap."""
+"""Moshi, Mimi and Sesame CSM in MLX. Public names are imported lazily (`import moshi_mlx` is
+cheap)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,18 @@ _EXPORTS = {
     "SttGen": "moshi_mlx.generate",
     "Transcriber": "moshi_mlx.transcriber",
     "Transcript": "moshi_mlx.transcriber",
+    "Csm": "moshi_mlx.models.csm",
+    "CsmConfig": "moshi_mlx.models.csm",
+    "load_csm": "moshi_mlx.models.csm",
+    "CsmTokenizer": "moshi_mlx.csm_generate",
+    "load_tokenizer": "moshi_mlx.csm_generate",
+    "Segment": "moshi_mlx.csm_generate",
+    "generate_speech": "moshi_mlx.csm_generate",
+    "stream_speech": "moshi_mlx.csm_generate",
+    "stream_long_speech": "moshi_mlx.csm_generate",
+    "ContextCache": "moshi_mlx.csm_generate",
+    "frames_to_audio": "moshi_mlx.csm_generate",
+    "stream_audio": "moshi_mlx.csm_generate",
 }
 
 __all__ = sorted(_EXPORTS)

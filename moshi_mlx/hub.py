@@ -29,6 +29,7 @@ MODEL_FILES: dict[int | None, str] = {
 }
 MIMI_NAME = "tokenizer-e351c8d8-checkpoint125.safetensors"
 MOSHI_TOKENIZER_NAME = "tokenizer_spm_32k_3.model"
+TOKENIZER_JSON_NAME = "tokenizer.json"  # a Hugging Face tokenizer (CSM's Llama-3 one)
 MANIFEST_NAME = "manifest.json"
 # transformers checkpoints (save_pretrained): one file, or shards listed by an index.
 TRANSFORMERS_WEIGHTS = "model.safetensors"
@@ -64,8 +65,9 @@ def model_file(weights: str | os.PathLike, quantize: int | None) -> Path:
     - a folder must hold the file -q names; where it does not, a folder with exactly one
       weight file takes it when that file can serve -q (a bf16 file can be quantized on load;
       a quantized file only serves its own -q or no -q);
-    - a repo id gives the file -q names, and an official repo whose name states other bits
-      is refused before anything is downloaded.
+    - a repo id gives the file -q names, else (with -q) its bf16 model.safetensors, which is
+      quantized on load; an official repo whose name states other bits is refused before
+      anything is downloaded.
     """
     path = Path(weights).expanduser()
     if path.is_file():
@@ -84,7 +86,15 @@ def model_file(weights: str | os.PathLike, quantize: int | None) -> Path:
         raise WeightsError(f"{path} has {have}, not {wanted} ({quantize_flag(quantize)}); "
                            "fix -q")
     check_repo_name(str(weights), quantize)
-    return resolve_file(weights, wanted)
+    try:
+        return resolve_file(weights, wanted)
+    except WeightsError:
+        # Repos with bf16 weights only (Kyutai's STT and PyTorch repos, Sesame's CSM): -q
+        # quantizes their model.safetensors while loading.
+        plain = optional_file(weights, MODEL_FILES[None]) if quantize is not None else None
+        if plain is None:
+            raise
+        return plain
 
 
 def transformers_weight_files(path_or_repo: str | os.PathLike) -> list[Path] | None:

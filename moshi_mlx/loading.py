@@ -8,7 +8,9 @@ are the layout we load), `sanitize(weights, config)` (any supported layout -> ou
 tensor by tensor), `quant_predicate(path, module)` (which modules -q quantizes),
 `DESCRIPTION` (for messages; or `describe(config)`) and `STORED_DTYPE` (the safetensors float
 dtype its checkpoints must use, or None for any float); optionally `fit_config(config,
-tensors)` (the config fitted to optional parts a checkpoint may or may not have).
+tensors)` (the config fitted to optional parts a checkpoint may or may not have),
+`complete_config(data, path)` (config.json data completed from files beside it) and
+`CONFIG_MARKERS` (keys that identify its config.json when `model_type` is absent).
 
 Checks run on the header alone (names, dtypes and shapes against the model's own parameters,
 quantization) before any tensor data is read, so a wrong file or `-q` fails at once.
@@ -128,25 +130,40 @@ def resolve_config(config: Any, weights_path: Path | None,
                 return ResolvedConfig(found, family, config, None, "config")
         raise WeightsError(f"config of type {type(config).__name__} is not a "
                            f"{'/'.join(model_types)} config")
-    source = "config"
+    source, path = "config", None
     if isinstance(config, dict):
         data = dict(config)
     elif config is not None:
-        data, source = read_config_json(config), str(config)
+        path = Path(config)
     elif weights_path is not None and (beside := weights_path.parent / hub.CONFIG_NAME).is_file():
-        data, source = read_config_json(beside), str(beside)
-    else:
+        path = beside
+    if path is not None:
+        data, source = read_config_json(path), str(path)
+    elif not isinstance(config, dict):
         family = family_module(model_types[0])
         return ResolvedConfig(model_types[0], family, family.Config.default(), None, "default")
-    model_type = data.get("model_type") or DEFAULT_MODEL_TYPE
-    model_type = MODEL_TYPE_ALIASES.get(model_type, model_type)
+    model_type = _model_type_of_data(data, model_types)
     family = family_module(model_type, source)
     if model_type not in model_types:
         raise WeightsError(f"{source} describes a {model_type} model, not "
                            f"{' or '.join(model_types)}")
+    if hasattr(family, "complete_config"):  # e.g. CSM: flavors.json beside a Sesame config
+        data = family.complete_config(data, path)
     quantization = _config_quantization(data.pop("quantization", None), source)
     return ResolvedConfig(model_type, family, family.Config.from_dict(data, source=source),
                           quantization, source)
+
+
+def _model_type_of_data(data: dict[str, Any], model_types: tuple[str, ...]) -> str:
+    """config.json's `model_type` (or its alias), else the family whose `CONFIG_MARKERS` keys
+    it has (Sesame's CSM config names none), else moshi, or the caller's only family."""
+    explicit = data.get("model_type")
+    if explicit:
+        return MODEL_TYPE_ALIASES.get(explicit, explicit)
+    for model_type in FAMILIES:
+        if any(key in data for key in getattr(family_module(model_type), "CONFIG_MARKERS", ())):
+            return model_type
+    return DEFAULT_MODEL_TYPE if DEFAULT_MODEL_TYPE in model_types else model_types[0]
 
 
 def _model_type_of(config: Any, fallback: str) -> str:

@@ -86,6 +86,15 @@ CASES = [
         quantize=(4,),  # q8 needs every input dim divisible by 64: the gating's 352 is not
         lacks={"transformers": "extra_heads."},  # transformers' STT has no VAD heads
     ),
+    FamilyCase(  # its transformers layout: tests/test_csm.py (derived there from this file)
+        name="csm",
+        model_types=("csm",),
+        config=FIXTURES / "csm" / "sesame" / "config.json",
+        layouts={"sesame": FIXTURES / "csm" / "sesame" / "model.safetensors"},
+        run=lambda model, x, caches: model.backbone(x, caches),
+        make_cache=lambda model: model.backbone_cache(),
+        dim=lambda model: model.cfg.backbone.dim,
+    ),
 ]
 
 
@@ -131,8 +140,10 @@ def test_builds_from_its_config_json(case):
     from moshi_mlx.loading import resolve_config
 
     resolved = resolve_config(case.config, None, case.model_types)
-    assert resolved.config == resolved.family.Config.from_dict(
-        {k: v for k, v in read_config_json(case.config).items() if k != "quantization"})
+    data = {k: v for k, v in read_config_json(case.config).items() if k != "quantization"}
+    if hasattr(resolved.family, "complete_config"):  # files beside it (CSM's flavors.json)
+        data = resolved.family.complete_config(data, case.config)
+    assert resolved.config == resolved.family.Config.from_dict(data)
     model = resolved.family.Model(resolved.config)
     assert sum(v.size for _, v in tree_flatten(model.parameters())) > 0
 

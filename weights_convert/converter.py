@@ -402,6 +402,8 @@ def _output_config(source: Path | None, checkpoint: Checkpoint) -> dict[str, Any
     if source is not None and not _is_transformers_config(read_config_json(source)):
         data = read_config_json(source)
         data.pop("quantization", None)  # ours, when re-converting our own output
+        if hasattr(checkpoint.family, "complete_config"):  # e.g. CSM's flavors.json, inlined
+            data = checkpoint.family.complete_config(data, source)
     else:  # none, or a transformers one: the official keys of what was read
         data = checkpoint.config.to_dict()
     if checkpoint.model_type != DEFAULT_MODEL_TYPE:

@@ -52,6 +52,14 @@ class KVCache:
         self.values: mx.array | None = None
         self.offset = 0
 
+    def rewind(self, offset: int) -> None:
+        """Forget positions >= offset, so the next update writes position `offset` (possible
+        only while the ring has not wrapped: every position 0 .. offset-1 is still held)."""
+        if not 0 <= offset <= self.offset or self.offset > self.context:
+            raise ValueError(f"cannot rewind a cache at position {self.offset} (context "
+                             f"{self.context}) to {offset}")
+        self.offset = offset
+
     def update(
         self, k: mx.array, v: mx.array
     ) -> tuple[mx.array, mx.array, mx.array | None]:

@@ -1,0 +1,418 @@
+"""Text (+ conversation context) to Mimi frames with Sesame CSM, following Sesame's recipe.
+
+Prompt: for each context segment, the text rows of `<|begin_of_text|>[speaker]text<|end_of_text|>`,
+then one row per Mimi frame of its audio, then one all-zero audio row (end of audio); then the
+text rows of the target turn. Each generated frame is fed back as one audio row. Generation
+stops on an all-zero frame (not emitted) or after `max_frames`.
+
+Ids 2048..2050 of the 2051-entry audio vocabulary are not Mimi codes (every reference's Mimi
+decoder fails on them). By default (`allow_non_codes=False`) their logits are masked before
+sampling, so every returned frame decodes; `allow_non_codes=True` samples from the full
+vocabulary exactly as the references do (the parity tests use it) and `frames_to_audio`
+refuses such frames instead of passing them to Mimi.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from .errors import MoshiError, WeightsError
+from .models.csm import Csm
+from .sampling import Sampler, new_key
+
+MIMI_CODES = 2048  # valid Mimi code ids are 0..2047
+SESAME_MAX_FRAMES = 1125  # Sesame's default max_audio_length_ms 90 000 / 80 ms
+FRAME_SAMPLES = 1920  # 80 ms at 24 kHz
+SENTENCE_ROOM_FRAMES = 250  # 20 s: room kept for each sentence of a long text
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One conversation turn: a speaker id, its text, and optionally its audio (24 kHz mono
+    float samples) or its Mimi codes [num_codebooks, frames]."""
+
+    speaker: int
+    text: str
+    audio: np.ndarray | None = None
+    codes: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        check_speaker(self.speaker)
+        if not isinstance(self.text, str):
+            raise MoshiError(f"segment text must be a string, got {type(self.text).__name__}")
+        if (self.audio is not None or self.codes is not None) and not self.text.strip():
+            raise MoshiError("a context audio needs its text (the transcript of what is said)")
+        if self.audio is not None and self.codes is not None:
+            raise MoshiError("give a segment its audio or its codes, not both")
+
+
+def check_speaker(speaker: object) -> int:
+    if isinstance(speaker, bool) or not isinstance(speaker, (int, np.integer)) or speaker < 0:
+        raise MoshiError(f"speaker must be a non-negative int, got {speaker!r}")
+    return int(speaker)
+
+
+class CsmTokenizer:
+    """Text turns -> token ids with Sesame's template
+    `<|begin_of_text|>[speaker]text<|end_of_text|>` (no space after the bracket), through a HF
+    `tokenizer.json`."""
+
+    BOS = "<|begin_of_text|>"
+    EOS = "<|end_of_text|>"
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        from tokenizers import Tokenizer
+
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:
+            raise WeightsError(f"{path}: not a tokenizer.json ({exc})") from None
+        bos, eos = self.tokenizer.token_to_id(self.BOS), self.tokenizer.token_to_id(self.EOS)
+        if bos is None or eos is None:
+            raise WeightsError(f"{path}: no {self.BOS} / {self.EOS} tokens (not a Llama-3 "
+                               "tokenizer)")
+        self.bos, self.eos = bos, eos
+
+    def encode_turn(self, speaker: int, text: str) -> list[int]:
+        ids = self.tokenizer.encode(f"[{speaker}]{text}", add_special_tokens=False).ids
+        return [self.bos, *ids, self.eos]
+
+
+def load_tokenizer(path_or_repo: str | os.PathLike) -> CsmTokenizer:
+    """tokenizer.json: a file, a folder holding it, or a Hugging Face repo id."""
+    from .hub import TOKENIZER_JSON_NAME, resolve_file
+
+    return CsmTokenizer(resolve_file(path_or_repo, TOKENIZER_JSON_NAME))
+
+
+def encode_context_audio(mimi, segment: Segment, num_codebooks: int = 32) -> Segment:
+    """The segment with its audio replaced by Mimi codes (a no-op for codes or text only)."""
+    if segment.audio is None:
+        return segment
+    pcm = np.asarray(segment.audio, dtype=np.float32).reshape(-1)
+    if pcm.size == 0:
+        raise MoshiError("a context audio holds no samples")
+    if mimi.num_codebooks != num_codebooks:
+        raise MoshiError(f"Mimi encodes {mimi.num_codebooks} codebooks, CSM needs "
+                         f"{num_codebooks}")
+    codes = np.asarray(mimi.encode(pcm[None, None]))[0].astype(np.int32)
+    return Segment(segment.speaker, segment.text, codes=codes)
+
+
+def build_prompt(tokenizer: CsmTokenizer, context: Sequence[Segment], speaker: int, text: str,
+                 num_codebooks: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Prompt rows: tokens int32 [S, K + 1] and mask bool [S, K + 1] (columns 0..K-1 audio
+    codebooks, column K text)."""
+    rows: list[np.ndarray] = []
+    masks: list[np.ndarray] = []
+    width = num_codebooks + 1
+
+    def text_rows(spk: int, words: str) -> None:
+        ids = np.asarray(tokenizer.encode_turn(spk, words), dtype=np.int32)
+        t = np.zeros((len(ids), width), np.int32)
+        t[:, -1] = ids
+        m = np.zeros((len(ids), width), bool)
+        m[:, -1] = True
+        rows.append(t)
+        masks.append(m)
+
+    for seg in context:
+        if not isinstance(seg, Segment):
+            raise MoshiError(f"context items must be Segments, got {type(seg).__name__}")
+        if seg.audio is not None:
+            raise MoshiError("encode context audio first (encode_context_audio, or pass mimi=)")
+        text_rows(seg.speaker, seg.text)
+        if seg.codes is None:
+            continue
+        codes = np.asarray(seg.codes)
+        if codes.ndim != 2 or codes.shape[0] != num_codebooks:
+            raise MoshiError(f"context codes must be [{num_codebooks}, frames], got "
+                             f"{codes.shape}")
+        if codes.size and (codes.min() < 0 or codes.max() >= MIMI_CODES):
+            raise MoshiError(f"context codes must be Mimi codes 0..{MIMI_CODES - 1}")
+        audio = np.zeros((codes.shape[1] + 1, width), np.int32)  # + the all-zero EOS row
+        audio[:-1, :-1] = codes.T
+        m = np.zeros_like(audio, dtype=bool)
+        m[:, :-1] = True
+        rows.append(audio)
+        masks.append(m)
+    text_rows(check_speaker(speaker), text)
+    return np.concatenate(rows), np.concatenate(masks)
+
+
+class ContextCache:
+    """The backbone KV caches of one model plus the rows (tokens, mask) they hold. A call whose
+    prompt starts with rows already held only computes the rest: a conversation re-sends its
+    whole history every turn, and each generated turn's frames are already in the cache."""
+
+    def __init__(self, model: Csm) -> None:
+        self.model = model
+        self.caches = model.backbone_cache()
+        width = model.cfg.num_codebooks + 1
+        self.tokens = np.zeros((0, width), np.int32)
+        self.mask = np.zeros((0, width), bool)
+        self.reused = 0  # rows the last prefill took from the cache
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def prefill(self, tokens: np.ndarray, mask: np.ndarray) -> mx.array:
+        """Make the caches hold exactly these prompt rows -> hidden state at the last one."""
+        held = min(len(self.tokens), len(tokens) - 1)  # recompute at least the last row
+        same = np.all((self.tokens[:held] == tokens[:held]) & (self.mask[:held] == mask[:held]),
+                      axis=1)
+        reuse = held if same.all() else int(np.argmin(same))
+        self.rewind(reuse)
+        self.reused = reuse
+        x = self.model.embed_frames(mx.array(tokens[reuse:])[None], mx.array(mask[reuse:])[None])
+        self.tokens, self.mask = tokens.copy(), mask.copy()
+        return self.model.backbone_step(x, self.caches)
+
+    def feed_frame(self, frame: mx.array, compiled: bool = True) -> mx.array:
+        """Append a generated frame (lazy [1, K]) as an audio row -> the next hidden state.
+        The row is recorded by `commit_frame` once its codes are known."""
+        return self.model.backbone_step(self.model.embed_audio_frame(frame), self.caches,
+                                        compiled)
+
+    def commit_frame(self, codes: np.ndarray) -> None:
+        row = np.zeros((1, self.tokens.shape[1]), np.int32)
+        row[0, :-1] = codes
+        mask = np.zeros_like(row, dtype=bool)
+        mask[0, :-1] = True
+        self.tokens = np.concatenate([self.tokens, row])
+        self.mask = np.concatenate([self.mask, mask])
+
+    def rewind(self, length: int) -> None:
+        for cache in self.caches:
+            cache.rewind(length)
+        self.tokens, self.mask = self.tokens[:length], self.mask[:length]
+
+
+class SpeechStream:
+    """Iterator over generated frames (np.int32 [K] each). After it ends, `stop_reason` is
+    "eos" (the all-zero frame came) or "max" (max_frames reached). `record_logits` keeps each
+    step's codebook-0 logits and each frame's depth logits [K-1, V] (float32 numpy).
+
+    Each frame is one lazy graph (codebook 0, the 31 depth steps and their sampling); the next
+    backbone step is queued behind it before the host reads the codes for the EOS check."""
+
+    def __init__(self, model: Csm, tokens: np.ndarray, mask: np.ndarray, max_frames: int,
+                 sampler: Sampler, seed: int | None, allow_non_codes: bool,
+                 record_logits: bool = False, cache: ContextCache | None = None,
+                 compiled: bool = True) -> None:
+        if cache is not None and cache.model is not model:
+            raise MoshiError("this ContextCache belongs to another model")
+        self.model, self.sampler, self.max_frames = model, sampler, max_frames
+        self.key = None if sampler.greedy else new_key(seed)
+        self.record_logits = record_logits
+        self.compiled = compiled
+        self.c0_logits: list[np.ndarray] = []
+        self.depth_logits: list[np.ndarray] = []
+        self.stop_reason: str | None = None
+        self.frames = 0
+        vocab = model.cfg.audio_vocab_size
+        self._bias = None
+        if not allow_non_codes and vocab > MIMI_CODES:
+            self._bias = mx.where(mx.arange(vocab) >= MIMI_CODES, -mx.inf, 0.0)
+        self.cache = cache if cache is not None else ContextCache(model)
+        self._hidden = self.cache.prefill(tokens, mask)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return self
+
+    def _pick(self, logits: mx.array, key: mx.array | None) -> mx.array:
+        logits = logits.astype(mx.float32)
+        if self._bias is not None:
+            logits = logits + self._bias
+        return self.sampler(logits, key)
+
+    def _frame(self, h: mx.array) -> tuple[mx.array, mx.array, list[mx.array]]:
+        """Hidden state [1, dim] -> (frame codes [1, K], codebook-0 logits, depth logits)."""
+        model = self.model
+        k = model.cfg.num_codebooks
+        keys = [None] * k
+        if self.key is not None:
+            self.key, frame_key = mx.random.split(self.key)
+            keys = list(mx.random.split(frame_key, k))
+        c0_logits = model.codebook0_head(h)
+        code = self._pick(c0_logits, keys[0])
+        codes = [code]
+        depth = []
+        caches = model.decoder_cache()
+        x = mx.stack([h, model.audio_embedding(0, code)], axis=1)  # positions 0, 1
+        for i in range(1, k):
+            logits = model.depth_logits(x, caches, i, self.compiled)
+            depth.append(logits)
+            code = self._pick(logits, keys[i])
+            codes.append(code)
+            x = model.audio_embedding(i, code)[:, None, :]
+        return mx.stack(codes, axis=1), c0_logits, depth
+
+    def __next__(self) -> np.ndarray:
+        if self.stop_reason is not None:
+            raise StopIteration
+        if self.frames >= self.max_frames:
+            self.stop_reason = "max"
+            raise StopIteration
+        frame, c0_logits, depth = self._frame(self._hidden)
+        last = self.frames + 1 >= self.max_frames
+        if last:  # no next step: the budget check counted only max_frames positions
+            mx.eval(frame)
+        else:
+            next_hidden = self.cache.feed_frame(frame, self.compiled)
+            mx.async_eval(frame, next_hidden)
+        if self.record_logits:
+            self.c0_logits.append(np.asarray(c0_logits[0].astype(mx.float32)))
+            self.depth_logits.append(np.asarray(mx.stack(depth, 1)[0].astype(mx.float32)))
+        codes = np.asarray(frame[0]).astype(np.int32)
+        if not codes.any():
+            self.stop_reason = "eos"
+            if not last:  # the zero frame went into the backbone cache: take it out
+                mx.eval(next_hidden)
+                self.cache.rewind(len(self.cache))
+            raise StopIteration
+        self.frames += 1
+        if not last:
+            self.cache.commit_frame(codes)
+            self._hidden = next_hidden
+        return codes
+
+
+def stream_speech(model: Csm, tokenizer: CsmTokenizer, text: str, speaker: int = 0,
+                  context: Sequence[Segment] = (), temperature: float = 0.9, top_k: int = 50,
+                  max_frames: int | None = None, seed: int | None = None, mimi=None,
+                  allow_non_codes: bool = False, record_logits: bool = False,
+                  cache: ContextCache | None = None, compiled: bool = True) -> SpeechStream:
+    """Like `generate_speech`, as an iterator of frames (np.int32 [K]) produced one by one.
+    compiled=False runs every op eagerly (same results; for debugging and comparison)."""
+    if not isinstance(text, str) or not text.strip():
+        raise MoshiError("nothing to say: the text is empty")
+    if temperature < 0:
+        raise MoshiError(f"temperature must be >= 0, got {temperature}")
+    if top_k < 0:
+        raise MoshiError(f"top_k must be >= 0, got {top_k}")
+    k = model.cfg.num_codebooks
+    segments = []
+    for seg in context:
+        if isinstance(seg, Segment) and seg.audio is not None:
+            if mimi is None:
+                raise MoshiError("a context segment has audio: pass mimi= to encode it")
+            seg = encode_context_audio(mimi, seg, k)
+        segments.append(seg)
+    tokens, mask = build_prompt(tokenizer, segments, speaker, text, k)
+    budget = model.cfg.backbone.max_seq_len
+    if max_frames is None:
+        max_frames = min(SESAME_MAX_FRAMES, budget - 1 - len(tokens))
+    elif isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 1:
+        raise MoshiError(f"max_frames must be a positive int, got {max_frames!r}")
+    if len(tokens) + max_frames >= budget or max_frames < 1:
+        raise MoshiError(f"text and context too long: the prompt takes {len(tokens)} positions, "
+                         f"plus {max(max_frames, 1)} frames to generate must stay under "
+                         f"{budget}; shorten the text or context")
+    sampler = Sampler(temp=float(temperature), top_k=int(top_k))
+    return SpeechStream(model, tokens, mask, max_frames, sampler, seed, allow_non_codes,
+                        record_logits, cache, compiled)
+
+
+def generate_speech(model: Csm, tokenizer: CsmTokenizer, text: str, speaker: int = 0,
+                    context: Sequence[Segment] = (), temperature: float = 0.9, top_k: int = 50,
+                    max_frames: int | None = None, seed: int | None = None, mimi=None,
+                    allow_non_codes: bool = False, cache: ContextCache | None = None
+                    ) -> np.ndarray:
+    """Speak `text` as `speaker`, conditioned on earlier turns -> frames int32 [T, K].
+
+    temperature 0: greedy. max_frames None: Sesame's 90 s, capped by the 2048-position budget
+    left after the prompt. Context segments with audio need `mimi` (32 codebooks). `cache`: a
+    ContextCache kept across calls, so a context already processed is not computed again."""
+    stream = stream_speech(model, tokenizer, text, speaker, context, temperature, top_k,
+                           max_frames, seed, mimi, allow_non_codes, cache=cache)
+    frames = list(stream)
+    k = model.cfg.num_codebooks
+    return np.stack(frames) if frames else np.zeros((0, k), np.int32)
+
+
+def check_mimi_codes(frames: np.ndarray) -> np.ndarray:
+    """Frames [T, K] as Mimi codes [1, K, T]; ids >= 2048 are refused, never decoded."""
+    frames = np.asarray(frames)
+    if frames.size and (frames.min() < 0 or frames.max() >= MIMI_CODES):
+        t, c = np.argwhere((frames < 0) | (frames >= MIMI_CODES))[0]
+        raise MoshiError(f"frame {t} codebook {c} holds id {frames[t, c]}, not a Mimi code "
+                         "(generated with allow_non_codes=True?)")
+    return frames.T[None].astype(np.int32)
+
+
+def frames_to_audio(mimi, frames: np.ndarray) -> np.ndarray:
+    """Decode frames [T, K] with Mimi -> 24 kHz mono float32 [T * 1920]."""
+    if len(frames) == 0:
+        return np.zeros(0, np.float32)
+    return np.asarray(mimi.decode(check_mimi_codes(frames)))[0, 0].astype(np.float32)
+
+
+def stream_audio(mimi, frames) -> Iterator[np.ndarray]:
+    """Decode frames (np.int32 [K] each, e.g. from `stream_speech`) one by one through Mimi's
+    streaming decoder -> 1920-sample float32 chunks (no clicks between frames)."""
+    mimi.reset()
+    for frame in frames:
+        pcm = mimi.decode_step(check_mimi_codes(np.asarray(frame)[None]))
+        yield np.asarray(pcm)[0, 0].astype(np.float32)
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?…。！？])\s+")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split on whitespace after sentence-ending punctuation (and on blank lines)."""
+    parts = []
+    for paragraph in re.split(r"\n\s*\n", text):
+        parts += [s.strip() for s in _SENTENCE_END.split(paragraph.replace("\n", " "))]
+    return [p for p in parts if p]
+
+
+def stream_long_speech(model: Csm, tokenizer: CsmTokenizer, text: str, speaker: int = 0,
+                       context: Sequence[Segment] = (), temperature: float = 0.9,
+                       top_k: int = 50, max_frames: int | None = None, seed: int | None = None,
+                       mimi=None) -> Iterator[np.ndarray]:
+    """Speak a text of any length sentence by sentence: each sentence is one turn conditioned
+    on `context` plus the turns generated so far (oldest generated turns are dropped when the
+    2048-position budget runs short, keeping room for `max_frames`, or for 20 s when it is
+    None). `max_frames` applies to each sentence; sentence i uses seed + i. Yields frames
+    (np.int32 [K])."""
+    k = model.cfg.num_codebooks
+    base = [encode_context_audio(mimi, s, k) if s.audio is not None and mimi is not None else s
+            for s in context]
+    spoken: list[Segment] = []
+    sentences = split_sentences(text) if isinstance(text, str) else []
+    if not sentences:
+        raise MoshiError("nothing to say: the text is empty")
+    cache = ContextCache(model)
+    for i, sentence in enumerate(sentences):
+        need = max_frames if max_frames is not None else SENTENCE_ROOM_FRAMES
+        while spoken and _prompt_length(tokenizer, [*base, *spoken], speaker, sentence, k) \
+                + need >= model.cfg.backbone.max_seq_len:
+            spoken.pop(0)
+        frames = []
+        for frame in stream_speech(model, tokenizer, sentence, speaker, [*base, *spoken],
+                                   temperature, top_k, max_frames,
+                                   None if seed is None else seed + i, mimi, cache=cache):
+            frames.append(frame)
+            yield frame
+        if frames:
+            spoken.append(Segment(speaker, sentence, codes=_as_codes(frames)))
+
+
+def _as_codes(frames: list[np.ndarray]) -> np.ndarray:
+    """Generated frames as context codes [K, T] (non-codes, if allowed, become 0)."""
+    codes = np.stack(frames).T.copy()
+    codes[codes >= MIMI_CODES] = 0
+    return codes
+
+
+def _prompt_length(tokenizer: CsmTokenizer, context: Sequence[Segment], speaker: int,
+                   text: str, k: int) -> int:
+    return len(build_prompt(tokenizer, context, speaker, text, k)[0])

@@ -1,0 +1,593 @@
+"""Sesame CSM (csm-1b): a Llama backbone predicts Mimi codebook 0 of each 80 ms frame, a small
+Llama depth decoder predicts codebooks 1..31 from the backbone state.
+
+Our parameter layout keeps Sesame's interleaved-pair RoPE (q/k rows as in the original
+checkpoint); `sanitize` maps the original (SesameAILabs/csm) and the transformers
+(`CsmForConditionalGeneration`) layouts to it, undoing the transformers q/k row permutation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from ..errors import WeightsError
+from ..modules.transformer import KVCache
+
+# ---------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """llama3 frequency scaling, in torchtune's parameters (transformers' re-parameterisation
+    with a smaller `old_context` and factors divided alike gives the same frequencies)."""
+
+    factor: float = 32.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    old_context: float = 8192.0
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    num_layers: int
+    dim: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_dim: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: RopeScaling | None = field(default_factory=RopeScaling)
+    max_seq_len: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise WeightsError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads "
+                               f"{self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise WeightsError(f"head_dim must be even for RoPE, got {self.head_dim}")
+
+
+def _flavor(num_layers: int, dim: int, heads: int, kv: int, hidden: int) -> LlamaConfig:
+    return LlamaConfig(num_layers, dim, heads, kv, dim // heads, hidden)
+
+
+# SesameAILabs/csm FLAVORS (torchtune llama3_2 builders); head_dim = dim // heads there.
+SESAME_FLAVORS: dict[str, LlamaConfig] = {
+    "llama-1B": _flavor(16, 2048, 32, 8, 8192),
+    "llama-100M": _flavor(4, 1024, 8, 2, 8192),
+}
+
+# config.json keys that carry no model structure (tolerated, ignored).
+_METADATA_KEYS = frozenset({
+    "architectures", "dtype", "torch_dtype", "transformers_version", "model_type",
+    "initializer_range", "use_cache", "attention_dropout", "hidden_act", "tie_word_embeddings",
+    "tie_codebooks_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
+    "audio_token_id", "audio_eos_token_id", "codebook_pad_token_id", "codebook_eos_token_id",
+    "codec_config", "quantization", "_name_or_path", "output_attentions",
+    "output_hidden_states", "return_dict", "attention_bias", "mlp_bias", "pretraining_tp",
+    "moshi_name", "tokenizer_name", "mimi_name",  # our converter's file names
+})
+_LM_KEYS = frozenset({"text_card", "dep_q", "depformer_dim", "existing_text_padding_id"})
+
+
+@dataclass(frozen=True)
+class CsmConfig:
+    backbone: LlamaConfig
+    decoder: LlamaConfig
+    text_vocab_size: int = 128256
+    audio_vocab_size: int = 2051
+    num_codebooks: int = 32
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> CsmConfig:
+        """Any of: the Sesame config.json (`backbone_flavor`...; fixture flavors given as
+        `flavors` {name: torchtune llama3_2 kwargs}), the transformers config.json
+        (`model_type` csm), or our own `to_dict()`."""
+        if not isinstance(data, dict):
+            raise WeightsError(f"{source}: expected a JSON object")
+        if _LM_KEYS & data.keys():
+            raise WeightsError(f"{source} is a Moshi/STT LM config, not a CSM (Sesame) config")
+        if "backbone_flavor" in data:
+            return _from_sesame(data, source)
+        if data.get("model_type") == "csm" or "depth_decoder_config" in data:
+            return _from_transformers(data, source)
+        if "backbone" in data and "decoder" in data:
+            return _from_ours(data, source)
+        raise WeightsError(f"{source}: not a CSM config (no backbone_flavor, no model_type csm)")
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> CsmConfig:
+        """config.json; a Sesame one may have its custom flavors in `flavors.json` beside it."""
+        from ..loading import read_config_json
+
+        return cls.from_dict(complete_config(read_config_json(path), Path(path)), str(path))
+
+    @classmethod
+    def default(cls) -> CsmConfig:
+        raise WeightsError("no such CSM config file: CSM needs its config.json beside the "
+                           "weights (or pass config=)")
+
+
+def complete_config(data: dict, path: Path | None) -> dict:
+    """A Sesame config.json names its flavors; custom ones (our test fixture's) are in a
+    `flavors.json` beside it."""
+    flavors = path.parent / "flavors.json" if path is not None else None
+    if "backbone_flavor" in data and "flavors" not in data and flavors and flavors.is_file():
+        from ..loading import read_config_json
+
+        return {**data, "flavors": read_config_json(flavors)}
+    return data
+
+
+def _reject_unknown(data: dict, known: set[str], source: str) -> None:
+    unknown = sorted(set(data) - known - _METADATA_KEYS)
+    if unknown:
+        raise WeightsError(f"{source}: unknown CSM config keys {unknown}")
+
+
+def _from_sesame(data: dict, source: str) -> CsmConfig:
+    _reject_unknown(data, {"backbone_flavor", "decoder_flavor", "text_vocab_size",
+                           "audio_vocab_size", "audio_num_codebooks", "flavors"}, source)
+    custom = data.get("flavors") or {}
+
+    def flavor(key: str) -> LlamaConfig:
+        name = data.get(key)
+        if name in SESAME_FLAVORS:
+            return SESAME_FLAVORS[name]
+        if name in custom:
+            return _from_torchtune(custom[name], f"{source} flavor {name}")
+        raise WeightsError(f"{source}: unknown {key} {name!r} (known: "
+                           f"{sorted(SESAME_FLAVORS)}; others need a flavors.json)")
+
+    try:
+        return CsmConfig(flavor("backbone_flavor"), flavor("decoder_flavor"),
+                         int(data["text_vocab_size"]), int(data["audio_vocab_size"]),
+                         int(data["audio_num_codebooks"]))
+    except KeyError as exc:
+        raise WeightsError(f"{source}: missing key {exc}") from None
+
+
+def _from_torchtune(kw: dict, source: str) -> LlamaConfig:
+    _reject_unknown(kw, {"vocab_size", "num_layers", "num_heads", "num_kv_heads", "embed_dim",
+                         "max_seq_len", "intermediate_dim", "attn_dropout", "norm_eps",
+                         "rope_base", "scale_factor"}, source)
+    try:
+        dim, heads = int(kw["embed_dim"]), int(kw["num_heads"])
+        return LlamaConfig(
+            int(kw["num_layers"]), dim, heads, int(kw["num_kv_heads"]), dim // heads,
+            int(kw["intermediate_dim"]), float(kw.get("norm_eps", 1e-5)),
+            float(kw.get("rope_base", 500000)),
+            RopeScaling(factor=float(kw.get("scale_factor", 32))),
+            int(kw.get("max_seq_len", 2048)))
+    except KeyError as exc:
+        raise WeightsError(f"{source}: missing key {exc}") from None
+
+
+_HF_LLAMA_KEYS = {"num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+                  "head_dim", "intermediate_size", "rms_norm_eps", "rope_theta", "rope_scaling",
+                  "rope_parameters", "max_position_embeddings", "vocab_size", "num_codebooks"}
+
+
+def _hf_llama(d: dict, source: str) -> LlamaConfig:
+    rope = dict(d.get("rope_parameters") or {})
+    rope.update(d.get("rope_scaling") or {})
+    theta = float(d.get("rope_theta", rope.get("rope_theta", 500000.0)))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "llama3":
+        scaling = RopeScaling(float(rope["factor"]), float(rope["low_freq_factor"]),
+                              float(rope["high_freq_factor"]),
+                              float(rope["original_max_position_embeddings"]))
+    elif kind == "default":
+        scaling = None
+    else:
+        raise WeightsError(f"{source}: unsupported rope_type {kind!r}")
+    try:
+        dim, heads = int(d["hidden_size"]), int(d["num_attention_heads"])
+        return LlamaConfig(
+            int(d["num_hidden_layers"]), dim, heads, int(d.get("num_key_value_heads", heads)),
+            int(d.get("head_dim") or dim // heads), int(d["intermediate_size"]),
+            float(d.get("rms_norm_eps", 1e-5)), theta, scaling,
+            int(d.get("max_position_embeddings", 2048)))
+    except KeyError as exc:
+        raise WeightsError(f"{source}: missing key {exc}") from None
+
+
+def _from_transformers(data: dict, source: str) -> CsmConfig:
+    _reject_unknown(data, _HF_LLAMA_KEYS | {"depth_decoder_config", "text_vocab_size"}, source)
+    depth = data.get("depth_decoder_config")
+    if not isinstance(depth, dict):
+        raise WeightsError(f"{source}: missing depth_decoder_config")
+    _reject_unknown(depth, _HF_LLAMA_KEYS | {"backbone_hidden_size"}, f"{source} depth decoder")
+    if data.get("attention_bias") or data.get("mlp_bias"):
+        raise WeightsError(f"{source}: biases in attention/MLP are not supported")
+    return CsmConfig(_hf_llama(data, source), _hf_llama(depth, f"{source} depth decoder"),
+                     int(data.get("text_vocab_size", 128256)), int(data.get("vocab_size", 2051)),
+                     int(data.get("num_codebooks", 32)))
+
+
+def _from_ours(data: dict, source: str) -> CsmConfig:
+    _reject_unknown(data, {"backbone", "decoder", "text_vocab_size", "audio_vocab_size",
+                           "num_codebooks"}, source)
+
+    def llama(d: dict) -> LlamaConfig:
+        d = dict(d)
+        scaling = d.pop("rope_scaling", None)
+        try:
+            return LlamaConfig(**d, rope_scaling=RopeScaling(**scaling) if scaling else None)
+        except TypeError as exc:
+            raise WeightsError(f"{source}: {exc}") from None
+
+    rest = {k: int(v) for k, v in data.items() if k not in ("backbone", "decoder")}
+    return CsmConfig(llama(data["backbone"]), llama(data["decoder"]), **rest)
+
+
+# ---------------------------------------------------------------------------- model
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
+    """Inverse frequencies [head_dim / 2] of llama3-scaled RoPE (float64 math, float32 out)."""
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if scaling is None:
+        return inv.astype(np.float32)
+    low_wavelen = scaling.old_context / scaling.low_freq_factor
+    high_wavelen = scaling.old_context / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    smooth = ((scaling.old_context / wavelen - scaling.low_freq_factor)
+              / (scaling.high_freq_factor - scaling.low_freq_factor))
+    blended = (1 - smooth) * inv / scaling.factor + smooth * inv
+    out = np.where(wavelen < high_wavelen, inv,
+                   np.where(wavelen > low_wavelen, inv / scaling.factor, blended))
+    return out.astype(np.float32)
+
+
+class RmsNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = mx.ones((dim,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.rms_norm(x, self.weight, self.eps)
+
+
+# Inputs with more rows than this (a prompt) go through quantized layers as a float matmul on
+# the dequantized weights when MLX computes on the CPU: its CPU quantized matmul is a
+# row-by-row kernel on one core (a 101-row csm-1b q4 prefill: 104 s on 2 cores), BLAS is not.
+DEQUANTIZED_ROWS = 8
+
+
+def apply_linear(layer: nn.Module, x: mx.array) -> mx.array:
+    if (isinstance(layer, nn.QuantizedLinear) and x.shape[-2] > DEQUANTIZED_ROWS
+            and mx.default_device() == mx.cpu):
+        mode = {"mode": layer.mode} if hasattr(layer, "mode") else {}
+        weight = mx.dequantize(layer.weight, layer.scales.astype(mx.float32),
+                               layer.biases.astype(mx.float32), layer.group_size, layer.bits,
+                               **mode)
+        return x @ weight.astype(x.dtype).T
+    return layer(x)
+
+
+class LlamaAttention(nn.Module):
+    """Grouped-query attention with interleaved-pair (traditional) RoPE at given periods."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        self.q_proj = nn.Linear(cfg.dim, cfg.num_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.out_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.dim, bias=False)
+        # MLX's rope takes periods (1 / inverse frequency); not a parameter.
+        self._periods = mx.array(1.0 / rope_inv_freq(cfg.head_dim, cfg.rope_theta,
+                                                     cfg.rope_scaling))
+
+    def project(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, ...]:
+        """Normed input [B, T, dim] at positions offset.. -> q, k, v [B, heads, T, head_dim]
+        with RoPE applied to q and k."""
+        batch, steps, _ = x.shape
+
+        def heads(layer: nn.Module, count: int) -> mx.array:
+            return apply_linear(layer, x).reshape(batch, steps, count, -1).transpose(0, 2, 1, 3)
+
+        q = heads(self.q_proj, self.num_heads)
+        k = heads(self.k_proj, self.num_kv_heads)
+        v = heads(self.v_proj, self.num_kv_heads)
+        q = mx.fast.rope(q, self.head_dim, traditional=True, base=None, scale=1.0,
+                         offset=offset, freqs=self._periods)
+        k = mx.fast.rope(k, self.head_dim, traditional=True, base=None, scale=1.0,
+                         offset=offset, freqs=self._periods)
+        return q, k, v
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, cache: KVCache) -> mx.array:
+        """Store k, v in the cache, attend -> heads merged [B, T, heads * head_dim]."""
+        keys, values, mask = cache.update(k, v)
+        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.head_dim**-0.5,
+                                                   mask=mask)
+        batch, _, steps, _ = q.shape
+        return out.transpose(0, 2, 1, 3).reshape(batch, steps, -1)
+
+    def __call__(self, x: mx.array, cache: KVCache) -> mx.array:
+        return apply_linear(self.out_proj, self.attend(*self.project(x, cache.offset), cache))
+
+
+class SwiGlu(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        hidden = nn.silu(apply_linear(self.gate_proj, x)) * apply_linear(self.up_proj, x)
+        return apply_linear(self.down_proj, hidden)
+
+
+class LlamaLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.attn_norm = RmsNorm(cfg.dim, cfg.norm_eps)
+        self.attn = LlamaAttention(cfg)
+        self.mlp_norm = RmsNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = SwiGlu(cfg.dim, cfg.hidden_dim)
+
+    def __call__(self, x: mx.array, cache: KVCache) -> mx.array:
+        x = x + self.attn(self.attn_norm(x), cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+    def pre_attention(self, x: mx.array, offset: mx.array) -> tuple[mx.array, ...]:
+        return self.attn.project(self.attn_norm(x), offset)
+
+    def post_attention(self, x: mx.array, attended: mx.array) -> mx.array:
+        x = x + self.attn.out_proj(attended)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Llama(nn.Module):
+    """Decoder layers + final norm (no token embedding, no output head)."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.layers = [LlamaLayer(cfg) for _ in range(cfg.num_layers)]
+        self.norm = RmsNorm(cfg.dim, cfg.norm_eps)
+        self._compiled: list | None = None
+
+    def __call__(self, x: mx.array, caches: list[KVCache], compiled: bool = False) -> mx.array:
+        """compiled: run each layer's fixed-shape parts (norm, projections, RoPE / output
+        projection, MLP) through `mx.compile`d functions; attention over the cache stays
+        eager. For steps of a recurring length (one generated frame, one depth step): a new
+        length traces anew. Built on first use: compile only once the weights are loaded."""
+        if not compiled:
+            for layer, cache in zip(self.layers, caches, strict=True):
+                x = layer(x, cache)
+            return self.norm(x)
+        if self._compiled is None:
+            self._compiled = [(mx.compile(layer.pre_attention), mx.compile(layer.post_attention))
+                              for layer in self.layers]
+        for layer, cache, (pre, post) in zip(self.layers, caches, self._compiled, strict=True):
+            q, k, v = pre(x, mx.array(cache.offset, dtype=mx.int32))
+            x = post(x, layer.attn.attend(q, k, v, cache))
+        return self.norm(x)
+
+    def forget_compiled(self) -> None:
+        self._compiled = None  # compiled graphs hold the weights they were traced with
+
+
+class Csm(nn.Module):
+    """Backbone + depth decoder. Frame rows are [..., num_codebooks + 1] ints (audio codebooks,
+    then the text token) with a same-shaped bool mask of the columns to sum."""
+
+    def __init__(self, cfg: CsmConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = Llama(cfg.backbone)
+        self.decoder = Llama(cfg.decoder)
+        self.text_embeddings = nn.Embedding(cfg.text_vocab_size, cfg.backbone.dim)
+        self.audio_embeddings = nn.Embedding(cfg.audio_vocab_size * cfg.num_codebooks,
+                                             cfg.backbone.dim)
+        self.projection = nn.Linear(cfg.backbone.dim, cfg.decoder.dim, bias=False)
+        self.codebook0_head = nn.Linear(cfg.backbone.dim, cfg.audio_vocab_size, bias=False)
+        self.audio_head = mx.zeros((cfg.num_codebooks - 1, cfg.decoder.dim,
+                                    cfg.audio_vocab_size))
+
+    def backbone_cache(self) -> list[KVCache]:
+        return [KVCache(self.cfg.backbone.max_seq_len) for _ in self.backbone.layers]
+
+    def decoder_cache(self) -> list[KVCache]:
+        return [KVCache(self.cfg.num_codebooks, grow_step=self.cfg.num_codebooks)
+                for _ in self.decoder.layers]
+
+    def audio_embedding(self, codebook: int, codes: mx.array) -> mx.array:
+        return self.audio_embeddings(codes + codebook * self.cfg.audio_vocab_size)
+
+    def embed_frames(self, tokens: mx.array, mask: mx.array) -> mx.array:
+        """tokens, mask [B, S, K + 1] -> summed input embeddings [B, S, backbone dim]."""
+        k = self.cfg.num_codebooks
+        offsets = mx.arange(k, dtype=mx.int32) * self.cfg.audio_vocab_size
+        audio = self.audio_embeddings(tokens[..., :k] + offsets)  # [B, S, K, dim]
+        audio = (audio * mask[..., :k, None].astype(audio.dtype)).sum(axis=-2)
+        text = self.text_embeddings(tokens[..., k]) * mask[..., k, None].astype(audio.dtype)
+        return audio + text
+
+    def embed_audio_frame(self, codes: mx.array) -> mx.array:
+        """codes [B, K] of one generated frame -> backbone input [B, 1, dim]."""
+        offsets = mx.arange(self.cfg.num_codebooks, dtype=mx.int32) * self.cfg.audio_vocab_size
+        return self.audio_embeddings(codes + offsets).sum(axis=-2)[:, None, :]
+
+    def load_weights(self, *args, **kwargs):
+        self.backbone.forget_compiled()
+        self.decoder.forget_compiled()
+        return super().load_weights(*args, **kwargs)
+
+    def backbone_step(self, x: mx.array, caches: list[KVCache], compiled: bool = False
+                      ) -> mx.array:
+        """Input embeddings [B, S, dim] -> normed hidden state at the last position [B, dim]."""
+        return self.backbone(x, caches, compiled)[:, -1, :]
+
+    def depth_logits(self, x: mx.array, caches: list[KVCache], codebook: int,
+                     compiled: bool = False) -> mx.array:
+        """Decoder on projected inputs x [B, S, backbone dim] -> logits [B, V] of `codebook`."""
+        h = self.decoder(self.projection(x), caches, compiled)[:, -1, :]
+        return h @ self.audio_head[codebook - 1]
+
+
+# ---------------------------------------------------------------------------- weights
+
+_LAYER_KEYS_SESAME = {
+    "attn.q_proj.weight": "attn.q_proj.weight",
+    "attn.k_proj.weight": "attn.k_proj.weight",
+    "attn.v_proj.weight": "attn.v_proj.weight",
+    "attn.output_proj.weight": "attn.out_proj.weight",
+    "mlp.w1.weight": "mlp.gate_proj.weight",
+    "mlp.w3.weight": "mlp.up_proj.weight",
+    "mlp.w2.weight": "mlp.down_proj.weight",
+    "sa_norm.scale": "attn_norm.weight",
+    "mlp_norm.scale": "mlp_norm.weight",
+}
+_LAYER_KEYS_HF = {
+    "self_attn.q_proj.weight": "attn.q_proj.weight",
+    "self_attn.k_proj.weight": "attn.k_proj.weight",
+    "self_attn.v_proj.weight": "attn.v_proj.weight",
+    "self_attn.o_proj.weight": "attn.out_proj.weight",
+    "mlp.gate_proj.weight": "mlp.gate_proj.weight",
+    "mlp.up_proj.weight": "mlp.up_proj.weight",
+    "mlp.down_proj.weight": "mlp.down_proj.weight",
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "mlp_norm.weight",
+}
+_TOP_SESAME = {
+    "text_embeddings.weight": "text_embeddings.weight",
+    "audio_embeddings.weight": "audio_embeddings.weight",
+    "projection.weight": "projection.weight",
+    "codebook0_head.weight": "codebook0_head.weight",
+    "audio_head": "audio_head",
+    "backbone.norm.scale": "backbone.norm.weight",
+    "decoder.norm.scale": "decoder.norm.weight",
+}
+_TOP_HF = {
+    "embed_text_tokens.weight": "text_embeddings.weight",
+    "depth_decoder.model.embed_tokens.weight": "audio_embeddings.weight",
+    "backbone_model.embed_tokens.embed_audio_tokens.weight": "audio_embeddings.weight",
+    "depth_decoder.model.inputs_embeds_projector.weight": "projection.weight",
+    "lm_head.weight": "codebook0_head.weight",
+    "depth_decoder.codebooks_head.weight": "audio_head",
+    "backbone_model.norm.weight": "backbone.norm.weight",
+    "depth_decoder.model.norm.weight": "decoder.norm.weight",
+}
+_LAYER_SESAME = re.compile(r"(backbone|decoder)\.layers\.(\d+)\.(.+)")
+_LAYER_HF = re.compile(r"(backbone_model|depth_decoder\.model)\.layers\.(\d+)\.(.+)")
+
+
+_OUR_TOP = frozenset(_TOP_SESAME.values())
+_OUR_LAYER_KEYS = frozenset(_LAYER_KEYS_SESAME.values())
+_MOSHI_PREFIXES = ("transformer.layers.", "depformer", "text_emb", "emb.", "audio_embs.")
+
+
+def _map_key(key: str, value: mx.array, config: CsmConfig) -> tuple[str, mx.array] | None:
+    """One tensor of the Sesame, transformers or our own layout -> (our name, tensor); None
+    for the transformers file's bundled codec (we decode with our Mimi). The layouts' names
+    differ tensor by tensor, so each tensor says which layout it comes from."""
+    if key.startswith("codec_model."):
+        return None
+    if key in _TOP_SESAME:
+        return _TOP_SESAME[key], value
+    if key in _TOP_HF:
+        return _TOP_HF[key], value
+    if (match := _LAYER_SESAME.fullmatch(key)) and match[3] in _LAYER_KEYS_SESAME:
+        return f"{match[1]}.layers.{match[2]}.{_LAYER_KEYS_SESAME[match[3]]}", value
+    if (match := _LAYER_HF.fullmatch(key)) and match[3] in _LAYER_KEYS_HF:
+        part = "backbone" if match[1].startswith("backbone") else "decoder"
+        name = _LAYER_KEYS_HF[match[3]]
+        if name in ("attn.q_proj.weight", "attn.k_proj.weight"):
+            llama = config.backbone if part == "backbone" else config.decoder
+            heads = llama.num_heads if name.startswith("attn.q") else llama.num_kv_heads
+            value = rope_rows_to_interleaved(value, heads)
+        return f"{part}.layers.{match[2]}.{name}", value
+    base = key.rsplit(".", 1)[0]  # our own layout, quantized too (X.scales, X.biases)
+    if key in _OUR_TOP or f"{base}.weight" in _OUR_TOP or (
+            (match := _LAYER_SESAME.fullmatch(key))
+            and match[3].rsplit(".", 1)[0] + ".weight" in _OUR_LAYER_KEYS):
+        return key, value
+    if key.startswith(_MOSHI_PREFIXES):
+        raise WeightsError("a Moshi/STT LM checkpoint was given, not a CSM (Sesame) checkpoint")
+    layout = "transformers" if key.startswith(("backbone_model.", "depth_decoder.")) else (
+        "sesame")
+    raise WeightsError(f"unknown tensors for the {layout} CSM layout (e.g. {key})")
+
+
+def rope_rows_to_interleaved(w: mx.array, heads: int) -> mx.array:
+    """Undo transformers' q/k row permutation (interleaved-pair -> rotate-half RoPE)."""
+    out_dim, in_dim = w.shape
+    head_dim = out_dim // heads
+    return (w.reshape(heads, 2, head_dim // 2, in_dim).transpose(0, 2, 1, 3)
+            .reshape(out_dim, in_dim))
+
+
+def rope_rows_to_rotate_half(w: mx.array, heads: int) -> mx.array:
+    """transformers' q/k row permutation (the inverse of `rope_rows_to_interleaved`)."""
+    out_dim, in_dim = w.shape
+    head_dim = out_dim // heads
+    return (w.reshape(heads, head_dim // 2, 2, in_dim).transpose(0, 2, 1, 3)
+            .reshape(out_dim, in_dim))
+
+
+def sanitize(weights: dict[str, mx.array], config: CsmConfig) -> dict[str, mx.array]:
+    """Sesame or transformers (or our own) layout -> our parameter names, lazily, tensor by
+    tensor. The transformers file's bundled `codec_model.*` Mimi is dropped."""
+    out: dict[str, mx.array] = {}
+    for key, value in weights.items():
+        mapped = _map_key(key, value, config)
+        if mapped is not None:
+            out[mapped[0]] = mapped[1]
+    return out
+
+
+def quant_predicate(path: str, module: nn.Module) -> bool:
+    """Linears inside the backbone and depth decoder layers. Embeddings, heads and the
+    projection stay exact. A linear whose input width is not a multiple of 64 (the largest
+    group size of q4/q8) is kept too (only tiny test models have those)."""
+    return (isinstance(module, nn.Linear) and path.startswith(("backbone.layers.",
+                                                               "decoder.layers."))
+            and module.weight.shape[-1] % 64 == 0)
+
+
+# ---------------------------------------------------------------------------- loading
+# The family interface of `moshi_mlx.loading`.
+
+Config = CsmConfig
+Model = Csm
+DESCRIPTION = "Sesame CSM"
+STORED_DTYPE = None  # Sesame's file is float32, transformers' bf16 or float32
+CONFIG_MARKERS = ("backbone_flavor", "depth_decoder_config", "backbone")
+
+
+def load_csm(weights: str | os.PathLike, config: CsmConfig | str | os.PathLike | None = None,
+             quantize: int | None = None, dtype: mx.Dtype | str | None = None,
+             cpu_threads: int | None = None) -> Csm:
+    """Load CSM from a .safetensors file, a folder (config.json beside it) or a hub repo id,
+    in the Sesame or the transformers layout (its bundled codec is ignored), through the
+    loader every family shares.
+
+    config: a CsmConfig, a config.json path, or None (the config.json beside the weights / in
+    the repo). quantize: None, 4 (group 32) or 8 (group 64) for the backbone and decoder
+    linears. dtype: None = float32 on the CPU, bfloat16 on a GPU. cpu_threads: split large
+    linears over this many CPU streams (as load_lm); None = all cores on the CPU, no split on
+    a GPU."""
+    from ..loading import load_model
+    from ..modules.parallel import default_cpu_threads, split_linears
+
+    model, _ = load_model(weights, config, quantize, dtype, model_types=("csm",))
+    split_linears(model, default_cpu_threads() if cpu_threads is None else cpu_threads)
+    return model

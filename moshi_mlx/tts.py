@@ -1,0 +1,253 @@
+"""Text to speech with Sesame CSM.
+
+    python -m moshi_mlx.tts "Hello there." -o out.wav
+    python -m moshi_mlx.tts "Hello there." -o out.wav -q 8 --speaker 0 --seed 1
+    python -m moshi_mlx.tts "Go on." -o out.wav --context-audio me.wav --context-text "Hi." \
+        --context-speaker 0
+    python -m moshi_mlx.tts "Hello." --codes-out codes.npy        # no audio: Mimi not loaded
+
+A context file (--context) is a JSON list of turns {"speaker": 0, "text": "...", "audio":
+"turn.wav"} or {..., "codes": "turn.npy"} (paths relative to the JSON file). Long text is
+spoken sentence by sentence, each conditioned on the context and the sentences before it.
+--codes-out writes int32 codes [32, frames], the layout `python -m moshi_mlx.mimi decode` reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .errors import MoshiError, cli_errors
+
+DEFAULT_REPO = "sesame/csm-1b"
+DEFAULT_MIMI = "kyutai/moshiko-pytorch-bf16"
+FRAME_RATE = 12.5
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m moshi_mlx.tts",
+                                description="Speak text with Sesame CSM (MLX).")
+    p.add_argument("text", help="what to say")
+    p.add_argument("-o", "--output", type=Path, default=None, help="WAV file to write (24 kHz)")
+    p.add_argument("--codes-out", type=Path, default=None,
+                   help="also (or only) write the Mimi codes [32, frames] as .npy")
+    p.add_argument("--stream", action="store_true",
+                   help="write the WAV frame by frame (Ctrl-C leaves a valid file)")
+    model = p.add_argument_group("model")
+    model.add_argument("--hf-repo", default=DEFAULT_REPO,
+                       help=f"Hugging Face repo of weights, config, tokenizer ({DEFAULT_REPO})")
+    model.add_argument("--weights", default=None, help="CSM .safetensors file or folder")
+    model.add_argument("--config", default=None, help="CSM config.json (default: beside "
+                       "the weights)")
+    model.add_argument("--tokenizer", default=None, help="tokenizer.json (file, folder or repo)")
+    model.add_argument("--mimi-weight", default=DEFAULT_MIMI,
+                       help=f"Mimi checkpoint: file, folder or repo ({DEFAULT_MIMI})")
+    model.add_argument("-q", "--quantize", default=None, help="quantize on load: 4 or 8")
+    gen = p.add_argument_group("generation")
+    gen.add_argument("--speaker", default="0", help="speaker id (int, default 0)")
+    gen.add_argument("--temperature", type=float, default=0.9, help="0 = greedy (default 0.9)")
+    gen.add_argument("--top-k", type=int, default=50, help="default 50")
+    gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    gen.add_argument("--max-seconds", type=float, default=None,
+                     help="longest audio per sentence (default: Sesame's 90 s within budget)")
+    gen.add_argument("--max-frames", type=int, default=None,
+                     help="longest audio per sentence in 80 ms frames (overrides --max-seconds)")
+    ctx = p.add_argument_group("conversation context")
+    ctx.add_argument("--context", type=Path, default=None, help="JSON list of earlier turns")
+    ctx.add_argument("--context-audio", action="append", default=[], type=Path,
+                     help="audio of an earlier turn (repeatable, with --context-text)")
+    ctx.add_argument("--context-text", action="append", default=[],
+                     help="transcript of each --context-audio")
+    ctx.add_argument("--context-speaker", action="append", default=[],
+                     help="speaker of each --context-audio (default: --speaker)")
+    return p
+
+
+def _int(value: object, what: str) -> int:
+    if isinstance(value, bool):
+        raise MoshiError(f"{what} must be an int, got {value!r}")
+    if isinstance(value, int):
+        return value
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise MoshiError(f"{what} must be an int, got {value!r}") from None
+
+
+def _quantize(value: str | None) -> int | None:
+    if value is None:
+        return None
+    if value.strip() not in ("4", "8"):
+        raise MoshiError(f"-q must be 4 or 8, got {value!r}")
+    return int(value)
+
+
+def _context_from_file(path: Path):
+    from .audio.io import read_audio
+    from .csm_generate import Segment
+
+    try:
+        turns = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MoshiError(f"{path}: cannot read the context JSON ({exc})") from None
+    if not isinstance(turns, list):
+        raise MoshiError(f"{path}: expected a JSON list of turns")
+    segments = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or not {"speaker", "text"} <= turn.keys():
+            raise MoshiError(f"{path}: turn {i} needs 'speaker' and 'text'")
+        extra = set(turn) - {"speaker", "text", "audio", "codes"}
+        if extra:
+            raise MoshiError(f"{path}: turn {i} has unknown keys {sorted(extra)}")
+        speaker = _int(turn["speaker"], f"{path}: turn {i} speaker")
+        audio = codes = None
+        if turn.get("audio"):
+            audio = read_audio(path.parent / turn["audio"])
+        if turn.get("codes"):
+            from .mimi import _load_codes
+
+            codes = _load_codes(path.parent / turn["codes"])
+        segments.append(Segment(speaker, str(turn["text"]), audio=audio, codes=codes))
+    return segments
+
+
+def _context(args: argparse.Namespace, speaker: int):
+    from .audio.io import read_audio
+    from .csm_generate import Segment
+
+    segments = _context_from_file(args.context) if args.context else []
+    if len(args.context_text) != len(args.context_audio):
+        raise MoshiError("each --context-audio needs its --context-text (the transcript), "
+                         f"got {len(args.context_audio)} audio and {len(args.context_text)} "
+                         "texts")
+    if args.context_speaker and len(args.context_speaker) != len(args.context_audio):
+        raise MoshiError("give one --context-speaker per --context-audio (or none)")
+    speakers = args.context_speaker or [speaker] * len(args.context_audio)
+    for audio, text, spk in zip(args.context_audio, args.context_text, speakers, strict=True):
+        segments.append(Segment(_int(spk, "--context-speaker"), text, audio=read_audio(audio)))
+    return segments
+
+
+def _max_frames(args: argparse.Namespace) -> int | None:
+    if args.max_frames is not None:
+        if args.max_frames < 1:
+            raise MoshiError(f"--max-frames must be >= 1, got {args.max_frames}")
+        return args.max_frames
+    if args.max_seconds is not None:
+        if args.max_seconds <= 0:
+            raise MoshiError(f"--max-seconds must be > 0, got {args.max_seconds}")
+        return max(1, round(args.max_seconds * FRAME_RATE))
+    return None
+
+
+def _load(args: argparse.Namespace, quantize: int | None):
+    from .csm_generate import load_tokenizer
+    from .hub import TOKENIZER_JSON_NAME
+    from .models.csm import load_csm
+
+    weights = args.weights or args.hf_repo
+    model = load_csm(weights, config=args.config, quantize=quantize)
+    tokenizer_source = args.tokenizer
+    if tokenizer_source is None:
+        folder = Path(weights).expanduser()
+        folder = folder if folder.is_dir() else folder.parent
+        local = folder / TOKENIZER_JSON_NAME
+        tokenizer_source = local if args.weights and local.is_file() else args.hf_repo
+    return model, load_tokenizer(tokenizer_source)
+
+
+def watermark_notice() -> None:
+    """Sesame watermarks its output with silentcipher (torch); this MLX port does not run it."""
+    try:
+        import silentcipher  # noqa: F401
+        note = "silentcipher is installed but not applied by this MLX port"
+    except ImportError:
+        note = "silentcipher not installed"
+    print(f"note: audio not watermarked ({note})", file=sys.stderr)
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from .csm_generate import frames_to_audio, stream_long_speech
+
+    speaker = _int(args.speaker, "--speaker")
+    quantize = _quantize(args.quantize)
+    max_frames = _max_frames(args)
+    if args.output is None and args.codes_out is None:
+        raise MoshiError("nothing to write: give -o out.wav and/or --codes-out codes.npy")
+    if args.stream and args.output is None:
+        raise MoshiError("--stream writes the WAV incrementally: give -o out.wav")
+    for out in (args.output, args.codes_out):
+        if out is not None and str(out.parent) and not out.parent.is_dir():
+            raise MoshiError(f"{out}: folder {out.parent} does not exist")
+    context = _context(args, speaker)
+    needs_mimi = args.output is not None or any(s.audio is not None for s in context)
+    model, tokenizer = _load(args, quantize)
+    mimi = None
+    if needs_mimi:
+        from .models.mimi import load_mimi
+
+        mimi = load_mimi(args.mimi_weight, num_codebooks=model.cfg.num_codebooks)
+    frames = stream_long_speech(model, tokenizer, args.text, speaker, context,
+                                args.temperature, args.top_k, max_frames, args.seed, mimi)
+    if args.stream:
+        codes = _write_streaming(args.output, frames, mimi)
+    else:
+        codes = list(frames)
+        if args.output is not None:
+            from .audio.io import write_audio
+
+            write_audio(args.output, frames_to_audio(mimi, _stack(codes, model)))
+    result = _stack(codes, model)
+    if args.codes_out is not None:
+        from .mimi import _save_npy
+
+        _save_npy(args.codes_out, result.T.copy())
+    print(f"{len(result)} frames, {len(result) / FRAME_RATE:.2f} s of audio", file=sys.stderr)
+    if args.output is not None:
+        watermark_notice()
+    return 0
+
+
+def _stack(frames: list[np.ndarray], model) -> np.ndarray:
+    return np.stack(frames) if frames else np.zeros((0, model.cfg.num_codebooks), np.int32)
+
+
+def _write_streaming(path: Path, frames, mimi) -> list[np.ndarray]:
+    """Decode and append each frame as it comes; the file is closed (valid) on Ctrl-C too."""
+    import soundfile
+
+    from .csm_generate import stream_audio
+
+    done: list[np.ndarray] = []
+
+    def remember(frames):
+        for frame in frames:
+            done.append(frame)
+            yield frame
+
+    try:
+        out = soundfile.SoundFile(str(path), "w", samplerate=24000, channels=1,
+                                  subtype="FLOAT", format="WAV")
+    except Exception as exc:
+        raise MoshiError(f"{path}: cannot write audio ({exc})") from None
+    written = 0
+    try:
+        for pcm in stream_audio(mimi, remember(frames)):
+            out.write(pcm)
+            out.flush()
+            written += 1
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {path} holds the first {written} frames", file=sys.stderr)
+    finally:
+        out.close()
+    return done[:written]
+
+
+if __name__ == "__main__":
+    main()
