@@ -90,6 +90,8 @@ def test_unwritable_output_fails_before_the_model_loads(tmp_path, capsys) -> Non
     ("moshi-convert", ["--input", "missing.safetensors", "--out", "out"], "no such file"),
     ("moshi-local", ["--input-file", "missing.wav", "--output-file", "out.wav"], "missing.wav"),
     ("moshi-web", ["--port", "99999"], "99999"),
+    ("moshi-stt", ["missing.wav"], "missing.wav"),
+    ("moshi-tts", ["hello", "--speaker", "x"], "speaker"),
 ])
 def test_console_scripts_are_the_same_commands(tmp_path, script, args, needle) -> None:
     """Each console script is installed beside the interpreter and behaves as `python -m`."""
