@@ -108,9 +108,9 @@ def _context_from_file(path: Path):
         if turn.get("audio"):
             audio = read_audio(path.parent / turn["audio"])
         if turn.get("codes"):
-            from .mimi import _load_codes
+            from .cli import load_codes
 
-            codes = _load_codes(path.parent / turn["codes"])
+            codes = load_codes(path.parent / turn["codes"])
         segments.append(Segment(speaker, str(turn["text"]), audio=audio, codes=codes))
     return segments
 
@@ -205,9 +205,9 @@ def main(argv: list[str] | None = None) -> int:
             write_audio(args.output, frames_to_audio(mimi, _stack(codes, model)))
     result = _stack(codes, model)
     if args.codes_out is not None:
-        from .mimi import _save_npy
+        from .cli import save_npy
 
-        _save_npy(args.codes_out, result.T.copy())
+        save_npy(args.codes_out, result.T.copy())
     print(f"{len(result)} frames, {len(result) / FRAME_RATE:.2f} s of audio", file=sys.stderr)
     if args.output is not None:
         watermark_notice()
