@@ -18,43 +18,59 @@ def fixtures_dir() -> Path:
     return FIXTURES
 
 
-@pytest.fixture(scope="session")
-def official_mlx_files(tmp_path_factory) -> dict[str, Path]:
-    """The official MLX-layout files of `lm_pytorch.safetensors`: {"bf16", "q8", "q4"} -> path.
+# Manifests name dtypes as safetensors does (the Moshi ones) or as MLX does (the STT ones).
+_MLX_DTYPE_NAMES = {"bfloat16": "BF16", "uint32": "U32", "float32": "F32"}
 
-    Made by our converter (same code as `python -m weights_convert`) into a temp dir, then
-    every tensor's (dtype, shape, sha256 of its raw bytes) is checked against the manifest of
-    the file the official MLX package made (`lm_mlx{,.q8,.q4}.manifest.json`), so these ARE
-    the official files. Each path's folder also holds the converter's `config.json` (LM config
-    keys + "quantization") and `manifest.json`.
-    """
+
+def converted_as_official(root: Path, source: Path, config: Path,
+                          versions: tuple[tuple[str, int | None, Path], ...]) -> dict[str, Path]:
+    """Our converter's output for each (name, bits, manifest of the official MLX file), every
+    tensor's (dtype, shape, sha256 of its raw bytes) checked against that manifest: these ARE
+    the official files. Each folder also holds the converter's config.json and manifest.json."""
     import json
 
     from references import safetensors_entries
 
     from weights_convert import convert
 
-    root = tmp_path_factory.mktemp("official_mlx")
     files: dict[str, Path] = {}
-    for name, bits, manifest in (
-        ("bf16", None, "lm_mlx.manifest.json"),
-        ("q8", 8, "lm_mlx.q8.manifest.json"),
-        ("q4", 4, "lm_mlx.q4.manifest.json"),
-    ):
-        result = convert(
-            root / name,
-            input_path=FIXTURES / "lm_pytorch.safetensors",
-            config=FIXTURES / "lm_config.json",
-            bits=bits,
-        )
-        official = json.loads((FIXTURES / manifest).read_text())["tensors"]
-        expected = {k: (v["dtype"], v["shape"], v["sha256"]) for k, v in official.items()}
+    for name, bits, manifest in versions:
+        result = convert(root / name, input_path=source, config=config, bits=bits)
+        official = json.loads(manifest.read_text())["tensors"]
+        expected = {k: (_MLX_DTYPE_NAMES.get(v["dtype"], v["dtype"]), v["shape"], v["sha256"])
+                    for k, v in official.items()}
         got = safetensors_entries(result.model_file)
         assert got.keys() == expected.keys(), f"{name}: tensor names differ from the official file"
         wrong = sorted(k for k in expected if got[k] != expected[k])
         assert not wrong, f"{name}: {len(wrong)} tensors differ from the official file: {wrong[:3]}"
         files[name] = result.model_file
     return files
+
+
+@pytest.fixture(scope="session")
+def official_mlx_files(tmp_path_factory) -> dict[str, Path]:
+    """The official MLX-layout files of `lm_pytorch.safetensors`: {"bf16", "q8", "q4"} -> path
+    (`converted_as_official`, against `lm_mlx{,.q8,.q4}.manifest.json`)."""
+    return converted_as_official(
+        tmp_path_factory.mktemp("official_mlx"), FIXTURES / "lm_pytorch.safetensors",
+        FIXTURES / "lm_config.json",
+        (("bf16", None, FIXTURES / "lm_mlx.manifest.json"),
+         ("q8", 8, FIXTURES / "lm_mlx.q8.manifest.json"),
+         ("q4", 4, FIXTURES / "lm_mlx.q4.manifest.json")))
+
+
+@pytest.fixture(scope="session")
+def stt_dir() -> Path:
+    return FIXTURES / "stt"
+
+
+@pytest.fixture(scope="session")
+def stt_golden(stt_dir: Path) -> dict:
+    """The Kyutai STT goldens (official PyTorch / MLX runs, FIXTURES.md of the STT fixtures)."""
+    import numpy as np
+
+    with np.load(stt_dir / "stt_golden.npz") as data:
+        return {k: data[k] for k in data.files}
 
 
 @pytest.fixture(scope="session")
@@ -66,38 +82,16 @@ def random_mimi_path() -> Path:
     return ensure_random_mimi(Path(__file__).parent / ".cache", FIXTURES)
 
 
-# The STT manifests name dtypes as MLX does; safetensors_entries gives the file's names.
-_MLX_DTYPE_NAMES = {"bfloat16": "BF16", "uint32": "U32", "float32": "F32"}
-
-
 @pytest.fixture(scope="session")
 def official_stt_mlx_files(tmp_path_factory) -> dict[str, Path]:
-    """The official MLX-layout files of `stt/stt_pytorch.safetensors`: {"bf16", "q4"} -> path,
-    made by our converter and checked tensor by tensor (dtype, shape, sha256) against the
-    manifests of the files the official MLX package made (`stt/stt_mlx{,.q4}.manifest.json`).
-    Each folder also holds the converter's config.json."""
-    import json
-
-    from references import safetensors_entries
-
-    from weights_convert import convert
-
+    """The official MLX-layout files of `stt/stt_pytorch.safetensors`: {"bf16", "q4"} -> path
+    (`converted_as_official`, against `stt/stt_mlx{,.q4}.manifest.json`)."""
     stt = FIXTURES / "stt"
-    root = tmp_path_factory.mktemp("official_stt_mlx")
-    files: dict[str, Path] = {}
-    for name, bits, manifest in (("bf16", None, "stt_mlx.manifest.json"),
-                                 ("q4", 4, "stt_mlx.q4.manifest.json")):
-        result = convert(root / name, input_path=stt / "stt_pytorch.safetensors",
-                         config=stt / "stt_config.json", bits=bits)
-        official = json.loads((stt / manifest).read_text())["tensors"]
-        expected = {k: (_MLX_DTYPE_NAMES[v["dtype"]], v["shape"], v["sha256"])
-                    for k, v in official.items()}
-        got = safetensors_entries(result.model_file)
-        assert got.keys() == expected.keys(), f"{name}: tensor names differ from the official file"
-        wrong = sorted(k for k in expected if got[k] != expected[k])
-        assert not wrong, f"{name}: {len(wrong)} tensors differ from the official file: {wrong[:3]}"
-        files[name] = result.model_file
-    return files
+    return converted_as_official(
+        tmp_path_factory.mktemp("official_stt_mlx"), stt / "stt_pytorch.safetensors",
+        stt / "stt_config.json",
+        (("bf16", None, stt / "stt_mlx.manifest.json"),
+         ("q4", 4, stt / "stt_mlx.q4.manifest.json")))
 
 
 # --------------------------------------------------------------------------- devices, browsers

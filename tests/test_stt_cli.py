@@ -14,17 +14,6 @@ from moshi_mlx.stt import main
 
 
 @pytest.fixture(scope="module")
-def stt_dir(fixtures_dir: Path) -> Path:
-    return fixtures_dir / "stt"
-
-
-@pytest.fixture(scope="module")
-def golden(stt_dir: Path) -> dict[str, np.ndarray]:
-    with np.load(stt_dir / "stt_golden.npz") as data:
-        return {k: data[k] for k in data.files}
-
-
-@pytest.fixture(scope="module")
 def model_args(stt_dir: Path) -> list[str]:
     return ["--moshi-weight", str(stt_dir / "stt_pytorch.safetensors"),
             "--config", str(stt_dir / "stt_config.json"),
@@ -40,23 +29,23 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
-def test_codes_input_gives_the_official_word_logic(tmp_path, stt_dir, golden, model_args,
+def test_codes_input_gives_the_official_word_logic(tmp_path, stt_dir, stt_golden, model_args,
                                                    capsys):
-    # Steps 0..175 as the golden's Rust events (175 frames), then the end closes the last word.
+    # Steps 0..175 as the golden Rust events (175 frames), then the end closes the last word.
     codes = tmp_path / "codes.npy"
-    np.save(codes, golden["codes_v1"][None, :, :175].astype(np.int32))  # [1, 32, T] accepted
+    np.save(codes, stt_golden["codes_v1"][None, :, :175].astype(np.int32))  # [1, 32, T] accepted
     code, out, err = run_cli([*model_args, "--codes", str(codes), "--format", "json"], capsys)
     assert code == 0, err
     result = json.loads(out)
     tokenizer = sentencepiece.SentencePieceProcessor(
         model_file=str(stt_dir / "stt_tokenizer.model"))
-    expected = rust_golden_words(golden, tokenizer.decode)
+    expected = rust_golden_words(stt_golden, tokenizer.decode)
     words = [(w["word"], w["start"], w["end"]) for w in result["words"]]
     assert [w for w, _, _ in words[: len(expected)]] == [w for w, _, _ in expected]
     np.testing.assert_allclose([t for _, s, e in words[: len(expected)] for t in (s, e)],
                                [t for _, s, e in expected for t in (s, e)], atol=1e-3)
     # The tokens after the last EPAD (step 168) are the last word, closed at the end.
-    tail = [int(t) for t in golden["torch_f32_B_v1_text"][169:176] if t not in (0, 3)]
+    tail = [int(t) for t in stt_golden["torch_f32_B_v1_text"][169:176] if t not in (0, 3)]
     # It ends at the last step: 175 / 12.5 - 0.5.
     assert words[len(expected):] == [(tokenizer.decode(tail), words[-1][1], 13.5)]
     assert result["text"].split()[:3] == expected[0][0].split() + expected[1][0].split() + \
@@ -89,9 +78,9 @@ def test_audio_file_end_to_end_with_a_real_size_mimi(tmp_path, fixtures_dir, mod
     assert "".join(result["text"].split()) == "".join("".join(w["word"].split()) for w in words)
 
 
-def test_srt_and_vtt_outputs(tmp_path, golden, model_args, capsys):
+def test_srt_and_vtt_outputs(tmp_path, stt_golden, model_args, capsys):
     codes = tmp_path / "codes.npy"
-    np.save(codes, golden["codes_v1"])
+    np.save(codes, stt_golden["codes_v1"])
     for fmt in ("srt", "vtt"):
         code, out, err = run_cli([*model_args, "--codes", str(codes), "--format", fmt], capsys)
         assert code == 0, err

@@ -24,17 +24,6 @@ LOGIT_TOLERANCE = 2e-4
 
 
 @pytest.fixture(scope="module")
-def stt_dir(fixtures_dir: Path) -> Path:
-    return fixtures_dir / "stt"
-
-
-@pytest.fixture(scope="module")
-def golden(stt_dir: Path) -> dict[str, np.ndarray]:
-    with np.load(stt_dir / "stt_golden.npz") as data:
-        return {k: data[k] for k in data.files}
-
-
-@pytest.fixture(scope="module")
 def config_path(stt_dir: Path) -> Path:
     return stt_dir / "stt_config.json"
 
@@ -61,10 +50,10 @@ def run_stt(lm, codes: np.ndarray, compile: bool = True) -> dict[str, np.ndarray
             "logits": np.stack(logits, axis=1), "gen": gen}
 
 
-def assert_matches(result: dict, golden: dict, prefix: str, row: int = 0) -> None:
+def assert_matches(result: dict, stt_golden: dict, prefix: str, row: int = 0) -> None:
     steps = result["text"].shape[1]
-    np.testing.assert_array_equal(result["text"][row], golden[f"{prefix}_text"][:steps])
-    np.testing.assert_allclose(result["vad"][row], golden[f"{prefix}_vad"][:steps],
+    np.testing.assert_array_equal(result["text"][row], stt_golden[f"{prefix}_text"][:steps])
+    np.testing.assert_allclose(result["vad"][row], stt_golden[f"{prefix}_vad"][:steps],
                                atol=VAD_TOLERANCE, rtol=0)
 
 
@@ -103,24 +92,25 @@ def test_official_mlx_files_load(official_stt_mlx_files, config_path, kind):
 
 
 @pytest.mark.parametrize("version", ["v1", "v3"])
-def test_float32_matches_pytorch_timing_b(lm_f32, golden, version):
-    result = run_stt(lm_f32, golden[f"codes_{version}"])
-    assert result["text"].shape[1] == golden[f"torch_f32_B_{version}_text"].size
-    assert_matches(result, golden, f"torch_f32_B_{version}")
+def test_float32_matches_pytorch_timing_b(lm_f32, stt_golden, version):
+    result = run_stt(lm_f32, stt_golden[f"codes_{version}"])
+    assert result["text"].shape[1] == stt_golden[f"torch_f32_B_{version}_text"].size
+    assert_matches(result, stt_golden, f"torch_f32_B_{version}")
     if version == "v1":
-        expected = golden["torch_f32_B_v1_text_logits_first16"]
+        expected = stt_golden["torch_f32_B_v1_text_logits_first16"]
         np.testing.assert_allclose(result["logits"][0], expected, atol=LOGIT_TOLERANCE, rtol=0)
 
 
-def test_float32_without_compile_matches_pytorch(lm_f32, golden):
-    result = run_stt(lm_f32, golden["codes_v1"][:, :60], compile=False)
-    assert_matches(result, golden, "torch_f32_B_v1")
+def test_float32_without_compile_matches_pytorch(lm_f32, stt_golden):
+    result = run_stt(lm_f32, stt_golden["codes_v1"][:, :60], compile=False)
+    assert_matches(result, stt_golden, "torch_f32_B_v1")
 
 
-def test_long_run_past_4096_steps_matches_pytorch_with_constant_memory(lm_f32, golden):
+def test_long_run_past_4096_steps_matches_pytorch_with_constant_memory(lm_f32, stt_golden):
     # FIXTURES: long_codes = codes_v1 tiled to 4200 frames; 4201 steps cross the 40-step
     # window ~100 times and the 4096 steps where the official MLX cache went wrong.
-    codes = np.tile(golden["codes_v1"], (1, 4200 // golden["codes_v1"].shape[1] + 1))[:, :4200]
+    v1 = stt_golden["codes_v1"]
+    codes = np.tile(v1, (1, 4200 // v1.shape[1] + 1))[:, :4200]
     gen = SttGen(lm_f32)
     texts, vad = [int(gen.initial_text[0])], [float(gen.initial_vad[0, 2, 0])]
     sizes = set()
@@ -130,31 +120,31 @@ def test_long_run_past_4096_steps_matches_pytorch_with_constant_memory(lm_f32, g
         vad.append(float(probs[0, 2, 0]))
         if t >= 100:
             sizes.add(tuple(c.keys.shape for c in gen.caches))
-    np.testing.assert_array_equal(np.array(texts), golden["torch_f32_B_long_text"])
-    np.testing.assert_allclose(np.array(vad), golden["torch_f32_B_long_vad_h2c0"],
+    np.testing.assert_array_equal(np.array(texts), stt_golden["torch_f32_B_long_text"])
+    np.testing.assert_allclose(np.array(vad), stt_golden["torch_f32_B_long_vad_h2c0"],
                                atol=VAD_TOLERANCE, rtol=0)
     assert sizes == {((1, 4, 40, 32),) * 2}  # the ring holds exactly `context` steps
 
 
 def test_q4_file_with_float32_activations_matches_dequantized_golden(
-    official_stt_mlx_files, config_path, golden
+    official_stt_mlx_files, config_path, stt_golden
 ):
     lm = load_lm(official_stt_mlx_files["q4"], config=config_path, dtype=mx.float32)
-    assert_matches(run_stt(lm, golden["codes_v1"]), golden, "torch_f32_deq_q4_B_v1")
+    assert_matches(run_stt(lm, stt_golden["codes_v1"]), stt_golden, "torch_f32_deq_q4_B_v1")
 
 
-def test_quantize_on_load_reproduces_the_q4_golden(stt_dir, config_path, golden):
+def test_quantize_on_load_reproduces_the_q4_golden(stt_dir, config_path, stt_golden):
     lm = load_lm(stt_dir / "stt_pytorch.safetensors", config=config_path, quantize=4,
                  dtype=mx.float32)
-    assert_matches(run_stt(lm, golden["codes_v1"]), golden, "torch_f32_deq_q4_B_v1")
+    assert_matches(run_stt(lm, stt_golden["codes_v1"]), stt_golden, "torch_f32_deq_q4_B_v1")
 
 
-def test_batch_rows_are_independent(lm_f32, golden):
-    steps = golden["codes_v1"].shape[1]
-    both = np.stack([golden["codes_v1"], golden["codes_v3"][:, :steps]])
+def test_batch_rows_are_independent(lm_f32, stt_golden):
+    steps = stt_golden["codes_v1"].shape[1]
+    both = np.stack([stt_golden["codes_v1"], stt_golden["codes_v3"][:, :steps]])
     result = run_stt(lm_f32, both)
-    assert_matches(result, golden, "torch_f32_B_v1", row=0)
-    assert_matches(result, golden, "torch_f32_B_v3", row=1)
+    assert_matches(result, stt_golden, "torch_f32_B_v1", row=0)
+    assert_matches(result, stt_golden, "torch_f32_B_v3", row=1)
 
 
 # --------------------------------------------------------------------------- VAD heads
@@ -168,23 +158,23 @@ def _without_extra_heads(source: Path, target: Path) -> Path:
 
 
 def test_file_without_vad_heads_loads_without_them(official_stt_mlx_files, config_path,
-                                                   golden, tmp_path):
+                                                   stt_golden, tmp_path):
     bare = _without_extra_heads(official_stt_mlx_files["bf16"], tmp_path / "model.safetensors")
     lm = load_lm(bare, config=config_path, dtype=mx.float32)
     assert lm.cfg.extra_heads_num_heads == 0 and lm.extra_heads == []
-    text, vad = SttGen(lm).step(golden["codes_v1"][None, :, 0])
+    text, vad = SttGen(lm).step(stt_golden["codes_v1"][None, :, 0])
     assert vad is None and text.shape == (1,)
 
 
 def test_vad_weights_from_a_pytorch_file_complete_a_q4_file(official_stt_mlx_files, stt_dir,
-                                                             config_path, golden, tmp_path):
+                                                             config_path, stt_golden, tmp_path):
     # The official MLX STT files have no heads; the -candle (PyTorch layout) file has them.
     bare = _without_extra_heads(official_stt_mlx_files["q4"], tmp_path / "model.q4.safetensors")
     assert not any(k.startswith("extra_heads") for k in read_safetensors_header(bare).tensors)
     lm = load_lm(bare, config=config_path, dtype=mx.float32,
                  vad_weights=stt_dir / "stt_pytorch.safetensors")
     assert type(lm.extra_heads[0]) is nn.QuantizedLinear  # quantized like the file
-    assert_matches(run_stt(lm, golden["codes_v1"]), golden, "torch_f32_deq_q4_B_v1")
+    assert_matches(run_stt(lm, stt_golden["codes_v1"]), stt_golden, "torch_f32_deq_q4_B_v1")
 
 
 def test_vad_weights_without_heads_is_a_clear_error(official_stt_mlx_files, config_path,

@@ -30,17 +30,6 @@ from moshi_mlx.transcriber import (
 
 
 @pytest.fixture(scope="module")
-def stt_dir(fixtures_dir: Path) -> Path:
-    return fixtures_dir / "stt"
-
-
-@pytest.fixture(scope="module")
-def golden(stt_dir: Path) -> dict[str, np.ndarray]:
-    with np.load(stt_dir / "stt_golden.npz") as data:
-        return {k: data[k] for k in data.files}
-
-
-@pytest.fixture(scope="module")
 def tokenizer(stt_dir: Path):
     return sentencepiece.SentencePieceProcessor(model_file=str(stt_dir / "stt_tokenizer.model"))
 
@@ -59,43 +48,43 @@ def mimi(random_mimi_path):
 # --------------------------------------------------------------------------- official logic
 
 
-def test_dsm_segment_words_reproduce_the_official_function(golden, tokenizer):
+def test_dsm_segment_words_reproduce_the_official_function(stt_golden, tokenizer):
     # The script's arguments: EPAD 0, padding 3, offset int(0 / 12.5) + 0.5 s, 165 steps.
-    steps = int(golden["dsm_steps"])
-    words = segment_words(golden["torch_f32_A_v1_text"][:steps], tokenizer, offset_seconds=0.5)
-    assert [w for w, _, _ in words] == golden["dsm_words"].tolist()
+    steps = int(stt_golden["dsm_steps"])
+    words = segment_words(stt_golden["torch_f32_A_v1_text"][:steps], tokenizer, offset_seconds=0.5)
+    assert [w for w, _, _ in words] == stt_golden["dsm_words"].tolist()
     times = np.array([(start, end) for _, start, end in words])
-    np.testing.assert_allclose(times, golden["dsm_word_times"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(times, stt_golden["dsm_word_times"], atol=1e-5, rtol=0)
 
 
-def test_word_tracker_reproduces_the_rust_events(golden):
+def test_word_tracker_reproduces_the_rust_events(stt_golden):
     # asr.rs: step_idx counts from 1, tokens are read from step_idx >= 6, times
     # (step_idx - 6) / 12.5.
     delay = 6
     tracker = WordTracker(lambda step: (step + 1 - delay) / 12.5, first_step=delay - 1)
     events = []
-    for step, token in enumerate(golden["torch_f32_B_v1_text"][:176]):
+    for step, token in enumerate(stt_golden["torch_f32_B_v1_text"][:176]):
         events += tracker.push(int(token), step)
     assert [0 if isinstance(e, TrackedWord) else 1 for e in events] == \
-        golden["rustlike_events_kind"].tolist()
-    assert [e.step for e in events] == golden["rustlike_events_step"].tolist()
+        stt_golden["rustlike_events_kind"].tolist()
+    assert [e.step for e in events] == stt_golden["rustlike_events_step"].tolist()
     times = [e.start if isinstance(e, TrackedWord) else e.end for e in events]
-    np.testing.assert_allclose(times, golden["rustlike_events_time"], atol=1e-9, rtol=0)
+    np.testing.assert_allclose(times, stt_golden["rustlike_events_time"], atol=1e-9, rtol=0)
     tokens = [" ".join(map(str, e.tokens)) if isinstance(e, TrackedWord) else "" for e in events]
-    assert tokens == golden["rustlike_events_tokens"].tolist()
+    assert tokens == stt_golden["rustlike_events_tokens"].tolist()
 
 
 # --------------------------------------------------------------------------- transcriber
 
 
-def rust_events_in_our_time(golden, tokenizer) -> list[tuple]:
+def rust_events_in_our_time(stt_golden, tokenizer) -> list[tuple]:
     """The golden Rust events with our clock: step / 12.5 - prefix (0) - delay (0.5), where the
     Rust clock is (step + 1 - 6) / 12.5 = step / 12.5 - 0.4: ours = max(0, rust - 0.1)."""
     expected = []
-    for kind, step, time, tokens in zip(golden["rustlike_events_kind"],
-                                        golden["rustlike_events_step"],
-                                        golden["rustlike_events_time"],
-                                        golden["rustlike_events_tokens"], strict=True):
+    for kind, step, time, tokens in zip(stt_golden["rustlike_events_kind"],
+                                        stt_golden["rustlike_events_step"],
+                                        stt_golden["rustlike_events_time"],
+                                        stt_golden["rustlike_events_tokens"], strict=True):
         if kind == 0:
             text = tokenizer.decode([int(t) for t in str(tokens).split()])
             expected.append(("word", text, max(0.0, time - 0.1), int(step)))
@@ -114,12 +103,12 @@ def as_tuples(events) -> list[tuple]:
     return out
 
 
-def test_transcriber_words_follow_the_official_logic_on_codes(lm, tokenizer, golden):
+def test_transcriber_words_follow_the_official_logic_on_codes(lm, tokenizer, stt_golden):
     transcriber = Transcriber(lm, tokenizer)
-    events = transcriber.feed_codes(golden["codes_v1"][:, :175])  # steps 0..175 as the golden
+    events = transcriber.feed_codes(stt_golden["codes_v1"][:, :175])  # steps 0..175, as golden
     assert transcriber.first_text_step == 7  # ceil((0 + 0.5) * 12.5): earlier text is < 0 s
     got = as_tuples(events)
-    expected = rust_events_in_our_time(golden, tokenizer)
+    expected = rust_events_in_our_time(stt_golden, tokenizer)
     assert [g[:2] + g[3:] for g in got if g[0] == "word"] == \
         [e[:2] + e[3:] for e in expected if e[0] == "word"]
     assert [g[0] for g in got] == [e[0] for e in expected]
@@ -131,14 +120,14 @@ def test_transcriber_words_follow_the_official_logic_on_codes(lm, tokenizer, gol
     assert pieces.replace(" ", "") == words.replace(" ", "")
 
 
-def test_transcript_word_ends(lm, tokenizer, golden):
+def test_transcript_word_ends(lm, tokenizer, stt_golden):
     transcriber = Transcriber(lm, tokenizer)
-    events = transcriber.feed_codes(golden["codes_v1"][:, :175]) + transcriber.flush()
+    events = transcriber.feed_codes(stt_golden["codes_v1"][:, :175]) + transcriber.flush()
     assert isinstance(events[-1], Flushed) and events[-1].duration == pytest.approx(175 / 12.5)
     from moshi_mlx.transcriber import transcript_from_events
 
     transcript = transcript_from_events(events, "", 14.0, transcriber.text_time)
-    expected = rust_events_in_our_time(golden, tokenizer)
+    expected = rust_events_in_our_time(stt_golden, tokenizer)
     words = [i for i, e in enumerate(expected) if e[0] == "word"]
     assert [w.word for w in transcript.words[: len(words)]] == [expected[i][1] for i in words]
     previous_end = 0.0
@@ -169,17 +158,17 @@ def expected_end_of_turn_steps(vad: np.ndarray, text: np.ndarray, first_text_ste
     return steps
 
 
-def test_end_of_turn_from_vad_head_2_with_hysteresis(lm, tokenizer, golden):
+def test_end_of_turn_from_vad_head_2_with_hysteresis(lm, tokenizer, stt_golden):
     transcriber = Transcriber(lm, tokenizer)
-    events = transcriber.feed_codes(golden["codes_v1"])
+    events = transcriber.feed_codes(stt_golden["codes_v1"])
     got = [e for e in events if isinstance(e, EndOfTurn)]
-    expected = expected_end_of_turn_steps(golden["torch_f32_B_v1_vad"][:, 2, 0],
-                                          golden["torch_f32_B_v1_text"], 7)
+    expected = expected_end_of_turn_steps(stt_golden["torch_f32_B_v1_vad"][:, 2, 0],
+                                          stt_golden["torch_f32_B_v1_text"], 7)
     assert [e.step for e in got] == expected and len(expected) >= 3
     assert [e.time for e in got] == pytest.approx([s / 12.5 for s in expected])
     assert all(e.probability > 0.5 for e in got)
     # A plain "p > 0.5" test fires on many more steps (FIXTURES: 18 of 184).
-    assert (golden["torch_f32_B_v1_vad"][:, 2, 0] > 0.5).sum() > len(expected)
+    assert (stt_golden["torch_f32_B_v1_vad"][:, 2, 0] > 0.5).sum() > len(expected)
 
 
 def test_prefix_and_flush_follow_stt_config(lm, tokenizer):

@@ -221,12 +221,6 @@ def test_projections_without_the_linear_level_load_the_same(transformers_moshi, 
 # (the script has none: they were left out before converting), a tiny Mimi as `codec_model`.
 
 
-@pytest.fixture(scope="module")
-def stt_golden(fixtures_dir: Path) -> dict[str, np.ndarray]:
-    with np.load(fixtures_dir / "stt" / "stt_golden.npz") as data:
-        return {k: data[k] for k in data.files}
-
-
 def _architecture(cfg: LmConfig) -> dict:
     """The fields that shape an STT model (the depformer ones are unused with dep_q 0)."""
     return {k: v for k, v in cfg.to_dict().items() if not k.startswith("depformer")}
