@@ -18,10 +18,6 @@ def fixtures_dir() -> Path:
     return FIXTURES
 
 
-# Manifests name dtypes as safetensors does (the Moshi ones) or as MLX does (the STT ones).
-_MLX_DTYPE_NAMES = {"bfloat16": "BF16", "uint32": "U32", "float32": "F32"}
-
-
 def converted_as_official(root: Path, source: Path, config: Path,
                           versions: tuple[tuple[str, int | None, Path], ...]) -> dict[str, Path]:
     """Our converter's output for each (name, bits, manifest of the official MLX file), every
@@ -29,20 +25,15 @@ def converted_as_official(root: Path, source: Path, config: Path,
     the official files. Each folder also holds the converter's config.json and manifest.json."""
     import json
 
-    from references import safetensors_entries
+    from references import assert_matches_manifest
 
     from weights_convert import convert
 
     files: dict[str, Path] = {}
     for name, bits, manifest in versions:
         result = convert(root / name, input_path=source, config=config, bits=bits)
-        official = json.loads(manifest.read_text())["tensors"]
-        expected = {k: (_MLX_DTYPE_NAMES.get(v["dtype"], v["dtype"]), v["shape"], v["sha256"])
-                    for k, v in official.items()}
-        got = safetensors_entries(result.model_file)
-        assert got.keys() == expected.keys(), f"{name}: tensor names differ from the official file"
-        wrong = sorted(k for k in expected if got[k] != expected[k])
-        assert not wrong, f"{name}: {len(wrong)} tensors differ from the official file: {wrong[:3]}"
+        assert_matches_manifest(result.model_file, json.loads(manifest.read_text())["tensors"],
+                                f"{name} against the official file")
         files[name] = result.model_file
     return files
 

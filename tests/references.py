@@ -36,6 +36,21 @@ def safetensors_entries(path: Path) -> dict[str, tuple[str, list[int], str]]:
     return entries
 
 
+# Manifests name dtypes as safetensors does (the Moshi ones) or as MLX does (the STT ones).
+_MLX_DTYPE_NAMES = {"bfloat16": "BF16", "uint32": "U32", "float32": "F32"}
+
+
+def assert_matches_manifest(path: Path, manifest: dict[str, dict], what: str) -> None:
+    """Every tensor of `path` has the (dtype, shape, sha256 of raw bytes) that a per-tensor
+    manifest of a reference file records, and no tensor is missing or extra."""
+    expected = {k: (_MLX_DTYPE_NAMES.get(v["dtype"], v["dtype"]), v["shape"], v["sha256"])
+                for k, v in manifest.items()}
+    got = safetensors_entries(path)
+    assert got.keys() == expected.keys(), f"{what}: tensor names differ"
+    wrong = sorted(k for k in expected if got[k] != expected[k])
+    assert not wrong, f"{what}: {len(wrong)} tensors differ: {wrong[:3]}"
+
+
 def rust_golden_words(golden: dict, decode) -> list[tuple[str, float, float]]:
     """(word, start, end) that the STT fixtures' `rustlike_events_*` (asr.rs logic, clock
     (step + 1 - 6) / 12.5) give on our clock step / 12.5 - 0.5 (prefix 0, delay 0.5 s), i.e.

@@ -122,7 +122,7 @@ def rebuild(names_and_shapes: dict[str, list[int]]) -> dict[str, np.ndarray]:
 def ensure_transformers_moshi(cache_dir: Path) -> Path:
     """A folder like kmhf/hf-moshiko's (config.json + model.safetensors) holding the tiny LM;
     rebuilt once into `cache_dir`, checked against the manifest every time."""
-    from references import safetensors_entries
+    from references import assert_matches_manifest
 
     manifest = json.loads(MANIFEST.read_text())["tensors"]
     folder = cache_dir / "lm_transformers"
@@ -133,11 +133,7 @@ def ensure_transformers_moshi(cache_dir: Path) -> Path:
         _write_bf16(partial, rebuild({k: v["shape"] for k, v in manifest.items()}))
         partial.replace(weights)
     shutil.copy(CONFIG, folder / "config.json")
-    got = safetensors_entries(weights)
-    expected = {k: (v["dtype"], v["shape"], v["sha256"]) for k, v in manifest.items()}
-    assert got.keys() == expected.keys(), "tensor names differ from transformers' file"
-    wrong = sorted(k for k in expected if got[k] != expected[k])
-    assert not wrong, f"{len(wrong)} tensors differ from transformers' file: {wrong[:3]}"
+    assert_matches_manifest(weights, manifest, "against transformers' file")
     return folder
 
 
@@ -209,7 +205,7 @@ def ensure_transformers_stt(cache_dir: Path) -> Path:
     """A folder like kyutai/stt-*-trfs (config.json, preprocessor_config.json,
     model.safetensors) holding the tiny STT; rebuilt once into `cache_dir`, checked against
     the manifest every time."""
-    from references import safetensors_entries
+    from references import assert_matches_manifest
 
     manifest = json.loads(STT_MANIFEST.read_text())["tensors"]
     folder = cache_dir / "stt_transformers"
@@ -221,9 +217,5 @@ def ensure_transformers_stt(cache_dir: Path) -> Path:
         partial.replace(weights)
     shutil.copy(STT_CONFIG, folder / "config.json")
     shutil.copy(STT_PREPROCESSOR, folder / "preprocessor_config.json")
-    got = safetensors_entries(weights)
-    expected = {k: (v["dtype"], v["shape"], v["sha256"]) for k, v in manifest.items()}
-    assert got.keys() == expected.keys(), "tensor names differ from transformers' file"
-    wrong = sorted(k for k in expected if got[k] != expected[k])
-    assert not wrong, f"{len(wrong)} tensors differ from transformers' file: {wrong[:3]}"
+    assert_matches_manifest(weights, manifest, "against transformers' file")
     return folder
