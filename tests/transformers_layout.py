@@ -70,6 +70,23 @@ def _half_split_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, rows // heads // 2, 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
 
 
+def _temporal_layers(pt: dict[str, np.ndarray], lm: dict, heads: int, prefix: str,
+                     out: dict[str, np.ndarray]) -> None:
+    """The temporal transformer's layers as transformers names them (under `prefix`): q/k/v
+    split, q/k rows in rotate-half order, norms as flat gains."""
+    for layer in range(lm["num_layers"]):
+        src, dst = f"transformer.layers.{layer}.", f"{prefix}.{layer}."
+        q, k, v = np.split(pt[src + "self_attn.in_proj_weight"], 3)
+        out[dst + "self_attn.q_proj.linear.weight"] = _half_split_rope_rows(q, heads)
+        out[dst + "self_attn.k_proj.linear.weight"] = _half_split_rope_rows(k, heads)
+        out[dst + "self_attn.v_proj.linear.weight"] = v
+        out[dst + "self_attn.o_proj.linear.weight"] = pt[src + "self_attn.out_proj.weight"]
+        out[dst + "mlp.fc1.weight"] = pt[src + "gating.linear_in.weight"]
+        out[dst + "mlp.fc2.weight"] = pt[src + "gating.linear_out.weight"]
+        out[dst + "input_layernorm.weight"] = pt[src + "norm1.alpha"].reshape(-1)
+        out[dst + "post_attention_layernorm.weight"] = pt[src + "norm2.alpha"].reshape(-1)
+
+
 def rebuild(names_and_shapes: dict[str, list[int]]) -> dict[str, np.ndarray]:
     pt = _read_bf16(FIXTURES / "lm_pytorch.safetensors")
     lm = json.loads((FIXTURES / "lm_config.json").read_text())
@@ -80,17 +97,7 @@ def rebuild(names_and_shapes: dict[str, list[int]]) -> dict[str, np.ndarray]:
     out["decoder.model.embed_tokens.weight"] = pt["text_emb.weight"]
     out["decoder.lm_head.weight"] = pt["text_linear.weight"]
     out["decoder.model.norm.weight"] = pt["out_norm.alpha"].reshape(-1)
-    for layer in range(lm["num_layers"]):
-        src, dst = f"transformer.layers.{layer}.", f"decoder.model.layers.{layer}."
-        q, k, v = np.split(pt[src + "self_attn.in_proj_weight"], 3)
-        out[dst + "self_attn.q_proj.linear.weight"] = _half_split_rope_rows(q, heads)
-        out[dst + "self_attn.k_proj.linear.weight"] = _half_split_rope_rows(k, heads)
-        out[dst + "self_attn.v_proj.linear.weight"] = v
-        out[dst + "self_attn.o_proj.linear.weight"] = pt[src + "self_attn.out_proj.weight"]
-        out[dst + "mlp.fc1.weight"] = pt[src + "gating.linear_in.weight"]
-        out[dst + "mlp.fc2.weight"] = pt[src + "gating.linear_out.weight"]
-        out[dst + "input_layernorm.weight"] = pt[src + "norm1.alpha"].reshape(-1)
-        out[dst + "post_attention_layernorm.weight"] = pt[src + "norm2.alpha"].reshape(-1)
+    _temporal_layers(pt, lm, heads, "decoder.model.layers", out)
     out["depth_decoder.text_embed_tokens.weight"] = pt["depformer_text_emb.weight"]
     for k in range(dep_q - 1):
         out[f"depth_decoder.embed_tokens.{k}.weight"] = pt[f"depformer_emb.{k}.weight"]
@@ -168,17 +175,7 @@ def rebuild_stt(names_and_shapes: dict[str, list[int]]) -> dict[str, np.ndarray]
         [_bf16_as_f32(t) for t in tables] + [zero_row])
     out["lm_head.weight"] = np.concatenate([_bf16_as_f32(pt["text_linear.weight"]), zero_row])
     out["model.norm.weight"] = pt["out_norm.alpha"].reshape(-1)
-    for layer in range(lm["num_layers"]):
-        src, dst = f"transformer.layers.{layer}.", f"model.layers.{layer}."
-        q, k, v = np.split(pt[src + "self_attn.in_proj_weight"], 3)
-        out[dst + "self_attn.q_proj.linear.weight"] = _half_split_rope_rows(q, heads)
-        out[dst + "self_attn.k_proj.linear.weight"] = _half_split_rope_rows(k, heads)
-        out[dst + "self_attn.v_proj.linear.weight"] = v
-        out[dst + "self_attn.o_proj.linear.weight"] = pt[src + "self_attn.out_proj.weight"]
-        out[dst + "mlp.fc1.weight"] = pt[src + "gating.linear_in.weight"]
-        out[dst + "mlp.fc2.weight"] = pt[src + "gating.linear_out.weight"]
-        out[dst + "input_layernorm.weight"] = pt[src + "norm1.alpha"].reshape(-1)
-        out[dst + "post_attention_layernorm.weight"] = pt[src + "norm2.alpha"].reshape(-1)
+    _temporal_layers(pt, lm, heads, "model.layers", out)
     for name, shape in names_and_shapes.items():
         if name.startswith(CODEC_PREFIX):
             out[name] = tiny_mimi_value(name[len(CODEC_PREFIX):], tuple(shape))
