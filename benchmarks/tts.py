@@ -1,132 +1,396 @@
-"""Benchmark CSM generation: per-frame time, time to first frame / first audio, peak memory.
+"""Benchmark CSM side by side: moshi_mlx vs mlx-audio 0.6.2's Sesame CSM, same weights, one run.
 
-Models: `fixture` (the tiny reference model of tests/fixtures/csm, float32) and `1b` (the
-csm-1b shapes with random weights, built in memory, quantized with -q; random weights decide
-nothing about speed). Sampling at temperature 0.9 / top-k 50 with a fixed seed; a random model
-may stop early on an all-zero frame (the JSON says how many frames ran). With --mimi PATH, the
-first frame is also decoded by that Mimi (time to first audio includes it). Prints one JSON
-object. Run it under the heavy-job lock: flock /tmp/moshi-heavy.lock python benchmarks/tts.py
+Models: `fixture` (the tiny reference model of tests/fixtures/csm, Sesame layout, float32) and
+`1b` (the csm-1b shapes with random weights, written once as a float32 Sesame-layout
+checkpoint, tensor by tensor, under --workdir; both sides load that file and quantize it with
+-q as they each do on load). Both speak the same text after the same context turn given as
+audio (tests/fixtures/csm/context_speech.wav, encoded by each side's Mimi with --mimi, the
+random real-size Mimi of the tests by default), sampling at temperature 0.9 / top-k 50, every
+frame decoded through each side's streaming Mimi decoder as it comes.
 
-    python benchmarks/tts.py [--models fixture,1b] [--frames 8] [-q 4] [--mimi PATH]
+Each side is a long-lived worker process (ours: this script with --worker; mlx-audio:
+benchmarks/mlxaudio_csm_worker.py run by --mlx-audio-python, its own venv) that loads once and
+warms up; the runs then alternate between the two so machine noise hits both. Figures are
+medians over the runs:
+
+- per_frame_s: generation of one frame (backbone step + 31 depth steps), after the first;
+- frame_with_audio_s: one frame generated and decoded to audio, after the first;
+- real_time_factor: frame_with_audio_s / 0.08 s (below 1: faster than real time);
+- time_to_first_audio_s: context encoding + prefill + first frame + its decoding;
+- peak_memory_gb: MLX's peak during a run (weights included); max_rss_gb: the process's.
+
+Prints one JSON object. Run it under the heavy-job lock:
+
+    flock /tmp/moshi-heavy.lock python benchmarks/tts.py [--models fixture,1b] [-q 4]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from moshi_mlx.blas import blas_in_use, load_system_openblas  # noqa: E402
-
-load_system_openblas()  # before MLX loads, as the command-line tools do
-
-import mlx.core as mx  # noqa: E402
-
-from moshi_mlx.csm_generate import (  # noqa: E402
-    ContextCache,
-    Segment,
-    load_tokenizer,
-    stream_speech,
-)
-from moshi_mlx.loading import QUANTIZATIONS, apply_quantization  # noqa: E402
-from moshi_mlx.models import csm as csm_family  # noqa: E402
-from moshi_mlx.models.csm import Csm, CsmConfig, load_csm  # noqa: E402
-from moshi_mlx.modules.parallel import default_cpu_threads, split_linears  # noqa: E402
-
 FIXTURES = ROOT / "tests" / "fixtures" / "csm"
+CONTEXT_TEXT = "The quick brown fox jumps over the lazy dog."
 TEXT = "Numbers like seven and twelve are spoken slowly."
+DEFAULT_MLX_AUDIO_PYTHON = os.environ.get("MLX_AUDIO_PYTHON", "/work/mlxaudio-venv/bin/python")
+FRAME_SECONDS = 0.08
 
-
-def random_1b(bits: int | None) -> Csm:
-    cfg = CsmConfig.from_dict({"backbone_flavor": "llama-1B", "decoder_flavor": "llama-100M",
-                               "text_vocab_size": 128256, "audio_vocab_size": 2051,
-                               "audio_num_codebooks": 32})
-    model = Csm(cfg)
-    # As load_csm's automatic dtype: MLX's CPU kernels are fast in float32, slow in bf16.
-    model.set_dtype(mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16)
-    if bits is not None:
-        apply_quantization(model, csm_family, QUANTIZATIONS[bits])  # as the loader does
-    mx.eval(model.parameters())
-    split_linears(model, default_cpu_threads())  # as load_csm does
-    return model
+# csm-1b (SesameAILabs/csm FLAVORS llama-1B / llama-100M), for the random checkpoint
+CSM_1B = {"backbone": {"layers": 16, "dim": 2048, "heads": 32, "kv_heads": 8, "head_dim": 64,
+                       "mlp": 8192},
+          "decoder": {"layers": 4, "dim": 1024, "heads": 8, "kv_heads": 2, "head_dim": 128,
+                      "mlp": 8192},
+          "text_vocab": 128256, "audio_vocab": 2051, "codebooks": 32}
 
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def run(model: Csm, tokenizer, frames: int, mimi) -> dict:
+# ---------------------------------------------------------------- the random csm-1b checkpoint
+def _sesame_1b_shapes() -> list[tuple[str, tuple[int, ...], str]]:
+    """(name, shape, init) of every tensor of the Sesame layout, in file order."""
+    c = CSM_1B
+    b, d = c["backbone"], c["decoder"]
+    out = [("text_embeddings.weight", (c["text_vocab"], b["dim"]), "embedding"),
+           ("audio_embeddings.weight", (c["audio_vocab"] * c["codebooks"], b["dim"]),
+            "embedding"),
+           ("projection.weight", (d["dim"], b["dim"]), "linear"),
+           ("codebook0_head.weight", (c["audio_vocab"], b["dim"]), "head"),
+           ("audio_head", (c["codebooks"] - 1, d["dim"], c["audio_vocab"]), "head_t")]
+    for part, f in (("backbone", b), ("decoder", d)):
+        for n in range(f["layers"]):
+            p = f"{part}.layers.{n}."
+            q, kv = f["heads"] * f["head_dim"], f["kv_heads"] * f["head_dim"]
+            out += [(p + "attn.q_proj.weight", (q, f["dim"]), "linear"),
+                    (p + "attn.k_proj.weight", (kv, f["dim"]), "linear"),
+                    (p + "attn.v_proj.weight", (kv, f["dim"]), "linear"),
+                    (p + "attn.output_proj.weight", (f["dim"], q), "linear"),
+                    (p + "mlp.w1.weight", (f["mlp"], f["dim"]), "linear"),
+                    (p + "mlp.w2.weight", (f["dim"], f["mlp"]), "linear"),
+                    (p + "mlp.w3.weight", (f["mlp"], f["dim"]), "linear"),
+                    (p + "sa_norm.scale", (f["dim"],), "norm"),
+                    (p + "mlp_norm.scale", (f["dim"],), "norm")]
+        out.append((f"{part}.norm.scale", (f["dim"],), "norm"))
+    return out
+
+
+def write_random_1b(folder: Path) -> Path:
+    """A float32 csm-1b-shaped Sesame checkpoint with random weights (6.2 GB), written tensor by
+    tensor so memory stays at one tensor; reused when complete."""
+    import mlx.core as mx
+
+    from moshi_mlx.safetensors import PlannedTensor, SafetensorsStreamWriter
+
+    folder.mkdir(parents=True, exist_ok=True)
+    done = folder / "complete"
+    if done.is_file():
+        return folder
+    (folder / "config.json").write_text(json.dumps({
+        "backbone_flavor": "llama-1B", "decoder_flavor": "llama-100M",
+        "text_vocab_size": CSM_1B["text_vocab"], "audio_vocab_size": CSM_1B["audio_vocab"],
+        "audio_num_codebooks": CSM_1B["codebooks"]}))
+    shapes = _sesame_1b_shapes()
+    plan = [PlannedTensor(name, "F32", shape) for name, shape, _ in shapes]
+    key = mx.random.key(1)
+    t0 = time.perf_counter()
+    with open(folder / "model.safetensors", "wb") as f:
+        writer = SafetensorsStreamWriter(f, plan, metadata={"format": "pt"})
+        for name, shape, init in shapes:
+            key, sub = mx.random.split(key)
+            if init == "norm":
+                value = 1 + 0.2 * mx.random.uniform(-1, 1, shape, key=sub)
+            else:
+                # linears N(0, 1/fan_in); heads scaled so logits have std ~4 (as the fixture)
+                fan_in = {"embedding": 1, "linear": shape[-1], "head": shape[-1] / 16,
+                          "head_t": shape[-2] / 16}[init]
+                value = mx.random.normal(shape, key=sub) / fan_in**0.5
+            writer.write(name, value.astype(mx.float32))
+            del value
+        writer.finish()
+    done.write_text("ok\n")
+    log(f"random csm-1b written to {folder} in {time.perf_counter() - t0:.0f} s")
+    return folder
+
+
+# --------------------------------------------------------------------------- our worker
+def our_worker(args: argparse.Namespace) -> None:
+    from moshi_mlx.blas import load_system_openblas
+
+    load_system_openblas()  # before MLX loads, as the command-line tools do
+    import mlx.core as mx
     import numpy as np
 
-    context = [Segment(1, "The quick brown fox jumps over the lazy dog.",
-                       codes=np.asarray(np.load(FIXTURES / "csm_golden.npz")["context_codes"]))]
-    # Warm-up (kernels, allocations), then the measured run with a fresh cache.
-    list(stream_speech(model, tokenizer, TEXT, 1, context, max_frames=2, seed=0))
-    log("warmed up")
-    mx.reset_peak_memory()
-    start = time.perf_counter()
-    stream = stream_speech(model, tokenizer, TEXT, 1, context, max_frames=frames, seed=0,
-                           cache=ContextCache(model))
-    stamps, first_audio = [], None
-    for frame in stream:
-        stamps.append(time.perf_counter())
-        if mimi is not None and first_audio is None:
-            mimi.reset()
-            mimi.decode_step(frame[:, None][None])
-            first_audio = time.perf_counter() - start
-    steps = [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)]
-    per_frame = statistics.median(steps) if steps else None
-    return {
-        "frames": len(stamps),
-        "stop": stream.stop_reason,
-        "prompt_positions": len(stream.cache) - max(len(stamps) - 1, 0),
-        "time_to_first_frame_s": round(stamps[0] - start, 4) if stamps else None,
-        "time_to_first_audio_s": round(first_audio, 4) if first_audio else None,
-        "per_frame_s_median": round(per_frame, 4) if per_frame else None,
-        "per_frame_s_mean": round(statistics.mean(steps), 4) if steps else None,
-        "real_time_factor": round(per_frame / 0.08, 3) if per_frame else None,
-        "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 3),
+    from moshi_mlx.csm_generate import Segment, check_mimi_codes, load_tokenizer, stream_speech
+    from moshi_mlx.models.csm import load_csm
+    from moshi_mlx.models.mimi import load_mimi
+
+    t0 = time.perf_counter()
+    model = load_csm(args.weights, quantize=args.quantize or None)
+    tokenizer = load_tokenizer(args.tokenizer)
+    mimi = load_mimi(args.mimi, num_codebooks=32)
+    load_s = time.perf_counter() - t0
+    clip = np.load(args.context_npy)
+
+    def run(frames: int) -> dict:
+        mx.random.seed(0)
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        frame_times, audio_stamps, samples = [], [], 0
+        start = time.perf_counter()
+        context = [Segment(1, args.context_text, audio=clip)]
+        stream = iter(stream_speech(model, tokenizer, args.text, 1, context,
+                                    max_frames=frames, seed=0, mimi=mimi))
+        mimi.reset()
+        while True:
+            t = time.perf_counter()
+            try:
+                frame = next(stream)
+            except StopIteration:
+                break
+            frame_times.append(time.perf_counter() - t)
+            pcm = np.asarray(mimi.decode_step(check_mimi_codes(frame[None])))
+            samples += pcm.shape[-1]
+            audio_stamps.append(time.perf_counter())
+        steps = np.diff([start, *audio_stamps])
+        return {"frames": len(frame_times), "audio_s": samples / 24000,
+                "time_to_first_audio_s": float(steps[0]) if len(steps) else None,
+                "frame_s": frame_times[1:], "frame_with_audio_s": [float(s) for s in steps[1:]],
+                "peak_memory_gb": mx.get_peak_memory() / 1e9}
+
+    run(2)  # warm-up
+    from moshi_mlx.blas import blas_in_use
+
+    print("ready " + json.dumps({"load_s": load_s, "mlx": mx.__version__, "blas": blas_in_use(),
+                                 "weights_memory_gb": mx.get_active_memory() / 1e9}),
+          flush=True)
+    for line in sys.stdin:
+        if line.strip() == "run":
+            result = run(args.frames)
+            result["max_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+            print(json.dumps(result), flush=True)
+        elif line.strip() == "quit":
+            break
+
+
+# --------------------------------------------------------------------------- the driver
+class Worker:
+    def __init__(self, name: str, command: list[str], log_path: Path,
+                 env: dict[str, str] | None = None) -> None:
+        self.name, self.log_path = name, log_path
+        self.ready: dict | None = None
+        self.error: str | None = None
+        self._log = open(log_path, "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self._log, text=True, cwd=ROOT, env=env)
+
+    def _fail(self, what: str) -> None:
+        self._log.flush()
+        lines = [ln for ln in self.log_path.read_text(errors="replace").splitlines()
+                 if ln.strip() and "it/s]" not in ln]
+        self.error = f"{what}: {lines[-1].strip() if lines else 'no output'}"
+        log(f"{self.name}: {self.error}")
+
+    def wait_ready(self) -> bool:
+        line = self.proc.stdout.readline()
+        if not line.startswith("ready "):
+            self._fail("did not start")
+            return False
+        self.ready = json.loads(line[len("ready "):])
+        return True
+
+    def run(self) -> dict | None:
+        if self.error:
+            return None
+        try:
+            self.proc.stdin.write("run\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            self._fail("died")
+            return None
+        line = self.proc.stdout.readline()
+        if not line.startswith("{"):
+            self._fail("died during a run")
+            return None
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.close()
+                self.proc.wait(60)
+            except (BrokenPipeError, subprocess.TimeoutExpired):
+                self.proc.kill()
+        self._log.close()
+
+
+def _mlx_audio_env(blas: str) -> dict[str, str]:
+    env = dict(os.environ)
+    if blas == "openblas":
+        from moshi_mlx.blas import find_openblas
+
+        found = find_openblas()
+        if found:
+            env["LD_PRELOAD"] = found
+    return env
+
+
+def _median(values: list[float]) -> float | None:
+    return round(statistics.median(values), 4) if values else None
+
+
+def summarize(runs: list[dict], ready: dict | None) -> dict:
+    per_frame = [statistics.median(r["frame_s"]) for r in runs if r["frame_s"]]
+    with_audio = [statistics.median(r["frame_with_audio_s"]) for r in runs
+                  if r["frame_with_audio_s"]]
+    out = {
+        "runs": len(runs),
+        "frames": [r["frames"] for r in runs],
+        "per_frame_s": _median(per_frame),
+        "frame_with_audio_s": _median(with_audio),
+        "real_time_factor": (round(statistics.median(with_audio) / FRAME_SECONDS, 3)
+                             if with_audio else None),
+        "time_to_first_audio_s": _median([r["time_to_first_audio_s"] for r in runs
+                                          if r["time_to_first_audio_s"] is not None]),
+        "peak_memory_gb": round(max(r["peak_memory_gb"] for r in runs), 3) if runs else None,
+        "max_rss_gb": round(max(r["max_rss_gb"] for r in runs), 3) if runs else None,
+        "per_run_per_frame_s": [round(v, 4) for v in per_frame],
     }
+    if ready:
+        out["load_s"] = round(ready["load_s"], 1)
+        out["weights_memory_gb"] = round(ready["weights_memory_gb"], 3)
+    return out
+
+
+def compare(args: argparse.Namespace, label: str, weights: Path, frames: int, runs: int,
+            quantize: int, context_npy: Path, workdir: Path) -> dict:
+    common = ["--weights", str(weights), "--tokenizer", str(FIXTURES / "tokenizer.json"),
+              "--mimi", str(args.mimi), "--context-npy", str(context_npy),
+              "--context-text", CONTEXT_TEXT, "--text", TEXT, "--frames", str(frames),
+              "-q", str(quantize)]
+    ours = Worker("moshi_mlx", [sys.executable, __file__, "--worker", *common],
+                  workdir / f"{label}.moshi_mlx.log")
+    ours.wait_ready()
+    theirs: Worker | None = None
+    theirs_error = None
+    if not Path(args.mlx_audio_python).is_file():
+        theirs_error = f"no mlx-audio interpreter at {args.mlx_audio_python} (--mlx-audio-python)"
+    else:
+        theirs = Worker("mlx_audio", [args.mlx_audio_python,
+                                      str(ROOT / "benchmarks" / "mlxaudio_csm_worker.py"),
+                                      *common], workdir / f"{label}.mlx_audio.log",
+                        env=_mlx_audio_env(args.mlx_audio_blas))
+        theirs.wait_ready()
+        theirs_error = theirs.error
+    results: dict[str, list[dict]] = {"moshi_mlx": [], "mlx_audio": []}
+    try:
+        for i in range(runs):
+            order = [ours, theirs] if i % 2 == 0 else [theirs, ours]
+            for worker in order:
+                if worker is None:
+                    continue
+                result = worker.run()
+                if result is not None:
+                    results[worker.name].append(result)
+                    log(f"{label} {worker.name} run {i + 1}: per frame "
+                        f"{statistics.median(result['frame_s']):.4f} s, with audio "
+                        f"{statistics.median(result['frame_with_audio_s']):.4f} s")
+    finally:
+        ours.close()
+        if theirs is not None:
+            theirs.close()
+            theirs_error = theirs.error
+    entry: dict = {"frames_asked": frames, "quantize": quantize or None}
+    if quantize:
+        entry["quantization"] = {
+            "moshi_mlx": f"q{quantize} group {32 if quantize == 4 else 64}: backbone and "
+                         "decoder linears; embeddings, projection and heads kept float32",
+            "mlx_audio": f"q{quantize} group 64 as its converter: every layer with "
+                         "to_quantized whose input size divides by 64 (all linears, embeddings, "
+                         "codebook0_head); audio_head and norms kept as loaded (float32)"}
+    entry["moshi_mlx"] = (summarize(results["moshi_mlx"], ours.ready) if not ours.error
+                          else {"error": ours.error})
+    if ours.ready:
+        entry["moshi_mlx"]["blas"] = ours.ready["blas"]
+    if theirs_error or not results["mlx_audio"]:
+        entry["mlx_audio"] = {"error": theirs_error or "no run completed"}
+        return entry
+    entry["mlx_audio"] = summarize(results["mlx_audio"], theirs.ready)
+    entry["mlx_audio"]["version"] = theirs.ready["mlx_audio"]
+    entry["mlx_audio"]["blas"] = theirs.ready["blas"]
+    a, b = entry["moshi_mlx"], entry["mlx_audio"]
+    entry["ratio_ours_over_mlx_audio"] = {
+        key: round(a[key] / b[key], 3) for key in
+        ("per_frame_s", "frame_with_audio_s", "time_to_first_audio_s", "peak_memory_gb")
+        if a.get(key) and b.get(key)}
+    return entry
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="fixture,1b")
-    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--fixture-frames", type=int, default=24)
+    parser.add_argument("--fixture-runs", type=int, default=5)
+    parser.add_argument("--1b-frames", dest="frames_1b", type=int, default=6)
+    parser.add_argument("--1b-runs", dest="runs_1b", type=int, default=3)
     parser.add_argument("-q", "--quantize", type=int, default=4, choices=[4, 8, 0],
-                        help="bits for the 1b model (0: bf16)")
-    parser.add_argument("--mimi", default=None, help="Mimi checkpoint to time the first audio")
+                        help="bits for the 1b model on both sides (0: float32)")
+    parser.add_argument("--mimi", type=Path, default=None,
+                        help="Mimi checkpoint (default: the tests' random real-size Mimi)")
+    parser.add_argument("--mlx-audio-python", default=DEFAULT_MLX_AUDIO_PYTHON,
+                        help="python of a venv with mlx-audio==0.6.2")
+    parser.add_argument("--mlx-audio-blas", choices=["openblas", "bundled"], default="openblas",
+                        help="openblas: mlx-audio's process gets the same system OpenBLAS as "
+                        "ours (LD_PRELOAD), so BLAS makes no difference; bundled: MLX's own")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/csm-bench"),
+                        help="where the random csm-1b checkpoint and worker logs go")
+    # worker mode (internal)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    for name in ("--weights", "--tokenizer", "--context-npy", "--context-text", "--text"):
+        parser.add_argument(name, help=argparse.SUPPRESS)
+    parser.add_argument("--frames", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    mimi = None
-    if args.mimi:
-        from moshi_mlx.models.mimi import load_mimi
+    sys.path.insert(0, str(ROOT))
+    if args.worker:
+        our_worker(args)
+        return
+    if args.mimi is None:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from mimi_random import ensure_random_mimi
 
-        mimi = load_mimi(args.mimi, num_codebooks=32)
-    tokenizer = load_tokenizer(FIXTURES / "tokenizer.json")
-    results = {"device": str(mx.default_device()), "machine": platform.machine(),
-               "mlx": mx.__version__, "blas": blas_in_use(), "frames_asked": args.frames}
+        args.mimi = ensure_random_mimi(ROOT / "tests" / ".cache", ROOT / "tests" / "fixtures")
+    import numpy as np
+
+    from moshi_mlx.audio.io import read_audio
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    context_npy = args.workdir / "context.npy"
+    np.save(context_npy, read_audio(FIXTURES / "context_speech.wav"))
+    results: dict = {"machine": platform.machine(), "cpu_count": os.cpu_count(),
+                     "text": TEXT, "context": f"speaker 1, {CONTEXT_TEXT!r}, 3.12 s of audio",
+                     "sampling": "temperature 0.9, top-k 50", "mimi": str(args.mimi)}
     for name in args.models.split(","):
-        t0 = time.perf_counter()
         if name == "fixture":
-            model = load_csm(FIXTURES / "sesame", dtype=mx.float32)
-            label = "fixture_float32"
+            results["fixture_float32"] = compare(args, "fixture", FIXTURES / "sesame",
+                                                 args.fixture_frames, args.fixture_runs, 0,
+                                                 context_npy, args.workdir)
         elif name == "1b":
-            model = random_1b(args.quantize or None)
-            dtype = "float32" if mx.default_device() == mx.cpu else "bf16"
-            label = f"csm1b_random_{'q' + str(args.quantize) if args.quantize else dtype}"
+            folder = write_random_1b(args.workdir / "csm1b-random")
+            label = f"csm1b_random_{'q' + str(args.quantize) if args.quantize else 'float32'}"
+            results[label] = compare(args, label, folder, args.frames_1b, args.runs_1b,
+                                     args.quantize, context_npy, args.workdir)
         else:
             raise SystemExit(f"unknown model {name!r}")
-        load_s = time.perf_counter() - t0
-        log(f"{label}: built in {load_s:.1f} s")
-        results[label] = {"build_s": round(load_s, 2), **run(model, tokenizer, args.frames, mimi)}
-        del model
-        mx.clear_cache()
     print(json.dumps(results, indent=1))
 
 

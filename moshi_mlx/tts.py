@@ -5,6 +5,7 @@
     python -m moshi_mlx.tts "Go on." -o out.wav --context-audio me.wav --context-text "Hi." \
         --context-speaker 0
     python -m moshi_mlx.tts "Hello." --codes-out codes.npy        # no audio: Mimi not loaded
+    python -m moshi_mlx.tts "Hello there." --play                 # to the speaker, as it comes
 
 A context file (--context) is a JSON list of turns {"speaker": 0, "text": "...", "audio":
 "turn.wav"} or {..., "codes": "turn.npy"} (paths relative to the JSON file). Long text is
@@ -37,6 +38,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="also (or only) write the Mimi codes [32, frames] as .npy")
     p.add_argument("--stream", action="store_true",
                    help="write the WAV frame by frame (Ctrl-C leaves a valid file)")
+    p.add_argument("--play", action="store_true",
+                   help="play on the speaker as frames come (streaming Mimi decoder)")
+    p.add_argument("--prebuffer", type=float, default=0.5,
+                   help="seconds of audio queued before playback starts (default 0.5; raise "
+                   "it when underruns are reported)")
+    p.add_argument("--output-device", default=None, help="speaker for --play (see "
+                   "python -m moshi_mlx.local --list-devices)")
     model = p.add_argument_group("model")
     model.add_argument("--hf-repo", default=DEFAULT_REPO,
                        help=f"Hugging Face repo of weights, config, tokenizer ({DEFAULT_REPO})")
@@ -178,15 +186,23 @@ def main(argv: list[str] | None = None) -> int:
     speaker = _int(args.speaker, "--speaker")
     quantize = _quantize(args.quantize)
     max_frames = _max_frames(args)
-    if args.output is None and args.codes_out is None:
-        raise MoshiError("nothing to write: give -o out.wav and/or --codes-out codes.npy")
+    if args.output is None and args.codes_out is None and not args.play:
+        raise MoshiError("nothing to do: give -o out.wav, --codes-out codes.npy and/or --play")
     if args.stream and args.output is None:
         raise MoshiError("--stream writes the WAV incrementally: give -o out.wav")
+    if args.prebuffer < 0:
+        raise MoshiError(f"--prebuffer must be >= 0 seconds, got {args.prebuffer}")
     for out in (args.output, args.codes_out):
         if out is not None and str(out.parent) and not out.parent.is_dir():
             raise MoshiError(f"{out}: folder {out.parent} does not exist")
+    if args.play:
+        from .audio.devices import check_output_device, parse_device
+
+        args.output_device = parse_device(args.output_device)
+        check_output_device(args.output_device)  # before loading the model
     context = _context(args, speaker)
-    needs_mimi = args.output is not None or any(s.audio is not None for s in context)
+    needs_mimi = args.output is not None or args.play or any(s.audio is not None
+                                                              for s in context)
     model, tokenizer = _load(args, quantize)
     mimi = None
     if needs_mimi:
@@ -195,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         mimi = load_mimi(args.mimi_weight, num_codebooks=model.cfg.num_codebooks)
     frames = stream_long_speech(model, tokenizer, args.text, speaker, context,
                                 args.temperature, args.top_k, max_frames, args.seed, mimi)
-    if args.stream:
+    if args.play:
+        codes = _play(args, frames, mimi)
+    elif args.stream:
         codes = _write_streaming(args.output, frames, mimi)
     else:
         codes = list(frames)
@@ -209,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 
         save_npy(args.codes_out, result.T.copy())
     print(f"{len(result)} frames, {len(result) / FRAME_RATE:.2f} s of audio", file=sys.stderr)
-    if args.output is not None:
+    if args.output is not None or args.play:
         watermark_notice()
     return 0
 
@@ -220,7 +238,6 @@ def _stack(frames: list[np.ndarray], model) -> np.ndarray:
 
 def _write_streaming(path: Path, frames, mimi) -> list[np.ndarray]:
     """Decode and append each frame as it comes; the file is closed (valid) on Ctrl-C too."""
-    import soundfile
 
     from .csm_generate import stream_audio
 
@@ -231,11 +248,7 @@ def _write_streaming(path: Path, frames, mimi) -> list[np.ndarray]:
             done.append(frame)
             yield frame
 
-    try:
-        out = soundfile.SoundFile(str(path), "w", samplerate=24000, channels=1,
-                                  subtype="FLOAT", format="WAV")
-    except Exception as exc:
-        raise MoshiError(f"{path}: cannot write audio ({exc})") from None
+    out = _open_wav(path)
     written = 0
     try:
         for pcm in stream_audio(mimi, remember(frames)):
@@ -247,6 +260,57 @@ def _write_streaming(path: Path, frames, mimi) -> list[np.ndarray]:
     finally:
         out.close()
     return done[:written]
+
+
+def _play(args: argparse.Namespace, frames, mimi) -> list[np.ndarray]:
+    """Decode each frame as it comes and queue it for the speaker (and the WAV: written frame
+    by frame with --stream, else at the end with what was played). Ctrl-C stops at once and
+    keeps the frames decoded so far."""
+    from .audio.player import StreamPlayer
+    from .csm_generate import stream_audio
+
+    done: list[np.ndarray] = []
+    pcms: list[np.ndarray] = []
+
+    def remember(frames):
+        for frame in frames:
+            done.append(frame)
+            yield frame
+
+    out = _open_wav(args.output) if args.stream else None
+    player = StreamPlayer(args.output_device, prebuffer=args.prebuffer)
+    try:
+        player.open()
+        print(f"playing on {player.name}", file=sys.stderr, flush=True)
+        for pcm in stream_audio(mimi, remember(frames)):
+            player.write(pcm)
+            pcms.append(pcm)
+            if out is not None:
+                out.write(pcm)
+                out.flush()
+        player.finish()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted after {len(pcms)} frames", file=sys.stderr)
+    finally:
+        player.close()
+        if out is not None:
+            out.close()
+    if args.output is not None and not args.stream:
+        from .audio.io import write_audio
+
+        write_audio(args.output, np.concatenate(pcms) if pcms else np.zeros(0, np.float32))
+    print(player.stats.summary_line(), file=sys.stderr)
+    return done[: len(pcms)]
+
+
+def _open_wav(path: Path):
+    import soundfile
+
+    try:
+        return soundfile.SoundFile(str(path), "w", samplerate=24000, channels=1,
+                                   subtype="FLOAT", format="WAV")
+    except Exception as exc:
+        raise MoshiError(f"{path}: cannot write audio ({exc})") from None
 
 
 if __name__ == "__main__":

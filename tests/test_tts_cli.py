@@ -103,6 +103,7 @@ def test_stream_writes_the_same_audio(random_mimi_path, tmp_path):
     (["-q", "3"], "-q must be 4 or 8"),
     (["--context-audio", str(CSM / "context_speech.wav")], "needs its --context-text"),
     (["--max-frames", "2040"], "too long"),
+    (["--play", "--prebuffer", "-1"], "--prebuffer must be >= 0 seconds"),
 ])
 def test_bad_arguments_are_one_line_errors(extra, message, tmp_path):
     result = subprocess.run(

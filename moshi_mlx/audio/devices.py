@@ -61,6 +61,11 @@ def check_devices(input_device: str | int | None, output_device: str | int | Non
     _device_info(sd, output_device, "output")
 
 
+def check_output_device(device: str | int | None) -> None:
+    """Fail early when the named or default speaker does not exist (playback only)."""
+    _device_info(sounddevice(), device, "output")
+
+
 def _device_info(sd: Any, device: str | int | None, kind: str) -> dict:
     try:
         return sd.query_devices(device, kind)
