@@ -59,6 +59,27 @@ def _transformers_stt() -> Path:
     return ensure_transformers_stt(Path(__file__).parent / ".cache") / "model.safetensors"
 
 
+STT_Q8_CONFIG = FIXTURES / "stt" / "stt_q8_config.json"  # the STT fixture's, hidden 384
+
+
+def _random_stt_q8() -> Path:
+    """Random bf16 STT weights (our layout) for a config where q8 applies: every linear's
+    input width is a multiple of 64 (the fixture's gating hidden size, 352, is not)."""
+    from moshi_mlx.models.lm import Lm
+    from moshi_mlx.models.lm_config import LmConfig
+
+    path = Path(__file__).parent / ".cache" / "stt_q8_random.safetensors"
+    if not path.is_file():
+        path.parent.mkdir(exist_ok=True)
+        mx.random.seed(0)
+        model = Lm(LmConfig.from_json(STT_Q8_CONFIG))
+        tensors = {k: v.astype(mx.bfloat16) for k, v in tree_flatten(model.parameters())}
+        partial = path.with_name("stt_q8_random.partial.safetensors")
+        mx.save_safetensors(str(partial), tensors)
+        partial.replace(path)
+    return path
+
+
 def layout_path(layout: Path | Callable[[], Path]) -> Path:
     return layout if isinstance(layout, Path) else layout()
 
@@ -85,6 +106,15 @@ CASES = [
         dim=lambda model: model.cfg.dim,
         quantize=(4,),  # q8 needs every input dim divisible by 64: the gating's 352 is not
         lacks={"transformers": "extra_heads."},  # transformers' STT has no VAD heads
+    ),
+    FamilyCase(
+        name="stt-q8",
+        model_types=("stt",),
+        config=STT_Q8_CONFIG,
+        layouts={"mlx": _random_stt_q8},
+        run=_lm_run,
+        make_cache=lambda model: model.make_cache(),
+        dim=lambda model: model.cfg.dim,
     ),
     FamilyCase(  # its transformers layout: tests/test_csm.py (derived there from this file)
         name="csm",
