@@ -5,7 +5,7 @@ around `Engine.process`), late frames, and mic-to-speaker latency.
 
 - fixture: the tiny test LM + a real-size random Mimi (tests/.cache), file mode over the test
   speech, MLX Mimi and rustymimi side by side; this is where per-frame overhead shows.
-- devices: the same engine on the virtual sound card (../shared/audio, PulseAudio), real
+- devices: the same engine on the virtual sound card (tests/virtual_audio.py), real
   sounddevice streams for a few seconds: callback overhead and measured mic-to-speaker latency
   (skipped with a reason when the virtual card is not available).
 - 7b_q4: the real 7B architecture, random 4-bit weights built by `random_quantized_lm` from
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -104,12 +105,18 @@ def bench_fixture(frames: int) -> dict:
 
 
 def bench_devices(seconds: float) -> dict:
-    script = ROOT.parent / "shared" / "audio" / "virtual-audio.sh"
-    if not script.is_file():
-        return {"skipped": f"{script} not found"}
-    started = subprocess.run([str(script), "start"], capture_output=True, text=True)
-    if started.returncode != 0:
-        return {"skipped": f"virtual audio did not start: {started.stderr.strip()[-200:]}"}
+    sys.path.insert(0, str(ROOT / "tests"))
+    import virtual_audio  # the tests' virtual sound card (PulseAudio null sinks)
+
+    absent = virtual_audio.missing_packages()
+    if absent:
+        return {"skipped": f"virtual sound card: {' '.join(absent)} missing "
+                           "(as root: python tests/virtual_audio.py install)"}
+    try:
+        started = virtual_audio.start()
+    except virtual_audio.VirtualAudioError as exc:
+        return {"skipped": f"virtual audio did not start: {exc}"}
+    os.environ["PULSE_SERVER"] = virtual_audio.server_address()
     from moshi_mlx.audio.devices import refresh_devices
     from moshi_mlx.audio.duplex import DuplexLoop
 
@@ -143,6 +150,8 @@ def bench_devices(seconds: float) -> dict:
             "mic_to_speaker_ms_median": _median_ms(stats.latency),
             "mic_to_speaker_ms_max": round(d["latency_ms_max"], 1),
         }
+    if started:
+        virtual_audio.stop()
     return out
 
 
