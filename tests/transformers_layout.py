@@ -126,22 +126,30 @@ def rebuild(names_and_shapes: dict[str, list[int]]) -> dict[str, np.ndarray]:
     return out
 
 
-def ensure_transformers_moshi(cache_dir: Path) -> Path:
-    """A folder like kmhf/hf-moshiko's (config.json + model.safetensors) holding the tiny LM;
-    rebuilt once into `cache_dir`, checked against the manifest every time."""
+def _ensure_folder(folder: Path, manifest_path: Path, write, files: dict[str, Path]) -> Path:
+    """`folder`/model.safetensors rebuilt once by `write(path, names_and_shapes)`, `files`
+    copied beside it, and the weights checked against the manifest every time."""
     from references import assert_matches_manifest
 
-    manifest = json.loads(MANIFEST.read_text())["tensors"]
-    folder = cache_dir / "lm_transformers"
+    manifest = json.loads(manifest_path.read_text())["tensors"]
     weights = folder / "model.safetensors"
     if not weights.is_file():
         folder.mkdir(parents=True, exist_ok=True)
         partial = folder / "model.safetensors.partial"
-        _write_bf16(partial, rebuild({k: v["shape"] for k, v in manifest.items()}))
+        write(partial, {k: v["shape"] for k, v in manifest.items()})
         partial.replace(weights)
-    shutil.copy(CONFIG, folder / "config.json")
+    for name, source in files.items():
+        shutil.copy(source, folder / name)
     assert_matches_manifest(weights, manifest, "against transformers' file")
     return folder
+
+
+def ensure_transformers_moshi(cache_dir: Path) -> Path:
+    """A folder like kmhf/hf-moshiko's (config.json + model.safetensors) holding the tiny LM;
+    rebuilt once into `cache_dir`, checked against the manifest every time."""
+    return _ensure_folder(cache_dir / "lm_transformers", MANIFEST,
+                          lambda path, shapes: _write_bf16(path, rebuild(shapes)),
+                          {"config.json": CONFIG})
 
 
 # ---------------------------------------------------------------------------- Kyutai STT
@@ -202,17 +210,7 @@ def ensure_transformers_stt(cache_dir: Path) -> Path:
     """A folder like kyutai/stt-*-trfs (config.json, preprocessor_config.json,
     model.safetensors) holding the tiny STT; rebuilt once into `cache_dir`, checked against
     the manifest every time."""
-    from references import assert_matches_manifest
-
-    manifest = json.loads(STT_MANIFEST.read_text())["tensors"]
-    folder = cache_dir / "stt_transformers"
-    weights = folder / "model.safetensors"
-    if not weights.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        partial = folder / "model.safetensors.partial"
-        _write_mixed(partial, rebuild_stt({k: v["shape"] for k, v in manifest.items()}))
-        partial.replace(weights)
-    shutil.copy(STT_CONFIG, folder / "config.json")
-    shutil.copy(STT_PREPROCESSOR, folder / "preprocessor_config.json")
-    assert_matches_manifest(weights, manifest, "against transformers' file")
-    return folder
+    return _ensure_folder(cache_dir / "stt_transformers", STT_MANIFEST,
+                          lambda path, shapes: _write_mixed(path, rebuild_stt(shapes)),
+                          {"config.json": STT_CONFIG,
+                           "preprocessor_config.json": STT_PREPROCESSOR})
