@@ -65,6 +65,26 @@ def stt_golden(stt_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="session")
+def csm_library():
+    """The CSM fixture model (float32) and its tokenizer, as the library loads them."""
+    import mlx.core as mx
+
+    from moshi_mlx.csm_generate import load_tokenizer
+    from moshi_mlx.models.csm import load_csm
+
+    csm = FIXTURES / "csm"
+    return load_csm(csm / "sesame", dtype=mx.float32), load_tokenizer(csm / "tokenizer.json")
+
+
+@pytest.fixture(scope="session")
+def mimi32(random_mimi_path):
+    """The real-size random Mimi with all 32 codebooks (CSM's)."""
+    from moshi_mlx.models.mimi import load_mimi
+
+    return load_mimi(random_mimi_path, num_codebooks=32)
+
+
+@pytest.fixture(scope="session")
 def random_mimi_path() -> Path:
     """A calibrated random real-size Mimi checkpoint in the official layout (cached under
     tests/.cache/, keyed by the generator version; see tests/mimi_random.py)."""

@@ -13,8 +13,7 @@ import pytest
 import soundfile
 
 from moshi_mlx.audio.io import read_audio
-from moshi_mlx.csm_generate import Segment, generate_speech, load_tokenizer
-from moshi_mlx.models.csm import load_csm
+from moshi_mlx.csm_generate import Segment, generate_speech
 from moshi_mlx.tts import main
 
 CSM = Path(__file__).parent / "fixtures" / "csm"
@@ -24,24 +23,12 @@ CONTEXT_TEXT = "The quick brown fox jumps over the lazy dog."
 TEXT = "Numbers like seven and twelve are spoken slowly."
 
 
-@pytest.fixture(scope="module")
-def library():
-    return load_csm(CSM / "sesame", dtype=mx.float32), load_tokenizer(CSM / "tokenizer.json")
-
-
-@pytest.fixture(scope="module")
-def mimi(random_mimi_path):
-    from moshi_mlx.models.mimi import load_mimi
-
-    return load_mimi(random_mimi_path, num_codebooks=32)
-
-
-def test_wav_and_codes_match_the_library(random_mimi_path, library, tmp_path):
+def test_wav_and_codes_match_the_library(random_mimi_path, csm_library, tmp_path):
     wav, codes = tmp_path / "out.wav", tmp_path / "codes.npy"
     assert main(["Hello from Sesame.", "-o", str(wav), "--codes-out", str(codes), *MODEL_ARGS,
                  "--mimi-weight", str(random_mimi_path), "--temperature", "0.9", "--seed", "5",
                  "--max-frames", "8"]) == 0
-    expected = generate_speech(*library, "Hello from Sesame.", 0, temperature=0.9,
+    expected = generate_speech(*csm_library, "Hello from Sesame.", 0, temperature=0.9,
                                max_frames=8, seed=5)
     written = np.load(codes)
     assert written.shape == (32, len(expected)) and len(expected) > 0
@@ -51,16 +38,16 @@ def test_wav_and_codes_match_the_library(random_mimi_path, library, tmp_path):
     assert np.abs(pcm).max() > 0
 
 
-def test_codes_only_does_not_load_mimi(tmp_path, library):
+def test_codes_only_does_not_load_mimi(tmp_path, csm_library):
     codes = tmp_path / "codes.npy"
     assert main(["Hello from Sesame.", "--codes-out", str(codes), *MODEL_ARGS,
                  "--mimi-weight", str(tmp_path / "no_such_mimi.safetensors"),
                  "--temperature", "0", "--max-seconds", "0.8"]) == 0
-    expected = generate_speech(*library, "Hello from Sesame.", 0, temperature=0, max_frames=10)
+    expected = generate_speech(*csm_library, "Hello from Sesame.", 0, temperature=0, max_frames=10)
     np.testing.assert_array_equal(np.load(codes).T, expected)
 
 
-def test_context_from_a_wav(random_mimi_path, library, mimi, tmp_path):
+def test_context_from_a_wav(random_mimi_path, csm_library, mimi32, tmp_path):
     wav, codes = tmp_path / "out.wav", tmp_path / "codes.npy"
     clip = CSM / "context_speech.wav"
     assert main([TEXT, "-o", str(wav), "--codes-out", str(codes), *MODEL_ARGS,
@@ -68,12 +55,12 @@ def test_context_from_a_wav(random_mimi_path, library, mimi, tmp_path):
                  "--context-audio", str(clip), "--context-text", CONTEXT_TEXT,
                  "--context-speaker", "1", "--temperature", "0", "--max-frames", "6"]) == 0
     context = [Segment(1, CONTEXT_TEXT, audio=read_audio(clip))]
-    expected = generate_speech(*library, TEXT, 1, context, temperature=0, max_frames=6,
-                               mimi=mimi)
+    expected = generate_speech(*csm_library, TEXT, 1, context, temperature=0, max_frames=6,
+                               mimi=mimi32)
     np.testing.assert_array_equal(np.load(codes).T, expected)
     assert soundfile.info(str(wav)).frames == len(expected) * FRAME
     # The context really conditions the output: without it the frames differ.
-    alone = generate_speech(*library, TEXT, 1, temperature=0, max_frames=6)
+    alone = generate_speech(*csm_library, TEXT, 1, temperature=0, max_frames=6)
     assert not np.array_equal(alone, expected)
 
     # Same context through a JSON file (paths relative to it).
@@ -124,10 +111,10 @@ def test_a_moshi_checkpoint_is_refused(tmp_path, capsys):
     assert "Moshi/STT LM config" in capsys.readouterr().err
 
 
-def test_ctrl_c_while_streaming_leaves_a_valid_wav(mimi, library, tmp_path):
+def test_ctrl_c_while_streaming_leaves_a_valid_wav(mimi32, csm_library, tmp_path):
     from moshi_mlx.tts import _write_streaming
 
-    frames = generate_speech(*library, "Hello from Sesame.", 0, temperature=0, max_frames=3)
+    frames = generate_speech(*csm_library, "Hello from Sesame.", 0, temperature=0, max_frames=3)
 
     def interrupted():
         yield frames[0]
@@ -135,7 +122,7 @@ def test_ctrl_c_while_streaming_leaves_a_valid_wav(mimi, library, tmp_path):
         raise KeyboardInterrupt
 
     wav = tmp_path / "cut.wav"
-    kept = _write_streaming(wav, interrupted(), mimi)
+    kept = _write_streaming(wav, interrupted(), mimi32)
     assert len(kept) == 2
     pcm, rate = soundfile.read(str(wav), dtype="float32")
     assert rate == 24000 and pcm.shape == (2 * FRAME,)

@@ -10,15 +10,12 @@ import sys
 import time
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
-import pytest
 import soundfile
 from test_local_devices import _find, _Monitor
 
 from moshi_mlx.audio.player import StreamPlayer
-from moshi_mlx.csm_generate import generate_speech, load_tokenizer, stream_audio
-from moshi_mlx.models.csm import load_csm
+from moshi_mlx.csm_generate import generate_speech, stream_audio
 from moshi_mlx.tts import main
 
 CSM = Path(__file__).parent / "fixtures" / "csm"
@@ -27,23 +24,11 @@ MODEL_ARGS = ["--weights", str(CSM / "sesame"), "--tokenizer", str(CSM / "tokeni
 TEXT = "Numbers like seven and twelve are spoken slowly."
 
 
-@pytest.fixture(scope="module")
-def library():
-    return load_csm(CSM / "sesame", dtype=mx.float32), load_tokenizer(CSM / "tokenizer.json")
-
-
-@pytest.fixture(scope="module")
-def mimi(random_mimi_path):
-    from moshi_mlx.models.mimi import load_mimi
-
-    return load_mimi(random_mimi_path, num_codebooks=32)
-
-
-def _decoded(library, mimi, frames: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _decoded(csm_library, mimi32, frames: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The library's frames for TEXT and their audio through the streaming Mimi decoder."""
-    codes = generate_speech(*library, TEXT, 0, temperature=0.9, max_frames=frames, seed=seed)
+    codes = generate_speech(*csm_library, TEXT, 0, temperature=0.9, max_frames=frames, seed=seed)
     assert len(codes) == frames  # the random model did not stop early on this seed
-    return codes, np.concatenate(list(stream_audio(mimi, codes)))
+    return codes, np.concatenate(list(stream_audio(mimi32, codes)))
 
 
 def _frames_heard(speaker: np.ndarray, audio: np.ndarray) -> list[int]:
@@ -59,10 +44,10 @@ def _frames_heard(speaker: np.ndarray, audio: np.ndarray) -> list[int]:
     return offsets
 
 
-def test_player_streams_paced_chunks_with_no_underrun(sound_card, library, mimi, tmp_path):
+def test_player_streams_paced_chunks_with_no_underrun(sound_card, csm_library, mimi32, tmp_path):
     """A producer faster than real time (a frame every 40 ms) after a 0.24 s prebuffer: the
     callback never runs short, every sample is played, and the speaker got exactly it."""
-    _, audio = _decoded(library, mimi, 24, seed=11)
+    _, audio = _decoded(csm_library, mimi32, 24, seed=11)
     monitor = _Monitor(tmp_path / "speaker.raw")
     try:
         with StreamPlayer(prebuffer=0.24, keep_audio=True) as player:
@@ -85,10 +70,10 @@ def test_player_streams_paced_chunks_with_no_underrun(sound_card, library, mimi,
     assert np.mean(np.diff(offsets) == FRAME) >= 0.9, offsets
 
 
-def test_player_counts_a_stall_as_underruns(sound_card, library, mimi):
+def test_player_counts_a_stall_as_underruns(sound_card, csm_library, mimi32):
     """A producer that stalls 0.5 s after 0.24 s of prebuffer: the speaker runs dry, and that
     is counted (about 0.26 s of silence), while the audio itself is still all played."""
-    _, audio = _decoded(library, mimi, 8, seed=11)
+    _, audio = _decoded(csm_library, mimi32, 8, seed=11)
     with StreamPlayer(prebuffer=0.24) as player:
         player.write(audio[: 3 * FRAME])  # 0.24 s: playback starts
         time.sleep(0.5)
@@ -99,12 +84,12 @@ def test_player_counts_a_stall_as_underruns(sound_card, library, mimi):
     assert stats.played_samples == len(audio)
 
 
-def test_cli_plays_every_frame(sound_card, random_mimi_path, library, mimi, tmp_path,
+def test_cli_plays_every_frame(sound_card, random_mimi_path, csm_library, mimi32, tmp_path,
                                capsys):
     """--play with -o and --codes-out: the speaker gets exactly the library's frames decoded by
     the streaming Mimi, each frame once and in order; the WAV holds the same audio."""
     frames = 16
-    codes, audio = _decoded(library, mimi, frames, seed=3)
+    codes, audio = _decoded(csm_library, mimi32, frames, seed=3)
     wav, codes_out = tmp_path / "out.wav", tmp_path / "codes.npy"
     monitor = _Monitor(tmp_path / "speaker.raw")
     try:
