@@ -298,7 +298,14 @@ def test_ctrl_c_closes_cleanly_and_leaves_a_valid_recording(sound_card, random_m
         while line.startswith("hint:"):  # the Linux OpenBLAS hint may come first
             line = proc.stderr.readline()
         assert line.startswith("listening"), line
-        time.sleep(3.0)
+        # Interrupt once a few frames are on disk (the recorder flushes every frame), not after
+        # a fixed time: a slow CI machine may take seconds to get its first frames through.
+        wanted = 44 + 4 * FRAME * 2 * 2  # WAV header + 4 stereo 16-bit frames
+        deadline = time.monotonic() + 60.0
+        while time.monotonic() < deadline and proc.poll() is None:
+            if record.exists() and record.stat().st_size >= wanted:
+                break
+            time.sleep(0.1)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     finally:

@@ -126,7 +126,12 @@ def test_ctrl_c_while_playing_stops_cleanly(sound_card, random_mimi_path, tmp_pa
         while line.startswith(("hint:", "note:")):
             line = proc.stderr.readline()
         assert line.startswith("playing on"), line
-        time.sleep(2.0)
+        deadline = time.monotonic() + 60.0  # until a frame is in the streamed WAV, not a fixed time
+        while time.monotonic() < deadline and proc.poll() is None:
+            if wav.exists() and wav.stat().st_size >= 44 + 2 * FRAME:
+                break
+            time.sleep(0.1)
+        time.sleep(0.5)
         proc.send_signal(signal.SIGINT)
         t0 = time.monotonic()
         _, err = proc.communicate(timeout=60)
