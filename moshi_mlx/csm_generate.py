@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -216,43 +217,27 @@ class SpeechStream:
         self.depth_logits: list[np.ndarray] = []
         self.stop_reason: str | None = None
         self.frames = 0
-        vocab = model.cfg.audio_vocab_size
-        self._bias = None
-        if not allow_non_codes and vocab > MIMI_CODES:
-            self._bias = mx.where(mx.arange(vocab) >= MIMI_CODES, -mx.inf, 0.0)
+        mask_non_codes = not allow_non_codes and model.cfg.audio_vocab_size > MIMI_CODES
+        if compiled:  # one graph for the whole frame: 32 heads and samplings, 31 depth steps
+            self._run_frame = model.frame_graph(
+                ("frame", sampler, mask_non_codes),
+                lambda: _frame_function(model, sampler, mask_non_codes))
+        else:
+            self._run_frame = _frame_function(model, sampler, mask_non_codes)
         self.cache = cache if cache is not None else ContextCache(model)
         self._hidden = self.cache.prefill(tokens, mask)
 
     def __iter__(self) -> Iterator[np.ndarray]:
         return self
 
-    def _pick(self, logits: mx.array, key: mx.array | None) -> mx.array:
-        logits = logits.astype(mx.float32)
-        if self._bias is not None:
-            logits = logits + self._bias
-        return self.sampler(logits, key)
-
-    def _frame(self, h: mx.array) -> tuple[mx.array, mx.array, list[mx.array]]:
-        """Hidden state [1, dim] -> (frame codes [1, K], codebook-0 logits, depth logits)."""
-        model = self.model
-        k = model.cfg.num_codebooks
-        keys = [None] * k
+    def _frame(self, h: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """Hidden state [1, dim] -> (frame codes [1, K], codebook-0 logits, depth logits
+        [1, K-1, V]); advances the PRNG key when sampling."""
+        key = self.key if self.key is not None else _GREEDY_KEY
+        codes, c0_logits, depth, next_key = self._run_frame(h, key)
         if self.key is not None:
-            self.key, frame_key = mx.random.split(self.key)
-            keys = list(mx.random.split(frame_key, k))
-        c0_logits = model.codebook0_head(h)
-        code = self._pick(c0_logits, keys[0])
-        codes = [code]
-        depth = []
-        caches = model.decoder_cache()
-        x = mx.stack([h, model.audio_embedding(0, code)], axis=1)  # positions 0, 1
-        for i in range(1, k):
-            logits = model.depth_logits(x, caches, i, self.compiled)
-            depth.append(logits)
-            code = self._pick(logits, keys[i])
-            codes.append(code)
-            x = model.audio_embedding(i, code)[:, None, :]
-        return mx.stack(codes, axis=1), c0_logits, depth
+            self.key = next_key
+        return codes, c0_logits, depth
 
     def __next__(self) -> np.ndarray:
         if self.stop_reason is not None:
@@ -269,7 +254,7 @@ class SpeechStream:
             mx.async_eval(frame, next_hidden)
         if self.record_logits:
             self.c0_logits.append(np.asarray(c0_logits[0].astype(mx.float32)))
-            self.depth_logits.append(np.asarray(mx.stack(depth, 1)[0].astype(mx.float32)))
+            self.depth_logits.append(np.asarray(depth[0].astype(mx.float32)))
         codes = np.asarray(frame[0]).astype(np.int32)
         if not codes.any():
             self.stop_reason = "eos"
@@ -282,6 +267,33 @@ class SpeechStream:
             self.cache.commit_frame(codes)
             self._hidden = next_hidden
         return codes
+
+
+_GREEDY_KEY = mx.random.key(0)  # a placeholder input: greedy picks read no key
+
+
+def _frame_function(model: Csm, sampler: Sampler, mask_non_codes: bool) -> Callable:
+    """(hidden [1, dim], key) -> (codes, codebook-0 logits, depth logits, next key): one frame
+    with its 32 samplings, free of host syncs and of references to the stream (the model is
+    held weakly: the model keeps the compiled graph)."""
+    model_ref = weakref.ref(model)
+    k, vocab = model.cfg.num_codebooks, model.cfg.audio_vocab_size
+
+    def frame(h: mx.array, key: mx.array) -> tuple[mx.array, ...]:
+        bias = mx.where(mx.arange(vocab) >= MIMI_CODES, -mx.inf, 0.0) if mask_non_codes \
+            else None
+        next_key, frame_key = mx.random.split(key)
+        keys = mx.random.split(frame_key, k)
+
+        def pick(logits: mx.array, codebook: int) -> mx.array:
+            logits = logits.astype(mx.float32)
+            if bias is not None:
+                logits = logits + bias
+            return sampler(logits, None if sampler.greedy else keys[codebook])
+
+        return (*model_ref().frame(h, pick), next_key)
+
+    return frame
 
 
 def stream_speech(model: Csm, tokenizer: CsmTokenizer, text: str, speaker: int = 0,

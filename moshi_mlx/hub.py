@@ -31,6 +31,9 @@ MIMI_NAME = "tokenizer-e351c8d8-checkpoint125.safetensors"
 MOSHI_TOKENIZER_NAME = "tokenizer_spm_32k_3.model"
 TOKENIZER_JSON_NAME = "tokenizer.json"  # a Hugging Face tokenizer (CSM's Llama-3 one)
 MANIFEST_NAME = "manifest.json"
+# The text tokenizer a model folder carries, by family (weights_convert copies it along).
+TOKENIZER_NAMES: dict[str, str] = {"moshi": MOSHI_TOKENIZER_NAME, "stt": MOSHI_TOKENIZER_NAME,
+                                   "csm": TOKENIZER_JSON_NAME}
 # transformers checkpoints (save_pretrained): one file, or shards listed by an index.
 TRANSFORMERS_WEIGHTS = "model.safetensors"
 TRANSFORMERS_INDEX = "model.safetensors.index.json"

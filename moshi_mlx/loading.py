@@ -42,7 +42,8 @@ FAMILIES: dict[str, str] = {
 DEFAULT_MODEL_TYPE = "moshi"
 # transformers' model_type of a family's checkpoints in its layout (the family's sanitize and
 # Config.from_dict read that layout); "moshi" and "csm" are the same name in both.
-MODEL_TYPE_ALIASES: dict[str, str] = {"kyutai_speech_to_text": "stt"}
+MODEL_TYPE_ALIASES: dict[str, str] = {"kyutai_speech_to_text": "stt",
+                                      "sesame": "csm"}  # mlx-audio's name for CSM
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,11 @@ def resolve_config(config: Any, weights_path: Path | None,
                           quantization, source)
 
 
+def config_model_type(data: dict[str, Any]) -> str:
+    """The family a config.json mapping describes (moshi when nothing says otherwise)."""
+    return _model_type_of_data(data, tuple(FAMILIES))
+
+
 def _model_type_of_data(data: dict[str, Any], model_types: tuple[str, ...]) -> str:
     """config.json's `model_type` (or its alias), else the family whose `CONFIG_MARKERS` keys
     it has (Sesame's CSM config names none), else moshi, or the caller's only family."""
@@ -198,6 +204,32 @@ def apply_quantization(model: nn.Module, family: ModuleType, q: Quantization) ->
     nn.quantize(model, group_size=q.group_size, bits=q.bits,
                 class_predicate=lambda path, module: (
                     hasattr(module, "to_quantized") and family.quant_predicate(path, module)))
+
+
+def dequantize_linears(model: nn.Module) -> int:
+    """Replace every quantized linear of `model` by a float Linear holding its dequantized
+    weight (the same values, in the dtype of its scales; float32 for float32 scales), one layer
+    evaluated at a time. Returns how many were replaced."""
+    from mlx.utils import tree_unflatten
+
+    replaced = 0
+    for path, module in list(model.named_modules()):
+        if not isinstance(module, nn.QuantizedLinear):
+            continue
+        dtype = module.scales.dtype
+        mode = {"mode": module.mode} if hasattr(module, "mode") else {}
+        weight = mx.dequantize(module.weight, module.scales.astype(mx.float32),
+                               module.biases.astype(mx.float32), module.group_size,
+                               module.bits, **mode).astype(dtype)
+        out_dim, in_dim = weight.shape
+        linear = nn.Linear(in_dim, out_dim, bias="bias" in module)
+        linear.weight = weight
+        if "bias" in module:
+            linear.bias = module.bias
+        mx.eval(linear.parameters())
+        model.update_modules(tree_unflatten([(path, linear)]))
+        replaced += 1
+    return replaced
 
 
 def quantizable_weights(family: ModuleType, config: Any) -> frozenset[str]:

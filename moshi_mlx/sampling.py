@@ -32,10 +32,17 @@ class Sampler:
             # The k best candidates (any order), then a categorical draw among them only.
             candidates = mx.argpartition(-logits, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
             candidate_logits = mx.take_along_axis(logits, candidates, axis=-1)
-            choice = mx.random.categorical(candidate_logits, axis=-1, key=key)
+            choice = _categorical(candidate_logits, key)
             token = mx.take_along_axis(candidates, choice[..., None], axis=-1)[..., 0]
             return token.astype(mx.int32)
-        return mx.random.categorical(logits, axis=-1, key=key).astype(mx.int32)
+        return _categorical(logits, key).astype(mx.int32)
+
+
+def _categorical(logits: mx.array, key: mx.array | None) -> mx.array:
+    """A draw from softmax(logits) over the last axis, by the Gumbel-max trick. Written out
+    rather than `mx.random.categorical` (the same method): on MLX's CPU backend that is one
+    opaque op of ~85 us, this is three that `mx.compile` fuses (~24 us), 31 times a CSM frame."""
+    return mx.argmax(logits + mx.random.gumbel(logits.shape, key=key), axis=-1)
 
 
 @dataclass(frozen=True)

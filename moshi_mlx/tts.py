@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prebuffer", type=float, default=0.5,
                    help="seconds of audio queued before playback starts (default 0.5; raise "
                    "it when underruns are reported)")
+    p.add_argument("--no-watermark", action="store_true",
+                   help="do not mark -o audio with Sesame's silentcipher watermark (applied "
+                        "when silentcipher is installed; never to streamed or played audio)")
     p.add_argument("--output-device", default=None, help="speaker for --play (see "
                    "python -m moshi_mlx.local --list-devices)")
     model = p.add_argument_group("model")
@@ -168,14 +171,29 @@ def _load(args: argparse.Namespace, quantize: int | None):
     return model, load_tokenizer(tokenizer_source)
 
 
-def watermark_notice() -> None:
-    """Sesame watermarks its output with silentcipher (torch); this MLX port does not run it."""
+def _watermarked(audio: np.ndarray, args: argparse.Namespace) -> np.ndarray:
+    """The whole clip for -o, marked as Sesame marks its output when silentcipher can be
+    loaded; otherwise unchanged, with a one-line note (the audio is written either way)."""
+    from .rates import SAMPLE_RATE
+    from .watermark import WatermarkUnavailable, load_watermarker
+
+    if args.no_watermark:
+        return audio
     try:
-        import silentcipher  # noqa: F401
-        note = "silentcipher is installed but not applied by this MLX port"
-    except ImportError:
-        note = "silentcipher not installed"
-    print(f"note: audio not watermarked ({note})", file=sys.stderr)
+        watermarker = load_watermarker()
+    except WatermarkUnavailable as exc:
+        print(f"note: audio not watermarked ({exc})", file=sys.stderr)
+        return audio
+    marked = watermarker.apply(audio, SAMPLE_RATE)
+    print("watermarked with silentcipher (Sesame's key)", file=sys.stderr)
+    return marked
+
+
+def _streamed_watermark_note(args: argparse.Namespace) -> None:
+    if not args.no_watermark:
+        what = "the --stream WAV" if args.stream else "the played audio"
+        print(f"note: {what} is not watermarked (silentcipher marks whole clips: -o without "
+              "--stream is)", file=sys.stderr)
 
 
 @cli_errors
@@ -220,15 +238,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.output is not None:
             from .audio.io import write_audio
 
-            write_audio(args.output, frames_to_audio(mimi, _stack(codes, model)))
+            audio = frames_to_audio(mimi, _stack(codes, model))
+            write_audio(args.output, _watermarked(audio, args))
     result = _stack(codes, model)
     if args.codes_out is not None:
         from .cli import save_npy
 
         save_npy(args.codes_out, result.T.copy())
     print(f"{len(result)} frames, {len(result) / FRAME_RATE:.2f} s of audio", file=sys.stderr)
-    if args.output is not None or args.play:
-        watermark_notice()
+    if args.play or args.stream:
+        _streamed_watermark_note(args)
     return 0
 
 
@@ -298,7 +317,8 @@ def _play(args: argparse.Namespace, frames, mimi) -> list[np.ndarray]:
     if args.output is not None and not args.stream:
         from .audio.io import write_audio
 
-        write_audio(args.output, np.concatenate(pcms) if pcms else np.zeros(0, np.float32))
+        audio = np.concatenate(pcms) if pcms else np.zeros(0, np.float32)
+        write_audio(args.output, _watermarked(audio, args))
     print(player.stats.summary_line(), file=sys.stderr)
     return done[: len(pcms)]
 

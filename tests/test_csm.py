@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 from references import assert_matches_manifest
 
 from moshi_mlx.csm_generate import (
@@ -292,7 +293,7 @@ def test_bad_requests_are_one_line_errors(models, tokenizer, golden):
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantized_models_load_and_run(bits, tokenizer):
-    model = load_csm(CSM / "sesame", quantize=bits, dtype=mx.float32)
+    model = load_csm(CSM / "sesame", quantize=bits, dtype=mx.float32, float_decoder_on_cpu=False)
     quantized = [p for p, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)]
     # Tiny fixture widths: only the MLP down projections (input 128) are quantizable.
     assert sorted(quantized) == sorted(f"{part}.layers.{i}.mlp.down_proj"
@@ -303,6 +304,32 @@ def test_quantized_models_load_and_run(bits, tokenizer):
     assert frames.min() >= 0 and frames.max() < 2048
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_cpu_float_decoder_is_the_quantized_decoder(bits, tokenizer, golden):
+    """On the CPU the depth decoder runs from float copies of its dequantized weights: the
+    same values (MLX's own dequantize), so the same frames and, up to summation order, the
+    same logits as MLX's quantized kernel."""
+    kernel = load_csm(CSM / "sesame", quantize=bits, dtype=mx.float32, float_decoder_on_cpu=False)
+    with mx.stream(mx.cpu):
+        floats = load_csm(CSM / "sesame", quantize=bits, dtype=mx.float32)
+    for i in range(2):
+        name = f"decoder.layers.{i}.mlp.down_proj"
+        q, f = kernel.decoder.layers[i].mlp.down_proj, floats.decoder.layers[i].mlp.down_proj
+        assert isinstance(q, nn.QuantizedLinear) and type(f) is nn.Linear, name
+        expected = mx.dequantize(q.weight, q.scales, q.biases, q.group_size, q.bits)
+        np.testing.assert_array_equal(np.asarray(f.weight), np.asarray(expected), err_msg=name)
+        assert isinstance(floats.backbone.layers[i].mlp.down_proj, nn.QuantizedLinear)
+    runs = []
+    for model in (kernel, floats):
+        stream = stream_speech(model, tokenizer, TEXT["b"], 1, context_for("b", golden),
+                               temperature=0, max_frames=8, allow_non_codes=True,
+                               record_logits=True)
+        runs.append((np.stack(list(stream)), np.stack(stream.depth_logits)))
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    scale = np.abs(runs[0][1]).max()
+    np.testing.assert_allclose(runs[1][1], runs[0][1], rtol=0, atol=1e-5 * scale)
+
+
 def test_quant_predicate_on_csm_1b():
     cfg = CsmConfig.from_dict({"backbone_flavor": "llama-1B", "decoder_flavor": "llama-100M",
                                "text_vocab_size": 128256, "audio_vocab_size": 2051,
@@ -311,7 +338,7 @@ def test_quant_predicate_on_csm_1b():
     chosen = {p for p, m in model.named_modules() if quant_predicate(p, m)}
     linears = {p for p, m in model.named_modules() if isinstance(m, nn.Linear)}
     assert chosen == {p for p in linears if ".layers." in p}
-    assert len(chosen) == (16 + 4) * 7
+    assert len(chosen) == (16 + 4) * 5  # qkv (fused), out, gate, up, down
     assert "projection" not in chosen and "codebook0_head" not in chosen
 
 
@@ -452,3 +479,92 @@ def test_cpu_prompt_through_dequantized_weights_matches_the_quantized_kernel(
     kernel = first_logits()
     assert len(calls) == 2
     np.testing.assert_allclose(dequantized, kernel, rtol=1e-5, atol=1e-4)
+
+
+def test_converted_folder_carries_the_tokenizer_and_speaks_the_same(tokenizer, tmp_path):
+    """weights_convert on a Sesame folder with its tokenizer.json: the q4 folder holds
+    tokenizer.json (not Moshi's SentencePiece name) and, loaded as a folder, gives the frames of
+    quantize-on-load from the source."""
+    from weights_convert import convert
+
+    source = tmp_path / "source"
+    shutil.copytree(CSM / "sesame", source)
+    shutil.copy(CSM / "tokenizer.json", source / "tokenizer.json")
+    result = convert(tmp_path / "q4", hf_repo=str(source), bits=4)
+    assert (tmp_path / "q4" / "tokenizer.json").read_bytes() == \
+        (CSM / "tokenizer.json").read_bytes()
+    assert json.loads((tmp_path / "q4" / "config.json").read_text())["tokenizer_name"] == \
+        "tokenizer.json"
+    assert not any("tokenizer.json" in note or "spm" in note for note in result.notes), \
+        result.notes
+    frames = [generate_speech(model, tok, TEXT["a"], 0, temperature=0, max_frames=6)
+              for model, tok in ((load_csm(tmp_path / "q4"), load_tokenizer(tmp_path / "q4")),
+                                 (load_csm(source, quantize=4), tokenizer))]
+    np.testing.assert_array_equal(frames[0], frames[1])
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "eager"])
+def test_dropping_the_model_frees_it_without_a_garbage_collection(tokenizer, compiled):
+    """The compiled frame graphs the model keeps hold it only weakly: the last `del` frees the
+    weights at once (a cycle would keep them until Python's next GC pass)."""
+    import gc
+    import weakref
+
+    gc.collect()
+    gc.disable()
+    try:
+        model = load_csm(CSM / "sesame", dtype=mx.float32)
+        frames = list(stream_speech(model, tokenizer, TEXT["a"], 0, temperature=0.9, top_k=50,
+                                    max_frames=3, seed=0, compiled=compiled))
+        assert len(frames) == 3
+        alive = weakref.ref(model)
+        del model
+        assert alive() is None
+    finally:
+        gc.enable()
+
+
+def _mlx_audio_from_sesame(sesame: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """mlx-audio's layout (mlx-community/csm-1b) of the Sesame tensors, as its sanitize names
+    them (benchmarks/derive_mlx_audio_csm.py recorded what mlx-audio itself holds)."""
+    renames = [(r"\.attn\.output_proj\.", ".self_attn.o_proj."), (r"\.attn\.", ".self_attn."),
+               (r"\.mlp\.w1\.", ".mlp.gate_proj."), (r"\.mlp\.w2\.", ".mlp.down_proj."),
+               (r"\.mlp\.w3\.", ".mlp.up_proj."), (r"\.sa_norm\.scale$", ".input_layernorm.weight"),
+               (r"\.mlp_norm\.scale$", ".post_attention_layernorm.weight"),
+               (r"^(backbone|decoder)\.norm\.scale$", r"\1.norm.weight"), (r"^", "model.")]
+    out = {}
+    for key, value in sesame.items():
+        for pattern, repl in renames:
+            key = re.sub(pattern, repl, key)
+        out[key] = value
+    return out
+
+
+def test_mlx_audio_layout_loads_as_the_sesame_model(tokenizer, golden, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    folder = tmp_path / "mlx-community-csm"
+    folder.mkdir()
+    save_file(_mlx_audio_from_sesame(load_file(CSM / "sesame" / "model.safetensors")),
+              folder / "model.safetensors")
+    manifest = json.loads((CSM / "mlx_audio_model.manifest.json").read_text())["tensors"]
+    assert_matches_manifest(folder / "model.safetensors", manifest,
+                            "derived mlx-audio tensors against mlx-audio's own")
+    config = json.loads((CSM / "sesame" / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "sesame"}))
+    shutil.copy(CSM / "sesame" / "flavors.json", folder / "flavors.json")
+    theirs, ours = load_csm(folder, dtype=mx.float32), load_csm(CSM / "sesame", dtype=mx.float32)
+    flat = dict(tree_flatten(ours.parameters()))
+    for key, value in tree_flatten(theirs.parameters()):
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(flat.pop(key)), err_msg=key)
+    assert not flat
+    frames = generate_speech(theirs, tokenizer, TEXT["b"], SPEAKER["b"], context_for("b", golden),
+                             temperature=0, max_frames=int(golden["max_frames"][1]),
+                             allow_non_codes=True)
+    np.testing.assert_array_equal(frames, golden["hf_b_frames"])
+
+
+def test_mlx_audio_quantized_embeddings_are_a_clear_error():
+    cfg = CsmConfig.from_file(CSM / "sesame" / "config.json")
+    with pytest.raises(WeightsError, match="quantized embeddings or heads"):
+        sanitize({"model.text_embeddings.scales": mx.zeros((1, 1))}, cfg)

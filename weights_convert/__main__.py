@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="LM config.json (default: the one beside the weights, "
                         "else the released 7B config)")
     parser.add_argument("--tokenizer", help="text tokenizer to copy (default: the one named "
-                        f"by the config, else {hub.MOSHI_TOKENIZER_NAME}, beside the weights)")
+                        f"by the config, else {hub.MOSHI_TOKENIZER_NAME} (CSM: "
+                        f"{hub.TOKENIZER_JSON_NAME}), beside the weights)")
     parser.add_argument("--mimi-weight", help="Mimi weights to copy (default: the config's "
                         f"mimi_name, else {hub.MIMI_NAME}, beside the weights)")
     add_quantize_arg(parser, "quantize to 4 or 8 bits (default: keep bf16)")

@@ -136,9 +136,13 @@ def _fetch_stt_preprocessor(hf_repo: str, config: Path | None) -> None:
 
 def _extra_names(config: Path | None) -> dict[str, str]:
     """File names of the tokenizer and Mimi beside the weights: the config's own
-    `tokenizer_name` / `mimi_name` (official STT configs have them), else Moshi's."""
+    `tokenizer_name` / `mimi_name` (official STT configs have them), else the family's
+    tokenizer (CSM: tokenizer.json) and Moshi's Mimi (CSM decodes with it too)."""
+    from moshi_mlx.loading import config_model_type
+
     data = read_config_json(config) if config is not None else {}
-    return {"tokenizer": str(data.get("tokenizer_name") or hub.MOSHI_TOKENIZER_NAME),
+    tokenizer = hub.TOKENIZER_NAMES.get(config_model_type(data), hub.MOSHI_TOKENIZER_NAME)
+    return {"tokenizer": str(data.get("tokenizer_name") or tokenizer),
             "mimi": str(data.get("mimi_name") or hub.MIMI_NAME)}
 
 

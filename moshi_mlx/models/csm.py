@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable, Hashable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -252,6 +253,26 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> n
     return out.astype(np.float32)
 
 
+class RopeTable:
+    """Interleaved-pair RoPE from precomputed cos/sin rows (float64 angles): for static
+    positions. MLX's `fast.rope` with custom frequencies is one opaque op on the CPU backend
+    (~85 us a call in a compiled graph); these elementwise ops fuse (~48 us), and a depth frame
+    calls RoPE 31 times a decoder layer. Not an `nn.Module`: the tables are not parameters."""
+
+    def __init__(self, inv_freq: np.ndarray, positions: int) -> None:
+        angles = np.arange(positions, dtype=np.float64)[:, None] * inv_freq[None, :]
+        self.cos = mx.array(np.cos(angles).astype(np.float32))  # [positions, head_dim / 2]
+        self.sin = mx.array(np.sin(angles).astype(np.float32))
+
+    def __call__(self, x: mx.array, offset: int) -> mx.array:
+        """x [B, H, T, D] at positions offset .. offset+T-1."""
+        batch, heads, steps, dim = x.shape
+        cos, sin = self.cos[offset : offset + steps], self.sin[offset : offset + steps]
+        even, odd = x[..., 0::2], x[..., 1::2]
+        rotated = mx.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1)
+        return rotated.reshape(batch, heads, steps, dim).astype(x.dtype)
+
+
 class RmsNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -286,30 +307,31 @@ class LlamaAttention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
-        self.q_proj = nn.Linear(cfg.dim, cfg.num_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        # q, k and v rows in one matrix: one matmul and one RoPE call instead of three and two
+        # (a depth step is dispatch-bound on small models: 20% of a fixture frame).
+        self.qkv_proj = nn.Linear(cfg.dim, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim,
+                                  bias=False)
         self.out_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.dim, bias=False)
-        # MLX's rope takes periods (1 / inverse frequency); not a parameter.
-        self._periods = mx.array(1.0 / rope_inv_freq(cfg.head_dim, cfg.rope_theta,
-                                                     cfg.rope_scaling))
+        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        # MLX's rope takes periods (1 / inverse frequency), for positions given as an array
+        # (the backbone's compiled step); static positions read the table. Not parameters.
+        self._periods = mx.array(1.0 / inv_freq)
+        self._rope_table = RopeTable(inv_freq, cfg.max_seq_len)
 
     def project(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, ...]:
         """Normed input [B, T, dim] at positions offset.. -> q, k, v [B, heads, T, head_dim]
         with RoPE applied to q and k."""
         batch, steps, _ = x.shape
-
-        def heads(layer: nn.Module, count: int) -> mx.array:
-            return apply_linear(layer, x).reshape(batch, steps, count, -1).transpose(0, 2, 1, 3)
-
-        q = heads(self.q_proj, self.num_heads)
-        k = heads(self.k_proj, self.num_kv_heads)
-        v = heads(self.v_proj, self.num_kv_heads)
-        q = mx.fast.rope(q, self.head_dim, traditional=True, base=None, scale=1.0,
-                         offset=offset, freqs=self._periods)
-        k = mx.fast.rope(k, self.head_dim, traditional=True, base=None, scale=1.0,
-                         offset=offset, freqs=self._periods)
-        return q, k, v
+        heads, kv_heads = self.num_heads, self.num_kv_heads
+        qkv = apply_linear(self.qkv_proj, x).reshape(batch, steps, heads + 2 * kv_heads, -1)
+        qkv = qkv.transpose(0, 2, 1, 3)
+        qk = qkv[:, : heads + kv_heads]
+        if isinstance(offset, int):
+            qk = self._rope_table(qk, offset)
+        else:
+            qk = mx.fast.rope(qk, self.head_dim, traditional=True, base=None, scale=1.0,
+                              offset=offset, freqs=self._periods)
+        return qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads:]
 
     def attend(self, q: mx.array, k: mx.array, v: mx.array, cache: KVCache) -> mx.array:
         """Store k, v in the cache, attend -> heads merged [B, T, heads * head_dim]."""
@@ -385,6 +407,25 @@ class Llama(nn.Module):
         self._compiled = None  # compiled graphs hold the weights they were traced with
 
 
+class FrameGraphs:
+    """A few compiled frame functions, newest kept (not a dict: `nn.Module` would take a dict
+    attribute for parameters)."""
+
+    KEPT = 4
+
+    def __init__(self) -> None:
+        self._graphs: dict[Hashable, Callable] = {}
+
+    def get(self, key: Hashable, build: Callable[[], Callable]) -> Callable:
+        graph = self._graphs.pop(key, None)
+        if graph is None:
+            graph = mx.compile(build())
+        self._graphs[key] = graph
+        while len(self._graphs) > self.KEPT:
+            self._graphs.pop(next(iter(self._graphs)))
+        return graph
+
+
 class Csm(nn.Module):
     """Backbone + depth decoder. Frame rows are [..., num_codebooks + 1] ints (audio codebooks,
     then the text token) with a same-shaped bool mask of the columns to sum."""
@@ -429,22 +470,53 @@ class Csm(nn.Module):
     def load_weights(self, *args, **kwargs):
         self.backbone.forget_compiled()
         self.decoder.forget_compiled()
+        self._frame_graphs = FrameGraphs()
         return super().load_weights(*args, **kwargs)
+
+    def frame_graph(self, key: Hashable, build: Callable[[], Callable]) -> Callable:
+        """The `mx.compile`d `build()` kept under `key` (e.g. the sampling settings), so the
+        next generation with the same settings skips the trace. Dropped when weights load:
+        a compiled graph keeps the arrays it was traced with."""
+        graphs = getattr(self, "_frame_graphs", None)
+        if graphs is None:
+            graphs = self._frame_graphs = FrameGraphs()
+        return graphs.get(key, build)
 
     def backbone_step(self, x: mx.array, caches: list[KVCache], compiled: bool = False
                       ) -> mx.array:
         """Input embeddings [B, S, dim] -> normed hidden state at the last position [B, dim]."""
         return self.backbone(x, caches, compiled)[:, -1, :]
 
-    def depth_logits(self, x: mx.array, caches: list[KVCache], codebook: int,
-                     compiled: bool = False) -> mx.array:
+    def depth_logits(self, x: mx.array, caches: list[KVCache], codebook: int) -> mx.array:
         """Decoder on projected inputs x [B, S, backbone dim] -> logits [B, V] of `codebook`."""
-        h = self.decoder(self.projection(x), caches, compiled)[:, -1, :]
+        h = self.decoder(self.projection(x), caches)[:, -1, :]
         return h @ self.audio_head[codebook - 1]
+
+    def frame(self, h: mx.array, pick: Callable[[mx.array, int], mx.array]
+              ) -> tuple[mx.array, mx.array, mx.array]:
+        """One frame from the backbone's hidden state h [B, dim]: codebook 0 from its head, then
+        codebooks 1..K-1 from the depth decoder (a fresh cache per frame: positions h, code 0,
+        code 1, ...), each token chosen by `pick(logits, codebook)`.
+
+        Returns codes [B, K], codebook-0 logits [B, V] and depth logits [B, K-1, V]. A pure
+        function of h (and of what `pick` reads): the generator compiles it whole."""
+        c0_logits = self.codebook0_head(h)
+        code = pick(c0_logits, 0)
+        codes, depth = [code], []
+        caches = self.decoder_cache()
+        x = mx.stack([h, self.audio_embedding(0, code)], axis=1)  # positions 0, 1
+        for i in range(1, self.cfg.num_codebooks):
+            logits = self.depth_logits(x, caches, i)
+            depth.append(logits)
+            code = pick(logits, i)
+            codes.append(code)
+            x = self.audio_embedding(i, code)[:, None, :]
+        return mx.stack(codes, axis=1), c0_logits, mx.stack(depth, axis=1)
 
 
 # ---------------------------------------------------------------------------- weights
 
+# A layer tensor's name in a layout -> our name; q, k, v go to `_QKV` parts of one tensor.
 _LAYER_KEYS_SESAME = {
     "attn.q_proj.weight": "attn.q_proj.weight",
     "attn.k_proj.weight": "attn.k_proj.weight",
@@ -467,6 +539,7 @@ _LAYER_KEYS_HF = {
     "input_layernorm.weight": "attn_norm.weight",
     "post_attention_layernorm.weight": "mlp_norm.weight",
 }
+_QKV = {"attn.q_proj.": 0, "attn.k_proj.": 1, "attn.v_proj.": 2}
 _TOP_SESAME = {
     "text_embeddings.weight": "text_embeddings.weight",
     "audio_embeddings.weight": "audio_embeddings.weight",
@@ -491,22 +564,35 @@ _LAYER_HF = re.compile(r"(backbone_model|depth_decoder\.model)\.layers\.(\d+)\.(
 
 
 _OUR_TOP = frozenset(_TOP_SESAME.values())
-_OUR_LAYER_KEYS = frozenset(_LAYER_KEYS_SESAME.values())
+_OUR_LAYER_KEYS = frozenset(
+    {name for name in _LAYER_KEYS_SESAME.values() if not name.startswith(tuple(_QKV))}
+    | {"attn.qkv_proj.weight"})
 _MOSHI_PREFIXES = ("transformer.layers.", "depformer", "text_emb", "emb.", "audio_embs.")
 
 
 def _map_key(key: str, value: mx.array, config: CsmConfig) -> tuple[str, mx.array] | None:
-    """One tensor of the Sesame, transformers or our own layout -> (our name, tensor); None
-    for the transformers file's bundled codec (we decode with our Mimi). The layouts' names
-    differ tensor by tensor, so each tensor says which layout it comes from."""
+    """One tensor of the Sesame, transformers, mlx-audio or our own layout -> (our name,
+    tensor); None for the transformers file's bundled codec (we decode with our Mimi). The
+    layouts' names differ tensor by tensor, so each tensor says which layout it comes from."""
     if key.startswith("codec_model."):
         return None
+    # mlx-audio's layout (mlx-community/csm-1b): "model." + Sesame's names, with transformers'
+    # names inside the layers (on Sesame's rows: no q/k permutation)
+    key = key.removeprefix("model.")
+    if key.endswith((".scales", ".biases")) and not key.startswith(("backbone.", "decoder.")):
+        raise WeightsError(f"quantized embeddings or heads ({key}: mlx-audio's quantized CSM "
+                           "layout) are not supported: load the float checkpoint with -q 4/8")
     if key in _TOP_SESAME:
         return _TOP_SESAME[key], value
     if key in _TOP_HF:
         return _TOP_HF[key], value
-    if (match := _LAYER_SESAME.fullmatch(key)) and match[3] in _LAYER_KEYS_SESAME:
-        return f"{match[1]}.layers.{match[2]}.{_LAYER_KEYS_SESAME[match[3]]}", value
+    if (match := _LAYER_SESAME.fullmatch(key)) and (
+            name := _layer_name(_LAYER_KEYS_SESAME, match[3])):
+        return _fused(f"{match[1]}.layers.{match[2]}.", name), value
+    if (match := _LAYER_SESAME.fullmatch(key)) and (
+            name := _layer_name(_LAYER_KEYS_HF, match[3])):
+        # mlx-audio's layer names are transformers', on Sesame's rows (interleaved RoPE)
+        return _fused(f"{match[1]}.layers.{match[2]}.", name), value
     if (match := _LAYER_HF.fullmatch(key)) and match[3] in _LAYER_KEYS_HF:
         part = "backbone" if match[1].startswith("backbone") else "decoder"
         name = _LAYER_KEYS_HF[match[3]]
@@ -514,7 +600,7 @@ def _map_key(key: str, value: mx.array, config: CsmConfig) -> tuple[str, mx.arra
             llama = config.backbone if part == "backbone" else config.decoder
             heads = llama.num_heads if name.startswith("attn.q") else llama.num_kv_heads
             value = rope_rows_to_interleaved(value, heads)
-        return f"{part}.layers.{match[2]}.{name}", value
+        return _fused(f"{part}.layers.{match[2]}.", name), value
     base = key.rsplit(".", 1)[0]  # our own layout, quantized too (X.scales, X.biases)
     if key in _OUR_TOP or f"{base}.weight" in _OUR_TOP or (
             (match := _LAYER_SESAME.fullmatch(key))
@@ -525,6 +611,29 @@ def _map_key(key: str, value: mx.array, config: CsmConfig) -> tuple[str, mx.arra
     layout = "transformers" if key.startswith(("backbone_model.", "depth_decoder.")) else (
         "sesame")
     raise WeightsError(f"unknown tensors for the {layout} CSM layout (e.g. {key})")
+
+
+def _layer_name(table: dict[str, str], name: str) -> str | None:
+    """A layer tensor's name in a layout's table -> ours; a quantized linear's X.scales and
+    X.biases (MLX files keeping the layout's names) follow its X.weight."""
+    if name in table:
+        return table[name]
+    base, _, suffix = name.rpartition(".")
+    if suffix in ("scales", "biases") and f"{base}.weight" in table:
+        return table[f"{base}.weight"].removesuffix("weight") + suffix
+    return None
+
+
+def _fused(prefix: str, name: str) -> str:
+    """Our full name; q, k, v become their part of the fused `attn.qkv_proj` (joined by the
+    loader, tensor by tensor)."""
+    from ..loading import fragment_name
+
+    for role, part in _QKV.items():
+        if name.startswith(role):
+            return fragment_name(f"{prefix}attn.qkv_proj.{name.removeprefix(role)}", part,
+                                 len(_QKV))
+    return prefix + name
 
 
 def rope_rows_to_interleaved(w: mx.array, heads: int) -> mx.array:
@@ -575,7 +684,7 @@ CONFIG_MARKERS = ("backbone_flavor", "depth_decoder_config", "backbone")
 
 def load_csm(weights: str | os.PathLike, config: CsmConfig | str | os.PathLike | None = None,
              quantize: int | None = None, dtype: mx.Dtype | str | None = None,
-             cpu_threads: int | None = None) -> Csm:
+             cpu_threads: int | None = None, float_decoder_on_cpu: bool = True) -> Csm:
     """Load CSM from a .safetensors file, a folder (config.json beside it) or a hub repo id,
     in the Sesame or the transformers layout (its bundled codec is ignored), through the
     loader every family shares.
@@ -584,10 +693,15 @@ def load_csm(weights: str | os.PathLike, config: CsmConfig | str | os.PathLike |
     the repo). quantize: None, 4 (group 32) or 8 (group 64) for the backbone and decoder
     linears. dtype: None = float32 on the CPU, bfloat16 on a GPU. cpu_threads: split large
     linears over this many CPU streams (as load_lm); None = all cores on the CPU, no split on
-    a GPU."""
-    from ..loading import load_model
+    a GPU. float_decoder_on_cpu: when MLX computes on the CPU, run a quantized depth decoder
+    from float copies of its dequantized weights (the same values; +0.4 GB for csm-1b q4):
+    its 31 steps a frame are matrix-vector products, where MLX's CPU quantized kernel is
+    about 3x slower than BLAS on float weights (benchmarks/tts.py)."""
+    from ..loading import dequantize_linears, load_model
     from ..modules.parallel import default_cpu_threads, split_linears
 
     model, _ = load_model(weights, config, quantize, dtype, model_types=("csm",))
+    if float_decoder_on_cpu and mx.default_device() == mx.cpu:
+        dequantize_linears(model.decoder)
     split_linears(model, default_cpu_threads() if cpu_threads is None else cpu_threads)
     return model
