@@ -90,11 +90,15 @@ def _int(value: object, what: str) -> int:
 
 
 def _quantize(value: str | None) -> int | None:
+    """-q as a one-line error (argparse's `choices` would print its usage too)."""
+    from .loading import QUANTIZATIONS
+
     if value is None:
         return None
-    if value.strip() not in ("4", "8"):
-        raise MoshiError(f"-q must be 4 or 8, got {value!r}")
-    return int(value)
+    bits = {str(b): b for b in QUANTIZATIONS}
+    if value.strip() not in bits:
+        raise MoshiError(f"-q must be {' or '.join(bits)}, got {value!r}")
+    return bits[value.strip()]
 
 
 def _context_from_file(path: Path):
