@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
+from interrupt import default_sigint
 
 from moshi_mlx.audio.display import TextDisplay
 from moshi_mlx.audio.duplex import DuplexLoop
@@ -290,7 +291,7 @@ def test_ctrl_c_closes_cleanly_and_leaves_a_valid_recording(sound_card, random_m
         [sys.executable, "-m", "moshi_mlx.local", *_model_argv(random_mimi_path),
          "--record", str(record)],
         cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
+        stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint,
     )
     feed = _feed(SPEECH)
     try:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import soundfile
+from interrupt import default_sigint
 from test_local_devices import _find, _Monitor
 
 from moshi_mlx.audio.player import StreamPlayer
@@ -120,7 +121,7 @@ def test_ctrl_c_while_playing_stops_cleanly(sound_card, random_mimi_path, tmp_pa
          str(random_mimi_path), "--play", "--stream", "-o", str(wav), "--seed", "1",
          "--max-frames", "600"],
         cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
+        stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     try:
         line = proc.stderr.readline()
         while line.startswith(("hint:", "note:")):

@@ -18,6 +18,7 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 import soundfile
+from interrupt import default_sigint
 
 from moshi_mlx.engine import Engine
 from moshi_mlx.web.server import ChatServer, bound_port, serve
@@ -191,7 +192,8 @@ def test_command_line_serves_and_prints_its_address(random_mimi_path):
         "--dtype", "f32", "--port", "0",
     ]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True, cwd=Path(__file__).parent.parent)
+                            text=True, cwd=Path(__file__).parent.parent,
+                            preexec_fn=default_sigint)
     try:
         line = proc.stdout.readline()  # blocks until the model is loaded and the port bound
         assert "open http://localhost:" in line, line

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
+from interrupt import default_sigint
 from prerequisites import unavailable
 
 from moshi_mlx.engine import Engine
@@ -191,6 +192,7 @@ def test_official_client_talks_to_our_server(virtual_sound_card, official_client
                     str(official_client_python), "-c", RUN_OFFICIAL_CLIENT,
                     "--host", "127.0.0.1", "--port", str(bound_port(runner)),
                     stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=venv_env(),
+                    preexec_fn=default_sigint,
                 )
             try:
                 end = time.monotonic() + 60
