@@ -313,8 +313,9 @@ class LlamaAttention(nn.Module):
                                   bias=False)
         self.out_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.dim, bias=False)
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        # MLX's rope takes periods (1 / inverse frequency), for positions given as an array
-        # (the backbone's compiled step); static positions read the table. Not parameters.
+        # MLX's rope takes periods (1 / inverse frequency): on a GPU, and for positions given
+        # as an array (the backbone's compiled step); static positions on the CPU read the
+        # table. Not parameters.
         self._periods = mx.array(1.0 / inv_freq)
         self._rope_table = RopeTable(inv_freq, cfg.max_seq_len)
 
@@ -326,7 +327,7 @@ class LlamaAttention(nn.Module):
         qkv = apply_linear(self.qkv_proj, x).reshape(batch, steps, heads + 2 * kv_heads, -1)
         qkv = qkv.transpose(0, 2, 1, 3)
         qk = qkv[:, : heads + kv_heads]
-        if isinstance(offset, int):
+        if isinstance(offset, int) and mx.default_device() == mx.cpu:
             qk = self._rope_table(qk, offset)
         else:
             qk = mx.fast.rope(qk, self.head_dim, traditional=True, base=None, scale=1.0,
