@@ -53,18 +53,25 @@ def fixture_config(config: dict, flavors: dict) -> dict:
     return {**config, **llama(backbone), "depth_decoder_config": depth}
 
 
-def build(args: argparse.Namespace):
+def use_local_downloads(tokenizer: str | Path, mimi: str | Path) -> None:
+    """mlx-audio's two hub downloads, pointed at local files: the Mimi checkpoint, and a
+    folder holding the Llama-3 `tokenizer.json` with a minimal tokenizer_config.json."""
     import mlx_audio.codec.models.mimi.mimi as mimi_module
     import mlx_audio.tts.models.sesame.sesame as sesame
 
-    # the two hub downloads, pointed at local files
-    mimi_module.hf_hub_download = lambda repo_id, filename, **kw: args.mimi
+    mimi_module.hf_hub_download = lambda repo_id, filename, **kw: str(mimi)
     tokenizer_dir = Path(tempfile.mkdtemp(prefix="mlxaudio-tokenizer-"))
-    (tokenizer_dir / "tokenizer.json").write_bytes(Path(args.tokenizer).read_bytes())
+    (tokenizer_dir / "tokenizer.json").write_bytes(Path(tokenizer).read_bytes())
     (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>",
         "tokenizer_class": "PreTrainedTokenizerFast"}))
     sesame.TOKENIZER_REPO = str(tokenizer_dir)
+
+
+def build(args: argparse.Namespace):
+    import mlx_audio.tts.models.sesame.sesame as sesame
+
+    use_local_downloads(args.tokenizer, args.mimi)
 
     folder = Path(args.weights)
     config = json.loads((folder / "config.json").read_text())

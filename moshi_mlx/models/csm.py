@@ -13,6 +13,7 @@ import os
 import re
 from collections.abc import Callable, Hashable
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import mlx.core as mx
@@ -273,6 +274,12 @@ class RopeTable:
         return rotated.reshape(batch, heads, steps, dim).astype(x.dtype)
 
 
+@lru_cache(maxsize=8)
+def _rope_of(cfg: LlamaConfig) -> tuple[mx.array, RopeTable]:
+    inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    return mx.array(1.0 / inv_freq), RopeTable(inv_freq, cfg.max_seq_len)
+
+
 class RmsNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -312,12 +319,10 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.dim, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim,
                                   bias=False)
         self.out_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.dim, bias=False)
-        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         # MLX's rope takes periods (1 / inverse frequency): on a GPU, and for positions given
         # as an array (the backbone's compiled step); static positions on the CPU read the
-        # table. Not parameters.
-        self._periods = mx.array(1.0 / inv_freq)
-        self._rope_table = RopeTable(inv_freq, cfg.max_seq_len)
+        # table. Not parameters; one pair for all the layers of a config.
+        self._periods, self._rope_table = _rope_of(cfg)
 
     def project(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, ...]:
         """Normed input [B, T, dim] at positions offset.. -> q, k, v [B, heads, T, head_dim]
@@ -443,6 +448,7 @@ class Csm(nn.Module):
         self.codebook0_head = nn.Linear(cfg.backbone.dim, cfg.audio_vocab_size, bias=False)
         self.audio_head = mx.zeros((cfg.num_codebooks - 1, cfg.decoder.dim,
                                     cfg.audio_vocab_size))
+        self._frame_graphs = FrameGraphs()
 
     def backbone_cache(self) -> list[KVCache]:
         return [KVCache(self.cfg.backbone.max_seq_len) for _ in self.backbone.layers]
@@ -478,10 +484,7 @@ class Csm(nn.Module):
         """The `mx.compile`d `build()` kept under `key` (e.g. the sampling settings), so the
         next generation with the same settings skips the trace. Dropped when weights load:
         a compiled graph keeps the arrays it was traced with."""
-        graphs = getattr(self, "_frame_graphs", None)
-        if graphs is None:
-            graphs = self._frame_graphs = FrameGraphs()
-        return graphs.get(key, build)
+        return self._frame_graphs.get(key, build)
 
     def backbone_step(self, x: mx.array, caches: list[KVCache], compiled: bool = False
                       ) -> mx.array:
