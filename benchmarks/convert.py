@@ -27,14 +27,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moshi_mlx.blas import load_system_openblas  # noqa: E402
+from moshi_mlx.cli.blas import load_system_openblas  # noqa: E402
 
 load_system_openblas()  # before MLX loads, as the command-line tools do
 
 import mlx.core as mx  # noqa: E402
 
+from moshi_mlx.loading.safetensors import PlannedTensor, SafetensorsStreamWriter  # noqa: E402
 from moshi_mlx.models.lm_config import LmConfig  # noqa: E402
-from moshi_mlx.safetensors import PlannedTensor, SafetensorsStreamWriter  # noqa: E402
 
 
 def pytorch_layout(cfg: LmConfig) -> list[tuple[str, tuple[int, ...]]]:

@@ -26,15 +26,15 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from moshi_mlx.blas import blas_in_use, load_system_openblas  # noqa: E402
+from moshi_mlx.cli.blas import blas_in_use, load_system_openblas  # noqa: E402
 
 load_system_openblas()  # before MLX loads, as the command-line tools do
 
 import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
-from moshi_mlx.generate import LmGen  # noqa: E402
-from moshi_mlx.loading import (  # noqa: E402
+from moshi_mlx.conversation.lm_gen import LmGen  # noqa: E402
+from moshi_mlx.loading.quantization import (  # noqa: E402
     QUANTIZATIONS,
     apply_quantization,
     quantized_linear_paths,

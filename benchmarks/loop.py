@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from moshi_mlx.audio.display import TextDisplay  # noqa: E402
 from moshi_mlx.audio.io import read_audio  # noqa: E402
-from moshi_mlx.engine import Engine, MlxCodec, make_codec  # noqa: E402
+from moshi_mlx.conversation.engine import Engine, MlxCodec, make_codec  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
 FRAME = 1920

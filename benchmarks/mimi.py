@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 FRAME = 1920
 
-from moshi_mlx.blas import blas_in_use, load_system_openblas  # noqa: E402
+from moshi_mlx.cli.blas import blas_in_use, load_system_openblas  # noqa: E402
 
 load_system_openblas()  # before MLX loads, as the command-line tools do
 

@@ -42,13 +42,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from moshi_mlx.blas import blas_in_use, load_system_openblas  # noqa: E402
+from moshi_mlx.cli.blas import blas_in_use, load_system_openblas  # noqa: E402
 
 load_system_openblas()
 
 import mlx.core as mx  # noqa: E402
 
-from moshi_mlx.generate import SttGen  # noqa: E402
+from moshi_mlx.conversation.lm_gen import SttGen  # noqa: E402
 from moshi_mlx.models.lm import load_lm  # noqa: E402
 
 FRAME = 1920
@@ -146,7 +146,7 @@ def official_q4_shapes(cfg: dict) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 def write_random_q4(path: Path, shapes: dict[str, tuple[str, tuple[int, ...]]]) -> None:
     """Random values in that layout, one tensor at a time (memory stays near one tensor)."""
-    from moshi_mlx.safetensors import PlannedTensor, SafetensorsStreamWriter
+    from moshi_mlx.loading.safetensors import PlannedTensor, SafetensorsStreamWriter
 
     names = sorted(shapes)
     plan = [PlannedTensor(n, "U32" if shapes[n][0] == "uint32" else "BF16", shapes[n][1])
@@ -269,7 +269,7 @@ def worker_steps(folder: Path, audio: Path, steps: int, bits: int | None) -> Non
     """Ours, as the CLI loads it: median SttGen.step (with the host read of the token, as the
     Transcriber does) and our Mimi's encode_step per frame. Prints one JSON line."""
     from moshi_mlx.audio.io import read_audio
-    from moshi_mlx.hub import model_file
+    from moshi_mlx.loading.hub import model_file
     from moshi_mlx.models.mimi import load_mimi
 
     lm = load_lm(model_file(folder, bits), config=folder / "config.json", quantize=bits)
@@ -358,7 +358,7 @@ def load_fixture_transcriber(folder: Path, with_mimi: bool):
     import sentencepiece
 
     from moshi_mlx.models.mimi import load_mimi
-    from moshi_mlx.transcriber import Transcriber
+    from moshi_mlx.transcription.transcriber import Transcriber
 
     lm = load_lm(folder / "model.safetensors", config=folder / "config.json")
     tokenizer = sentencepiece.SentencePieceProcessor(
@@ -373,7 +373,7 @@ def bench_live(folder: Path) -> dict:
     frame at once. Latency of a word: its Word event's arrival minus the capture time of the
     frame holding the word's end (WordEnd time)."""
     from moshi_mlx.audio.io import read_audio
-    from moshi_mlx.transcriber import Word, transcript_from_events
+    from moshi_mlx.transcription.transcriber import Word, transcript_from_events
 
     transcriber = load_fixture_transcriber(folder, with_mimi=True)
     pcm = read_audio(SPEECH)

@@ -90,7 +90,7 @@ def write_random_1b(folder: Path) -> Path:
     tensor so memory stays at one tensor; reused when complete."""
     import mlx.core as mx
 
-    from moshi_mlx.safetensors import PlannedTensor, SafetensorsStreamWriter
+    from moshi_mlx.loading.safetensors import PlannedTensor, SafetensorsStreamWriter
 
     folder.mkdir(parents=True, exist_ok=True)
     done = folder / "complete"
@@ -125,15 +125,15 @@ def write_random_1b(folder: Path) -> Path:
 
 # --------------------------------------------------------------------------- our worker
 def our_worker(args: argparse.Namespace) -> None:
-    from moshi_mlx.blas import load_system_openblas
+    from moshi_mlx.cli.blas import load_system_openblas
 
     load_system_openblas()  # before MLX loads, as the command-line tools do
     import mlx.core as mx
     import numpy as np
 
-    from moshi_mlx.csm_generate import Segment, check_mimi_codes, load_tokenizer, stream_speech
     from moshi_mlx.models.csm import load_csm
     from moshi_mlx.models.mimi import load_mimi
+    from moshi_mlx.speech.generate import Segment, check_mimi_codes, load_tokenizer, stream_speech
 
     t0 = time.perf_counter()
     model = load_csm(args.weights, quantize=args.quantize or None)
@@ -176,7 +176,7 @@ def our_worker(args: argparse.Namespace) -> None:
                 "peak_memory_gb": mx.get_peak_memory() / 1e9}
 
     run(2)  # warm-up
-    from moshi_mlx.blas import blas_in_use
+    from moshi_mlx.cli.blas import blas_in_use
 
     print("ready " + json.dumps({"load_s": load_s, "mlx": mx.__version__, "blas": blas_in_use(),
                                  "weights_memory_gb": mx.get_active_memory() / 1e9}),
@@ -245,7 +245,7 @@ class Worker:
 def _mlx_audio_env(blas: str) -> dict[str, str]:
     env = dict(os.environ)
     if blas == "openblas":
-        from moshi_mlx.blas import find_openblas
+        from moshi_mlx.cli.blas import find_openblas
 
         found = find_openblas()
         if found:

@@ -31,7 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from moshi_mlx.rates import FRAME_SIZE, SAMPLE_RATE  # noqa: E402
+from moshi_mlx.audio.rates import FRAME_SIZE, SAMPLE_RATE  # noqa: E402
 from moshi_mlx.web import kyutai, protocol  # noqa: E402
 from moshi_mlx.web.server import ChatServer, bound_port, serve  # noqa: E402
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .blas import load_system_openblas
+from moshi_mlx.cli.blas import load_system_openblas
 
 __version__ = "0.1.0"
 
 # Before any submodule imports MLX: on Linux its CPU matrix products then use an installed
-# OpenBLAS instead of the wheel's reference BLAS (see moshi_mlx.blas).
+# OpenBLAS instead of the wheel's reference BLAS (see moshi_mlx.cli.blas).
 load_system_openblas()
 
 _EXPORTS = {
@@ -24,22 +24,22 @@ _EXPORTS = {
     "LmConfig": "moshi_mlx.models.lm_config",
     "Lm": "moshi_mlx.models.lm",
     "load_lm": "moshi_mlx.models.lm",
-    "LmGen": "moshi_mlx.generate",
-    "SttGen": "moshi_mlx.generate",
-    "Transcriber": "moshi_mlx.transcriber",
-    "Transcript": "moshi_mlx.transcriber",
+    "LmGen": "moshi_mlx.conversation.lm_gen",
+    "SttGen": "moshi_mlx.conversation.lm_gen",
+    "Transcriber": "moshi_mlx.transcription.transcriber",
+    "Transcript": "moshi_mlx.transcription.transcriber",
     "Csm": "moshi_mlx.models.csm",
     "CsmConfig": "moshi_mlx.models.csm",
     "load_csm": "moshi_mlx.models.csm",
-    "CsmTokenizer": "moshi_mlx.csm_generate",
-    "load_tokenizer": "moshi_mlx.csm_generate",
-    "Segment": "moshi_mlx.csm_generate",
-    "generate_speech": "moshi_mlx.csm_generate",
-    "stream_speech": "moshi_mlx.csm_generate",
-    "stream_long_speech": "moshi_mlx.csm_generate",
-    "ContextCache": "moshi_mlx.csm_generate",
-    "frames_to_audio": "moshi_mlx.csm_generate",
-    "stream_audio": "moshi_mlx.csm_generate",
+    "CsmTokenizer": "moshi_mlx.speech.generate",
+    "load_tokenizer": "moshi_mlx.speech.generate",
+    "Segment": "moshi_mlx.speech.generate",
+    "generate_speech": "moshi_mlx.speech.generate",
+    "stream_speech": "moshi_mlx.speech.generate",
+    "stream_long_speech": "moshi_mlx.speech.generate",
+    "ContextCache": "moshi_mlx.speech.generate",
+    "frames_to_audio": "moshi_mlx.speech.generate",
+    "stream_audio": "moshi_mlx.speech.generate",
 }
 
 __all__ = sorted(_EXPORTS)

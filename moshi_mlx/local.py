@@ -12,13 +12,13 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import MoshiError, cli_errors
-from .model_thread import load_on_model_thread, start_model_thread, stop_model_thread
-from .rates import SAMPLE_RATE
+from moshi_mlx.audio.rates import SAMPLE_RATE
+from moshi_mlx.cli.model_thread import load_on_model_thread, start_model_thread, stop_model_thread
+from moshi_mlx.errors import MoshiError, cli_errors
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import add_model_args
+    from moshi_mlx.cli.options import add_model_args
 
     parser = argparse.ArgumentParser(
         prog="python -m moshi_mlx.local",
@@ -70,7 +70,7 @@ def _check_writable(path: Path) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     if args.list_devices:
-        from .audio.devices import list_devices
+        from moshi_mlx.audio.devices import list_devices
 
         print(list_devices())
         return 0
@@ -82,22 +82,22 @@ def _run(args: argparse.Namespace) -> int:
     for path in (args.output_file, args.transcript, args.record):
         if path:
             _check_writable(Path(path))  # fail before the model loads, not after
-    from .audio.display import TextDisplay
-    from .cli import build_engine
+    from moshi_mlx.audio.display import TextDisplay
+    from moshi_mlx.cli.options import build_engine
 
     display = TextDisplay()
     if args.input_file:
-        from .audio.fileloop import run_file
-        from .audio.io import read_audio
+        from moshi_mlx.audio.fileloop import run_file
+        from moshi_mlx.audio.io import read_audio
 
         read_audio(args.input_file)  # a bad input file fails before the model loads
         engine = build_engine(args)
         stats = run_file(engine, args.input_file, args.output_file, args.transcript,
                          stereo=args.stereo, display=display)
     else:
-        from .audio.devices import check_devices, parse_device
-        from .audio.duplex import DuplexLoop
-        from .audio.recorder import WavWriter
+        from moshi_mlx.audio.devices import check_devices, parse_device
+        from moshi_mlx.audio.duplex import DuplexLoop
+        from moshi_mlx.audio.recorder import WavWriter
 
         input_device = parse_device(args.input_device)
         output_device = parse_device(args.output_device)

@@ -15,9 +15,9 @@ import socket
 import sys
 from pathlib import Path
 
-from .cli import add_model_args, build_engine
-from .errors import MoshiError, cli_errors
-from .web.server import OUR_PAGE, ChatServer, bound_port, serve
+from moshi_mlx.cli.options import add_model_args, build_engine
+from moshi_mlx.errors import MoshiError, cli_errors
+from moshi_mlx.web.server import OUR_PAGE, ChatServer, bound_port, serve
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8998

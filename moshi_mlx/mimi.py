@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import load_codes, print_blas_hint, save_npy
-from .errors import MoshiError, cli_errors
-from .rates import SAMPLE_RATE
+from moshi_mlx.audio.rates import SAMPLE_RATE
+from moshi_mlx.cli.codes import load_codes, save_npy
+from moshi_mlx.cli.options import print_blas_hint
+from moshi_mlx.errors import MoshiError, cli_errors
 
 DEFAULT_WEIGHTS = "kyutai/moshiko-pytorch-bf16"
 
@@ -53,8 +54,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     print_blas_hint()
-    from .audio.io import read_audio, write_audio
-    from .models.mimi import load_mimi
+    from moshi_mlx.audio.io import read_audio, write_audio
+    from moshi_mlx.models.mimi import load_mimi
 
     if args.codebooks is not None and not 1 <= args.codebooks <= 32:
         raise MoshiError(f"--codebooks must be 1..32, got {args.codebooks}")

@@ -8,7 +8,8 @@
 
 Greedy decoding by default (the checkpoints' lm_gen_config; --temp to sample). The input
 gets the checkpoint's silence prefix and, at its end, the flush silence at once (see
-moshi_mlx.transcriber). Word times are seconds of the input. End of turn needs the VAD heads:
+moshi_mlx.transcription.transcriber).
+Word times are seconds of the input. End of turn needs the VAD heads:
 the official MLX files have none; --vad-weights kyutai/stt-1b-en_fr-candle adds them.
 """
 
@@ -24,8 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from .cli import add_compute_args, add_quantize_arg, load_codes, print_blas_hint, seed
-from .errors import MoshiError, WeightsError, cli_errors
+from moshi_mlx.cli.codes import load_codes
+from moshi_mlx.cli.options import add_compute_args, add_quantize_arg, print_blas_hint, seed
+from moshi_mlx.errors import MoshiError, WeightsError, cli_errors
 
 MODEL_REPOS = {"1b": "kyutai/stt-1b-en_fr-mlx", "2.6b": "kyutai/stt-2.6b-en-mlx"}
 FORMATS = ("text", "json", "srt", "vtt")
@@ -86,9 +88,18 @@ class SttFiles:
 def resolve_stt_files(args: argparse.Namespace, need_mimi: bool) -> SttFiles:
     """The files from the options, through the hub's one file / folder / repo / -q policy.
     Kyutai's STT repos hold bf16 weights only: -q then quantizes them on load."""
-    from .hub import CONFIG_NAME, MODEL_FILES, model_file, optional_file, resolve_file
-    from .loading import read_config_json
-    from .models.lm_config import TRANSFORMERS_STT_MODEL_TYPE, TRANSFORMERS_STT_PREPROCESSOR
+    from moshi_mlx.loading.config import read_config_json
+    from moshi_mlx.loading.hub import (
+        CONFIG_NAME,
+        MODEL_FILES,
+        model_file,
+        optional_file,
+        resolve_file,
+    )
+    from moshi_mlx.models.lm_config import (
+        TRANSFORMERS_STT_MODEL_TYPE,
+        TRANSFORMERS_STT_PREPROCESSOR,
+    )
 
     repo = args.hf_repo or MODEL_REPOS[args.model]
     if args.config:
@@ -134,8 +145,8 @@ def _named(names: dict[str, Any], key: str, given: str | None, config: Path) -> 
 
 def check_is_stt(files: SttFiles) -> None:
     """One clear line for a Moshi (speech-to-speech) checkpoint or config given as STT."""
-    from .models.lm_config import LmConfig
-    from .safetensors import read_safetensors_header
+    from moshi_mlx.loading.safetensors import read_safetensors_header
+    from moshi_mlx.models.lm_config import LmConfig
 
     cfg = LmConfig.from_json(files.config)
     if not cfg.is_stt:
@@ -265,12 +276,12 @@ def main(argv: list[str] | None = None) -> int:
         raise MoshiError(f"--temp must be >= 0, got {args.temp}")
     if not 0 < args.eot_threshold < 1:
         raise MoshiError(f"--eot-threshold must be between 0 and 1, got {args.eot_threshold}")
-    from .audio.io import read_audio
+    from moshi_mlx.audio.io import read_audio
 
     pcms = [read_audio(path) for path in args.inputs]  # bad audio fails before loading
     names = [str(p) for p in args.inputs] or [str(args.codes or "mic")]
     if args.mic:
-        from .audio.devices import parse_device
+        from moshi_mlx.audio.devices import parse_device
 
         args.input_device = parse_device(args.input_device)
         _check_input(args.input_device)
@@ -299,9 +310,9 @@ def main(argv: list[str] | None = None) -> int:
 def _load(args: argparse.Namespace, files: SttFiles):
     import sentencepiece
 
-    from .models.lm import load_lm
-    from .models.mimi import load_mimi
-    from .transcriber import Transcriber
+    from moshi_mlx.models.lm import load_lm
+    from moshi_mlx.models.mimi import load_mimi
+    from moshi_mlx.transcription.transcriber import Transcriber
 
     lm = load_lm(files.weights, config=files.config, quantize=args.quantize,
                  dtype=args.dtype, vad_weights=args.vad_weights,
@@ -322,7 +333,7 @@ def _load(args: argparse.Namespace, files: SttFiles):
 
 
 def _transcribe_codes(transcriber, codes: np.ndarray):
-    from .transcriber import transcript_from_events
+    from moshi_mlx.transcription.transcriber import transcript_from_events
 
     transcriber.reset(1)
     events = transcriber.feed_codes(codes) + transcriber.flush()
@@ -331,7 +342,7 @@ def _transcribe_codes(transcriber, codes: np.ndarray):
 
 
 def _transcribe_files(transcriber, pcms: list[np.ndarray], args, outputs):
-    from .transcriber import TextPiece
+    from moshi_mlx.transcription.transcriber import TextPiece
 
     progress = _Progress()
     on_events = None
@@ -354,13 +365,13 @@ def _transcribe_files(transcriber, pcms: list[np.ndarray], args, outputs):
 
 
 def _check_input(device) -> None:
-    from .audio.devices import _device_info, sounddevice
+    from moshi_mlx.audio.devices import _device_info, sounddevice
 
     _device_info(sounddevice(), device, "input")  # AudioError (one line) before loading
 
 
 def _print_live(events, stream=None) -> None:
-    from .transcriber import EndOfTurn, TextPiece
+    from moshi_mlx.transcription.transcriber import EndOfTurn, TextPiece
 
     out = []
     for event in events:
@@ -377,8 +388,8 @@ def _print_live(events, stream=None) -> None:
 def _transcribe_mic(transcriber, args, opener=None):
     """Live: capture -> Mimi -> LM as the audio comes; Ctrl-C stops, then the flush pushes the
     silence at once so the last words come out without waiting for them to be spoken."""
-    from .audio.capture import MicCapture
-    from .transcriber import transcript_from_events
+    from moshi_mlx.audio.capture import MicCapture
+    from moshi_mlx.transcription.transcriber import transcript_from_events
 
     capture = MicCapture(args.input_device, **({} if opener is None else {"opener": opener}))
     transcriber.reset(1)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MoshiError, cli_errors
+from moshi_mlx.errors import MoshiError, cli_errors
 
 DEFAULT_REPO = "sesame/csm-1b"
 DEFAULT_MIMI = "kyutai/moshiko-pytorch-bf16"
@@ -91,7 +91,7 @@ def _int(value: object, what: str) -> int:
 
 def _quantize(value: str | None) -> int | None:
     """-q as a one-line error (argparse's `choices` would print its usage too)."""
-    from .loading import QUANTIZATIONS
+    from moshi_mlx.loading.quantization import QUANTIZATIONS
 
     if value is None:
         return None
@@ -102,8 +102,8 @@ def _quantize(value: str | None) -> int | None:
 
 
 def _context_from_file(path: Path):
-    from .audio.io import read_audio
-    from .csm_generate import Segment
+    from moshi_mlx.audio.io import read_audio
+    from moshi_mlx.speech.generate import Segment
 
     try:
         turns = json.loads(path.read_text())
@@ -123,7 +123,7 @@ def _context_from_file(path: Path):
         if turn.get("audio"):
             audio = read_audio(path.parent / turn["audio"])
         if turn.get("codes"):
-            from .cli import load_codes
+            from moshi_mlx.cli.codes import load_codes
 
             codes = load_codes(path.parent / turn["codes"])
         segments.append(Segment(speaker, str(turn["text"]), audio=audio, codes=codes))
@@ -131,8 +131,8 @@ def _context_from_file(path: Path):
 
 
 def _context(args: argparse.Namespace, speaker: int):
-    from .audio.io import read_audio
-    from .csm_generate import Segment
+    from moshi_mlx.audio.io import read_audio
+    from moshi_mlx.speech.generate import Segment
 
     segments = _context_from_file(args.context) if args.context else []
     if len(args.context_text) != len(args.context_audio):
@@ -160,9 +160,9 @@ def _max_frames(args: argparse.Namespace) -> int | None:
 
 
 def _load(args: argparse.Namespace, quantize: int | None):
-    from .csm_generate import load_tokenizer
-    from .hub import TOKENIZER_JSON_NAME
-    from .models.csm import load_csm
+    from moshi_mlx.loading.hub import TOKENIZER_JSON_NAME
+    from moshi_mlx.models.csm import load_csm
+    from moshi_mlx.speech.generate import load_tokenizer
 
     weights = args.weights or args.hf_repo
     model = load_csm(weights, config=args.config, quantize=quantize)
@@ -178,8 +178,8 @@ def _load(args: argparse.Namespace, quantize: int | None):
 def _watermarked(audio: np.ndarray, args: argparse.Namespace) -> np.ndarray:
     """The whole clip for -o, marked as Sesame marks its output when silentcipher can be
     loaded; otherwise unchanged, with a one-line note (the audio is written either way)."""
-    from .rates import SAMPLE_RATE
-    from .watermark import WatermarkUnavailable, load_watermarker
+    from moshi_mlx.audio.rates import SAMPLE_RATE
+    from moshi_mlx.speech.watermark import WatermarkUnavailable, load_watermarker
 
     if args.no_watermark:
         return audio
@@ -203,7 +203,7 @@ def _streamed_watermark_note(args: argparse.Namespace) -> None:
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from .csm_generate import frames_to_audio, stream_long_speech
+    from moshi_mlx.speech.generate import frames_to_audio, stream_long_speech
 
     speaker = _int(args.speaker, "--speaker")
     quantize = _quantize(args.quantize)
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         if out is not None and str(out.parent) and not out.parent.is_dir():
             raise MoshiError(f"{out}: folder {out.parent} does not exist")
     if args.play:
-        from .audio.devices import check_output_device, parse_device
+        from moshi_mlx.audio.devices import check_output_device, parse_device
 
         args.output_device = parse_device(args.output_device)
         check_output_device(args.output_device)  # before loading the model
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = _load(args, quantize)
     mimi = None
     if needs_mimi:
-        from .models.mimi import load_mimi
+        from moshi_mlx.models.mimi import load_mimi
 
         mimi = load_mimi(args.mimi_weight, num_codebooks=model.cfg.num_codebooks)
     frames = stream_long_speech(model, tokenizer, args.text, speaker, context,
@@ -240,13 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         codes = list(frames)
         if args.output is not None:
-            from .audio.io import write_audio
+            from moshi_mlx.audio.io import write_audio
 
             audio = frames_to_audio(mimi, _stack(codes, model))
             write_audio(args.output, _watermarked(audio, args))
     result = _stack(codes, model)
     if args.codes_out is not None:
-        from .cli import save_npy
+        from moshi_mlx.cli.codes import save_npy
 
         save_npy(args.codes_out, result.T.copy())
     print(f"{len(result)} frames, {len(result) / FRAME_RATE:.2f} s of audio", file=sys.stderr)
@@ -262,7 +262,7 @@ def _stack(frames: list[np.ndarray], model) -> np.ndarray:
 def _write_streaming(path: Path, frames, mimi) -> list[np.ndarray]:
     """Decode and append each frame as it comes; the file is closed (valid) on Ctrl-C too."""
 
-    from .csm_generate import stream_audio
+    from moshi_mlx.speech.generate import stream_audio
 
     done: list[np.ndarray] = []
 
@@ -289,8 +289,8 @@ def _play(args: argparse.Namespace, frames, mimi) -> list[np.ndarray]:
     """Decode each frame as it comes and queue it for the speaker (and the WAV: written frame
     by frame with --stream, else at the end with what was played). Ctrl-C stops at once and
     keeps the frames decoded so far."""
-    from .audio.player import StreamPlayer
-    from .csm_generate import stream_audio
+    from moshi_mlx.audio.player import StreamPlayer
+    from moshi_mlx.speech.generate import stream_audio
 
     done: list[np.ndarray] = []
     pcms: list[np.ndarray] = []
@@ -319,7 +319,7 @@ def _play(args: argparse.Namespace, frames, mimi) -> list[np.ndarray]:
         if out is not None:
             out.close()
     if args.output is not None and not args.stream:
-        from .audio.io import write_audio
+        from moshi_mlx.audio.io import write_audio
 
         audio = np.concatenate(pcms) if pcms else np.zeros(0, np.float32)
         write_audio(args.output, _watermarked(audio, args))

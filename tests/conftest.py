@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 # First, as in every entry point: on Linux this routes MLX's BLAS calls to an installed
-# OpenBLAS (moshi_mlx.blas), so the tests run the same numerics users get.
+# OpenBLAS (moshi_mlx.cli.blas), so the tests run the same numerics users get.
 import moshi_mlx  # noqa: F401
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -69,8 +69,8 @@ def csm_library():
     """The CSM fixture model (float32) and its tokenizer, as the library loads them."""
     import mlx.core as mx
 
-    from moshi_mlx.csm_generate import load_tokenizer
     from moshi_mlx.models.csm import load_csm
+    from moshi_mlx.speech.generate import load_tokenizer
 
     csm = FIXTURES / "csm"
     return load_csm(csm / "sesame", dtype=mx.float32), load_tokenizer(csm / "tokenizer.json")

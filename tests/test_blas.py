@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from moshi_mlx import blas
+from moshi_mlx.cli import blas
 
 BUNDLED = "7f00-7f01 r-xp 0 08:01 1 /venv/site-packages/mlx_cpu.libs/libblas-bd8a282c.so.3\n"
 OPENBLAS = "7f02-7f03 r-xp 0 08:01 2 /usr/lib/x86_64-linux-gnu/libopenblas.so.0\n"
@@ -61,7 +61,7 @@ def _blas_bound_by_mlx(tmp_path, switch: str | None) -> tuple[str, str]:
     env.pop(blas.ENV_SWITCH, None)
     if switch:
         env[blas.ENV_SWITCH] = switch
-    code = ("import moshi_mlx.blas as b, mlx.core as mx; "
+    code = ("import moshi_mlx.cli.blas as b, mlx.core as mx; "
             "mx.eval(mx.ones((64, 64), stream=mx.cpu) @ mx.ones((64, 64), stream=mx.cpu)); "
             "print(b.blas_hint())")
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
@@ -97,7 +97,7 @@ def test_importing_mlx_first_warns_once_exactly_when_it_costs_speed():
         assert proc.returncode == 0, proc.stderr
         return proc.stderr
 
-    late = stderr_of("import mlx.core; import moshi_mlx; import moshi_mlx.blas as b; "
+    late = stderr_of("import mlx.core; import moshi_mlx; import moshi_mlx.cli.blas as b; "
                      "b.load_system_openblas()")
     if blas.find_openblas() is None:
         assert late == ""  # nothing faster is installed: nothing to say

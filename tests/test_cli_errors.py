@@ -11,7 +11,7 @@ import pytest
 from moshi_mlx import local, local_web
 from moshi_mlx import mimi as mimi_cli
 from moshi_mlx.errors import WeightsError
-from moshi_mlx.hub import resolve_file
+from moshi_mlx.loading.hub import resolve_file
 from weights_convert.__main__ import main as convert_main
 
 FIXTURES = Path(__file__).parent / "fixtures"

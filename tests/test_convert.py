@@ -90,7 +90,7 @@ def test_cli_makes_a_complete_model_folder(tmp_path):
 
 
 def test_our_config_json_is_read_by_the_lm_loader(official_mlx_files):
-    from moshi_mlx.loading import resolve_config
+    from moshi_mlx.loading.config import resolve_config
     from moshi_mlx.models.lm_config import LmConfig
 
     for path in official_mlx_files.values():
@@ -188,7 +188,7 @@ def final_names(folder: Path) -> set[str]:
 
 
 def test_failure_halfway_leaves_no_final_file(tmp_path, monkeypatch):
-    from moshi_mlx import safetensors as safetensors_stream
+    from moshi_mlx.loading import safetensors as safetensors_stream
 
     original_write = safetensors_stream.SafetensorsStreamWriter.write
     calls = {"n": 0}
@@ -209,7 +209,7 @@ def test_failure_halfway_leaves_no_final_file(tmp_path, monkeypatch):
 
 KILL_HALFWAY = """
 import os, signal, sys
-from moshi_mlx import safetensors as safetensors_stream
+from moshi_mlx.loading import safetensors as safetensors_stream
 original = safetensors_stream.SafetensorsStreamWriter.write
 count = [0]
 def write(self, name, array):

@@ -20,16 +20,6 @@ import pytest
 from mlx.utils import tree_flatten
 from references import assert_matches_manifest
 
-from moshi_mlx.csm_generate import (
-    ContextCache,
-    Segment,
-    build_prompt,
-    generate_speech,
-    load_tokenizer,
-    split_sentences,
-    stream_long_speech,
-    stream_speech,
-)
 from moshi_mlx.errors import MoshiError, WeightsError
 from moshi_mlx.models.csm import (
     SESAME_FLAVORS,
@@ -39,6 +29,16 @@ from moshi_mlx.models.csm import (
     quant_predicate,
     rope_inv_freq,
     sanitize,
+)
+from moshi_mlx.speech.generate import (
+    ContextCache,
+    Segment,
+    build_prompt,
+    generate_speech,
+    load_tokenizer,
+    split_sentences,
+    stream_long_speech,
+    stream_speech,
 )
 
 CSM = Path(__file__).parent / "fixtures" / "csm"
@@ -409,7 +409,7 @@ def test_missing_config_is_a_one_line_error(tmp_path):
 def test_a_hub_repo_gives_weights_config_and_tokenizer(monkeypatch, hf_dir, tokenizer, golden):
     """A repo id resolves model.safetensors, config.json and tokenizer.json through the hub
     (here a stand-in serving the transformers-layout files)."""
-    import moshi_mlx.hub
+    import moshi_mlx.loading.hub
 
     fetched = []
 
@@ -417,7 +417,7 @@ def test_a_hub_repo_gives_weights_config_and_tokenizer(monkeypatch, hf_dir, toke
         fetched.append((repo, filename))
         return hf_dir / filename
 
-    monkeypatch.setattr(moshi_mlx.hub, "_hub_download", fake_download)
+    monkeypatch.setattr(moshi_mlx.loading.hub, "_hub_download", fake_download)
     model = load_csm("sesame/csm-1b", dtype=mx.float32)
     tok = load_tokenizer("sesame/csm-1b")
     assert sorted(fetched) == [("sesame/csm-1b", name) for name in

@@ -1,4 +1,5 @@
-"""moshi_mlx.engine: the frame loop (Mimi encode -> one Moshi step -> Mimi decode) and the
+"""moshi_mlx.conversation.engine: the
+frame loop (Mimi encode -> one Moshi step -> Mimi decode) and the
 model-file resolution shared by the terminal and web front ends."""
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ import pytest
 import sentencepiece
 import soundfile
 
-from moshi_mlx.cli import add_model_args, build_engine, resolve_model_files
-from moshi_mlx.engine import Engine, FrameOutput
+from moshi_mlx.cli.options import add_model_args, build_engine, resolve_model_files
+from moshi_mlx.conversation.engine import Engine, FrameOutput
 from moshi_mlx.errors import WeightsError
-from moshi_mlx.loading import inspect_checkpoint
+from moshi_mlx.loading.checkpoint import inspect_checkpoint
 
 
 def detect_quantization(path: Path) -> int | None:
@@ -105,7 +106,7 @@ def test_sampling_switched_to_greedy_per_conversation_reproduces_pytorch():
     import mlx.core as mx
 
     from moshi_mlx import LmGen, load_lm
-    from moshi_mlx.sampling import SamplingSettings
+    from moshi_mlx.modules.sampling import SamplingSettings
 
     golden = np.load(FIXTURES / "lm_golden.npz")
     lm = load_lm(str(FIXTURES / "lm_pytorch.safetensors"),
@@ -136,7 +137,7 @@ def test_layers_split_on_the_model_thread_still_reproduce_pytorch():
     import mlx.core as mx
 
     from moshi_mlx import LmGen, load_lm
-    from moshi_mlx.model_thread import (
+    from moshi_mlx.cli.model_thread import (
         load_on_model_thread,
         start_model_thread,
         stop_model_thread,
@@ -233,11 +234,13 @@ def test_default_repo_follows_q_and_voice(monkeypatch, tmp_path, argv, repo, mod
         path.write_bytes(b"")
         return path
 
-    import moshi_mlx.hub
+    import moshi_mlx.loading.hub
 
-    monkeypatch.setattr(moshi_mlx.hub, "_hub_download", fake_download)
-    monkeypatch.setattr("moshi_mlx.loading.inspect_checkpoint", lambda path, config: None)
-    monkeypatch.setattr("moshi_mlx.loading.check_requested_bits", lambda checkpoint, bits: None)
+    monkeypatch.setattr(moshi_mlx.loading.hub, "_hub_download", fake_download)
+    monkeypatch.setattr("moshi_mlx.loading.checkpoint.inspect_checkpoint",
+                        lambda path, config: None)
+    monkeypatch.setattr("moshi_mlx.loading.checkpoint.check_requested_bits",
+                        lambda checkpoint, bits: None)
     files = resolve_model_files(_args(argv))
     assert (repo, model_file) in fetched
     assert (repo, "tokenizer_spm_32k_3.model") in fetched

@@ -10,9 +10,9 @@ import pytest
 from references import numpy_rope
 
 from moshi_mlx import load_lm
-from moshi_mlx.generate import LmGen
+from moshi_mlx.conversation.lm_gen import LmGen
 from moshi_mlx.models.lm_config import LmConfig
-from moshi_mlx.sampling import Sampler, SamplingSettings
+from moshi_mlx.modules.sampling import Sampler, SamplingSettings
 
 SHORT_CONTEXT = 6
 

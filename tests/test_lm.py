@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from moshi_mlx import WeightsError, load_lm
-from moshi_mlx.generate import LmGen
+from moshi_mlx.conversation.lm_gen import LmGen
 from moshi_mlx.models.lm_config import LmConfig
 
 STEPS = 40

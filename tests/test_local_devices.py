@@ -20,7 +20,7 @@ from interrupt import default_sigint
 from moshi_mlx.audio.display import TextDisplay
 from moshi_mlx.audio.duplex import DuplexLoop
 from moshi_mlx.audio.recorder import WavWriter
-from moshi_mlx.engine import Engine
+from moshi_mlx.conversation.engine import Engine
 from moshi_mlx.local import main
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -379,7 +379,7 @@ class _EchoEngine:
     sample_rate, frame_size = 24000, FRAME
 
     def process(self, pcm: np.ndarray):
-        from moshi_mlx.engine import FrameOutput
+        from moshi_mlx.conversation.engine import FrameOutput
 
         return FrameOutput(pcm.copy(), None, {"encode": 0.0, "step": 0.0, "decode": 0.0})
 

@@ -10,7 +10,7 @@ import soundfile
 
 from moshi_mlx.audio.display import TextDisplay
 from moshi_mlx.audio.fileloop import run_file
-from moshi_mlx.engine import Engine
+from moshi_mlx.conversation.engine import Engine
 from moshi_mlx.local import main
 
 FIXTURES = Path(__file__).parent / "fixtures"

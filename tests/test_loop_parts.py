@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from moshi_mlx.audio.display import TextDisplay
-from moshi_mlx.audio.duplex import Framer, StreamResampler
+from moshi_mlx.audio.duplex import Framer
 from moshi_mlx.audio.recorder import TranscriptWriter
+from moshi_mlx.audio.resample import StreamResampler
 from moshi_mlx.audio.ring import BlockQueue, SampleFifo
 from moshi_mlx.errors import MoshiError
 
@@ -164,7 +165,7 @@ def test_transcript_groups_pieces_into_timed_words(tmp_path):
 
 
 def test_out_of_memory_at_load_is_one_clear_line(monkeypatch, tmp_path):
-    from moshi_mlx import engine as engine_mod
+    from moshi_mlx.conversation import engine as engine_mod
 
     def no_memory(*args, **kwargs):
         raise MemoryError

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from moshi_mlx.loading import load_model, read_config_json
+from moshi_mlx.loading.checkpoint import load_model
+from moshi_mlx.loading.config import read_config_json
 from weights_convert import convert
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -167,7 +168,7 @@ def assert_same_parameters(a: nn.Module, b: nn.Module, lacks: str | None = None)
 
 
 def test_builds_from_its_config_json(case):
-    from moshi_mlx.loading import resolve_config
+    from moshi_mlx.loading.config import resolve_config
 
     resolved = resolve_config(case.config, None, case.model_types)
     data = {k: v for k, v in read_config_json(case.config).items() if k != "quantization"}

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from moshi_mlx import SttGen, WeightsError, load_lm
+from moshi_mlx.loading.safetensors import read_safetensors_header
 from moshi_mlx.models.lm_config import LmConfig, SttConfig
-from moshi_mlx.safetensors import read_safetensors_header
 
 VAD_TOLERANCE = 1e-4  # probabilities in [0, 1]; measured differences ~2e-6
 LOGIT_TOLERANCE = 2e-4

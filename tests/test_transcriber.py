@@ -17,9 +17,7 @@ import sentencepiece
 from moshi_mlx import load_lm, load_mimi
 from moshi_mlx.audio.io import read_audio
 from moshi_mlx.models.lm_config import SttConfig
-from moshi_mlx.stt_words import Word as TrackedWord
-from moshi_mlx.stt_words import WordTracker, segment_words
-from moshi_mlx.transcriber import (
+from moshi_mlx.transcription.transcriber import (
     EndOfTurn,
     Flushed,
     TextPiece,
@@ -27,6 +25,8 @@ from moshi_mlx.transcriber import (
     Word,
     WordEnd,
 )
+from moshi_mlx.transcription.words import Word as TrackedWord
+from moshi_mlx.transcription.words import WordTracker, segment_words
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +124,7 @@ def test_transcript_word_ends(lm, tokenizer, stt_golden):
     transcriber = Transcriber(lm, tokenizer)
     events = transcriber.feed_codes(stt_golden["codes_v1"][:, :175]) + transcriber.flush()
     assert isinstance(events[-1], Flushed) and events[-1].duration == pytest.approx(175 / 12.5)
-    from moshi_mlx.transcriber import transcript_from_events
+    from moshi_mlx.transcription.transcriber import transcript_from_events
 
     transcript = transcript_from_events(events, "", 14.0, transcriber.text_time)
     expected = rust_events_in_our_time(stt_golden, tokenizer)

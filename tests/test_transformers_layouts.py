@@ -103,7 +103,7 @@ def test_unsupported_transformers_config_is_a_clear_error(fixtures_dir, change, 
 
 
 def _write(path: Path, tensors: dict[str, mx.array]) -> None:
-    from moshi_mlx.safetensors import SAFETENSORS_DTYPE_NAMES, tensor_to_bytes
+    from moshi_mlx.loading.safetensors import SAFETENSORS_DTYPE_NAMES, tensor_to_bytes
 
     header, offset, blobs = {}, 0, []
     for name, array in tensors.items():
@@ -119,7 +119,7 @@ def _write(path: Path, tensors: dict[str, mx.array]) -> None:
 def _copy_without(folder: Path, dest: Path, drop: str | None = None,
                   add: str | None = None) -> Path:
     """A copy of the transformers folder with one tensor removed or one extra tensor added."""
-    from moshi_mlx.safetensors import read_safetensors
+    from moshi_mlx.loading.safetensors import read_safetensors
 
     tensors = read_safetensors(folder / "model.safetensors")
     if drop:
@@ -136,7 +136,7 @@ def _copy_without(folder: Path, dest: Path, drop: str | None = None,
 def sharded_moshi(transformers_moshi, tmp_path_factory) -> Path:
     """The same checkpoint as save_pretrained shards it: model-0000i-of-00003.safetensors +
     model.safetensors.index.json (names spread over the shards, q/k/v of a layer split)."""
-    from moshi_mlx.safetensors import read_safetensors
+    from moshi_mlx.loading.safetensors import read_safetensors
 
     dest = tmp_path_factory.mktemp("sharded")
     tensors = read_safetensors(transformers_moshi / "model.safetensors")
@@ -203,7 +203,7 @@ def test_bundled_mimi_loads_with_its_audio_encoder_config(transformers_moshi):
 def test_projections_without_the_linear_level_load_the_same(transformers_moshi, golden,
                                                            tmp_path):
     # Older conversions named the projections `self_attn.q_proj.weight` (no `.linear`).
-    from moshi_mlx.safetensors import read_safetensors
+    from moshi_mlx.loading.safetensors import read_safetensors
 
     tensors = {name.replace("_proj.linear.", "_proj."): array for name, array in
                read_safetensors(transformers_moshi / "model.safetensors").items()}
@@ -275,7 +275,7 @@ def test_stt_quantize_on_load_matches_the_q4_golden(transformers_stt, stt_golden
 
 def _pytorch_stt_without_heads(fixtures_dir: Path, path: Path) -> Path:
     """The official PyTorch file as the -trfs repos were converted from (no extra heads)."""
-    from moshi_mlx.safetensors import read_safetensors
+    from moshi_mlx.loading.safetensors import read_safetensors
 
     tensors = read_safetensors(fixtures_dir / "stt" / "stt_pytorch.safetensors")
     _write(path, {k: v for k, v in tensors.items() if not k.startswith("extra_heads.")})

@@ -13,7 +13,7 @@ import pytest
 import soundfile
 
 from moshi_mlx.audio.io import read_audio
-from moshi_mlx.csm_generate import Segment, generate_speech
+from moshi_mlx.speech.generate import Segment, generate_speech
 from moshi_mlx.tts import main
 
 CSM = Path(__file__).parent / "fixtures" / "csm"

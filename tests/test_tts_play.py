@@ -16,7 +16,7 @@ from interrupt import default_sigint
 from test_local_devices import _find, _Monitor
 
 from moshi_mlx.audio.player import StreamPlayer
-from moshi_mlx.csm_generate import generate_speech, stream_audio
+from moshi_mlx.speech.generate import generate_speech, stream_audio
 from moshi_mlx.tts import main
 
 CSM = Path(__file__).parent / "fixtures" / "csm"

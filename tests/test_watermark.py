@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import soundfile
 
-from moshi_mlx.tts import main
-from moshi_mlx.watermark import (
+from moshi_mlx.speech.watermark import (
     MESSAGE_SDR_DB,
     SESAME_WATERMARK_KEY,
     WatermarkUnavailable,
     load_watermarker,
 )
+from moshi_mlx.tts import main
 
 CSM = Path(__file__).parent / "fixtures" / "csm"
 MODEL_ARGS = ["--weights", str(CSM / "sesame"), "--tokenizer", str(CSM / "tokenizer.json")]

@@ -20,7 +20,7 @@ import numpy as np
 import soundfile
 from interrupt import default_sigint
 
-from moshi_mlx.engine import Engine
+from moshi_mlx.conversation.engine import Engine
 from moshi_mlx.web.server import ChatServer, bound_port, serve
 
 FIXTURES = Path(__file__).parent / "fixtures"

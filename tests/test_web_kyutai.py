@@ -20,7 +20,7 @@ from test_web_server import PCM, FakeEngine, expect_handshake, running
 
 from moshi_mlx.errors import MoshiError
 from moshi_mlx.local_web import parse_args, resolve_page
-from moshi_mlx.sampling import SamplingSettings
+from moshi_mlx.modules.sampling import SamplingSettings
 from moshi_mlx.web import kyutai
 from moshi_mlx.web.server import OUR_PAGE, ChatServer
 
@@ -331,7 +331,7 @@ def test_slow_model_drops_frames_counts_and_logs_them(sphn, caplog):
 
 
 class SamplingEngine(FakeEngine):
-    """FakeEngine with sampler settings, as moshi_mlx.engine.Engine has them."""
+    """FakeEngine with sampler settings, as moshi_mlx.conversation.engine.Engine has them."""
 
     def __init__(self):
         super().__init__()

@@ -31,7 +31,7 @@ import soundfile
 from interrupt import default_sigint
 from prerequisites import unavailable
 
-from moshi_mlx.engine import Engine
+from moshi_mlx.conversation.engine import Engine
 from moshi_mlx.web import kyutai
 from moshi_mlx.web.server import ChatServer, bound_port, serve
 

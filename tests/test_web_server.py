@@ -1,7 +1,7 @@
 """The /api/chat server against a real aiohttp client: wire format, one conversation at a
 time, fresh state per conversation, bounded queue under a slow model, bad messages.
 
-The engine here is a fake that follows the `moshi_mlx.engine.Engine` contract, so each
+The engine here is a fake that follows the `moshi_mlx.conversation.engine.Engine` contract, so each
 expected value is derived by hand from what the test sent (the real engine runs in
 test_web_browser.py)."""
 

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from moshi_mlx.errors import WeightsError
-from moshi_mlx.loading import (
+from moshi_mlx.loading.checkpoint import inspect_checkpoint
+from moshi_mlx.loading.quantization import (
     QUANTIZATIONS,
     Quantization,
-    inspect_checkpoint,
     quantizable_weights,
     quantize_tensors,
 )

@@ -10,6 +10,6 @@ import moshi_mlx  # noqa: F401, I001
 
 __version__ = "0.1.0"
 
-from .converter import ConversionResult, convert  # noqa: E402
+from weights_convert.converter import ConversionResult, convert  # noqa: E402
 
 __all__ = ["ConversionResult", "__version__", "convert"]

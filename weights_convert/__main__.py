@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moshi_mlx import hub
-from moshi_mlx.cli import add_quantize_arg
+from moshi_mlx.cli.options import add_quantize_arg
 from moshi_mlx.errors import cli_errors
+from moshi_mlx.loading import hub
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .converter import convert  # after parsing: --help stays fast
+    from weights_convert.converter import convert  # after parsing: --help stays fast
 
     result = convert(
         args.out,

@@ -28,29 +28,25 @@ from typing import Any, BinaryIO
 
 import mlx.core as mx
 
-from moshi_mlx import hub
 from moshi_mlx.errors import WeightsError
-from moshi_mlx.loading import (
-    DEFAULT_MODEL_TYPE,
-    FAMILIES,
-    FRAGMENT,
+from moshi_mlx.loading import hub
+from moshi_mlx.loading.checkpoint import Checkpoint, inspect_checkpoint, sanitized
+from moshi_mlx.loading.config import read_config_json
+from moshi_mlx.loading.families import DEFAULT_MODEL_TYPE, FAMILIES
+from moshi_mlx.loading.quantization import (
     QUANTIZATIONS,
-    Checkpoint,
     Quantization,
-    inspect_checkpoint,
     quantizable_weights,
     quantize_tensor,
-    read_config_json,
-    sanitized,
 )
-from moshi_mlx.safetensors import (
+from moshi_mlx.loading.safetensors import (
     PlannedTensor,
     SafetensorsStreamWriter,
     TensorReader,
     planned,
 )
-
-from . import __version__
+from moshi_mlx.models.layouts import FRAGMENT
+from weights_convert import __version__
 
 _PARTIAL_MARK = ".partial-"
 # Names this tool writes; `--force` removes exactly these (and stale temporaries) first.
@@ -138,7 +134,7 @@ def _extra_names(config: Path | None) -> dict[str, str]:
     """File names of the tokenizer and Mimi beside the weights: the config's own
     `tokenizer_name` / `mimi_name` (official STT configs have them), else the family's
     tokenizer (CSM: tokenizer.json) and Moshi's Mimi (CSM decodes with it too)."""
-    from moshi_mlx.loading import config_model_type
+    from moshi_mlx.loading.config import config_model_type
 
     data = read_config_json(config) if config is not None else {}
     tokenizer = hub.TOKENIZER_NAMES.get(config_model_type(data), hub.MOSHI_TOKENIZER_NAME)

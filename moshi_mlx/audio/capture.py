@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from . import devices
-from .devices import SAMPLE_RATE
-from .duplex import StreamResampler
-from .ring import BlockQueue
+from moshi_mlx.audio import devices
+from moshi_mlx.audio.devices import SAMPLE_RATE
+from moshi_mlx.audio.resample import StreamResampler
+from moshi_mlx.audio.ring import BlockQueue
 
 
 class MicCapture:

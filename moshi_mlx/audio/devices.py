@@ -10,8 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import AudioError
-from ..rates import FRAME_SIZE, SAMPLE_RATE
+from moshi_mlx.audio.rates import FRAME_SIZE, SAMPLE_RATE
+from moshi_mlx.errors import AudioError
 
 
 def sounddevice() -> Any:

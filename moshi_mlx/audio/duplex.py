@@ -24,30 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import AudioError
-from .devices import FRAME_SIZE, SAMPLE_RATE, OpenedStream, open_stream
-from .display import TextDisplay
-from .recorder import WavWriter
-from .ring import BlockQueue, SampleFifo
-from .stats import LoopStats
-
-
-class StreamResampler:
-    """Streaming resampler (soxr) from `src` to `dst` Hz; identity when the rates match."""
-
-    def __init__(self, src: int, dst: int):
-        self.src, self.dst = int(src), int(dst)
-        self._stream = None
-        if self.src != self.dst:
-            import soxr
-
-            self._stream = soxr.ResampleStream(self.src, self.dst, 1, dtype="float32")
-
-    def __call__(self, samples: np.ndarray) -> np.ndarray:
-        samples = np.asarray(samples, dtype=np.float32).reshape(-1)
-        if self._stream is None:
-            return samples
-        return self._stream.resample_chunk(samples)
+from moshi_mlx.audio.devices import FRAME_SIZE, SAMPLE_RATE, OpenedStream, open_stream
+from moshi_mlx.audio.display import TextDisplay
+from moshi_mlx.audio.recorder import WavWriter
+from moshi_mlx.audio.resample import StreamResampler
+from moshi_mlx.audio.ring import BlockQueue, SampleFifo
+from moshi_mlx.audio.stats import LoopStats
+from moshi_mlx.errors import AudioError
 
 
 class Framer:

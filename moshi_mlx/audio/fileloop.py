@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from ..rates import FRAME_SIZE, SAMPLE_RATE
-from .display import TextDisplay
-from .io import read_audio
-from .recorder import TranscriptWriter, WavWriter
-from .stats import LoopStats
+from moshi_mlx.audio.display import TextDisplay
+from moshi_mlx.audio.io import read_audio
+from moshi_mlx.audio.rates import FRAME_SIZE, SAMPLE_RATE
+from moshi_mlx.audio.recorder import TranscriptWriter, WavWriter
+from moshi_mlx.audio.stats import LoopStats
 
 
 def run_file(

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import AudioError
-from ..rates import SAMPLE_RATE
+from moshi_mlx.audio.rates import SAMPLE_RATE
+from moshi_mlx.errors import AudioError
 
 
 def resample(pcm: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:

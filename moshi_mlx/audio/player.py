@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import AudioError
-from ..rates import FRAME_SIZE, SAMPLE_RATE
-from .devices import OpenedStream, open_stream
-from .duplex import StreamResampler
-from .ring import SampleFifo
+from moshi_mlx.audio.devices import OpenedStream, open_stream
+from moshi_mlx.audio.rates import FRAME_SIZE, SAMPLE_RATE
+from moshi_mlx.audio.resample import StreamResampler
+from moshi_mlx.audio.ring import SampleFifo
+from moshi_mlx.errors import AudioError
 
 
 @dataclass

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from ..errors import AudioError
-from ..rates import SAMPLE_RATE
+from moshi_mlx.audio.rates import SAMPLE_RATE
+from moshi_mlx.errors import AudioError
 
 
 class WavWriter:

@@ -20,8 +20,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..errors import WeightsError
-from ..modules.transformer import KVCache
+from moshi_mlx.errors import WeightsError
+from moshi_mlx.modules.transformer import KVCache
 
 # ---------------------------------------------------------------------------- config
 
@@ -112,7 +112,7 @@ class CsmConfig:
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> CsmConfig:
         """config.json; a Sesame one may have its custom flavors in `flavors.json` beside it."""
-        from ..loading import read_config_json
+        from moshi_mlx.loading.config import read_config_json
 
         return cls.from_dict(complete_config(read_config_json(path), Path(path)), str(path))
 
@@ -127,7 +127,7 @@ def complete_config(data: dict, path: Path | None) -> dict:
     `flavors.json` beside it."""
     flavors = path.parent / "flavors.json" if path is not None else None
     if "backbone_flavor" in data and "flavors" not in data and flavors and flavors.is_file():
-        from ..loading import read_config_json
+        from moshi_mlx.loading.config import read_config_json
 
         return {**data, "flavors": read_config_json(flavors)}
     return data
@@ -631,7 +631,7 @@ def _layer_name(table: dict[str, str], name: str) -> str | None:
 def _fused(prefix: str, name: str) -> str:
     """Our full name; q, k, v become their part of the fused `attn.qkv_proj` (joined by the
     loader, tensor by tensor)."""
-    from ..loading import fragment_name
+    from moshi_mlx.models.layouts import fragment_name
 
     for role, part in _QKV.items():
         if name.startswith(role):
@@ -701,8 +701,9 @@ def load_csm(weights: str | os.PathLike, config: CsmConfig | str | os.PathLike |
     from float copies of its dequantized weights (the same values; +0.4 GB for csm-1b q4):
     its 31 steps a frame are matrix-vector products, where MLX's CPU quantized kernel is
     about 3x slower than BLAS on float weights (benchmarks/tts.py)."""
-    from ..loading import dequantize_linears, load_model
-    from ..modules.parallel import default_cpu_threads, split_linears
+    from moshi_mlx.loading.checkpoint import load_model
+    from moshi_mlx.loading.quantization import dequantize_linears
+    from moshi_mlx.modules.parallel import default_cpu_threads, split_linears
 
     model, _ = load_model(weights, config, quantize, dtype, model_types=("csm",))
     if float_decoder_on_cpu and mx.default_device() == mx.cpu:

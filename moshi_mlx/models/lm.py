@@ -16,10 +16,10 @@ from collections.abc import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..errors import WeightsError
-from ..modules.parallel import DEFAULT_MIN_WEIGHTS, default_cpu_threads, split_linears
-from ..modules.transformer import Attention, KVCache
-from .lm_config import LmConfig
+from moshi_mlx.errors import WeightsError
+from moshi_mlx.models.lm_config import LmConfig
+from moshi_mlx.modules.parallel import DEFAULT_MIN_WEIGHTS, default_cpu_threads, split_linears
+from moshi_mlx.modules.transformer import Attention, KVCache
 
 
 class RmsNorm(nn.Module):
@@ -129,7 +129,7 @@ class Depformer(nn.Module):
 
 class Lm(nn.Module):
     """Moshi LM: per 80 ms frame, one `temporal` step over the 1 + n_q token streams, then the
-    `depformer` for Moshi's dep_q audio tokens (driven by `moshi_mlx.generate.LmGen`)."""
+    `depformer` for Moshi's dep_q audio tokens (driven by `moshi_mlx.conversation.lm_gen.LmGen`)."""
 
     def __init__(self, cfg: LmConfig) -> None:
         super().__init__()
@@ -276,7 +276,7 @@ def load_lm(
     repo's model.safetensors) whose `extra_heads` replace or add the STT VAD heads; Kyutai's MLX
     STT files have none. Without it the model has the heads its file has (possibly none).
     """
-    from ..loading import load_model
+    from moshi_mlx.loading.checkpoint import load_model
 
     model, checkpoint = load_model(weights, config, quantize, dtype,
                                    model_types=("moshi", "stt"))
@@ -288,7 +288,7 @@ def load_lm(
 
 
 def _quantization(bits: int):
-    from ..loading import QUANTIZATIONS
+    from moshi_mlx.loading.quantization import QUANTIZATIONS
 
     return QUANTIZATIONS[bits]
 
@@ -296,9 +296,9 @@ def _quantization(bits: int):
 def attach_extra_heads(model: Lm, weights: str | os.PathLike, quantization) -> None:
     """Give `model` the `extra_heads` of another checkpoint (either layout: the names are the
     same), quantized as `quantization` (the model's own, or None)."""
-    from ..hub import model_file
-    from ..loading import quantize_tensors, stored_as
-    from ..safetensors import read_safetensors_header, read_tensor
+    from moshi_mlx.loading.hub import model_file
+    from moshi_mlx.loading.quantization import quantize_tensors, stored_as
+    from moshi_mlx.loading.safetensors import read_safetensors_header, read_tensor
 
     path = model_file(weights, None)
     header = read_safetensors_header(path)
@@ -358,7 +358,8 @@ _TRANSFORMERS_STT_ONLY = re.compile(
 def sanitize(weights: dict[str, mx.array], config: LmConfig) -> dict[str, mx.array]:
     """Tensors of any supported layout (official PyTorch or MLX, transformers Moshi or STT)
     -> ours, lazily, tensor by tensor. The layout is recognised per key. A transformers q/k/v
-    projection becomes one fragment of our fused in_proj (see `moshi_mlx.loading.FRAGMENT`)."""
+    projection becomes one fragment of our fused in_proj (see
+    `moshi_mlx.models.layouts.FRAGMENT`)."""
     out: dict[str, mx.array] = {}
     for key, tensor in weights.items():
         if _TRANSFORMERS_ONLY.search(key):
@@ -504,7 +505,7 @@ def transformers_to_mlx(key: str, tensor: mx.array, config: LmConfig
     (`load_mimi` reads it from the same file). Fused in_proj = [q; k; v] rows: each of
     q_proj / k_proj / v_proj is fragment 0 / 1 / 2 of 3, joined by the loader.
     """
-    from ..loading import fragment_name
+    from moshi_mlx.models.layouts import fragment_name
 
     if key.startswith("audio_encoder."):
         return []
@@ -580,7 +581,7 @@ def transformers_stt_to_mlx(key: str, tensor: mx.array, config: LmConfig
     concatenates a float32 zero row); their values are the bf16 ones, so they are stored
     back as bf16 (exact), like every float32 tensor of this layout.
     """
-    from ..loading import fragment_name
+    from moshi_mlx.models.layouts import fragment_name
 
     if key.startswith("codec_model."):
         return []

@@ -11,7 +11,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from ..errors import WeightsError
+from moshi_mlx.errors import WeightsError
 
 # Keys that official (and our converter's) config.json files carry beside the architecture;
 # the quantization is read from the weight file itself.
@@ -185,7 +185,7 @@ class LmConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> LmConfig:
-        from ..loading import read_config_json
+        from moshi_mlx.loading.config import read_config_json
 
         return cls.from_dict(read_config_json(path), source=str(path))
 

@@ -20,13 +20,19 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..errors import AudioError, WeightsError
-from ..modules.cache import WindowCache
-from ..modules.conv import ConvState, ConvTrState
-from ..modules.rvq import SplitResidualVectorQuantizer
-from ..modules.seanet import ConvLayer, ConvTrLayer, SeanetConfig, SeanetDecoder, SeanetEncoder
-from ..modules.transformer import Attention
-from ..rates import FRAME_SIZE, SAMPLE_RATE
+from moshi_mlx.audio.rates import FRAME_SIZE, SAMPLE_RATE
+from moshi_mlx.errors import AudioError, WeightsError
+from moshi_mlx.modules.cache import WindowCache
+from moshi_mlx.modules.conv import ConvState, ConvTrState
+from moshi_mlx.modules.rvq import SplitResidualVectorQuantizer
+from moshi_mlx.modules.seanet import (
+    ConvLayer,
+    ConvTrLayer,
+    SeanetConfig,
+    SeanetDecoder,
+    SeanetEncoder,
+)
+from moshi_mlx.modules.transformer import Attention
 
 
 @dataclass
@@ -379,7 +385,7 @@ def transformers_to_official(weights: dict[str, mx.array], cfg: MimiConfig
     """transformers `MimiModel` names/layout -> the official PyTorch checkpoint's: conv names,
     split codebook halves, q/k/v projections fused back into in_proj (q and k rows put back in
     the interleaved-RoPE order)."""
-    from ..loading import FragmentJoiner, fragment_name
+    from moshi_mlx.models.layouts import FragmentJoiner, fragment_name
 
     convtr = _decoder_convtr_indices(cfg)
     joiner = FragmentJoiner()
@@ -501,7 +507,7 @@ def _layout_hint(keys) -> str:
 def _mimi_config(config_path, source: str) -> tuple[MimiConfig | None, str]:
     """The MimiConfig a transformers config.json describes (and the tensor prefix of the Mimi
     bundled in a Moshi or STT file), or None for any other config (official LM configs)."""
-    from ..loading import read_config_json
+    from moshi_mlx.loading.config import read_config_json
 
     if config_path is None:
         return None, ""
@@ -524,8 +530,8 @@ def load_mimi(
     transformers config.json beside the weights when there is one, else kyutai/mimi's.
     A transformers Kyutai STT checkpoint (kyutai/stt-*-trfs) bundles its Mimi the same way
     (`codec_model.*`, described by `codec_config`)."""
-    from ..hub import mimi_files
-    from ..safetensors import read_safetensors
+    from moshi_mlx.loading.hub import mimi_files
+    from moshi_mlx.loading.safetensors import read_safetensors
 
     files, config_path = mimi_files(path_or_repo)
     shown = files[0] if len(files) == 1 else files[0].parent

@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .conv import StreamingConv1d, StreamingConvTranspose1d
+from moshi_mlx.modules.conv import StreamingConv1d, StreamingConvTranspose1d
 
 
 @dataclass

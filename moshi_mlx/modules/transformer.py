@@ -8,7 +8,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import AttentionCache, KVCache, WindowCache
+from moshi_mlx.modules.cache import AttentionCache, KVCache, WindowCache
 
 __all__ = ["Attention", "AttentionCache", "KVCache", "WindowCache", "rope"]
 

@@ -19,8 +19,8 @@ from types import ModuleType
 
 import numpy as np
 
-from ..rates import FRAME_SIZE, SAMPLE_RATE
-from .protocol import ProtocolError
+from moshi_mlx.audio.rates import FRAME_SIZE, SAMPLE_RATE
+from moshi_mlx.web.protocol import ProtocolError
 
 KIND_READY = 0x00
 KIND_AUDIO = 0x01

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..rates import FRAME_SIZE, SAMPLE_RATE
+from moshi_mlx.audio.rates import FRAME_SIZE, SAMPLE_RATE
 
 PROTOCOL_VERSION = 1
 SUBPROTOCOL = "moshi-mlx-pcm"

@@ -36,7 +36,7 @@ def _top_k(name: str, raw: str) -> int:
     return int(value)
 
 
-# URL parameter -> (field of moshi_mlx.sampling.SamplingSettings, parser)
+# URL parameter -> (field of moshi_mlx.modules.sampling.SamplingSettings, parser)
 SAMPLING_PARAMETERS = {
     "text_temperature": ("text_temp", _temperature),
     "text_topk": ("text_topk", _top_k),

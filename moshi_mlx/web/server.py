@@ -23,9 +23,9 @@ from urllib.parse import urlsplit
 import numpy as np
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from ..model_thread import load_on_model_thread, start_model_thread, stop_model_thread
-from . import kyutai, protocol
-from .query import QueryError, sampling_overrides
+from moshi_mlx.cli.model_thread import load_on_model_thread, start_model_thread, stop_model_thread
+from moshi_mlx.web import kyutai, protocol
+from moshi_mlx.web.query import QueryError, sampling_overrides
 
 log = logging.getLogger("moshi_mlx.web")
 
@@ -36,9 +36,9 @@ LAG_LOG_INTERVAL_S = 5.0
 
 
 class ConversationEngine(Protocol):
-    """What the server needs from `moshi_mlx.engine.Engine`.
+    """What the server needs from `moshi_mlx.conversation.engine.Engine`.
 
-    Optional: `sampling` and `set_sampling(settings)` (moshi_mlx.sampling.SamplingSettings),
+    Optional: `sampling` and `set_sampling(settings)` (moshi_mlx.modules.sampling.SamplingSettings),
     through which a client's sampling query parameters apply to its conversation only.
     """
 

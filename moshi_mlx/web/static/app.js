@@ -6,7 +6,7 @@ const KIND_HANDSHAKE = 0x00;
 const KIND_AUDIO = 0x01;
 const KIND_TEXT = 0x02;
 const KIND_STATUS = 0x05;
-// The audio format is the server's (moshi_mlx.rates): written into this page as it is served,
+// The audio format is the server's (moshi_mlx.audio.rates): written into this page as it is served,
 // so that the AudioContext can be made at that rate within the click, and repeated in the
 // handshake, which must agree.
 const [MODEL_RATE, FRAME_SIZE] = document

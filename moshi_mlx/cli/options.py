@@ -1,20 +1,15 @@
 """What every command line shares: argument types and groups, the model-file options and how
-they resolve (through `moshi_mlx.hub`), early checks, and the BLAS hint."""
+they resolve (through `moshi_mlx.loading.hub`), early checks, and the BLAS hint."""
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from . import hub
-from .errors import MoshiError
+from moshi_mlx.loading import hub
 
 VOICES = ("moshiko", "moshika")
 DTYPE_CHOICES = ("auto", "bf16", "f32")
@@ -53,7 +48,7 @@ def add_compute_args(group: Any) -> None:
 
 def print_blas_hint() -> None:
     """One stderr line when MLX runs on the slow reference BLAS (Linux)."""
-    from .blas import blas_hint
+    from moshi_mlx.cli.blas import blas_hint
 
     hint = blas_hint()
     if hint:
@@ -61,39 +56,6 @@ def print_blas_hint() -> None:
 
 
 # ---------------------------------------------------------------------------- files
-
-
-def load_codes(path: Path) -> np.ndarray:
-    """Mimi codes from a .npy file: [K, frames] or [1, K, frames] -> int32 [K, frames]."""
-    if not path.is_file():
-        raise MoshiError(f"{path}: no such codes file")
-    try:
-        codes = np.load(path, allow_pickle=False)
-    except Exception as exc:
-        raise MoshiError(f"{path}: not a .npy array of codes ({exc})") from None
-    if not isinstance(codes, np.ndarray):  # an .npz archive
-        codes.close()
-        raise MoshiError(f"{path}: expected a .npy array of codes, not an .npz archive")
-    if codes.ndim == 3 and codes.shape[0] == 1:
-        codes = codes[0]
-    if codes.ndim != 2 or 0 in codes.shape or not np.issubdtype(codes.dtype, np.integer):
-        raise MoshiError(f"{path}: expected integer codes [K, frames], got {codes.dtype} "
-                         f"{codes.shape}")
-    if codes.min() < 0 or codes.max() >= 2048:
-        raise MoshiError(f"{path}: codes must be in 0..2047")
-    return codes.astype(np.int32)
-
-
-def save_npy(path: Path, array: np.ndarray) -> None:
-    folder = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npy", dir=folder)
-    os.close(fd)
-    try:
-        np.save(tmp, array)
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise MoshiError(f"{path}: cannot write ({exc})") from None
 
 
 # ---------------------------------------------------------------------------- Moshi
@@ -134,7 +96,7 @@ class ModelFiles:
 def resolve_model_files(args: argparse.Namespace) -> ModelFiles:
     """Find the Moshi files from the parsed options (local paths, a folder or a hub repo) and
     check the weights against -q from their header, before anything is loaded."""
-    from .loading import check_requested_bits, inspect_checkpoint
+    from moshi_mlx.loading.checkpoint import check_requested_bits, inspect_checkpoint
 
     quantize = getattr(args, "quantize", None)
     repo = args.hf_repo or hub.moshi_repo(getattr(args, "voice", "moshiko"), quantize)
@@ -152,7 +114,7 @@ def resolve_model_files(args: argparse.Namespace) -> ModelFiles:
 
 def build_engine(args: argparse.Namespace) -> Any:
     """Resolve the files named by `add_model_args` options and load the engine."""
-    from .engine import Engine
+    from moshi_mlx.conversation.engine import Engine
 
     files = resolve_model_files(args)
     engine = Engine.from_files(

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from .errors import MoshiError, WeightsError
-from .rates import FRAME_SIZE, SAMPLE_RATE
+from moshi_mlx.audio.rates import FRAME_SIZE, SAMPLE_RATE
+from moshi_mlx.errors import MoshiError, WeightsError
 
 if TYPE_CHECKING:  # (sampling imports MLX, which this module loads only when stepping)
-    from .sampling import SamplingSettings
+    from moshi_mlx.modules.sampling import SamplingSettings
 
 NUM_CODEBOOKS = 8  # Moshi's codebooks per stream
 
@@ -126,7 +126,7 @@ class Engine:
     ) -> Engine:
         import sentencepiece
 
-        from . import LmGen, load_lm
+        from moshi_mlx import LmGen, load_lm
 
         for path, what in ((moshi_weight, "Moshi weights"), (mimi_weight, "Mimi weights"),
                            (tokenizer, "text tokenizer")):
@@ -232,6 +232,6 @@ def make_codec(mimi_weight: str | Path, backend: str = "mlx") -> Codec:
             raise MoshiError("--mimi-backend rustymimi needs `pip install rustymimi`") from None
     if backend != "mlx":
         raise MoshiError(f"unknown Mimi backend {backend!r} (use mlx or rustymimi)")
-    from . import load_mimi
+    from moshi_mlx import load_mimi
 
     return MlxCodec(load_mimi(str(mimi_weight), num_codebooks=NUM_CODEBOOKS))

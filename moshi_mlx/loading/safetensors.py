@@ -21,7 +21,7 @@ from typing import Any, BinaryIO
 import mlx.core as mx
 import numpy as np
 
-from .errors import WeightsError
+from moshi_mlx.errors import WeightsError
 
 # safetensors dtype name -> (MLX dtype, numpy dtype holding the same bytes)
 _DTYPES: dict[str, tuple[mx.Dtype, np.dtype]] = {

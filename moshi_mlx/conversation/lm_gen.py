@@ -17,8 +17,8 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from .models.lm import Lm
-from .sampling import Sampler, SamplingSettings, new_key
+from moshi_mlx.models.lm import Lm
+from moshi_mlx.modules.sampling import Sampler, SamplingSettings, new_key
 
 
 class LmGen:

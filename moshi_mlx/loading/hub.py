@@ -16,7 +16,7 @@ import threading
 import urllib.request
 from pathlib import Path
 
-from .errors import WeightsError
+from moshi_mlx.errors import WeightsError
 
 # ---------------------------------------------------------------------------- file names
 

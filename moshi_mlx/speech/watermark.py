@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import MoshiError
+from moshi_mlx.errors import MoshiError
 
 SESAME_WATERMARK_KEY = (212, 211, 146, 56, 201)  # Sesame's published key for CSM-1B audio
 MESSAGE_SDR_DB = 36

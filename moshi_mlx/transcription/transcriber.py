@@ -24,12 +24,12 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from .generate import SttGen
-from .models.lm import Lm
-from .models.lm_config import SttConfig
-from .stt_words import EPAD, PAD, WordTracker, timed_words
-from .stt_words import Word as _TrackedWord
-from .stt_words import WordEnd as _TrackedWordEnd
+from moshi_mlx.conversation.lm_gen import SttGen
+from moshi_mlx.models.lm import Lm
+from moshi_mlx.models.lm_config import SttConfig
+from moshi_mlx.transcription.words import EPAD, PAD, WordTracker, timed_words
+from moshi_mlx.transcription.words import Word as _TrackedWord
+from moshi_mlx.transcription.words import WordEnd as _TrackedWordEnd
 
 SAMPLE_RATE = 24000
 FRAME_SIZE = 1920
@@ -347,7 +347,7 @@ class Transcriber:
                          ) -> list[Transcript]:
         """Transcribe several files as one batch (one stream per file); options as
         `transcribe_pcm`."""
-        from .audio.io import read_audio
+        from moshi_mlx.audio.io import read_audio
 
         pcms = [read_audio(p) for p in paths]
         return self.transcribe_pcm(pcms, **options)

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from .errors import MoshiError, WeightsError
-from .models.csm import Csm
-from .sampling import Sampler, new_key
+from moshi_mlx.errors import MoshiError, WeightsError
+from moshi_mlx.models.csm import Csm
+from moshi_mlx.modules.sampling import Sampler, new_key
 
 MIMI_CODES = 2048  # valid Mimi code ids are 0..2047
 SESAME_MAX_FRAMES = 1125  # Sesame's default max_audio_length_ms 90 000 / 80 ms
@@ -87,7 +87,7 @@ class CsmTokenizer:
 
 def load_tokenizer(path_or_repo: str | os.PathLike) -> CsmTokenizer:
     """tokenizer.json: a file, a folder holding it, or a Hugging Face repo id."""
-    from .hub import TOKENIZER_JSON_NAME, resolve_file
+    from moshi_mlx.loading.hub import TOKENIZER_JSON_NAME, resolve_file
 
     return CsmTokenizer(resolve_file(path_or_repo, TOKENIZER_JSON_NAME))
 

@@ -1,0 +1,210 @@
+"""One load path for every model family:
+
+    config.json (model_type) -> model -> sanitize (any official layout) -> quantize -> load (strict)
+
+A family is a module in `moshi_mlx.models` that defines `Config` (a dataclass with
+`from_dict(data, source)` and `default()`), `Model` (built from a Config; its parameter names
+are the layout we load), `sanitize(weights, config)` (any supported layout -> our names, lazily,
+tensor by tensor), `quant_predicate(path, module)` (which modules -q quantizes),
+`DESCRIPTION` (for messages; or `describe(config)`) and `STORED_DTYPE` (the safetensors float
+dtype its checkpoints must use, or None for any float); optionally `fit_config(config,
+tensors)` (the config fitted to optional parts a checkpoint may or may not have),
+`complete_config(data, path)` (config.json data completed from files beside it) and
+`CONFIG_MARKERS` (keys that identify its config.json when `model_type` is absent).
+
+Checks run on the header alone (names, dtypes and shapes against the model's own parameters,
+quantization) before any tensor data is read, so a wrong file or `-q` fails at once.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from moshi_mlx.errors import WeightsError
+from moshi_mlx.loading import hub
+from moshi_mlx.loading.config import resolve_config
+from moshi_mlx.loading.families import describe
+from moshi_mlx.loading.quantization import (
+    QUANTIZATIONS,
+    Quantization,
+    apply_quantization,
+    check_quantize,
+    detect_quantization,
+    quantizable_weights,
+    quantize_tensors,
+    quantized_linear_paths,
+    resolve_dtype,
+    stored_as,
+)
+from moshi_mlx.loading.safetensors import CheckpointFiles
+from moshi_mlx.models.layouts import FragmentJoiner
+
+# ---------------------------------------------------------------------------- config
+
+
+# ---------------------------------------------------------------------------- quantization
+
+
+# ---------------------------------------------------------------------------- fragments
+
+
+def sanitized(family: ModuleType, config: Any, tensors, source: str):
+    """(source name, array) pairs -> (our name, array, source name) through the family's
+    sanitize, fragments joined (the source name of a joined tensor is its last piece's)."""
+    joiner = FragmentJoiner()
+    for name, array in tensors:
+        for key, value in family.sanitize({name: array}, config).items():
+            for done, joined in joiner.add(key, value):
+                yield done, joined, name
+    joiner.check_done(source)
+
+
+# ---------------------------------------------------------------------------- checks
+
+
+def check_tensors(model: nn.Module, tensors: dict[str, mx.array], source: str,
+                  description: str, stored_dtype: str | None = None,
+                  origin: dict[str, str] | None = None) -> None:
+    """Names, shapes (and, with `stored_dtype`, float dtypes) of sanitized tensors against the
+    model's own parameters; WeightsError names the first problem, by the name the file gives
+    the tensor (`origin`: our name -> the file's) where there is one."""
+    from moshi_mlx.loading.safetensors import SAFETENSORS_DTYPE_NAMES
+
+    def named(key: str) -> str:
+        return (origin or {}).get(key, key)
+
+    expected = dict(tree_flatten(model.parameters()))
+    if not set(expected) & set(tensors):
+        raise WeightsError(f"{source} is not a {description} checkpoint "
+                           f"({len(tensors)} tensors, none of them the model's)")
+    missing = [key for key in expected if key not in tensors]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise WeightsError(f"{source} is missing tensor {missing[0]}{more}")
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise WeightsError(f"{source} has unexpected tensor {named(unexpected[0])} "
+                           f"(not part of this {description})")
+    for key, want in expected.items():
+        have = tensors[key]
+        packed = want.dtype == mx.uint32
+        if packed != (have.dtype == mx.uint32):
+            raise WeightsError(f"{source}: tensor {named(key)} has dtype "
+                               f"{SAFETENSORS_DTYPE_NAMES[have.dtype]}, expected "
+                               f"{'U32' if packed else stored_dtype or 'a float'}")
+        if (stored_dtype is not None and not packed
+                and SAFETENSORS_DTYPE_NAMES[have.dtype] != stored_dtype):
+            raise WeightsError(f"{source}: tensor {named(key)} has dtype "
+                               f"{SAFETENSORS_DTYPE_NAMES[have.dtype]}, expected {stored_dtype}")
+        if tuple(have.shape) != tuple(want.shape):
+            raise WeightsError(f"{source}: tensor {named(key)} has shape {tuple(have.shape)}, "
+                               f"expected "
+                               f"{tuple(want.shape)} for this config")
+
+
+@dataclass
+class Checkpoint:
+    """A checked checkpoint, not yet read: what `load_model` and the converter work from."""
+
+    files: CheckpointFiles  # one file, or the shards of a sharded checkpoint
+    model_type: str
+    family: ModuleType
+    config: Any
+    quantization: Quantization | None  # of the file
+
+    @property
+    def path(self) -> Path:
+        return self.files.path
+
+    @property
+    def name(self) -> str:
+        return self.files.name
+
+    def read(self) -> dict[str, mx.array]:
+        """Every tensor, read one at a time and sanitized into our layout."""
+        pairs = ((name, array) for name, _raw, array in self.files.iter_tensors())
+        return {key: array for key, array, _ in
+                sanitized(self.family, self.config, pairs, self.name)}
+
+
+def inspect_checkpoint(path: str | os.PathLike | list[Path], config: Any = None,
+                       model_types: tuple[str, ...] = ("moshi", "stt")) -> Checkpoint:
+    """Check a weight file (or the list of a sharded checkpoint's files) from its header
+    alone against its config (see resolve_config)."""
+    paths = [Path(p) for p in path] if isinstance(path, (list, tuple)) else [Path(path)]
+    files = CheckpointFiles.read(paths)
+    name = files.name
+    resolved = resolve_config(config, files.path, model_types)
+    family, cfg = resolved.family, resolved.config
+    if not files.owner:
+        raise WeightsError(f"{name} holds no tensors: not a {describe(family, cfg)} checkpoint")
+    mapped: dict[str, mx.array] = {}
+    origin: dict[str, str] = {}
+    for key, array, source in sanitized(family, cfg, files.placeholders().items(), name):
+        mapped[key] = array
+        origin[key] = source
+    if hasattr(family, "fit_config"):  # optional parts (e.g. STT's VAD heads) the file has
+        cfg = family.fit_config(cfg, mapped)
+    plain = family.Model(cfg)
+    plain_shapes = {k: tuple(v.shape) for k, v in tree_flatten(plain.parameters())}
+    quantization = detect_quantization(mapped, plain_shapes, name)
+    if resolved.quantization is not None and resolved.quantization != quantization:
+        found = "not quantized" if quantization is None else f"{quantization.bits}-bit"
+        raise WeightsError(f"{resolved.source} says {resolved.quantization.bits}-bit "
+                           f"quantization, but {name} is {found}")
+    if quantization is not None:
+        apply_quantization(plain, family, quantization)
+    check_tensors(plain, mapped, name, describe(family, cfg), family.STORED_DTYPE, origin)
+    return Checkpoint(files, resolved.model_type, family, cfg, quantization)
+
+
+def check_requested_bits(checkpoint: Checkpoint, quantize: int | None) -> None:
+    """-q that names other bits than a pre-quantized file holds is a clear error (-q with a
+    bf16 file is fine: it is quantized while loading)."""
+    found = checkpoint.quantization
+    if found is not None and quantize is not None and found.bits != quantize:
+        raise WeightsError(f"{checkpoint.name} is {found.bits}-bit quantized, but -q {quantize} "
+                           f"was asked; use -q {found.bits} (or the matching repo/file)")
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_model(weights: str | os.PathLike, config: Any = None, quantize: int | None = None,
+               dtype: mx.Dtype | str | None = None,
+               model_types: tuple[str, ...] = ("moshi", "stt")) -> tuple[nn.Module, Checkpoint]:
+    """Load a model of one of `model_types` from a file, a model folder or a hub repo.
+
+    quantize: None keeps the file as it is; 4 or 8 quantizes a bf16 file while loading, or
+    asserts that a pre-quantized file has these bits. dtype: compute dtype (None = auto).
+    """
+    check_quantize(quantize)
+    compute = resolve_dtype(dtype)
+    files = hub.model_files(weights, quantize)
+    if config is None and not Path(weights).expanduser().exists():  # a repo: its config.json
+        config = hub.optional_file(weights, hub.CONFIG_NAME)
+    checkpoint = inspect_checkpoint(files, config, model_types)
+    check_requested_bits(checkpoint, quantize)
+    family, cfg = checkpoint.family, checkpoint.config
+    tensors = checkpoint.read()
+    target = checkpoint.quantization
+    if target is None and quantize is not None:
+        target = QUANTIZATIONS[quantize]
+        tensors = quantize_tensors(tensors, quantizable_weights(family, cfg), target)
+    model = family.Model(cfg)
+    if target is not None:
+        apply_quantization(model, family, target)
+    check_tensors(model, tensors, checkpoint.name, describe(family, cfg))
+    quantized = quantized_linear_paths(model)
+    model.load_weights([(k, stored_as(k, v, compute, quantized)) for k, v in tensors.items()],
+                       strict=True)
+    mx.eval(model.parameters())
+    return model, checkpoint
