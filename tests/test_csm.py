@@ -526,7 +526,7 @@ def test_dropping_the_model_frees_it_without_a_garbage_collection(tokenizer, com
 
 def _mlx_audio_from_sesame(sesame: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """mlx-audio's layout (mlx-community/csm-1b) of the Sesame tensors, as its sanitize names
-    them (benchmarks/derive_mlx_audio_csm.py recorded what mlx-audio itself holds)."""
+    them (tools/derive_mlx_audio_csm.py recorded what mlx-audio itself holds)."""
     renames = [(r"\.attn\.output_proj\.", ".self_attn.o_proj."), (r"\.attn\.", ".self_attn."),
                (r"\.mlp\.w1\.", ".mlp.gate_proj."), (r"\.mlp\.w2\.", ".mlp.down_proj."),
                (r"\.mlp\.w3\.", ".mlp.up_proj."), (r"\.sa_norm\.scale$", ".input_layernorm.weight"),

@@ -4,7 +4,7 @@ and splits it must load to exactly the model the official file gives (whose code
 match rustymimi: test_mimi.py), from a file, a folder or shards.
 
 That the rewrite is the one transformers makes is shown outside the tests, with transformers'
-own script and models: benchmarks/derive_transformers_layouts.py (same codes and audio).
+own script and models: tools/derive_transformers_layouts.py (same codes and audio).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The tiny Moshi LM and the tiny STT in the transformers layouts (MoshiForConditionalGeneration,
 KyutaiSpeechToTextForConditionalGeneration), rebuilt here from tests/fixtures/lm_pytorch.safetensors
 and tests/fixtures/stt/stt_pytorch.safetensors with numpy alone, and proven identical to the files
-transformers' own conversion scripts made (benchmarks/derive_transformers_layouts.py): every
+transformers' own conversion scripts made (tools/derive_transformers_layouts.py): every
 tensor's dtype, shape and sha256 must equal lm_transformers.manifest.json /
 stt/stt_transformers.manifest.json.
 

@@ -4,7 +4,7 @@ tests/fixtures/csm/sesame through its own `sanitize`, as its converter saves the
 with mlx-audio's interpreter (its own venv; never imported by moshi_mlx); tests/test_csm.py
 checks its mlx-audio-layout copy of the fixture against the manifest it writes.
 
-    /path/to/mlx-audio-venv/bin/python benchmarks/derive_mlx_audio_csm.py \
+    /path/to/mlx-audio-venv/bin/python tools/derive_mlx_audio_csm.py \
         tests/fixtures/csm/mlx_audio_model.manifest.json [MIMI.safetensors]
 """
 
@@ -20,6 +20,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from derive_transformers_layouts import manifest  # noqa: E402
 from mlxaudio_csm_worker import fixture_config, use_local_downloads  # noqa: E402

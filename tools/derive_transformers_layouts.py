@@ -5,7 +5,7 @@ Three steps, in two environments (the package never imports transformers or torc
 
 1. derive (a venv with CPU torch + transformers + safetensors + numpy, e.g. /work/trfs-venv):
 
-       python benchmarks/derive_transformers_layouts.py derive --scripts DIR --out OUT
+       python tools/derive_transformers_layouts.py derive --scripts DIR --out OUT
 
    DIR holds the three conversion scripts of the transformers repository (they are not in the
    wheel): src/transformers/models/mimi/convert_mimi_checkpoint_to_pytorch.py (read at commit
@@ -44,7 +44,7 @@ Three steps, in two environments (the package never imports transformers or torc
 
 3. verify (our venv, with MLX and rustymimi):
 
-       PYTHONPATH=$PWD python benchmarks/derive_transformers_layouts.py verify --out OUT
+       PYTHONPATH=$PWD python tools/derive_transformers_layouts.py verify --out OUT
 
    our load_mimi on OUT/mimi (folder, file, and a 3-shard copy) against load_mimi on the
    official file, rustymimi and transformers' MimiModel; prints JSON.
