@@ -1,0 +1,142 @@
+"""The README's examples run as written, so they cannot drift from the code.
+
+Every `python -m moshi_mlx...` / `python -m weights_convert` line of its bash blocks is parsed
+by that command's own parser; those that need no sound device, server or browser are run in a
+child process against a Hugging Face cache that holds the test fixtures under the official
+repo names (offline), and must exit 0 and write what they name. Every Python block runs too.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+from readme_examples import Command, add_repo, blocks, commands
+
+from moshi_mlx.loading import hub
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+# Flags that open a sound device, serve, or only list devices: parsed, not run here (the
+# device and browser tests run those paths on a virtual sound card).
+LIVE_FLAGS = {"--mic", "--play", "--list-devices"}
+OUTPUT_FLAGS = {"-o", "--output-file", "--transcript", "--codes-out", "--out", "--record"}
+# The fixture CSM is random: it rarely draws the all-zero end frame, so runs get a short limit.
+CSM_FRAME_LIMIT = ["--max-frames", "6"]
+CLIP_SECONDS = 2.0
+
+
+def runs_here(command: Command) -> bool:
+    if command.module == "moshi_mlx.local_web" or LIVE_FLAGS & set(command.argv):
+        return False
+    if command.module == "moshi_mlx.local":
+        return "--input-file" in command.argv
+    return True
+
+
+@pytest.fixture(scope="module")
+def fixture_hub(tmp_path_factory, official_mlx_files, official_stt_mlx_files,
+                random_mimi_path) -> Path:
+    """The official repos the README names, holding the fixtures."""
+    cache = tmp_path_factory.mktemp("hf_cache")
+    moshi_common = {hub.CONFIG_NAME: FIXTURES / "lm_config.json",
+                    hub.MOSHI_TOKENIZER_NAME: FIXTURES / "tokenizer.model",
+                    hub.MIMI_NAME: random_mimi_path}
+    for voice in ("moshiko", "moshika"):
+        for bits, name in ((None, "bf16"), (8, "q8"), (4, "q4")):
+            add_repo(cache, hub.moshi_repo(voice, bits),
+                     {**moshi_common, hub.MODEL_FILES[bits]: official_mlx_files[name]})
+        add_repo(cache, f"kyutai/{voice}-pytorch-bf16",
+                 {**moshi_common, hub.MODEL_FILES[None]: FIXTURES / "lm_pytorch.safetensors"})
+    stt = FIXTURES / "stt"
+    stt_common = {hub.CONFIG_NAME: stt / "stt_config.json",
+                  "stt_tokenizer.model": stt / "stt_tokenizer.model",
+                  "mimi.safetensors": random_mimi_path}
+    for repo in ("kyutai/stt-1b-en_fr-mlx", "kyutai/stt-2.6b-en-mlx"):
+        add_repo(cache, repo, {**stt_common, hub.MODEL_FILES[None]: official_stt_mlx_files["bf16"]})
+    add_repo(cache, "kyutai/stt-1b-en_fr-candle",
+             {**stt_common, hub.MODEL_FILES[None]: stt / "stt_pytorch.safetensors"})
+    csm = FIXTURES / "csm"
+    add_repo(cache, "sesame/csm-1b", {
+        hub.CONFIG_NAME: csm / "sesame" / "config.json", "flavors.json": csm / "sesame" / "flavors.json",
+        hub.MODEL_FILES[None]: csm / "sesame" / "model.safetensors",
+        hub.TOKENIZER_JSON_NAME: csm / "tokenizer.json"})
+    return cache
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A folder holding the inputs the README's examples name (a 2 s clip of the test speech
+    under each name, codes of 32 codebooks), with HOME inside it."""
+    work = tmp_path_factory.mktemp("readme")
+    pcm, rate = soundfile.read(FIXTURES / "speech.wav", dtype="float32")
+    clip = pcm[: int(CLIP_SECONDS * rate)]
+    for name in ("talk.wav", "you.wav", "a.wav", "speech.wav", "me.wav"):
+        soundfile.write(work / name, clip, rate)
+    soundfile.write(work / "b.flac", clip, rate)
+    rng = np.random.default_rng(0)
+    np.save(work / "codes.npy", rng.integers(0, 2048, (32, 20)).astype(np.int32))
+    (work / "home").mkdir()
+    return work
+
+
+def written_paths(command: Command, cwd: Path) -> list[Path]:
+    argv = command.argv
+    paths = [argv[i + 1] for i, word in enumerate(argv[:-1]) if word in OUTPUT_FLAGS]
+    if command.module == "moshi_mlx.mimi":
+        paths.append(argv[2])  # mimi encode IN OUT / decode IN OUT
+    home = cwd / "home"
+    return [Path(p.replace("~", str(home), 1)) if p.startswith("~") else cwd / p for p in paths]
+
+
+COMMANDS = commands()
+
+
+def test_the_readme_has_examples_of_every_command():
+    assert {c.module for c in COMMANDS} >= {"moshi_mlx.local", "moshi_mlx.local_web",
+                                            "moshi_mlx.stt", "moshi_mlx.tts", "moshi_mlx.mimi",
+                                            "weights_convert"}
+    assert any(runs_here(c) for c in COMMANDS)
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=[c.line for c in COMMANDS])
+def test_every_command_line_parses(command: Command):
+    module = importlib.import_module(
+        "weights_convert.__main__" if command.module == "weights_convert" else command.module)
+    module.build_parser().parse_args(command.argv)  # SystemExit(2) on an unknown option
+
+
+RUN = [c for c in COMMANDS if runs_here(c)]
+
+
+@pytest.mark.parametrize("command", RUN, ids=[c.line for c in RUN])
+def test_command_runs_as_written(command: Command, fixture_hub: Path, workdir: Path):
+    argv = list(command.argv)
+    if command.module == "moshi_mlx.tts" and "--max-frames" not in argv:
+        argv += CSM_FRAME_LIMIT
+    home = workdir / "home"
+    argv = [str(home) + a[1:] if a.startswith("~") else a for a in argv]
+    env = {**os.environ, "HF_HUB_CACHE": str(fixture_hub), "HF_HUB_OFFLINE": "1",
+           "HOME": str(home), "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", command.module, *argv], cwd=workdir, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{command.line}\n{result.stderr[-3000:]}"
+    for path in written_paths(command, workdir):
+        assert path.exists() and (path.is_dir() or path.stat().st_size > 0), \
+            f"{command.line}: {path} was not written"
+
+
+@pytest.mark.parametrize("index", range(len(blocks("python"))))
+def test_python_block_runs(index: int, fixture_hub: Path, workdir: Path):
+    code = blocks("python")[index]
+    env = {**os.environ, "HF_HUB_CACHE": str(fixture_hub), "HF_HUB_OFFLINE": "1",
+           "HOME": str(workdir / "home"), "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", code], cwd=workdir, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"README Python block {index}:\n{code}\n{result.stderr[-3000:]}"
