@@ -63,9 +63,10 @@ def fixture_hub(tmp_path_factory, official_mlx_files, official_stt_mlx_files,
     add_repo(cache, "kyutai/stt-1b-en_fr-candle",
              {**stt_common, hub.MODEL_FILES[None]: stt / "stt_pytorch.safetensors"})
     csm = FIXTURES / "csm"
+    sesame = csm / "sesame"
     add_repo(cache, "sesame/csm-1b", {
-        hub.CONFIG_NAME: csm / "sesame" / "config.json", "flavors.json": csm / "sesame" / "flavors.json",
-        hub.MODEL_FILES[None]: csm / "sesame" / "model.safetensors",
+        hub.CONFIG_NAME: sesame / "config.json", "flavors.json": sesame / "flavors.json",
+        hub.MODEL_FILES[None]: sesame / "model.safetensors",
         hub.TOKENIZER_JSON_NAME: csm / "tokenizer.json"})
     return cache
 
