@@ -37,7 +37,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from moshi_mlx.audio.display import TextDisplay  # noqa: E402
 from moshi_mlx.audio.io import read_audio  # noqa: E402
-from moshi_mlx.conversation.engine import Engine, MlxCodec, make_codec  # noqa: E402
+from moshi_mlx.conversation.engine import (  # noqa: E402
+    Engine,
+    EngineOptions,
+    MlxCodec,
+    make_codec,
+)
+from moshi_mlx.modules.sampling import SamplingSettings  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
 FRAME = 1920
@@ -92,7 +98,9 @@ def time_frames(engine: Engine, speech: np.ndarray, frames: int, warmup: int) ->
 def fixture_engine(backend: str) -> Engine:
     return Engine.from_files(
         FIXTURES / "lm_pytorch.safetensors", _mimi_path(), FIXTURES / "tokenizer.model",
-        config=FIXTURES / "lm_config.json", text_temp=0.0, audio_temp=0.0, mimi_backend=backend,
+        config=FIXTURES / "lm_config.json",
+        options=EngineOptions(sampling=SamplingSettings(text_temp=0.0, audio_temp=0.0),
+                              mimi_backend=backend),
     )
 
 

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -18,15 +17,15 @@ from moshi_mlx.errors import MoshiError, cli_errors
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from moshi_mlx.cli.options import add_model_args
+    from moshi_mlx.cli.options import add_list_devices_arg, add_model_args, command_prog
 
     parser = argparse.ArgumentParser(
-        prog="python -m moshi_mlx.local",
+        prog=command_prog("moshi_mlx.local", "moshi-local"),
         description="Full-duplex conversation with Moshi on this machine (MLX).",
     )
     add_model_args(parser)
     dev = parser.add_argument_group("sound devices")
-    dev.add_argument("--list-devices", action="store_true", help="list sound devices and exit")
+    add_list_devices_arg(dev)
     dev.add_argument("--input-device", default=None, help="microphone (index or name)")
     dev.add_argument("--output-device", default=None, help="speaker (index or name)")
     dev.add_argument("--device-rate", type=int, default=None,
@@ -34,15 +33,21 @@ def build_parser() -> argparse.ArgumentParser:
                           f"{SAMPLE_RATE} Hz, "
                           "then the device's own rate)")
     dev.add_argument("--record", default=None,
-                     help="record the conversation to this WAV (Moshi left, you right)")
+                     help="record the conversation to this WAV (Moshi left, you right); a "
+                          "folder (ending in /: created when missing) gets "
+                          "moshi-DATE-TIME.wav")
     dev.add_argument("--duration", type=float, default=None,
                      help="stop after this many seconds (default: until Ctrl-C)")
     dev.add_argument("--max-backlog", type=int, default=2,
                      help="frames of microphone audio kept when lagging; older ones are skipped")
     files = parser.add_argument_group("file mode (no devices)")
     files.add_argument("--input-file", default=None, help="user audio to answer (any rate)")
-    files.add_argument("--output-file", default=None, help="write Moshi's audio here (WAV)")
-    files.add_argument("--transcript", default=None, help="write Moshi's text with timestamps")
+    files.add_argument("--output-file", default=None,
+                       help="write Moshi's audio here (WAV); a folder (ending in /: created "
+                            "when missing) gets INPUT_NAME-moshi.wav")
+    files.add_argument("--transcript", default=None,
+                       help="write Moshi's text with timestamps (a folder gets "
+                            "INPUT_NAME-moshi.txt)")
     files.add_argument("--stereo", action="store_true",
                        help="output file: Moshi left, the user right")
     return parser
@@ -58,30 +63,33 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _check_writable(path: Path) -> None:
-    folder = path.parent.resolve()
-    if not folder.is_dir():
-        raise MoshiError(f"cannot write {path}: no such folder {folder}")
-    if path.is_dir():
-        raise MoshiError(f"cannot write {path}: it is a folder")
-    if not os.access(folder, os.W_OK):
-        raise MoshiError(f"cannot write {path}: permission denied")
+def _resolve_outputs(args: argparse.Namespace) -> None:
+    """The output options as checked file paths (folders get default names), before the model
+    loads, not after."""
+    import time
+
+    from moshi_mlx.cli.outputs import output_file
+
+    if args.input_file:
+        stem = f"{Path(args.input_file).stem}-moshi"
+        if args.output_file:
+            args.output_file = output_file(args.output_file, f"{stem}.wav")
+        if args.transcript:
+            args.transcript = output_file(args.transcript, f"{stem}.txt")
+    if args.record:
+        args.record = output_file(args.record, time.strftime("moshi-%Y%m%d-%H%M%S.wav"))
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.list_devices:
-        from moshi_mlx.audio.devices import list_devices
+        from moshi_mlx.cli.options import show_devices
 
-        print(list_devices())
-        return 0
+        return show_devices()
     if (args.output_file or args.transcript or args.stereo) and not args.input_file:
         raise MoshiError("--output-file, --transcript and --stereo need --input-file")
     if args.input_file and not (args.output_file or args.transcript):
         raise MoshiError("--input-file needs --output-file and/or --transcript")
-
-    for path in (args.output_file, args.transcript, args.record):
-        if path:
-            _check_writable(Path(path))  # fail before the model loads, not after
+    _resolve_outputs(args)
     from moshi_mlx.audio.display import TextDisplay
     from moshi_mlx.cli.options import build_engine
 

@@ -15,7 +15,7 @@ import socket
 import sys
 from pathlib import Path
 
-from moshi_mlx.cli.options import add_model_args, build_engine
+from moshi_mlx.cli.options import add_model_args, build_engine, command_prog
 from moshi_mlx.errors import MoshiError, cli_errors
 from moshi_mlx.web.server import OUR_PAGE, ChatServer, bound_port, serve
 
@@ -23,9 +23,9 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8998
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m moshi_mlx.local_web",
+        prog=command_prog("moshi_mlx.local_web", "moshi-web"),
         description="Serve a web page to talk with Moshi through the browser's microphone.",
     )
     add_model_args(parser)
@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="serve this folder's index.html and files at / instead of our page, e.g. a build "
         "of Kyutai's web client (its `dist`); `none`: no page, only /api/chat",
     )
-    return parser.parse_args(argv)
+    return parser
 
 
 def resolve_page(static: str | None) -> str | Path | None:
@@ -114,7 +114,7 @@ async def _serve_forever(server: ChatServer, host: str, port: int) -> None:
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     server = ChatServer(page=resolve_page(args.static))
     try:

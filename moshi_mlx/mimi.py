@@ -17,24 +17,28 @@ import numpy as np
 
 from moshi_mlx.audio.rates import SAMPLE_RATE
 from moshi_mlx.cli.codes import load_codes, save_npy
-from moshi_mlx.cli.options import print_blas_hint
+from moshi_mlx.cli.options import command_prog, print_blas_hint
+from moshi_mlx.cli.outputs import output_file
 from moshi_mlx.errors import MoshiError, cli_errors
 
 DEFAULT_WEIGHTS = "kyutai/moshiko-pytorch-bf16"
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m moshi_mlx.mimi", description="Encode audio to Mimi codes and back."
+        prog=command_prog("moshi_mlx.mimi", "moshi-mimi"),
+        description="Encode audio to Mimi codes and back.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, src, dst in (
-        ("encode", "audio file to encode", "where to write the codes (.npy)"),
-        ("decode", "codes (.npy, [K, frames] or [1, K, frames])", "where to write the WAV"),
+        ("encode", "audio file to encode", "where to write the codes (.npy; a folder, ending "
+         "in / when it is to be created, gets INPUT_NAME.npy)"),
+        ("decode", "codes (.npy, [K, frames] or [1, K, frames])", "where to write the WAV (a "
+         "folder, ending in / when it is to be created, gets INPUT_NAME.wav)"),
     ):
         cmd = sub.add_parser(name, help=f"{name} with Mimi")
         cmd.add_argument("input", type=Path, help=src)
-        cmd.add_argument("output", type=Path, help=dst)
+        cmd.add_argument("output", help=dst)
         cmd.add_argument(
             "--weights",
             default=DEFAULT_WEIGHTS,
@@ -52,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     print_blas_hint()
     from moshi_mlx.audio.io import read_audio, write_audio
     from moshi_mlx.models.mimi import load_mimi
@@ -61,11 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         raise MoshiError(f"--codebooks must be 1..32, got {args.codebooks}")
     if args.command == "encode":
         pcm = read_audio(args.input)  # errors before the (slow) weight load
-        if not args.output.parent.is_dir() and str(args.output.parent):
-            raise MoshiError(f"{args.output}: folder does not exist")
+        output = output_file(args.output, f"{args.input.stem}.npy")
         mimi = load_mimi(args.weights, num_codebooks=args.codebooks or 8)
         codes = np.asarray(mimi.encode(pcm[None, None]))[0]
-        save_npy(args.output, codes.astype(np.int32))
+        save_npy(output, codes.astype(np.int32))
         seconds = len(pcm) / SAMPLE_RATE
         print(f"{args.input}: {seconds:.2f} s -> codes {codes.shape}", file=sys.stderr)
     else:
@@ -78,13 +81,14 @@ def main(argv: list[str] | None = None) -> int:
             codes = codes[: args.codebooks]
         if codes.shape[0] > 32:
             raise MoshiError(f"{args.input}: {codes.shape[0]} codebooks, Mimi has at most 32")
+        output = output_file(args.output, f"{args.input.stem}.wav")
         mimi = load_mimi(args.weights, num_codebooks=codes.shape[0])
         pcm = np.asarray(mimi.decode(codes[None]))[0, 0]
-        write_audio(args.output, pcm)
+        write_audio(output, pcm)
         seconds = len(pcm) / SAMPLE_RATE
         print(f"{args.input}: codes {codes.shape} -> {seconds:.2f} s", file=sys.stderr)
     return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

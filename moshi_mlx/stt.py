@@ -26,16 +26,26 @@ from typing import Any
 import numpy as np
 
 from moshi_mlx.cli.codes import load_codes
-from moshi_mlx.cli.options import add_compute_args, add_quantize_arg, print_blas_hint, seed
+from moshi_mlx.cli.options import (
+    ModelOptions,
+    SamplingOptions,
+    add_list_devices_arg,
+    add_run_args,
+    add_sampling_args,
+    command_prog,
+    print_blas_hint,
+    show_devices,
+)
+from moshi_mlx.cli.outputs import names_folder, output_file, output_folder
 from moshi_mlx.errors import MoshiError, WeightsError, cli_errors
 
 MODEL_REPOS = {"1b": "kyutai/stt-1b-en_fr-mlx", "2.6b": "kyutai/stt-2.6b-en-mlx"}
 FORMATS = ("text", "json", "srt", "vtt")
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m moshi_mlx.stt",
+        prog=command_prog("moshi_mlx.stt", "moshi-stt"),
         description="Transcribe speech with Kyutai STT (streaming, word timestamps, end of turn).")
     parser.add_argument("inputs", nargs="*", type=Path, metavar="INPUT",
                         help="audio files (any format soundfile reads); several are batched")
@@ -49,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="microphone: device name or index (default: the system's)")
     parser.add_argument("--duration", type=float, default=None,
                         help="with --mic: stop after this many seconds of audio")
+    add_list_devices_arg(parser)
     g = parser.add_argument_group("model")
     g.add_argument("--model", choices=sorted(MODEL_REPOS), default="1b",
                    help="released model when --hf-repo is not given (default 1b)")
@@ -61,14 +72,13 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--vad-weights", default=None,
                    help="checkpoint with the VAD heads (e.g. kyutai/stt-1b-en_fr-candle) when "
                         "the weights have none")
-    add_quantize_arg(g, "4 or 8 bits (a bf16 file is quantized on load)")
-    add_compute_args(g)
-    g.add_argument("--temp", type=float, default=0.0, help="text temperature (default 0: greedy)")
-    g.add_argument("--seed", type=seed, default=None, help="random seed when sampling")
+    add_run_args(g, "4 or 8 bits (a bf16 file is quantized on load)")
+    add_sampling_args(parser.add_argument_group("sampling"), temp=0.0, top_k_default=50)
     o = parser.add_argument_group("output")
     o.add_argument("--format", choices=FORMATS, default="text")
-    o.add_argument("-o", "--output", type=Path, default=None,
-                   help="output file (a folder for several inputs); default stdout")
+    o.add_argument("-o", "--output", default=None,
+                   help="output file, or a folder (ending in /: created when missing) holding "
+                        "INPUT_NAME.FORMAT per input (several inputs need one); default stdout")
     o.add_argument("--eot-threshold", type=float, default=0.5,
                    help="end of turn when the no-voice probability exceeds this (default 0.5)")
     return parser
@@ -225,16 +235,17 @@ def _write(path: Path | None, text: str) -> None:
 
 
 def _outputs(args: argparse.Namespace, names: list[str]) -> list[Path | None]:
+    """Where each transcript goes (None: stdout), decided and checked before loading."""
     if args.output is None:
         return [None] * len(names)
-    if len(names) == 1 and not args.output.is_dir():
-        if not args.output.parent.is_dir() and str(args.output.parent):
-            raise MoshiError(f"{args.output}: folder does not exist")
-        return [args.output]
-    if not args.output.is_dir():
-        raise MoshiError(f"{args.output}: with several inputs, --output must be a folder")
     suffix = "txt" if args.format == "text" else args.format
-    return [args.output / f"{Path(name).stem}.{suffix}" for name in names]
+    if names_folder(args.output):
+        folder = output_folder(args.output)
+        return [output_file(folder, f"{Path(name).stem}.{suffix}") for name in names]
+    if len(names) > 1:
+        raise MoshiError(f"{args.output}: with several inputs, --output must be a folder "
+                         "(end it with / to have it created)")
+    return [output_file(args.output, f"{Path(names[0]).stem}.{suffix}")]
 
 
 class _Progress:
@@ -267,13 +278,13 @@ class _Progress:
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
+    if args.list_devices:
+        return show_devices()
     if sum([bool(args.inputs), args.codes is not None, args.mic]) != 1:
         raise MoshiError("give audio file(s), --codes FILE.npy or --mic (exactly one of them)")
     if args.duration is not None and (not args.mic or args.duration <= 0):
         raise MoshiError("--duration takes a positive number of seconds, with --mic")
-    if args.temp < 0:
-        raise MoshiError(f"--temp must be >= 0, got {args.temp}")
     if not 0 < args.eot_threshold < 1:
         raise MoshiError(f"--eot-threshold must be between 0 and 1, got {args.eot_threshold}")
     from moshi_mlx.audio.io import read_audio
@@ -314,9 +325,10 @@ def _load(args: argparse.Namespace, files: SttFiles):
     from moshi_mlx.models.mimi import load_mimi
     from moshi_mlx.transcription.transcriber import Transcriber
 
-    lm = load_lm(files.weights, config=files.config, quantize=args.quantize,
-                 dtype=args.dtype, vad_weights=args.vad_weights,
-                 cpu_threads=args.cpu_threads)
+    model = ModelOptions.from_args(args)
+    sampling = SamplingOptions.from_args(args)
+    lm = load_lm(files.weights, config=files.config, vad_weights=args.vad_weights,
+                 **model.load_kwargs())
     try:
         tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(files.tokenizer))
     except (OSError, RuntimeError):
@@ -328,8 +340,8 @@ def _load(args: argparse.Namespace, files: SttFiles):
     if not lm.extra_heads:
         print("note: these weights have no VAD heads: no end of turn (--vad-weights adds them)",
               file=sys.stderr)
-    return Transcriber(lm, tokenizer, mimi, temp=args.temp, seed=args.seed,
-                       eot_threshold=args.eot_threshold)
+    return Transcriber(lm, tokenizer, mimi, temp=sampling.temp, top_k=sampling.top_k,
+                       seed=model.seed, eot_threshold=args.eot_threshold)
 
 
 def _transcribe_codes(transcriber, codes: np.ndarray):
@@ -428,4 +440,4 @@ def _transcribe_mic(transcriber, args, opener=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

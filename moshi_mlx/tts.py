@@ -22,20 +22,35 @@ from pathlib import Path
 
 import numpy as np
 
+from moshi_mlx.cli.options import (
+    ModelOptions,
+    SamplingOptions,
+    add_list_devices_arg,
+    add_run_args,
+    add_sampling_args,
+    command_prog,
+    print_blas_hint,
+    show_devices,
+)
+from moshi_mlx.cli.outputs import output_file
 from moshi_mlx.errors import MoshiError, cli_errors
 
 DEFAULT_REPO = "sesame/csm-1b"
 DEFAULT_MIMI = "kyutai/moshiko-pytorch-bf16"
 FRAME_RATE = 12.5
+OUTPUT_NAME = "speech"  # the file name -o / --codes-out give inside a folder
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m moshi_mlx.tts",
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=command_prog("moshi_mlx.tts", "moshi-tts"),
                                 description="Speak text with Sesame CSM (MLX).")
-    p.add_argument("text", help="what to say")
-    p.add_argument("-o", "--output", type=Path, default=None, help="WAV file to write (24 kHz)")
-    p.add_argument("--codes-out", type=Path, default=None,
-                   help="also (or only) write the Mimi codes [32, frames] as .npy")
+    p.add_argument("text", nargs="?", help="what to say")
+    p.add_argument("-o", "--output", default=None,
+                   help=f"WAV file to write (24 kHz); a folder (ending in /: created when "
+                        f"missing) gets {OUTPUT_NAME}.wav")
+    p.add_argument("--codes-out", default=None,
+                   help="also (or only) write the Mimi codes [32, frames] as .npy (a folder "
+                        f"gets {OUTPUT_NAME}.npy)")
     p.add_argument("--stream", action="store_true",
                    help="write the WAV frame by frame (Ctrl-C leaves a valid file)")
     p.add_argument("--play", action="store_true",
@@ -46,8 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-watermark", action="store_true",
                    help="do not mark -o audio with Sesame's silentcipher watermark (applied "
                         "when silentcipher is installed; never to streamed or played audio)")
-    p.add_argument("--output-device", default=None, help="speaker for --play (see "
-                   "python -m moshi_mlx.local --list-devices)")
+    p.add_argument("--output-device", default=None,
+                   help="speaker for --play: index or name (see --list-devices)")
+    add_list_devices_arg(p)
     model = p.add_argument_group("model")
     model.add_argument("--hf-repo", default=DEFAULT_REPO,
                        help=f"Hugging Face repo of weights, config, tokenizer ({DEFAULT_REPO})")
@@ -57,12 +73,10 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--tokenizer", default=None, help="tokenizer.json (file, folder or repo)")
     model.add_argument("--mimi-weight", default=DEFAULT_MIMI,
                        help=f"Mimi checkpoint: file, folder or repo ({DEFAULT_MIMI})")
-    model.add_argument("-q", "--quantize", default=None, help="quantize on load: 4 or 8")
+    add_run_args(model, "quantize on load: 4 or 8 bits")
     gen = p.add_argument_group("generation")
     gen.add_argument("--speaker", default="0", help="speaker id (int, default 0)")
-    gen.add_argument("--temperature", type=float, default=0.9, help="0 = greedy (default 0.9)")
-    gen.add_argument("--top-k", type=int, default=50, help="default 50")
-    gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    add_sampling_args(gen, temp=0.9, top_k_default=50)
     gen.add_argument("--max-seconds", type=float, default=None,
                      help="longest audio per sentence (default: Sesame's 90 s within budget)")
     gen.add_argument("--max-frames", type=int, default=None,
@@ -87,18 +101,6 @@ def _int(value: object, what: str) -> int:
         return int(str(value).strip())
     except ValueError:
         raise MoshiError(f"{what} must be an int, got {value!r}") from None
-
-
-def _quantize(value: str | None) -> int | None:
-    """-q as a one-line error (argparse's `choices` would print its usage too)."""
-    from moshi_mlx.loading.quantization import QUANTIZATIONS
-
-    if value is None:
-        return None
-    bits = {str(b): b for b in QUANTIZATIONS}
-    if value.strip() not in bits:
-        raise MoshiError(f"-q must be {' or '.join(bits)}, got {value!r}")
-    return bits[value.strip()]
 
 
 def _context_from_file(path: Path):
@@ -159,13 +161,13 @@ def _max_frames(args: argparse.Namespace) -> int | None:
     return None
 
 
-def _load(args: argparse.Namespace, quantize: int | None):
+def _load(args: argparse.Namespace, options: ModelOptions):
     from moshi_mlx.loading.hub import TOKENIZER_JSON_NAME
     from moshi_mlx.models.csm import load_csm
     from moshi_mlx.speech.generate import load_tokenizer
 
     weights = args.weights or args.hf_repo
-    model = load_csm(weights, config=args.config, quantize=quantize)
+    model = load_csm(weights, config=args.config, **options.load_kwargs())
     tokenizer_source = args.tokenizer
     if tokenizer_source is None:
         folder = Path(weights).expanduser()
@@ -202,11 +204,16 @@ def _streamed_watermark_note(args: argparse.Namespace) -> None:
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
+    if args.list_devices:
+        return show_devices()
     from moshi_mlx.speech.generate import frames_to_audio, stream_long_speech
 
+    if args.text is None:
+        raise MoshiError("nothing to say: give the text, e.g. moshi-tts \"Hello.\" -o out.wav")
     speaker = _int(args.speaker, "--speaker")
-    quantize = _quantize(args.quantize)
+    options = ModelOptions.from_args(args)
+    sampling = SamplingOptions.from_args(args)
     max_frames = _max_frames(args)
     if args.output is None and args.codes_out is None and not args.play:
         raise MoshiError("nothing to do: give -o out.wav, --codes-out codes.npy and/or --play")
@@ -214,9 +221,10 @@ def main(argv: list[str] | None = None) -> int:
         raise MoshiError("--stream writes the WAV incrementally: give -o out.wav")
     if args.prebuffer < 0:
         raise MoshiError(f"--prebuffer must be >= 0 seconds, got {args.prebuffer}")
-    for out in (args.output, args.codes_out):
-        if out is not None and str(out.parent) and not out.parent.is_dir():
-            raise MoshiError(f"{out}: folder {out.parent} does not exist")
+    if args.output is not None:
+        args.output = output_file(args.output, f"{OUTPUT_NAME}.wav")
+    if args.codes_out is not None:
+        args.codes_out = output_file(args.codes_out, f"{OUTPUT_NAME}.npy")
     if args.play:
         from moshi_mlx.audio.devices import check_output_device, parse_device
 
@@ -225,14 +233,15 @@ def main(argv: list[str] | None = None) -> int:
     context = _context(args, speaker)
     needs_mimi = args.output is not None or args.play or any(s.audio is not None
                                                               for s in context)
-    model, tokenizer = _load(args, quantize)
+    model, tokenizer = _load(args, options)
     mimi = None
     if needs_mimi:
         from moshi_mlx.models.mimi import load_mimi
 
         mimi = load_mimi(args.mimi_weight, num_codebooks=model.cfg.num_codebooks)
+    print_blas_hint()
     frames = stream_long_speech(model, tokenizer, args.text, speaker, context,
-                                args.temperature, args.top_k, max_frames, args.seed, mimi)
+                                sampling.temp, sampling.top_k, max_frames, options.seed, mimi)
     if args.play:
         codes = _play(args, frames, mimi)
     elif args.stream:
@@ -338,4 +347,4 @@ def _open_wav(path: Path):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

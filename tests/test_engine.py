@@ -17,7 +17,7 @@ import sentencepiece
 import soundfile
 
 from moshi_mlx.cli.options import add_model_args, build_engine, resolve_model_files
-from moshi_mlx.conversation.engine import Engine, FrameOutput
+from moshi_mlx.conversation.engine import Engine, EngineOptions, FrameOutput
 from moshi_mlx.errors import WeightsError
 from moshi_mlx.loading.checkpoint import inspect_checkpoint
 
@@ -37,10 +37,10 @@ def _speech() -> np.ndarray:
     return pcm
 
 
-def _fixture_engine(mimi_path: Path, **kwargs) -> Engine:
+def _fixture_engine(mimi_path: Path, options: EngineOptions | None = None) -> Engine:
     return Engine.from_files(
         FIXTURES / "lm_pytorch.safetensors", mimi_path, FIXTURES / "tokenizer.model",
-        config=FIXTURES / "lm_config.json", **kwargs,
+        config=FIXTURES / "lm_config.json", options=options,
     )
 
 
@@ -169,7 +169,10 @@ def test_engine_with_mlx_mimi_agrees_with_rustymimi(random_mimi_path):
     of the codes the LM produced; reset() restarts the same conversation."""
     import rustymimi
 
-    engine = _fixture_engine(random_mimi_path, text_temp=0.0, audio_temp=0.0)
+    from moshi_mlx.modules.sampling import SamplingSettings
+
+    greedy = SamplingSettings(text_temp=0.0, audio_temp=0.0)
+    engine = _fixture_engine(random_mimi_path, EngineOptions(sampling=greedy))
     seen: list[tuple[np.ndarray, np.ndarray | None]] = []
     step = engine.lm_gen.step
 

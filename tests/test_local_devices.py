@@ -20,8 +20,9 @@ from interrupt import default_sigint
 from moshi_mlx.audio.display import TextDisplay
 from moshi_mlx.audio.duplex import DuplexLoop
 from moshi_mlx.audio.recorder import WavWriter
-from moshi_mlx.conversation.engine import Engine
+from moshi_mlx.conversation.engine import Engine, EngineOptions
 from moshi_mlx.local import main
+from moshi_mlx.modules.sampling import SamplingSettings
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SPEECH = FIXTURES / "speech.wav"
@@ -31,8 +32,9 @@ FRAME = 1920
 def _engine(mimi_path: Path, backend: str) -> Engine:
     return Engine.from_files(
         FIXTURES / "lm_pytorch.safetensors", mimi_path, FIXTURES / "tokenizer.model",
-        config=FIXTURES / "lm_config.json", text_temp=0.0, audio_temp=0.0,
-        mimi_backend=backend,
+        config=FIXTURES / "lm_config.json",
+        options=EngineOptions(sampling=SamplingSettings(text_temp=0.0, audio_temp=0.0),
+                              mimi_backend=backend),
     )
 
 

@@ -10,8 +10,9 @@ import soundfile
 
 from moshi_mlx.audio.display import TextDisplay
 from moshi_mlx.audio.fileloop import run_file
-from moshi_mlx.conversation.engine import Engine
+from moshi_mlx.conversation.engine import Engine, EngineOptions
 from moshi_mlx.local import main
+from moshi_mlx.modules.sampling import SamplingSettings
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SPEECH = FIXTURES / "speech.wav"
@@ -118,7 +119,8 @@ class _InterruptAfter:
 def test_interrupted_run_leaves_valid_files(random_mimi_path, tmp_path):
     engine = Engine.from_files(
         FIXTURES / "lm_pytorch.safetensors", random_mimi_path, FIXTURES / "tokenizer.model",
-        config=FIXTURES / "lm_config.json", text_temp=0.0, audio_temp=0.0,
+        config=FIXTURES / "lm_config.json",
+        options=EngineOptions(sampling=SamplingSettings(text_temp=0.0, audio_temp=0.0)),
     )  # default MLX Mimi
     out, text = tmp_path / "cut.wav", tmp_path / "cut.txt"
     stats = run_file(_InterruptAfter(engine, 4), SPEECH, out, text, stereo=True,

@@ -20,7 +20,8 @@ import numpy as np
 import soundfile
 from interrupt import default_sigint
 
-from moshi_mlx.conversation.engine import Engine
+from moshi_mlx.cli.options import ModelOptions
+from moshi_mlx.conversation.engine import Engine, EngineOptions
 from moshi_mlx.web.server import ChatServer, bound_port, serve
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -30,7 +31,7 @@ ARTIFACTS = Path(__file__).parent / ".artifacts"
 def _fixture_engine(mimi_path: Path) -> Engine:
     return Engine.from_files(
         FIXTURES / "lm_pytorch.safetensors", mimi_path, FIXTURES / "tokenizer.model",
-        config=FIXTURES / "lm_config.json", seed=1234,
+        config=FIXTURES / "lm_config.json", options=EngineOptions(ModelOptions(seed=1234)),
     )
 
 

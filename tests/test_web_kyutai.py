@@ -19,7 +19,7 @@ from prerequisites import unavailable
 from test_web_server import PCM, FakeEngine, expect_handshake, running
 
 from moshi_mlx.errors import MoshiError
-from moshi_mlx.local_web import parse_args, resolve_page
+from moshi_mlx.local_web import build_parser, resolve_page
 from moshi_mlx.modules.sampling import SamplingSettings
 from moshi_mlx.web import kyutai
 from moshi_mlx.web.server import OUR_PAGE, ChatServer
@@ -465,9 +465,9 @@ def test_static_folder_serves_another_client_and_none_serves_no_page(tmp_path):
 
 
 def test_static_option_on_the_command_line(tmp_path):
-    assert resolve_page(parse_args([]).static) == OUR_PAGE
-    assert resolve_page(parse_args(["--static", "none"]).static) is None
+    assert resolve_page(build_parser().parse_args([]).static) == OUR_PAGE
+    assert resolve_page(build_parser().parse_args(["--static", "none"]).static) is None
     (tmp_path / "index.html").write_text("<html></html>")
-    assert resolve_page(parse_args(["--static", str(tmp_path)]).static) == tmp_path
+    assert resolve_page(build_parser().parse_args(["--static", str(tmp_path)]).static) == tmp_path
     with pytest.raises(MoshiError, match="no index.html"):
         resolve_page(str(tmp_path / "missing"))

@@ -31,7 +31,8 @@ import soundfile
 from interrupt import default_sigint
 from prerequisites import unavailable
 
-from moshi_mlx.conversation.engine import Engine
+from moshi_mlx.cli.options import ModelOptions
+from moshi_mlx.conversation.engine import Engine, EngineOptions
 from moshi_mlx.web import kyutai
 from moshi_mlx.web.server import ChatServer, bound_port, serve
 
@@ -153,7 +154,8 @@ def _fixture_engine(mimi_path: Path) -> Engine:
         backend = "mlx"
     return Engine.from_files(
         FIXTURES / "lm_pytorch.safetensors", mimi_path, FIXTURES / "tokenizer.model",
-        config=FIXTURES / "lm_config.json", seed=1234, mimi_backend=backend,
+        config=FIXTURES / "lm_config.json",
+        options=EngineOptions(ModelOptions(seed=1234), mimi_backend=backend),
     )
 
 

@@ -20,7 +20,7 @@ import aiohttp
 import numpy as np
 import pytest
 
-from moshi_mlx.local_web import page_url, parse_args
+from moshi_mlx.local_web import build_parser, page_url
 from moshi_mlx.web import protocol
 from moshi_mlx.web.server import ChatServer, bound_port, serve
 
@@ -346,11 +346,11 @@ def test_cross_origin_websocket_is_refused():
 
 
 def test_cli_defaults_to_loopback_on_port_8998():
-    args = parse_args([])
+    args = build_parser().parse_args([])
     assert (args.host, args.port) == ("127.0.0.1", 8998)
     assert page_url(args.host, args.port) == "http://localhost:8998"
     assert page_url("192.168.1.5", 9000) == "http://192.168.1.5:9000"
-    args = parse_args(["-q", "4", "--host", "0.0.0.0", "--port", "9001"])
+    args = build_parser().parse_args(["-q", "4", "--host", "0.0.0.0", "--port", "9001"])
     assert (args.quantize, args.host, args.port) == (4, "0.0.0.0", 9001)
 
 

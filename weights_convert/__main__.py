@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moshi_mlx.cli.options import add_quantize_arg
+from moshi_mlx.cli.options import add_quantize_arg, command_prog
 from moshi_mlx.errors import cli_errors
 from moshi_mlx.loading import hub
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m weights_convert",
+        prog=command_prog("weights_convert", "moshi-convert"),
         description="Convert a model checkpoint (Moshi, STT or CSM; any layout the loader reads, "
         "bf16 or float) into a local MLX model folder: bf16, or quantized like the official MLX "
         "files (-q 8: 8 bits, group 64; -q 4: 4 bits, group 32).",

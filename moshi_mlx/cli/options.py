@@ -1,5 +1,7 @@
-"""What every command line shares: argument types and groups, the model-file options and how
-they resolve (through `moshi_mlx.loading.hub`), early checks, and the BLAS hint."""
+"""What every command line shares: the option groups every model-loading command takes in the
+same spelling, the options objects built from them once, argument types, how a command names
+itself, the model-file options and how they resolve (through `moshi_mlx.loading.hub`), early
+checks, and the BLAS hint."""
 
 from __future__ import annotations
 
@@ -9,10 +11,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from moshi_mlx.errors import MoshiError
 from moshi_mlx.loading import hub
 
 VOICES = ("moshiko", "moshika")
 DTYPE_CHOICES = ("auto", "bf16", "f32")
+
+
+# ---------------------------------------------------------------------------- the command
+
+
+def command_prog(module: str, script: str) -> str:
+    """The name a command's usage lines give: its console script (`moshi-stt`) when it was
+    started as one, else `python -m moshi_mlx.stt`."""
+    started_as = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return script if started_as.removesuffix(".exe") == script else f"python -m {module}"
 
 
 # ---------------------------------------------------------------------------- argument types
@@ -32,8 +45,39 @@ def positive_int(text: str) -> int:
     return value
 
 
+def temperature(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"temperature must be >= 0 (0 = greedy), got {text}")
+    return value
+
+
+def top_k(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"top-k must be >= 0 (0 = no cut), got {value}")
+    return value
+
+
+def quantize_bits(text: str) -> int:
+    """-q: one of the loader's QUANTIZATIONS. A bad value is a MoshiError (one line, exit 1,
+    as every other value the loader refuses), not argparse's usage dump."""
+    from moshi_mlx.loading.quantization import QUANTIZATIONS
+
+    allowed = {str(bits): bits for bits in QUANTIZATIONS}
+    if text.strip() not in allowed:
+        raise MoshiError(f"-q must be {' or '.join(allowed)}, got {text!r}")
+    return allowed[text.strip()]
+
+
+# ---------------------------------------------------------------------------- option groups
+
+
 def add_quantize_arg(group: Any, help_text: str) -> None:
-    group.add_argument("-q", "--quantize", type=int, choices=(4, 8), default=None, help=help_text)
+    from moshi_mlx.loading.quantization import QUANTIZATIONS
+
+    group.add_argument("-q", "--quantize", type=quantize_bits, choices=tuple(QUANTIZATIONS),
+                       default=None, help=help_text)
 
 
 def add_compute_args(group: Any) -> None:
@@ -44,6 +88,115 @@ def add_compute_args(group: Any) -> None:
     group.add_argument("--cpu-threads", type=positive_int, default=None,
                        help="when computing on the CPU, split large layers over N threads "
                             "(default: one per core; 1 = no split)")
+
+
+def add_run_args(group: Any, quantize_help: str) -> None:
+    """The shared group of every command that loads a model: -q, --dtype, --cpu-threads and
+    --seed; `ModelOptions.from_args` reads them back."""
+    add_quantize_arg(group, quantize_help)
+    add_compute_args(group)
+    group.add_argument("--seed", type=seed, default=None,
+                       help="random seed for sampling (>= 0; default: a fresh one each run)")
+
+
+def add_sampling_args(group: Any, temp: float, top_k_default: int) -> None:
+    """--temp and --top-k of a command with one sampler (the older spellings --temperature
+    and --topk are aliases); `SamplingOptions.from_args` reads them back."""
+    greedy = " (greedy)" if temp == 0 else ""
+    group.add_argument("--temp", "--temperature", dest="temp", type=temperature, default=temp,
+                       help=f"sampling temperature, 0 = greedy (default {temp:g}{greedy})")
+    group.add_argument("--top-k", "--topk", dest="top_k", type=top_k, default=top_k_default,
+                       help=f"sample among the k likeliest tokens, 0 = no cut "
+                            f"(default {top_k_default})")
+
+
+class _SetEach(argparse.Action):
+    """One value for several options: Moshi's --temp / --top-k set its text and its audio
+    sampler alike (the last option given wins, as for any argparse option)."""
+
+    def __init__(self, option_strings: list[str], dest: str, targets: tuple[str, ...],
+                 **kwargs: Any) -> None:
+        self.targets = targets
+        kwargs["default"] = argparse.SUPPRESS  # no attribute of its own: it sets the targets
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        for target in self.targets:
+            setattr(namespace, target, values)
+
+
+def add_moshi_sampling_args(group: Any) -> None:
+    """Moshi samples text and audio tokens apart: --text-temp / --text-topk / --audio-temp /
+    --audio-topk, and --temp / --top-k for both at once."""
+    from moshi_mlx.modules.sampling import SamplingSettings
+
+    released = SamplingSettings()
+    group.add_argument("--temp", dest="temp", action=_SetEach, type=temperature,
+                       targets=("text_temp", "audio_temp"),
+                       help="temperature of both text and audio tokens (sets --text-temp and "
+                            "--audio-temp)")
+    group.add_argument("--top-k", dest="top_k", action=_SetEach, type=top_k,
+                       targets=("text_topk", "audio_topk"),
+                       help="top-k of both text and audio tokens (sets --text-topk and "
+                            "--audio-topk)")
+    group.add_argument("--text-temp", type=temperature, default=released.text_temp,
+                       help=f"text temperature, 0 = greedy (default {released.text_temp:g})")
+    group.add_argument("--text-topk", type=top_k, default=released.text_topk,
+                       help=f"text top-k, 0 = no cut (default {released.text_topk})")
+    group.add_argument("--audio-temp", type=temperature, default=released.audio_temp,
+                       help=f"audio temperature, 0 = greedy (default {released.audio_temp:g})")
+    group.add_argument("--audio-topk", type=top_k, default=released.audio_topk,
+                       help=f"audio top-k, 0 = no cut (default {released.audio_topk})")
+
+
+def add_list_devices_arg(group: Any) -> None:
+    """--list-devices, for every command that opens a sound device; `show_devices` answers."""
+    group.add_argument("--list-devices", action="store_true", help="list sound devices and exit")
+
+
+def show_devices() -> int:
+    """--list-devices: the sound devices on stdout; the command then exits 0."""
+    from moshi_mlx.audio.devices import list_devices
+
+    print(list_devices())
+    return 0
+
+
+# ---------------------------------------------------------------------------- options objects
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How a model is loaded and run, for every family: the shared -q / --dtype /
+    --cpu-threads / --seed (`add_run_args`). quantize: None or bits of `QUANTIZATIONS`;
+    dtype: "auto", "bf16" or "f32"; cpu_threads: None = one per core; seed: None = fresh."""
+
+    quantize: int | None = None
+    dtype: str = "auto"
+    cpu_threads: int | None = None
+    seed: int | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ModelOptions:
+        return cls(args.quantize, args.dtype, args.cpu_threads, args.seed)
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments every loader takes (load_lm, load_csm)."""
+        return {"quantize": self.quantize, "dtype": self.dtype, "cpu_threads": self.cpu_threads}
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """One sampler's --temp / --top-k (`add_sampling_args`): temperature 0 = greedy, top-k 0 =
+    no cut."""
+
+    temp: float
+    top_k: int
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> SamplingOptions:
+        return cls(args.temp, args.top_k)
 
 
 def print_blas_hint() -> None:
@@ -63,8 +216,9 @@ def print_blas_hint() -> None:
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """Options that choose and load the Moshi model (terminal and web front ends)."""
+    from moshi_mlx.conversation.engine import MIMI_BACKENDS
+
     g = parser.add_argument_group("model")
-    add_quantize_arg(g, "quantized weights: 4 or 8 bits (default: bf16)")
     g.add_argument("--hf-repo", default=None,
                    help="Hugging Face repo id or local folder holding the model files "
                         "(default: the official kyutai/<voice>-mlx-<q4|q8|bf16> repo)")
@@ -74,14 +228,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mimi-weight", default=None, help="Mimi weight file")
     g.add_argument("--tokenizer", default=None, help="text tokenizer (SentencePiece .model)")
     g.add_argument("--config", default=None, help="Moshi config.json (default: the repo's)")
-    add_compute_args(g)
-    g.add_argument("--seed", type=seed, default=None, help="random seed for sampling (>= 0)")
-    g.add_argument("--text-temp", type=float, default=0.7, help="text temperature (0 = greedy)")
-    g.add_argument("--text-topk", type=int, default=25)
-    g.add_argument("--audio-temp", type=float, default=0.8, help="audio temperature (0 = greedy)")
-    g.add_argument("--audio-topk", type=int, default=250)
-    g.add_argument("--mimi-backend", choices=("mlx", "rustymimi"), default="mlx",
+    g.add_argument("--mimi-backend", choices=MIMI_BACKENDS, default="mlx",
                    help="Mimi implementation (default: our MLX one)")
+    add_run_args(g, "quantized weights: 4 or 8 bits (default: bf16)")
+    add_moshi_sampling_args(parser.add_argument_group("sampling"))
 
 
 @dataclass
@@ -112,26 +262,21 @@ def resolve_model_files(args: argparse.Namespace) -> ModelFiles:
     return ModelFiles(moshi, mimi, tokenizer, config, quantize)
 
 
+def engine_options(args: argparse.Namespace) -> Any:
+    """The parsed `add_model_args` options as the engine's one options object."""
+    from moshi_mlx.conversation.engine import EngineOptions
+    from moshi_mlx.modules.sampling import SamplingSettings
+
+    sampling = SamplingSettings(args.text_temp, args.text_topk, args.audio_temp, args.audio_topk)
+    return EngineOptions(ModelOptions.from_args(args), sampling, args.mimi_backend)
+
+
 def build_engine(args: argparse.Namespace) -> Any:
     """Resolve the files named by `add_model_args` options and load the engine."""
     from moshi_mlx.conversation.engine import Engine
 
     files = resolve_model_files(args)
-    engine = Engine.from_files(
-        files.moshi_weight,
-        files.mimi_weight,
-        files.tokenizer,
-        config=files.config,
-        quantize=files.quantize,
-        dtype=args.dtype,
-        seed=args.seed,
-        text_temp=args.text_temp,
-        text_topk=args.text_topk,
-        audio_temp=args.audio_temp,
-        audio_topk=args.audio_topk,
-        mimi_backend=args.mimi_backend,
-        cpu_threads=args.cpu_threads,
-    )
+    engine = Engine.from_files(files.moshi_weight, files.mimi_weight, files.tokenizer,
+                               config=files.config, options=engine_options(args))
     print_blas_hint()
     return engine
-

@@ -16,12 +16,25 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from moshi_mlx.audio.rates import FRAME_SIZE, SAMPLE_RATE
+from moshi_mlx.cli.options import ModelOptions
 from moshi_mlx.errors import MoshiError, WeightsError
 
 if TYPE_CHECKING:  # (sampling imports MLX, which this module loads only when stepping)
     from moshi_mlx.modules.sampling import SamplingSettings
 
 NUM_CODEBOOKS = 8  # Moshi's codebooks per stream
+MIMI_BACKENDS = ("mlx", "rustymimi")  # ours, or Kyutai's Rust Mimi
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How `Engine.from_files` loads and runs Moshi: the options every model-loading command
+    shares (-q, --dtype, --cpu-threads, --seed), the text and audio sampling (None: the
+    released defaults, `SamplingSettings()`), and which Mimi implementation codes the audio."""
+
+    model: ModelOptions = ModelOptions()
+    sampling: SamplingSettings | None = None
+    mimi_backend: str = "mlx"
 
 
 @dataclass
@@ -114,28 +127,23 @@ class Engine:
         mimi_weight: str | Path,
         tokenizer: str | Path,
         config: str | Path | None = None,
-        quantize: int | None = None,
-        dtype: str = "auto",
-        seed: int | None = None,
-        text_temp: float = 0.7,
-        text_topk: int = 25,
-        audio_temp: float = 0.8,
-        audio_topk: int = 250,
-        mimi_backend: str = "mlx",
-        cpu_threads: int | None = None,
+        options: EngineOptions | None = None,
     ) -> Engine:
+        """Load Moshi, Mimi and the text tokenizer from these files and warm the engine up."""
         import sentencepiece
 
         from moshi_mlx import LmGen, load_lm
+        from moshi_mlx.modules.sampling import SamplingSettings
 
+        options = options or EngineOptions()
+        model = options.model
         for path, what in ((moshi_weight, "Moshi weights"), (mimi_weight, "Mimi weights"),
                            (tokenizer, "text tokenizer")):
             if not Path(path).is_file():
                 raise WeightsError(f"{what} not found: {path}")
         try:
-            lm = load_lm(str(moshi_weight), config=config, quantize=quantize, dtype=dtype,
-                         cpu_threads=cpu_threads)
-            codec = make_codec(mimi_weight, mimi_backend)
+            lm = load_lm(str(moshi_weight), config=config, **model.load_kwargs())
+            codec = make_codec(mimi_weight, options.mimi_backend)
         except MemoryError:
             raise MoshiError(
                 f"out of memory while loading {Path(moshi_weight).name}; try -q 4 or close "
@@ -148,8 +156,10 @@ class Engine:
                     "other programs"
                 ) from None
             raise
-        gen = LmGen(lm, text_temp=text_temp, text_topk=text_topk, audio_temp=audio_temp,
-                    audio_topk=audio_topk, seed=seed)
+        sampling = options.sampling or SamplingSettings()
+        gen = LmGen(lm, text_temp=sampling.text_temp, text_topk=sampling.text_topk,
+                    audio_temp=sampling.audio_temp, audio_topk=sampling.audio_topk,
+                    seed=model.seed)
         try:
             sp = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer))
         except (OSError, RuntimeError):
@@ -231,7 +241,7 @@ def make_codec(mimi_weight: str | Path, backend: str = "mlx") -> Codec:
         except ImportError:
             raise MoshiError("--mimi-backend rustymimi needs `pip install rustymimi`") from None
     if backend != "mlx":
-        raise MoshiError(f"unknown Mimi backend {backend!r} (use mlx or rustymimi)")
+        raise MoshiError(f"unknown Mimi backend {backend!r} (use {' or '.join(MIMI_BACKENDS)})")
     from moshi_mlx import load_mimi
 
     return MlxCodec(load_mimi(str(mimi_weight), num_codebooks=NUM_CODEBOOKS))

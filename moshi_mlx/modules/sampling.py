@@ -48,12 +48,12 @@ def _categorical(logits: mx.array, key: mx.array | None) -> mx.array:
 @dataclass(frozen=True)
 class SamplingSettings:
     """Temperature and top-k of Moshi's text and audio tokens (temperature 0: greedy; top-k 0:
-    no cut)."""
+    no cut). The defaults are the released server's."""
 
-    text_temp: float
-    text_topk: int
-    audio_temp: float
-    audio_topk: int
+    text_temp: float = 0.7
+    text_topk: int = 25
+    audio_temp: float = 0.8
+    audio_topk: int = 250
 
 
 def new_key(seed: int | None) -> mx.array:
