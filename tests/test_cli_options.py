@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from moshi_mlx.cli import options
-from moshi_mlx.cli.options import ModelOptions, SamplingOptions, engine_options
+from moshi_mlx.cli.options import SamplingOptions, engine_options
 from moshi_mlx.cli.outputs import output_file
 from moshi_mlx.errors import MoshiError
+from moshi_mlx.loading.options import ModelOptions
 from moshi_mlx.loading.quantization import QUANTIZATIONS
 from moshi_mlx.modules.sampling import SamplingSettings
 

@@ -20,8 +20,8 @@ import numpy as np
 import soundfile
 from interrupt import default_sigint
 
-from moshi_mlx.cli.options import ModelOptions
 from moshi_mlx.conversation.engine import Engine, EngineOptions
+from moshi_mlx.loading.options import ModelOptions
 from moshi_mlx.web.server import ChatServer, bound_port, serve
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -31,8 +31,8 @@ import soundfile
 from interrupt import default_sigint
 from prerequisites import unavailable
 
-from moshi_mlx.cli.options import ModelOptions
 from moshi_mlx.conversation.engine import Engine, EngineOptions
+from moshi_mlx.loading.options import ModelOptions
 from moshi_mlx.web import kyutai
 from moshi_mlx.web.server import ChatServer, bound_port, serve
 

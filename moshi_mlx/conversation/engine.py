@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from moshi_mlx.audio.rates import FRAME_SIZE, SAMPLE_RATE
-from moshi_mlx.cli.options import ModelOptions
 from moshi_mlx.errors import MoshiError, WeightsError
+from moshi_mlx.loading.options import ModelOptions
 
 if TYPE_CHECKING:  # (sampling imports MLX, which this module loads only when stepping)
     from moshi_mlx.modules.sampling import SamplingSettings
