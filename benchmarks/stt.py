@@ -48,8 +48,8 @@ load_system_openblas()
 
 import mlx.core as mx  # noqa: E402
 
-from moshi_mlx.conversation.lm_gen import SttGen  # noqa: E402
 from moshi_mlx.models.lm import load_lm  # noqa: E402
+from moshi_mlx.transcription.stt_gen import SttGen  # noqa: E402
 
 FRAME = 1920
 FRAME_MS = 80.0

@@ -25,7 +25,7 @@ _EXPORTS = {
     "Lm": "moshi_mlx.models.lm",
     "load_lm": "moshi_mlx.models.lm",
     "LmGen": "moshi_mlx.conversation.lm_gen",
-    "SttGen": "moshi_mlx.conversation.lm_gen",
+    "SttGen": "moshi_mlx.transcription.stt_gen",
     "Transcriber": "moshi_mlx.transcription.transcriber",
     "Transcript": "moshi_mlx.transcription.transcriber",
     "Csm": "moshi_mlx.models.csm",

@@ -191,11 +191,11 @@ def test_streaming_audio_equals_codes_and_flush_emits_the_last_words(lm, tokeniz
     events = []
     for start in range(0, len(pcm), 5000):  # odd chunk sizes: partial frames are kept
         events += transcriber.feed(pcm[start:start + 5000])
-    before_flush = transcriber.gen.steps
+    before_flush = transcriber.gen.state.steps
     assert before_flush == len(pcm) // 1920
     flushed = transcriber.flush()
     input_frames = -(-len(pcm) // 1920)
-    assert transcriber.gen.steps == input_frames + 8  # ceil(0.5 * 12.5) + 1 silent frames
+    assert transcriber.gen.state.steps == input_frames + 8  # ceil(0.5 * 12.5) + 1 silent frames
     assert isinstance(flushed[-1], Flushed) and flushed[-1].step == input_frames + 8
     assert any(isinstance(e, Word) for e in flushed)  # the last words come out in the flush
 

@@ -24,9 +24,9 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from moshi_mlx.conversation.lm_gen import SttGen
 from moshi_mlx.models.lm import Lm
 from moshi_mlx.models.lm_config import SttConfig
+from moshi_mlx.transcription.stt_gen import SttGen
 from moshi_mlx.transcription.words import EPAD, PAD, WordTracker, timed_words
 from moshi_mlx.transcription.words import Word as _TrackedWord
 from moshi_mlx.transcription.words import WordEnd as _TrackedWordEnd
@@ -266,7 +266,7 @@ class Transcriber:
     def step_codes(self, codes) -> list[Event]:
         """One Mimi frame per stream, codes int [B, n_q] -> events."""
         text, vad = self.gen.step(codes)
-        self._handle(self.gen.steps, np.array(text), self._vad_or_none(vad))
+        self._handle(self.gen.state.steps, np.array(text), self._vad_or_none(vad))
         return self._take_events()
 
     def feed_codes(self, codes) -> list[Event]:
@@ -327,14 +327,14 @@ class Transcriber:
         events = self._take_events()
         open_ends = [s.ended_at for s in self._streams if not s.done]
         if self.mimi is not None and open_ends:
-            needed = (max(open_ends) - self.gen.steps) * FRAME_SIZE - self._buffer.shape[1]
+            needed = (max(open_ends) - self.gen.state.steps) * FRAME_SIZE - self._buffer.shape[1]
             if needed > 0:
                 zeros = np.zeros((self.batch_size, needed), dtype=np.float32)
                 self._buffer = np.concatenate([self._buffer, zeros], axis=1)
             events += self._run_buffered_frames()
         for row, stream in enumerate(self._streams):  # codes input: no silence to push
             if not stream.done:
-                self._close(row, self.gen.steps)
+                self._close(row, self.gen.state.steps)
         return events + self._take_events()
 
     # ------------------------------------------------------------------ files
