@@ -20,6 +20,7 @@ _EXPORTS = {
     "AudioError": "moshi_mlx.errors",
     "Mimi": "moshi_mlx.models.mimi",
     "MimiConfig": "moshi_mlx.models.mimi",
+    "MimiStream": "moshi_mlx.models.mimi",
     "load_mimi": "moshi_mlx.models.mimi",
     "LmConfig": "moshi_mlx.models.lm_config",
     "Lm": "moshi_mlx.models.lm",

@@ -42,25 +42,29 @@ class Codec(Protocol):
 
 
 class MlxCodec:
-    """`moshi_mlx.Mimi` (our MLX implementation) behind the `Codec` interface."""
+    """`moshi_mlx.Mimi` (our MLX implementation) behind the `Codec` interface: one stream
+    (`MimiStream`) through a Mimi that may serve other streams too."""
 
     def __init__(self, mimi: Any):
+        from moshi_mlx.models.mimi import MimiStream
+
         self.mimi = mimi
+        self.stream = MimiStream(mimi)
 
     def encode(self, pcm: np.ndarray) -> np.ndarray:
         import mlx.core as mx
 
-        codes = self.mimi.encode_step(mx.array(pcm.reshape(1, 1, -1)))
+        codes = self.stream.encode_step(mx.array(pcm.reshape(1, 1, -1)))
         return np.asarray(codes)[0, :NUM_CODEBOOKS, 0]
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         import mlx.core as mx
 
-        pcm = self.mimi.decode_step(mx.array(codes.reshape(1, -1, 1).astype(np.int32)))
+        pcm = self.stream.decode_step(mx.array(codes.reshape(1, -1, 1).astype(np.int32)))
         return np.asarray(pcm.astype(mx.float32)).reshape(-1)
 
     def reset(self) -> None:
-        self.mimi.reset()
+        self.stream.reset()
 
 
 class RustyCodec:

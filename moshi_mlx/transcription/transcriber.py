@@ -26,6 +26,7 @@ import numpy as np
 
 from moshi_mlx.models.lm import Lm
 from moshi_mlx.models.lm_config import SttConfig
+from moshi_mlx.models.mimi import MimiStream
 from moshi_mlx.transcription.stt_gen import SttGen
 from moshi_mlx.transcription.words import EPAD, PAD, WordTracker, timed_words
 from moshi_mlx.transcription.words import Word as _TrackedWord
@@ -168,6 +169,7 @@ class Transcriber:
                              f"{lm.cfg.n_q}")
         self.lm = lm
         self.mimi = mimi
+        self._mimi_stream = None if mimi is None else MimiStream(mimi)
         self.tokenizer = tokenizer
         self.config = stt_config or lm.cfg.stt_config or SttConfig()
         self.eot_threshold = eot_threshold
@@ -199,8 +201,8 @@ class Transcriber:
     def reset(self, batch_size: int | None = None) -> None:
         """New streams: model state, Mimi state, silence prefix, word trackers."""
         self.gen.reset(batch_size)
-        if self.mimi is not None:
-            self.mimi.reset()
+        if self._mimi_stream is not None:
+            self._mimi_stream.reset()
         rows = self.gen.batch_size
         self._buffer = np.zeros((rows, self.prefix_samples), dtype=np.float32)
         self._input_samples = np.zeros(rows, dtype=np.int64)
@@ -303,7 +305,7 @@ class Transcriber:
             if all(stream.done for stream in self._streams):
                 break
             chunk = self._buffer[:, f * FRAME_SIZE:(f + 1) * FRAME_SIZE]
-            codes = self.mimi.encode_step(chunk[:, None, :])
+            codes = self._mimi_stream.encode_step(chunk[:, None, :])
             events += self.step_codes(codes[:, :, 0])
         self._buffer = self._buffer[:, frames * FRAME_SIZE:]
         return events
