@@ -25,7 +25,6 @@ from moshi_mlx.transcription.transcriber import (
     Word,
     WordEnd,
 )
-from moshi_mlx.transcription.words import Word as TrackedWord
 from moshi_mlx.transcription.words import WordTracker, segment_words
 
 
@@ -65,12 +64,12 @@ def test_word_tracker_reproduces_the_rust_events(stt_golden):
     events = []
     for step, token in enumerate(stt_golden["torch_f32_B_v1_text"][:176]):
         events += tracker.push(int(token), step)
-    assert [0 if isinstance(e, TrackedWord) else 1 for e in events] == \
+    assert [0 if isinstance(e, Word) else 1 for e in events] == \
         stt_golden["rustlike_events_kind"].tolist()
     assert [e.step for e in events] == stt_golden["rustlike_events_step"].tolist()
-    times = [e.start if isinstance(e, TrackedWord) else e.end for e in events]
+    times = [e.start if isinstance(e, Word) else e.end for e in events]
     np.testing.assert_allclose(times, stt_golden["rustlike_events_time"], atol=1e-9, rtol=0)
-    tokens = [" ".join(map(str, e.tokens)) if isinstance(e, TrackedWord) else "" for e in events]
+    tokens = [" ".join(map(str, e.tokens)) if isinstance(e, Word) else "" for e in events]
     assert tokens == stt_golden["rustlike_events_tokens"].tolist()
 
 

@@ -128,9 +128,8 @@ class Engine:
         mimi_backend: str = "mlx",
         cpu_threads: int | None = None,
     ) -> Engine:
-        import sentencepiece
-
         from moshi_mlx import LmGen, load_lm
+        from moshi_mlx.loading.text_tokenizer import load_sentencepiece
 
         for path, what in ((moshi_weight, "Moshi weights"), (mimi_weight, "Mimi weights"),
                            (tokenizer, "text tokenizer")):
@@ -154,10 +153,7 @@ class Engine:
             raise
         gen = LmGen(lm, text_temp=text_temp, text_topk=text_topk, audio_temp=audio_temp,
                     audio_topk=audio_topk, seed=seed)
-        try:
-            sp = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer))
-        except (OSError, RuntimeError):
-            raise WeightsError(f"{tokenizer} is not a SentencePiece model") from None
+        sp = load_sentencepiece(tokenizer)
         pad_id = getattr(getattr(lm, "cfg", None), "existing_text_padding_id", None)
         engine = cls(codec, gen, sp, silent_text_ids=(0, 3 if pad_id is None else int(pad_id)))
         engine.warm_up()

@@ -24,17 +24,13 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from moshi_mlx.audio.rates import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
 from moshi_mlx.models.lm import Lm
 from moshi_mlx.models.lm_config import SttConfig
 from moshi_mlx.models.mimi import MimiStream
 from moshi_mlx.transcription.stt_gen import SttGen
-from moshi_mlx.transcription.words import EPAD, PAD, WordTracker, timed_words
-from moshi_mlx.transcription.words import Word as _TrackedWord
-from moshi_mlx.transcription.words import WordEnd as _TrackedWordEnd
+from moshi_mlx.transcription.words import EPAD, PAD, Word, WordEnd, WordTracker, timed_words
 
-SAMPLE_RATE = 24000
-FRAME_SIZE = 1920
-FRAME_RATE = SAMPLE_RATE / FRAME_SIZE  # 12.5 steps per second
 VAD_END_OF_TURN_HEAD = 2  # horizon 2 s (Unmute and the official scripts use this head)
 
 
@@ -48,25 +44,6 @@ class TextPiece:
     stream: int
     text: str
     time: float
-    step: int
-
-
-@dataclass(frozen=True)
-class Word:
-    """A complete word and its start time."""
-
-    stream: int
-    text: str
-    start: float
-    step: int
-
-
-@dataclass(frozen=True)
-class WordEnd:
-    """The last word of `stream` ended at `end`."""
-
-    stream: int
-    end: float
     step: int
 
 
@@ -117,13 +94,11 @@ class Transcript:
 def transcript_from_events(events: Iterable[Event], decode_text: str, duration: float,
                            time_of) -> Transcript:
     """Collect one stream's events into a Transcript (word end: see `timed_words`)."""
-    tracked: list[_TrackedWord | _TrackedWordEnd] = []
+    tracked: list[Word | WordEnd] = []
     turns, steps = [], 0
     for event in events:
-        if isinstance(event, Word):
-            tracked.append(_TrackedWord(event.text, (), event.start, event.step))
-        elif isinstance(event, WordEnd):
-            tracked.append(_TrackedWordEnd(event.end, event.step))
+        if isinstance(event, (Word, WordEnd)):
+            tracked.append(event)
         elif isinstance(event, EndOfTurn):
             turns.append(event.time)
         elif isinstance(event, Flushed):
@@ -206,8 +181,8 @@ class Transcriber:
         rows = self.gen.batch_size
         self._buffer = np.zeros((rows, self.prefix_samples), dtype=np.float32)
         self._input_samples = np.zeros(rows, dtype=np.int64)
-        self._streams = [_Stream(WordTracker(self.text_time, self.first_text_step,
-                                             self._decode)) for _ in range(rows)]
+        self._streams = [_Stream(WordTracker(self.text_time, self.first_text_step, self._decode,
+                                             stream=row)) for row in range(rows)]
         self._pending: list[Event] = []
         self._handle(0, np.array(self.gen.initial_text), self._vad_or_none(self.gen.initial_vad))
 
@@ -236,8 +211,7 @@ class Transcriber:
                 piece = self._piece(token)
                 if piece:
                     self._pending.append(TextPiece(row, piece, self.text_time(step), step))
-            for event in stream.tracker.push(token, step):
-                self._pending.append(self._lift(row, event))
+            self._pending += stream.tracker.push(token, step)
             if vad is not None:
                 probability = float(vad[row, self.eot_head, 0])
                 if probability < self.eot_rearm:
@@ -248,15 +222,9 @@ class Transcriber:
             if stream.ended_at is not None and step >= stream.ended_at:
                 self._close(row, step)
 
-    def _lift(self, row: int, event: _TrackedWord | _TrackedWordEnd) -> Event:
-        if isinstance(event, _TrackedWord):
-            return Word(row, event.text, event.start, event.step)
-        return WordEnd(row, event.end, event.step)
-
     def _close(self, row: int, step: int) -> None:
         stream = self._streams[row]
-        for event in stream.tracker.finish(step):
-            self._pending.append(self._lift(row, event))
+        self._pending += stream.tracker.finish(step)
         stream.done = True
         duration = self._input_samples[row] / SAMPLE_RATE
         self._pending.append(Flushed(row, float(duration), step))
