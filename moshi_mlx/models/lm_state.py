@@ -2,8 +2,9 @@
 
 Both generators that drive the LM step by step (`conversation.lm_gen.LmGen` for Moshi,
 `transcription.stt_gen.SttGen` for Kyutai STT) keep their streams in an `LmStreamState`, made
-fresh by their `new_state` / `reset`. The generator owns the step logic and updates the fields
-in place; everyone else only reads them (`gen.state.steps`, `gen.state.text_logits`, ...).
+fresh by their `reset()` and read through their `state` property. The generator owns the step
+logic and updates the fields in place; everyone else only reads them (`gen.state.steps`,
+`gen.state.text_logits`, ...).
 """
 
 from __future__ import annotations
