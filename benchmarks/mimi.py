@@ -75,32 +75,28 @@ class _Ours:
     def __init__(self, weights: str, variant: str) -> None:
         import mlx.core as mx
 
-        from moshi_mlx.models.mimi import load_mimi
+        from moshi_mlx.models.mimi import MimiConfig, MimiStream, load_mimi
 
         self.name = f"mlx_{variant}"
-        self.formulation = "native" if variant == "native" else "matmul"
-        self.mimi = load_mimi(weights, num_codebooks=8)
+        # kyutai/mimi's architecture (that of every released Mimi), convs as the variant says
+        cfg = MimiConfig(conv_formulation="native" if variant == "native" else "matmul")
+        self.mimi = load_mimi(weights, num_codebooks=8, cfg=cfg)
         if variant == "bf16":
             self.mimi.set_dtype(mx.bfloat16)
             self.mimi.quantizer.finalize()
+        self.stream = MimiStream(self.mimi)
 
     def _call(self, fn, *args) -> np.ndarray:
         import mlx.core as mx
 
-        from moshi_mlx.modules import conv
-
-        conv.set_formulation(self.formulation)
-        try:
-            out = fn(*args)
-        finally:
-            conv.set_formulation("matmul")
+        out = fn(*args)
         return np.asarray(out.astype(mx.float32) if out.dtype == mx.bfloat16 else out)
 
     def encode_step(self, pcm):
-        return self._call(self.mimi.encode_step, pcm)
+        return self._call(self.stream.encode_step, pcm)
 
     def decode_step(self, codes):
-        return self._call(self.mimi.decode_step, codes)
+        return self._call(self.stream.decode_step, codes)
 
     def encode(self, pcm):
         return self._call(self.mimi.encode, pcm).astype(np.int32)

@@ -48,8 +48,8 @@ load_system_openblas()
 
 import mlx.core as mx  # noqa: E402
 
-from moshi_mlx.conversation.lm_gen import SttGen  # noqa: E402
 from moshi_mlx.models.lm import load_lm  # noqa: E402
+from moshi_mlx.transcription.stt_gen import SttGen  # noqa: E402
 
 FRAME = 1920
 FRAME_MS = 80.0
@@ -290,9 +290,10 @@ def worker_steps(folder: Path, audio: Path, steps: int, bits: int | None) -> Non
     mimi = load_mimi(folder / "mimi.safetensors", num_codebooks=32)
     pcm = read_audio(audio)
     times = []
+    state = mimi.new_encoder_state()
     for f in range(min(30, len(pcm) // FRAME)):
         start = time.perf_counter()
-        mimi.encode_step(pcm[None, None, f * FRAME:(f + 1) * FRAME])
+        mimi.encode_step(pcm[None, None, f * FRAME:(f + 1) * FRAME], state)
         if f >= 2:
             times.append(time.perf_counter() - start)
     report["mimi_encode_frame_ms"] = round(1e3 * statistics.median(times), 3)

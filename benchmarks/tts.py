@@ -160,13 +160,13 @@ def our_worker(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         stream = iter(stream_speech(model, tokenizer, args.text, 1, context,
                                     max_frames=frames, seed=0, mimi=mimi))
-        mimi.reset()
+        state = mimi.new_decoder_state()
         while True:
             try:
                 frame = next(stream)
             except StopIteration:
                 break
-            pcm = np.asarray(mimi.decode_step(check_mimi_codes(frame[None])))
+            pcm = np.asarray(mimi.decode_step(check_mimi_codes(frame[None]), state))
             samples += pcm.shape[-1]
             audio_stamps.append(time.perf_counter())
         steps = np.diff([start, *audio_stamps])

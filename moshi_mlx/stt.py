@@ -319,8 +319,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load(args: argparse.Namespace, files: SttFiles):
-    import sentencepiece
-
+    from moshi_mlx.loading.text_tokenizer import load_sentencepiece
     from moshi_mlx.models.lm import load_lm
     from moshi_mlx.models.mimi import load_mimi
     from moshi_mlx.transcription.transcriber import Transcriber
@@ -329,10 +328,7 @@ def _load(args: argparse.Namespace, files: SttFiles):
     sampling = SamplingOptions.from_args(args)
     lm = load_lm(files.weights, config=files.config, vad_weights=args.vad_weights,
                  **model.load_kwargs())
-    try:
-        tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(files.tokenizer))
-    except (OSError, RuntimeError):
-        raise WeightsError(f"{files.tokenizer} is not a SentencePiece model") from None
+    tokenizer = load_sentencepiece(files.tokenizer)
     if tokenizer.get_piece_size() < lm.cfg.text_card:
         raise WeightsError(f"{files.tokenizer} has {tokenizer.get_piece_size()} pieces, the "
                            f"model {lm.cfg.text_card}: not this model's tokenizer")

@@ -66,7 +66,7 @@ def _sampled_run(gen: LmGen, user_codes: np.ndarray, steps: int) -> np.ndarray:
     out = []
     for t in range(steps):
         text, frame = gen.step(user_codes[:, t % user_codes.shape[1]][None])
-        out.append(np.concatenate([np.array(text), np.array(gen._raw_audio[-1][0])]))
+        out.append(np.concatenate([np.array(text), np.array(gen.state.last_audio_tokens[0])]))
     return np.array(out)
 
 
@@ -173,7 +173,8 @@ def test_generation_past_context_keeps_constant_memory(short_lm):
     for t in range(4 * SHORT_CONTEXT):
         text, frame = gen.step(codes[:, 0][None])
         assert frame is not None or t == 0
-        shapes.append([c.keys.shape for c in gen.caches] + [c.values.shape for c in gen.caches])
+        caches = gen.state.caches
+        shapes.append([c.keys.shape for c in caches] + [c.values.shape for c in caches])
         memory.append(mx.get_active_memory())
     full = shapes[SHORT_CONTEXT - 1]
     assert all(s == full for s in shapes[SHORT_CONTEXT - 1 :])

@@ -56,11 +56,11 @@ def run_greedy(lm, user_codes: np.ndarray, steps: int = STEPS, force=None, compi
             extra = {"force_text": force[0][t : t + 1], "force_audio": force[1][t : t + 1]}
         text, frame = gen.step(user_codes[:, t][None], **extra)
         texts.append(int(text[0]))
-        raws.append(np.array(gen._raw_audio[-1][0]))
+        raws.append(np.array(gen.state.last_audio_tokens[0]))
         outs.append(None if frame is None else np.array(frame[0]))
-        text_logits.append(np.array(gen.last_text_logits[0].astype(mx.float32)))
+        text_logits.append(np.array(gen.state.text_logits[0].astype(mx.float32)))
         audio_logits.append(
-            np.stack([np.array(x[0].astype(mx.float32)) for x in gen.last_audio_logits])
+            np.stack([np.array(x[0].astype(mx.float32)) for x in gen.state.audio_logits])
         )
     return {
         "text": np.array(texts),

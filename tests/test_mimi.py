@@ -9,6 +9,8 @@ import pytest
 import rustymimi
 import soundfile
 
+from moshi_mlx.models.mimi import MimiStream
+
 FRAME = 1920
 K = 8
 
@@ -51,9 +53,9 @@ def ours_whole(mimi, speech) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def ours_stream(mimi, speech) -> np.ndarray:
-    mimi.reset()
+    state = mimi.new_encoder_state()
     frames = [
-        np.asarray(mimi.encode_step(mx.array(speech[None, None, i : i + FRAME])))
+        np.asarray(mimi.encode_step(mx.array(speech[None, None, i : i + FRAME]), state))
         for i in range(0, len(speech), FRAME)
     ]
     return np.concatenate(frames, axis=2).astype(np.int64)
@@ -102,9 +104,9 @@ def test_streaming_decode_matches_whole_clip(mimi, rust, ours_decoded):
     # The decoder is causal, so the first 40 frames streamed must reproduce the first 40 frames
     # of the whole-clip decoding (a prefix keeps the test fast).
     frames_to_stream = 40
-    mimi.reset()
+    state = mimi.new_decoder_state()
     codes = rust["whole"].astype(np.int32)  # numpy input
-    frames = [mimi.decode_step(codes[:, :, i : i + 1]) for i in range(frames_to_stream)]
+    frames = [mimi.decode_step(codes[:, :, i : i + 1], state) for i in range(frames_to_stream)]
     assert all(f.shape == (1, 1, FRAME) for f in frames)
     streamed = np.concatenate([np.asarray(f) for f in frames], axis=2)
     samples = frames_to_stream * FRAME
@@ -113,12 +115,39 @@ def test_streaming_decode_matches_whole_clip(mimi, rust, ours_decoded):
 
 
 def test_reset_restarts_the_stream(mimi, speech, ours_whole):
-    mimi.reset()
+    stream = MimiStream(mimi)
     for i in range(3):
-        mimi.encode_step(speech[None, None, i * FRAME : (i + 1) * FRAME])
-    mimi.reset()
-    first = np.asarray(mimi.encode_step(speech[None, None, :FRAME]))
+        stream.encode_step(speech[None, None, i * FRAME : (i + 1) * FRAME])
+    stream.reset()
+    first = np.asarray(stream.encode_step(speech[None, None, :FRAME]))
     np.testing.assert_array_equal(first[0, :, 0], ours_whole[0, :, 0])
+
+
+def test_interleaved_streams_share_one_mimi(mimi, speech):
+    # Two streams through one loaded Mimi, frame by frame in turn, give exactly what each gives
+    # alone (the model holds no stream state).
+    clips = [speech[:6 * FRAME], speech[60 * FRAME : 66 * FRAME]]
+
+    def alone(clip):
+        stream = MimiStream(mimi)
+        codes = [stream.encode_step(clip[None, None, i : i + FRAME])
+                 for i in range(0, len(clip), FRAME)]
+        audio = [stream.decode_step(c) for c in codes]
+        return np.concatenate(codes, axis=2), np.concatenate(audio, axis=2)
+
+    expected = [alone(clip) for clip in clips]
+    encoders = [mimi.new_encoder_state() for _ in clips]
+    decoders = [mimi.new_decoder_state() for _ in clips]
+    codes, audio = [[], []], [[], []]
+    for i in range(0, 6 * FRAME, FRAME):
+        for row in (0, 1):
+            frame = mimi.encode_step(clips[row][None, None, i : i + FRAME], encoders[row])
+            codes[row].append(frame)
+            audio[row].append(mimi.decode_step(frame, decoders[row]))
+    for row in (0, 1):
+        np.testing.assert_array_equal(np.concatenate(codes[row], axis=2), expected[row][0])
+        np.testing.assert_array_equal(np.concatenate(audio[row], axis=2), expected[row][1])
+    assert not np.array_equal(expected[0][0], expected[1][0])  # two different streams
 
 
 @pytest.mark.parametrize("num_codebooks", [1, 32])

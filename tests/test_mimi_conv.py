@@ -8,8 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from moshi_mlx.modules import conv
-from moshi_mlx.modules.conv import StreamingConv1d, StreamingConvTranspose1d
+from moshi_mlx.modules.conv import FORMULATIONS, StreamingConv1d, StreamingConvTranspose1d
 
 
 def _numpy_causal_conv(x, weight, bias, stride, dilation, replicate):
@@ -48,11 +47,9 @@ def _chunks(total: int, rng: np.random.Generator, multiple: int) -> list[int]:
     return sizes
 
 
-@pytest.fixture(params=["matmul", "native"])
+@pytest.fixture(params=FORMULATIONS)
 def formulation(request):
-    conv.set_formulation(request.param)
-    yield request.param
-    conv.set_formulation("matmul")
+    return request.param
 
 
 @pytest.mark.parametrize(
@@ -67,7 +64,8 @@ def test_streaming_conv_matches_numpy(formulation, in_ch, out_ch, k, stride, dil
     total = 13 * stride + stride // 2 + 1  # ends mid-window: exercises the final padding
     x = rng.standard_normal((total, in_ch))
     layer = StreamingConv1d(in_ch, out_ch, k, stride=stride, dilation=dilation,
-                            pad_mode="replicate" if replicate else "constant")
+                            pad_mode="replicate" if replicate else "constant",
+                            formulation=formulation)
     layer.weight = mx.array(weight.transpose(0, 2, 1).astype(np.float32))
     layer.bias = mx.array(bias.astype(np.float32))
     state = layer.init_state()
@@ -96,7 +94,8 @@ def test_streaming_convtr_matches_numpy(formulation, in_ch, out_ch, k, stride, d
         weight = rng.standard_normal((in_ch, out_ch, k))
     bias = rng.standard_normal(out_ch)
     x = rng.standard_normal((11, in_ch))
-    layer = StreamingConvTranspose1d(in_ch, out_ch, k, stride, groups=in_ch if depthwise else 1)
+    layer = StreamingConvTranspose1d(in_ch, out_ch, k, stride, groups=in_ch if depthwise else 1,
+                                     formulation=formulation)
     mlx_weight = taps.transpose(0, 2, 1) if depthwise else weight.transpose(1, 2, 0)
     layer.weight = mx.array(mlx_weight.astype(np.float32))
     layer.bias = mx.array(bias.astype(np.float32))
@@ -110,3 +109,15 @@ def test_streaming_convtr_matches_numpy(formulation, in_ch, out_ch, k, stride, d
     expected = _numpy_causal_convtr(x, weight, bias, stride)
     assert got.shape == expected.shape
     np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_mimi_builds_every_conv_with_its_formulation():
+    from moshi_mlx.models.mimi import Mimi, MimiConfig
+
+    for name in FORMULATIONS:
+        convs = [m for _, m in Mimi(MimiConfig(conv_formulation=name)).named_modules()
+                 if isinstance(m, (StreamingConv1d, StreamingConvTranspose1d))]
+        assert len(convs) == 30  # 14 per SEANet side (4 stages of 3), down- and upsample
+        assert {c.formulation for c in convs} == {name}
+    with pytest.raises(ValueError, match="conv formulation"):
+        StreamingConv1d(2, 2, 3, formulation="fft")

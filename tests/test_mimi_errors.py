@@ -125,9 +125,11 @@ def test_encode_rejects_nan_and_empty(as_mx):
         with pytest.raises(AudioError):
             mimi.encode(data)
         with pytest.raises(AudioError):
-            mimi.encode_step(data)
-    with pytest.raises(AudioError):
-        mimi.encode_step(np.zeros((1, 1, 1000), np.float32))  # not a whole frame
+            mimi.encode_step(data, mimi.new_encoder_state())
+    with pytest.raises(AudioError):  # not a whole frame
+        mimi.encode_step(np.zeros((1, 1, 1000), np.float32), mimi.new_encoder_state())
+    with pytest.raises(TypeError, match="EncoderState"):
+        mimi.encode_step(np.zeros((1, 1, 1920), np.float32), mimi.new_decoder_state())
     with pytest.raises(ValueError):
         mimi.decode(np.full((1, 8, 2), 2048, np.int32))  # out of the codebook
 

@@ -39,13 +39,13 @@ def run_stt(lm, codes: np.ndarray, compile: bool = True) -> dict[str, np.ndarray
         codes = codes[None]
     gen = SttGen(lm, temp=0.0, batch_size=codes.shape[0], compile=compile)
     texts, vads, logits = [np.array(gen.initial_text)], [np.array(gen.initial_vad)], []
-    logits.append(np.array(gen.last_text_logits))
+    logits.append(np.array(gen.state.text_logits))
     for t in range(codes.shape[2]):
         text, vad = gen.step(codes[:, :, t])
         texts.append(np.array(text))
         vads.append(np.array(vad))
         if t < 15:
-            logits.append(np.array(gen.last_text_logits))
+            logits.append(np.array(gen.state.text_logits))
     return {"text": np.stack(texts, axis=1), "vad": np.stack(vads, axis=1),
             "logits": np.stack(logits, axis=1), "gen": gen}
 
@@ -119,7 +119,7 @@ def test_long_run_past_4096_steps_matches_pytorch_with_constant_memory(lm_f32, s
         texts.append(int(text[0]))
         vad.append(float(probs[0, 2, 0]))
         if t >= 100:
-            sizes.add(tuple(c.keys.shape for c in gen.caches))
+            sizes.add(tuple(c.keys.shape for c in gen.state.caches))
     np.testing.assert_array_equal(np.array(texts), stt_golden["torch_f32_B_long_text"])
     np.testing.assert_allclose(np.array(vad), stt_golden["torch_f32_B_long_vad_h2c0"],
                                atol=VAD_TOLERANCE, rtol=0)

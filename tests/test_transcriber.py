@@ -25,7 +25,6 @@ from moshi_mlx.transcription.transcriber import (
     Word,
     WordEnd,
 )
-from moshi_mlx.transcription.words import Word as TrackedWord
 from moshi_mlx.transcription.words import WordTracker, segment_words
 
 
@@ -65,12 +64,12 @@ def test_word_tracker_reproduces_the_rust_events(stt_golden):
     events = []
     for step, token in enumerate(stt_golden["torch_f32_B_v1_text"][:176]):
         events += tracker.push(int(token), step)
-    assert [0 if isinstance(e, TrackedWord) else 1 for e in events] == \
+    assert [0 if isinstance(e, Word) else 1 for e in events] == \
         stt_golden["rustlike_events_kind"].tolist()
     assert [e.step for e in events] == stt_golden["rustlike_events_step"].tolist()
-    times = [e.start if isinstance(e, TrackedWord) else e.end for e in events]
+    times = [e.start if isinstance(e, Word) else e.end for e in events]
     np.testing.assert_allclose(times, stt_golden["rustlike_events_time"], atol=1e-9, rtol=0)
-    tokens = [" ".join(map(str, e.tokens)) if isinstance(e, TrackedWord) else "" for e in events]
+    tokens = [" ".join(map(str, e.tokens)) if isinstance(e, Word) else "" for e in events]
     assert tokens == stt_golden["rustlike_events_tokens"].tolist()
 
 
@@ -191,11 +190,11 @@ def test_streaming_audio_equals_codes_and_flush_emits_the_last_words(lm, tokeniz
     events = []
     for start in range(0, len(pcm), 5000):  # odd chunk sizes: partial frames are kept
         events += transcriber.feed(pcm[start:start + 5000])
-    before_flush = transcriber.gen.steps
+    before_flush = transcriber.gen.state.steps
     assert before_flush == len(pcm) // 1920
     flushed = transcriber.flush()
     input_frames = -(-len(pcm) // 1920)
-    assert transcriber.gen.steps == input_frames + 8  # ceil(0.5 * 12.5) + 1 silent frames
+    assert transcriber.gen.state.steps == input_frames + 8  # ceil(0.5 * 12.5) + 1 silent frames
     assert isinstance(flushed[-1], Flushed) and flushed[-1].step == input_frames + 8
     assert any(isinstance(e, Word) for e in flushed)  # the last words come out in the flush
 

@@ -559,8 +559,9 @@ def verify(out: Path) -> None:
         ours = load_mimi(source, num_codebooks=CODEBOOKS)
         codes = np.asarray(ours.encode(pcm))
         decoded = np.asarray(ours.decode(mx.array(codes)))
-        ours.reset()
-        stream = np.concatenate([np.asarray(ours.encode_step(mx.array(pcm[..., i : i + FRAME])))
+        state = ours.new_encoder_state()
+        stream = np.concatenate([np.asarray(ours.encode_step(mx.array(pcm[..., i : i + FRAME]),
+                                                             state))
                                  for i in range(0, pcm.shape[-1], FRAME)], axis=2)
         report[label] = {
             "codes_equal_official_layout": bool((codes == codes_official).all()),

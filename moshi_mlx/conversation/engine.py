@@ -55,25 +55,29 @@ class Codec(Protocol):
 
 
 class MlxCodec:
-    """`moshi_mlx.Mimi` (our MLX implementation) behind the `Codec` interface."""
+    """`moshi_mlx.Mimi` (our MLX implementation) behind the `Codec` interface: one stream
+    (`MimiStream`) through a Mimi that may serve other streams too."""
 
     def __init__(self, mimi: Any):
+        from moshi_mlx.models.mimi import MimiStream
+
         self.mimi = mimi
+        self.stream = MimiStream(mimi)
 
     def encode(self, pcm: np.ndarray) -> np.ndarray:
         import mlx.core as mx
 
-        codes = self.mimi.encode_step(mx.array(pcm.reshape(1, 1, -1)))
+        codes = self.stream.encode_step(mx.array(pcm.reshape(1, 1, -1)))
         return np.asarray(codes)[0, :NUM_CODEBOOKS, 0]
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         import mlx.core as mx
 
-        pcm = self.mimi.decode_step(mx.array(codes.reshape(1, -1, 1).astype(np.int32)))
+        pcm = self.stream.decode_step(mx.array(codes.reshape(1, -1, 1).astype(np.int32)))
         return np.asarray(pcm.astype(mx.float32)).reshape(-1)
 
     def reset(self) -> None:
-        self.mimi.reset()
+        self.stream.reset()
 
 
 class RustyCodec:
@@ -130,9 +134,8 @@ class Engine:
         options: EngineOptions | None = None,
     ) -> Engine:
         """Load Moshi, Mimi and the text tokenizer from these files and warm the engine up."""
-        import sentencepiece
-
         from moshi_mlx import LmGen, load_lm
+        from moshi_mlx.loading.text_tokenizer import load_sentencepiece
         from moshi_mlx.modules.sampling import SamplingSettings
 
         options = options or EngineOptions()
@@ -160,10 +163,7 @@ class Engine:
         gen = LmGen(lm, text_temp=sampling.text_temp, text_topk=sampling.text_topk,
                     audio_temp=sampling.audio_temp, audio_topk=sampling.audio_topk,
                     seed=model.seed)
-        try:
-            sp = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer))
-        except (OSError, RuntimeError):
-            raise WeightsError(f"{tokenizer} is not a SentencePiece model") from None
+        sp = load_sentencepiece(tokenizer)
         pad_id = getattr(getattr(lm, "cfg", None), "existing_text_padding_id", None)
         engine = cls(codec, gen, sp, silent_text_ids=(0, 3 if pad_id is None else int(pad_id)))
         engine.warm_up()

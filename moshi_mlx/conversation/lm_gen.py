@@ -18,7 +18,8 @@ import mlx.core as mx
 import numpy as np
 
 from moshi_mlx.models.lm import Lm
-from moshi_mlx.modules.sampling import Sampler, SamplingSettings, new_key
+from moshi_mlx.models.lm_state import LmStreamState
+from moshi_mlx.modules.sampling import Sampler, SamplingSettings
 
 
 class LmGen:
@@ -26,6 +27,7 @@ class LmGen:
 
     compile=True runs sampling + depformer (and the fixed-shape parts of the temporal step)
     through `mx.compile`, traced on the first step: create the generator after loading weights.
+    The conversation's streaming state is `state` (an `LmStreamState`, new at every `reset`).
     """
 
     def __init__(self, lm: Lm, text_temp: float = 0.7, text_topk: int = 25,
@@ -46,6 +48,7 @@ class LmGen:
         self._initial = np.array(
             [cfg.text_initial_token] + [cfg.audio_initial_token] * cfg.n_q, dtype=np.int32
         )
+        self._initial_batch: mx.array | None = None  # the initial tokens of the last batch size
         # Column masks, built once: user codebooks by delay, own codebooks by output lag.
         self._user_delay_masks = {
             int(d): mx.array(self._user_delays == d) for d in np.unique(self._user_delays) if d
@@ -95,38 +98,37 @@ class LmGen:
 
     def reset(self) -> None:
         """Start a new conversation (same seed -> same samples again)."""
-        self.caches = self.lm.make_cache()
-        self.offset = 0
-        self._key = new_key(self.seed)
-        self._initial_batch: mx.array | None = None
+        self._state = LmStreamState.start(self.lm, self.seed)
         self.timings: dict[str, float] | None = None  # set to {} to time the two halves
-        self._prev_text: mx.array | None = None
-        self._raw_audio: list[mx.array] = []  # last max_delay + 1 depformer outputs [B, dep_q]
-        self._user: list[mx.array] = []  # last max_delay + 1 user frames [B, num_user]
-        self.last_text_logits: mx.array | None = None
-        self.last_audio_logits: list[mx.array] | None = None
+
+    @property
+    def state(self) -> LmStreamState:
+        """The conversation's streaming state (read it; `step` and `reset` change it)."""
+        return self._state
 
     # ------------------------------------------------------------------ inputs
-    def _input_tokens(self, batch: int) -> mx.array:
-        """The 1 + n_q tokens [B, 1 + n_q] read by step `offset`."""
-        t = self.offset
+    def _input_tokens(self, state: LmStreamState, batch: int) -> mx.array:
+        """The 1 + n_q tokens [B, 1 + n_q] read by step `state.steps`."""
+        t = state.steps
         if t == 0:
             return self._initial_tokens(batch)
-        user = self._user[-1]  # delay 0: frame t
+        history = state.user_codes
+        user = history[-1]  # delay 0: frame t
         for d, columns in self._user_delay_masks.items():
             if d <= t:  # (frames before 0 are replaced by initial tokens below)
-                user = mx.where(columns, self._user[-1 - d], user)
-        tokens = mx.concatenate([self._prev_text[:, None], self._raw_audio[-1], user], axis=1)
+                user = mx.where(columns, history[-1 - d], user)
+        tokens = mx.concatenate([state.text[:, None], state.audio_tokens[-1], user], axis=1)
         if t <= self.max_delay:  # streams with delay >= t still read their initial token
             tokens = mx.where(mx.array(t <= self._delays), self._initial_tokens(batch), tokens)
         return tokens
 
-    def _output_frame(self) -> mx.array:
+    def _output_frame(self, state: LmStreamState) -> mx.array:
         """Moshi's audio frame completed at this step [B, dep_q] (codebook k from step
-        offset - max_delay + d_k)."""
-        frame = self._raw_audio[-1]
+        state.steps - max_delay + d_k)."""
+        sampled = state.audio_tokens
+        frame = sampled[-1]
         for steps_back, columns in self._output_lag_masks.items():
-            frame = mx.where(columns, self._raw_audio[-1 - steps_back], frame)
+            frame = mx.where(columns, sampled[-1 - steps_back], frame)
         return frame
 
     def _initial_tokens(self, batch: int) -> mx.array:
@@ -153,17 +155,19 @@ class LmGen:
         Returns (text_token [B], audio_codes [B, dep_q] or None before max_delay steps).
         force_text [B] / force_audio [B, dep_q] (teacher forcing, for evaluation): use these
         tokens instead of the sampled ones; the logits are still those of the model
-        (`last_text_logits`, `last_audio_logits`).
+        (`state.text_logits`, `state.audio_logits`).
         """
         start_time = time.perf_counter() if self.timings is not None else 0.0
+        state = self._state
         user = mx.array(user_codes).astype(mx.int32)
         if user.ndim != 2 or user.shape[1] != self.num_user:
             raise ValueError(f"user_codes must be [B, {self.num_user}], got {user.shape}")
         batch = user.shape[0]
-        self._user = [*self._user[-self.max_delay:], user] if self.max_delay else [user]
+        state.user_codes = [*state.user_codes[-self.max_delay:], user] if self.max_delay \
+            else [user]
 
-        tokens = self._input_tokens(batch)
-        hidden, text_logits = self.lm.temporal(tokens, self.caches, compiled=self.compile)
+        tokens = self._input_tokens(state, batch)
+        hidden, text_logits = self.lm.temporal(tokens, state.caches, compiled=self.compile)
         if self.timings is not None:  # profiling only: an extra sync between the halves
             mx.eval(hidden, text_logits)
             half_time = time.perf_counter()
@@ -171,12 +175,12 @@ class LmGen:
 
         if force_text is None and force_audio is None:
             sample_all = self._compiled_sample_all or self._sample_all_eager
-            text, raw_audio, audio_logits, next_key = sample_all(hidden, text_logits, self._key)
+            text, raw_audio, audio_logits, next_key = sample_all(hidden, text_logits, state.key)
             if not self._greedy:
-                self._key = next_key
+                state.key = next_key
         else:  # teacher forcing: eager, the forced tokens replace the sampled ones
-            keys = mx.random.split(self._key, 2 + self.cfg.dep_q)
-            self._key = keys[0]
+            keys = mx.random.split(state.key, 2 + self.cfg.dep_q)
+            state.key = keys[0]
             text = self.text_sampler(text_logits, keys[1])
             if force_text is not None:
                 text = mx.array(force_text).astype(mx.int32)
@@ -188,89 +192,17 @@ class LmGen:
 
             raw_audio, audio_logits = self.lm.depformer(hidden, text, sample_audio)
 
-        self._prev_text = text
-        self._raw_audio = [*self._raw_audio[-self.max_delay:], raw_audio] if self.max_delay \
-            else [raw_audio]
-        frame = self._output_frame() if self.offset >= self.max_delay else None
-        self.last_text_logits, self.last_audio_logits = text_logits, audio_logits
+        state.text = text
+        state.audio_tokens = [*state.audio_tokens[-self.max_delay:], raw_audio] \
+            if self.max_delay else [raw_audio]
+        frame = self._output_frame(state) if state.steps >= self.max_delay else None
+        state.text_logits, state.audio_logits = text_logits, audio_logits
 
-        state = [text, raw_audio, self._key] + ([] if frame is None else [frame])
-        for cache in self.caches:
-            state += [cache.keys, cache.values]
-        mx.eval(state)  # the one host sync of a step
+        outputs = [text, raw_audio, state.key] + ([] if frame is None else [frame])
+        for cache in state.caches:
+            outputs += [cache.keys, cache.values]
+        mx.eval(outputs)  # the one host sync of a step
         if self.timings is not None:
             self.timings["depformer_s"] = time.perf_counter() - half_time
-        self.offset += 1
+        state.steps += 1
         return text, frame
-
-
-class SttGen:
-    """Streaming Kyutai STT: one Mimi frame (all n_q codebooks) in, one text token out.
-
-    Timing is the one of the official Rust/MLX/transformers generators (timing B of the
-    fixtures): official step 0 reads only the initial tokens (text `text_card`, audio `card`)
-    and runs in `reset()` (its outputs: `initial_text`, `initial_vad`); `step(frame t)` runs
-    official step t + 1, which reads frame t and the text token of the step before, and
-    returns that step's token. Attention sees the current step and the `context - 1` before it
-    (a ring of `context` keys per layer: constant memory for any length). Batch rows are
-    independent streams.
-    """
-
-    def __init__(self, lm: Lm, temp: float = 0.0, seed: int | None = None, top_k: int = 50,
-                 batch_size: int = 1, compile: bool = True) -> None:
-        if not lm.cfg.is_stt:
-            raise ValueError(f"SttGen needs a speech-to-text LM (dep_q 0), this one has "
-                             f"dep_q {lm.cfg.dep_q}")
-        self.lm = lm
-        self.cfg = lm.cfg
-        self.sampler = Sampler(temp, top_k)
-        self.seed = seed
-        self.compile = compile
-        self.has_vad = lm.cfg.extra_heads_num_heads > 0
-        self.reset(batch_size)
-
-    def reset(self, batch_size: int | None = None) -> None:
-        """Start new streams (same seed -> same samples again) and run official step 0."""
-        if batch_size is not None:
-            if batch_size < 1:
-                raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-            self.batch_size = batch_size
-        cfg = self.cfg
-        self.caches = self.lm.make_cache()
-        self._key = new_key(self.seed)
-        self.steps = 0  # frames stepped since reset
-        initial = np.array([cfg.text_initial_token] + [cfg.audio_initial_token] * cfg.n_q,
-                           dtype=np.int32)
-        tokens = mx.array(np.broadcast_to(initial, (self.batch_size, initial.size)))
-        self.initial_text, self.initial_vad = self._run(tokens)
-
-    def _run(self, tokens: mx.array) -> tuple[mx.array, mx.array | None]:
-        hidden, logits = self.lm.temporal(tokens, self.caches, compiled=self.compile)
-        if self.sampler.greedy:
-            text = self.sampler(logits, None)
-        else:
-            self._key, draw = mx.random.split(self._key)
-            text = self.sampler(logits, draw)
-        vad = self.lm.extra_head_probs(hidden) if self.has_vad else None
-        self.last_text_logits = logits
-        self._prev_text = text
-        state = [text, self._key] + ([] if vad is None else [vad])
-        for cache in self.caches:
-            state += [cache.keys, cache.values]
-        mx.eval(state)  # the one host sync of a step
-        return text, vad
-
-    def step(self, codes) -> tuple[mx.array, mx.array | None]:
-        """codes int [B, n_q]: Mimi frame t of every stream -> (text token [B] of official step
-        t + 1, VAD [B, heads, classes] softmax of the extra heads, or None without heads)."""
-        frame = mx.array(codes).astype(mx.int32)
-        if frame.ndim != 2 or frame.shape[1] != self.cfg.n_q:
-            raise ValueError(f"codes must be [B, {self.cfg.n_q}], got {tuple(frame.shape)}")
-        if frame.shape[0] != self.batch_size:
-            if self.steps:
-                raise ValueError(f"these streams have batch size {self.batch_size}, got "
-                                 f"{frame.shape[0]} rows (reset to change it)")
-            self.reset(frame.shape[0])
-        tokens = mx.concatenate([self._prev_text[:, None], frame], axis=1)
-        self.steps += 1
-        return self._run(tokens)

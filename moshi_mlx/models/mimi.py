@@ -4,9 +4,10 @@ encode: SEANet encoder (hop 960, 25 Hz) -> 8-layer causal transformer -> learnt 
         downsample (12.5 Hz) -> split residual VQ (1 semantic + acoustic codebooks)
 decode: codebook sum -> depthwise stride-2 transposed-conv upsample -> transformer -> SEANet
         decoder.
-Everything is causal and streaming. A whole clip is encoded/decoded by running the same
-streaming path over it in chunks, with its own fresh state (so it leaves `encode_step` /
-`decode_step` streams untouched).
+Everything is causal and streaming. The model holds only weights: every stream's state is an
+explicit `EncoderState` / `DecoderState` passed to `encode_step` / `decode_step`, so one loaded
+Mimi serves any number of streams (`MimiStream` holds the two states of one stream). A whole
+clip is encoded/decoded by running the same streaming path over it in chunks, with a fresh state.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 from moshi_mlx.audio.rates import FRAME_SIZE, SAMPLE_RATE
 from moshi_mlx.errors import AudioError, WeightsError
 from moshi_mlx.modules.cache import WindowCache
-from moshi_mlx.modules.conv import ConvState, ConvTrState
+from moshi_mlx.modules.conv import DEFAULT_FORMULATION, ConvState, ConvTrState
 from moshi_mlx.modules.rvq import SplitResidualVectorQuantizer
 from moshi_mlx.modules.seanet import (
     ConvLayer,
@@ -52,6 +53,7 @@ class MimiConfig:
     max_codebooks: int = 32  # in the checkpoint
     num_codebooks: int = 8  # used by encode / expected by decode
     chunk_frames: int = 25  # frames per chunk of a whole-clip call (bounds memory)
+    conv_formulation: str = DEFAULT_FORMULATION  # how the convs compute: "matmul" or "native"
 
     @property
     def frame_rate(self) -> float:
@@ -154,22 +156,22 @@ class Mimi(nn.Module):
             raise ValueError(f"num_codebooks must be in 1..{cfg.max_codebooks}")
         self.cfg = cfg
         stride = cfg.downsample_stride
-        self.encoder = SeanetEncoder(cfg.seanet)
-        self.decoder = SeanetDecoder(cfg.seanet)
+        formulation = cfg.conv_formulation
+        self.encoder = SeanetEncoder(cfg.seanet, formulation)
+        self.decoder = SeanetDecoder(cfg.seanet, formulation)
         self.encoder_transformer = MimiTransformer(cfg)
         self.decoder_transformer = MimiTransformer(cfg)
         self.downsample = _Wrap(
-            conv=ConvLayer(
-                cfg.dim, cfg.dim, 2 * stride, stride=stride, bias=False, pad_mode="replicate"
-            )
+            conv=ConvLayer(cfg.dim, cfg.dim, 2 * stride, stride=stride, bias=False,
+                           pad_mode="replicate", formulation=formulation)
         )
         self.upsample = _Wrap(
-            convtr=ConvTrLayer(cfg.dim, cfg.dim, 2 * stride, stride, groups=cfg.dim, bias=False)
+            convtr=ConvTrLayer(cfg.dim, cfg.dim, 2 * stride, stride, groups=cfg.dim, bias=False,
+                               formulation=formulation)
         )
         self.quantizer = SplitResidualVectorQuantizer(
             cfg.dim, cfg.codebook_dim, cfg.max_codebooks - 1, cfg.codebook_size
         )
-        self.reset()
 
     @property
     def num_codebooks(self) -> int:
@@ -190,11 +192,6 @@ class Mimi(nn.Module):
             self.decoder_transformer.init_state(),
             self.decoder.init_state(),
         )
-
-    def reset(self) -> None:
-        """Forget the streaming state of `encode_step` and `decode_step`."""
-        self._encoder_state = self.new_encoder_state()
-        self._decoder_state = self.new_decoder_state()
 
     # ---- core streaming computations (channels-last) ------------------------------------
 
@@ -218,17 +215,23 @@ class Mimi(nn.Module):
 
     # ---- public API -----------------------------------------------------------------------
 
-    def encode_step(self, pcm) -> mx.array:
-        """One or more whole frames [B, 1, n * 1920] -> codes int32 [B, K, n] (streaming)."""
+    def encode_step(self, pcm, state: EncoderState) -> mx.array:
+        """One or more whole frames [B, 1, n * 1920] -> codes int32 [B, K, n], continuing the
+        stream of `state` (from `new_encoder_state()`; updated in place)."""
+        if not isinstance(state, EncoderState):
+            raise TypeError(f"encode_step needs an EncoderState, got {type(state).__name__}")
         x = self._check_pcm(pcm, streaming=True)
-        codes = self._encode_chunk(x, self._encoder_state)
+        codes = self._encode_chunk(x, state)
         mx.eval(codes)
         return codes
 
-    def decode_step(self, codes) -> mx.array:
-        """Codes [B, K, n] -> pcm [B, 1, n * 1920] (streaming)."""
+    def decode_step(self, codes, state: DecoderState) -> mx.array:
+        """Codes [B, K, n] -> pcm [B, 1, n * 1920], continuing the stream of `state` (from
+        `new_decoder_state()`; updated in place)."""
+        if not isinstance(state, DecoderState):
+            raise TypeError(f"decode_step needs a DecoderState, got {type(state).__name__}")
         c = self._check_codes(codes)
-        pcm = self._decode_chunk(c, self._decoder_state).transpose(0, 2, 1)
+        pcm = self._decode_chunk(c, state).transpose(0, 2, 1)
         mx.eval(pcm)
         return pcm
 
@@ -303,6 +306,32 @@ class Mimi(nn.Module):
         if low < 0 or high >= self.cfg.codebook_size:
             raise ValueError(f"codes must be in 0..{self.cfg.codebook_size - 1}, got {low}..{high}")
         return c
+
+
+class MimiStream:
+    """One audio stream through a shared Mimi: its encoder and decoder states, for callers that
+    run a single stream (`encode_step` / `decode_step` as on the model, without the state)."""
+
+    def __init__(self, mimi: Mimi) -> None:
+        self.mimi = mimi
+        self.reset()
+
+    @property
+    def num_codebooks(self) -> int:
+        return self.mimi.num_codebooks
+
+    def reset(self) -> None:
+        """Start the stream again (fresh encoder and decoder states)."""
+        self.encoder_state = self.mimi.new_encoder_state()
+        self.decoder_state = self.mimi.new_decoder_state()
+
+    def encode_step(self, pcm) -> mx.array:
+        """Whole frames [B, 1, n * 1920] -> codes int32 [B, K, n] (see `Mimi.encode_step`)."""
+        return self.mimi.encode_step(pcm, self.encoder_state)
+
+    def decode_step(self, codes) -> mx.array:
+        """Codes [B, K, n] -> pcm [B, 1, n * 1920] (see `Mimi.decode_step`)."""
+        return self.mimi.decode_step(codes, self.decoder_state)
 
 
 # ---- loading ----------------------------------------------------------------------------

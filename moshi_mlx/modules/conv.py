@@ -3,6 +3,10 @@
 Activations are channels-last, [B, T, C]. A streaming module keeps its carried samples in a
 small state object created by `init_state()`; the module itself holds only weights, so one set
 of weights can serve several independent streams (e.g. whole-clip encoding beside a live one).
+
+Each conv is built with a `formulation`: "matmul" (the default, faster on MLX's CPU backend) or
+"native" (mx.conv1d / mx.conv_transpose1d). Both give the same results to float rounding; the
+choice exists so that benchmarks/mimi.py can measure them side by side.
 """
 
 from __future__ import annotations
@@ -12,16 +16,14 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-# Which formulation the convs use: "matmul" (default, faster on MLX's CPU backend) or
-# "native" (mx.conv1d / mx.conv_transpose1d). Both give the same results to float rounding;
-# the switch exists so benchmarks/mimi.py can measure them side by side.
-_FORMULATION = {"name": "matmul"}
+FORMULATIONS = ("matmul", "native")
+DEFAULT_FORMULATION = "matmul"
 
 
-def set_formulation(name: str) -> None:
-    if name not in ("matmul", "native"):
-        raise ValueError(f"unknown conv formulation {name!r}")
-    _FORMULATION["name"] = name
+def check_formulation(name: str) -> str:
+    if name not in FORMULATIONS:
+        raise ValueError(f"unknown conv formulation {name!r} (use one of {FORMULATIONS})")
+    return name
 
 
 @dataclass
@@ -55,10 +57,12 @@ class StreamingConv1d(nn.Module):
         groups: int = 1,
         bias: bool = True,
         pad_mode: str = "constant",
+        formulation: str = DEFAULT_FORMULATION,
     ) -> None:
         super().__init__()
         if pad_mode not in ("constant", "replicate"):
             raise ValueError(f"unknown pad_mode {pad_mode!r}")
+        self.formulation = check_formulation(formulation)
         self.stride = stride
         self.dilation = dilation
         self.groups = groups
@@ -145,7 +149,7 @@ class StreamingConv1d(nn.Module):
         measurably faster for Mimi's shapes (one-channel input keeps conv1d).
         """
         k, s, d = self.kernel_size, self.stride, self.dilation
-        native = _FORMULATION["name"] == "native"
+        native = self.formulation == "native"
         if native or self.groups != 1 or x.shape[2] == 1 or (s != 1 and (k != 2 * s or d != 1)):
             return mx.conv1d(x, self.weight, stride=s, dilation=d, groups=self.groups)
         mats = self._matrices()
@@ -196,8 +200,10 @@ class StreamingConvTranspose1d(nn.Module):
         stride: int,
         groups: int = 1,
         bias: bool = True,
+        formulation: str = DEFAULT_FORMULATION,
     ) -> None:
         super().__init__()
+        self.formulation = check_formulation(formulation)
         if groups not in (1, in_channels) or (groups != 1 and in_channels != out_channels):
             raise ValueError("only groups=1 or depthwise (groups=in=out) transposed convs")
         if kernel_size < stride:
@@ -230,7 +236,7 @@ class StreamingConvTranspose1d(nn.Module):
         """Untrimmed, bias-free output [B, (T-1)*stride + kernel, out] of input [B, T, in]."""
         b, t, _ = x.shape
         k, s = self.kernel_size, self.stride
-        if k != 2 * s or _FORMULATION["name"] == "native":
+        if k != 2 * s or self.formulation == "native":
             return mx.conv_transpose1d(x, self.weight, stride=s, groups=self.groups)
         taps = self._taps()
         if self.groups == 1:

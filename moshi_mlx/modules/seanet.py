@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from moshi_mlx.modules.conv import StreamingConv1d, StreamingConvTranspose1d
+from moshi_mlx.modules.conv import DEFAULT_FORMULATION, StreamingConv1d, StreamingConvTranspose1d
 
 
 @dataclass
@@ -113,14 +113,15 @@ class _Elu(nn.Module):
 class ResidualBlock(nn.Module):
     """ELU -> conv(k, dilation) -> ELU -> conv(1), added to the input. Keys block.1, block.3."""
 
-    def __init__(self, channels: int, kernel_size: int, dilation: int, compress: int) -> None:
+    def __init__(self, channels: int, kernel_size: int, dilation: int, compress: int,
+                 formulation: str = DEFAULT_FORMULATION) -> None:
         super().__init__()
         hidden = channels // compress
         self.block = [
             _Elu(),
-            ConvLayer(channels, hidden, kernel_size, dilation=dilation),
+            ConvLayer(channels, hidden, kernel_size, dilation=dilation, formulation=formulation),
             _Elu(),
-            ConvLayer(hidden, channels, 1),
+            ConvLayer(hidden, channels, 1, formulation=formulation),
         ]
 
     def init_state(self) -> list:
@@ -132,9 +133,11 @@ class ResidualBlock(nn.Module):
         return x + y
 
 
-def _residual_blocks(cfg: SeanetConfig, channels: int) -> list[ResidualBlock]:
+def _residual_blocks(cfg: SeanetConfig, channels: int, formulation: str
+                     ) -> list[ResidualBlock]:
     return [
-        ResidualBlock(channels, cfg.residual_kernel_size, cfg.dilation_base**j, cfg.compress)
+        ResidualBlock(channels, cfg.residual_kernel_size, cfg.dilation_base**j, cfg.compress,
+                      formulation)
         for j in range(cfg.n_residual_layers)
     ]
 
@@ -155,28 +158,36 @@ class _Sequential(nn.Module):
 
 
 class SeanetEncoder(_Sequential):
-    """[B, T, 1] audio -> [B, T / hop, dimension] latents (streaming, causal)."""
+    """[B, T, 1] audio -> [B, T / hop, dimension] latents (streaming, causal); `formulation`:
+    how its convs compute (see `moshi_mlx.modules.conv`)."""
 
-    def __init__(self, cfg: SeanetConfig) -> None:
+    def __init__(self, cfg: SeanetConfig, formulation: str = DEFAULT_FORMULATION) -> None:
         channels = cfg.n_filters
-        layers: list = [ConvLayer(cfg.channels, channels, cfg.kernel_size)]
+        layers: list = [ConvLayer(cfg.channels, channels, cfg.kernel_size,
+                                  formulation=formulation)]
         for ratio in reversed(cfg.ratios):
-            layers += _residual_blocks(cfg, channels)
-            layers += [_Elu(), ConvLayer(channels, 2 * channels, 2 * ratio, stride=ratio)]
+            layers += _residual_blocks(cfg, channels, formulation)
+            layers += [_Elu(), ConvLayer(channels, 2 * channels, 2 * ratio, stride=ratio,
+                                         formulation=formulation)]
             channels *= 2
-        layers += [_Elu(), ConvLayer(channels, cfg.dimension, cfg.last_kernel_size)]
+        layers += [_Elu(), ConvLayer(channels, cfg.dimension, cfg.last_kernel_size,
+                                     formulation=formulation)]
         super().__init__(layers)
 
 
 class SeanetDecoder(_Sequential):
-    """[B, T, dimension] latents -> [B, T * hop, 1] audio (streaming, causal)."""
+    """[B, T, dimension] latents -> [B, T * hop, 1] audio (streaming, causal); `formulation`:
+    how its convs compute (see `moshi_mlx.modules.conv`)."""
 
-    def __init__(self, cfg: SeanetConfig) -> None:
+    def __init__(self, cfg: SeanetConfig, formulation: str = DEFAULT_FORMULATION) -> None:
         channels = cfg.n_filters * 2 ** len(cfg.ratios)
-        layers: list = [ConvLayer(cfg.dimension, channels, cfg.kernel_size)]
+        layers: list = [ConvLayer(cfg.dimension, channels, cfg.kernel_size,
+                                  formulation=formulation)]
         for ratio in cfg.ratios:
-            layers += [_Elu(), ConvTrLayer(channels, channels // 2, 2 * ratio, ratio)]
+            layers += [_Elu(), ConvTrLayer(channels, channels // 2, 2 * ratio, ratio,
+                                           formulation=formulation)]
             channels //= 2
-            layers += _residual_blocks(cfg, channels)
-        layers += [_Elu(), ConvLayer(channels, cfg.channels, cfg.last_kernel_size)]
+            layers += _residual_blocks(cfg, channels, formulation)
+        layers += [_Elu(), ConvLayer(channels, cfg.channels, cfg.last_kernel_size,
+                                     formulation=formulation)]
         super().__init__(layers)

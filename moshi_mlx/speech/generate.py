@@ -29,7 +29,6 @@ from moshi_mlx.modules.sampling import Sampler, new_key
 
 MIMI_CODES = 2048  # valid Mimi code ids are 0..2047
 SESAME_MAX_FRAMES = 1125  # Sesame's default max_audio_length_ms 90 000 / 80 ms
-FRAME_SAMPLES = 1920  # 80 ms at 24 kHz
 SENTENCE_ROOM_FRAMES = 250  # 20 s: room kept for each sentence of a long text
 
 
@@ -368,10 +367,11 @@ def frames_to_audio(mimi, frames: np.ndarray) -> np.ndarray:
 
 def stream_audio(mimi, frames) -> Iterator[np.ndarray]:
     """Decode frames (np.int32 [K] each, e.g. from `stream_speech`) one by one through Mimi's
-    streaming decoder -> 1920-sample float32 chunks (no clicks between frames)."""
-    mimi.reset()
+    streaming decoder -> 1920-sample float32 chunks (no clicks between frames). Each call is
+    a stream of its own: several may run on one Mimi."""
+    state = mimi.new_decoder_state()
     for frame in frames:
-        pcm = mimi.decode_step(check_mimi_codes(np.asarray(frame)[None]))
+        pcm = mimi.decode_step(check_mimi_codes(np.asarray(frame)[None]), state)
         yield np.asarray(pcm)[0, 0].astype(np.float32)
 
 

@@ -24,16 +24,13 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from moshi_mlx.conversation.lm_gen import SttGen
+from moshi_mlx.audio.rates import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
 from moshi_mlx.models.lm import Lm
 from moshi_mlx.models.lm_config import SttConfig
-from moshi_mlx.transcription.words import EPAD, PAD, WordTracker, timed_words
-from moshi_mlx.transcription.words import Word as _TrackedWord
-from moshi_mlx.transcription.words import WordEnd as _TrackedWordEnd
+from moshi_mlx.models.mimi import MimiStream
+from moshi_mlx.transcription.stt_gen import SttGen
+from moshi_mlx.transcription.words import EPAD, PAD, Word, WordEnd, WordTracker, timed_words
 
-SAMPLE_RATE = 24000
-FRAME_SIZE = 1920
-FRAME_RATE = SAMPLE_RATE / FRAME_SIZE  # 12.5 steps per second
 VAD_END_OF_TURN_HEAD = 2  # horizon 2 s (Unmute and the official scripts use this head)
 
 
@@ -47,25 +44,6 @@ class TextPiece:
     stream: int
     text: str
     time: float
-    step: int
-
-
-@dataclass(frozen=True)
-class Word:
-    """A complete word and its start time."""
-
-    stream: int
-    text: str
-    start: float
-    step: int
-
-
-@dataclass(frozen=True)
-class WordEnd:
-    """The last word of `stream` ended at `end`."""
-
-    stream: int
-    end: float
     step: int
 
 
@@ -116,13 +94,11 @@ class Transcript:
 def transcript_from_events(events: Iterable[Event], decode_text: str, duration: float,
                            time_of) -> Transcript:
     """Collect one stream's events into a Transcript (word end: see `timed_words`)."""
-    tracked: list[_TrackedWord | _TrackedWordEnd] = []
+    tracked: list[Word | WordEnd] = []
     turns, steps = [], 0
     for event in events:
-        if isinstance(event, Word):
-            tracked.append(_TrackedWord(event.text, (), event.start, event.step))
-        elif isinstance(event, WordEnd):
-            tracked.append(_TrackedWordEnd(event.end, event.step))
+        if isinstance(event, (Word, WordEnd)):
+            tracked.append(event)
         elif isinstance(event, EndOfTurn):
             turns.append(event.time)
         elif isinstance(event, Flushed):
@@ -168,6 +144,7 @@ class Transcriber:
                              f"{lm.cfg.n_q}")
         self.lm = lm
         self.mimi = mimi
+        self._mimi_stream = None if mimi is None else MimiStream(mimi)
         self.tokenizer = tokenizer
         self.config = stt_config or lm.cfg.stt_config or SttConfig()
         self.eot_threshold = eot_threshold
@@ -199,13 +176,13 @@ class Transcriber:
     def reset(self, batch_size: int | None = None) -> None:
         """New streams: model state, Mimi state, silence prefix, word trackers."""
         self.gen.reset(batch_size)
-        if self.mimi is not None:
-            self.mimi.reset()
+        if self._mimi_stream is not None:
+            self._mimi_stream.reset()
         rows = self.gen.batch_size
         self._buffer = np.zeros((rows, self.prefix_samples), dtype=np.float32)
         self._input_samples = np.zeros(rows, dtype=np.int64)
-        self._streams = [_Stream(WordTracker(self.text_time, self.first_text_step,
-                                             self._decode)) for _ in range(rows)]
+        self._streams = [_Stream(WordTracker(self.text_time, self.first_text_step, self._decode,
+                                             stream=row)) for row in range(rows)]
         self._pending: list[Event] = []
         self._handle(0, np.array(self.gen.initial_text), self._vad_or_none(self.gen.initial_vad))
 
@@ -234,8 +211,7 @@ class Transcriber:
                 piece = self._piece(token)
                 if piece:
                     self._pending.append(TextPiece(row, piece, self.text_time(step), step))
-            for event in stream.tracker.push(token, step):
-                self._pending.append(self._lift(row, event))
+            self._pending += stream.tracker.push(token, step)
             if vad is not None:
                 probability = float(vad[row, self.eot_head, 0])
                 if probability < self.eot_rearm:
@@ -246,15 +222,9 @@ class Transcriber:
             if stream.ended_at is not None and step >= stream.ended_at:
                 self._close(row, step)
 
-    def _lift(self, row: int, event: _TrackedWord | _TrackedWordEnd) -> Event:
-        if isinstance(event, _TrackedWord):
-            return Word(row, event.text, event.start, event.step)
-        return WordEnd(row, event.end, event.step)
-
     def _close(self, row: int, step: int) -> None:
         stream = self._streams[row]
-        for event in stream.tracker.finish(step):
-            self._pending.append(self._lift(row, event))
+        self._pending += stream.tracker.finish(step)
         stream.done = True
         duration = self._input_samples[row] / SAMPLE_RATE
         self._pending.append(Flushed(row, float(duration), step))
@@ -266,7 +236,7 @@ class Transcriber:
     def step_codes(self, codes) -> list[Event]:
         """One Mimi frame per stream, codes int [B, n_q] -> events."""
         text, vad = self.gen.step(codes)
-        self._handle(self.gen.steps, np.array(text), self._vad_or_none(vad))
+        self._handle(self.gen.state.steps, np.array(text), self._vad_or_none(vad))
         return self._take_events()
 
     def feed_codes(self, codes) -> list[Event]:
@@ -303,7 +273,7 @@ class Transcriber:
             if all(stream.done for stream in self._streams):
                 break
             chunk = self._buffer[:, f * FRAME_SIZE:(f + 1) * FRAME_SIZE]
-            codes = self.mimi.encode_step(chunk[:, None, :])
+            codes = self._mimi_stream.encode_step(chunk[:, None, :])
             events += self.step_codes(codes[:, :, 0])
         self._buffer = self._buffer[:, frames * FRAME_SIZE:]
         return events
@@ -327,14 +297,14 @@ class Transcriber:
         events = self._take_events()
         open_ends = [s.ended_at for s in self._streams if not s.done]
         if self.mimi is not None and open_ends:
-            needed = (max(open_ends) - self.gen.steps) * FRAME_SIZE - self._buffer.shape[1]
+            needed = (max(open_ends) - self.gen.state.steps) * FRAME_SIZE - self._buffer.shape[1]
             if needed > 0:
                 zeros = np.zeros((self.batch_size, needed), dtype=np.float32)
                 self._buffer = np.concatenate([self._buffer, zeros], axis=1)
             events += self._run_buffered_frames()
         for row, stream in enumerate(self._streams):  # codes input: no silence to push
             if not stream.done:
-                self._close(row, self.gen.steps)
+                self._close(row, self.gen.state.steps)
         return events + self._take_events()
 
     # ------------------------------------------------------------------ files

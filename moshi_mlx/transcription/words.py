@@ -19,40 +19,47 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from moshi_mlx.audio.rates import FRAME_RATE
+
 EPAD = 0
 PAD = 3
 
 
 @dataclass(frozen=True)
 class Word:
-    """A complete word: emitted at `step`, the step whose PAD/EPAD closed it."""
+    """A complete word of `stream` and its start time, emitted at `step` (the step whose PAD or
+    EPAD closed it); `tokens`: its sentencepiece pieces."""
 
+    stream: int
     text: str
-    tokens: tuple[int, ...]
     start: float
     step: int
+    tokens: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
 class WordEnd:
-    """The word before ends at `end` (an EPAD at `step`)."""
+    """The last word of `stream` ended at `end` (an EPAD at `step`)."""
 
+    stream: int
     end: float
     step: int
 
 
 class WordTracker:
-    """Streaming word boundaries (moshi-core `asr.rs` logic).
+    """Streaming word boundaries (moshi-core `asr.rs` logic) of one stream.
 
     time_of(step) -> seconds of a step; steps before `first_step` are ignored (the text of
     those steps lies before the start of the audio). decode(tokens) -> the word's text.
+    stream: the stream number its events carry.
     """
 
     def __init__(self, time_of: Callable[[int], float], first_step: int = 0,
-                 decode: Callable[[Sequence[int]], str] | None = None) -> None:
+                 decode: Callable[[Sequence[int]], str] | None = None, stream: int = 0) -> None:
         self.time_of = time_of
         self.first_step = first_step
         self.decode = decode or (lambda tokens: "")
+        self.stream = stream
         self.pending: list[int] = []
         self.last_stop = 0.0
         self.word_open = False  # a Word was emitted and no WordEnd yet
@@ -67,7 +74,7 @@ class WordTracker:
         if token == EPAD:
             stop = self.time_of(step)
             if self.word_open:
-                events.append(WordEnd(stop, step))
+                events.append(WordEnd(self.stream, stop, step))
                 self.word_open = False
             self.last_stop = stop
         return events
@@ -82,7 +89,7 @@ class WordTracker:
         tokens = tuple(self.pending)
         self.pending = []
         self.word_open = True
-        return [Word(self.decode(tokens), tokens, self.last_stop, step)]
+        return [Word(self.stream, self.decode(tokens), self.last_stop, step, tokens)]
 
 
 def timed_words(events: Sequence[Word | WordEnd], time_of: Callable[[int], float]
@@ -105,7 +112,7 @@ def timed_words(events: Sequence[Word | WordEnd], time_of: Callable[[int], float
 
 
 def segment_words(tokens: Sequence[int], tokenizer: Any, offset_seconds: float,
-                  frame_rate: float = 12.5, padding_id: int = PAD
+                  frame_rate: float = FRAME_RATE, padding_id: int = PAD
                   ) -> list[tuple[str, float, float]]:
     """DSM logic: (word, start, end) from a whole token sequence. A segment runs from the step
     after an EPAD to the next EPAD (the last one to `</s>` or at most frame_rate steps);
