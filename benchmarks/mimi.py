@@ -75,7 +75,7 @@ class _Ours:
     def __init__(self, weights: str, variant: str) -> None:
         import mlx.core as mx
 
-        from moshi_mlx.models.mimi import load_mimi
+        from moshi_mlx.loading.models import load_mimi
 
         self.name = f"mlx_{variant}"
         self.formulation = "native" if variant == "native" else "matmul"

@@ -19,7 +19,7 @@ from mlx.utils import tree_flatten
 from safetensors.numpy import load_file, save_file
 
 from moshi_mlx import WeightsError
-from moshi_mlx.models.mimi import load_mimi
+from moshi_mlx.loading.models import load_mimi
 
 # transformers' MimiConfig() (kyutai/mimi's architecture): the keys our mapping reads.
 CONFIG = {
