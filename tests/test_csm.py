@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 from references import assert_matches_manifest
+from transformers_layout import half_split_rope_rows
 
 from moshi_mlx.errors import MoshiError, WeightsError
 from moshi_mlx.loading.models import load_csm, read_csm_config
@@ -86,10 +87,8 @@ def _hf_from_sesame(sesame: dict[str, np.ndarray], flavors: dict) -> dict[str, n
         part = key.split(".")[0]
         if key.endswith(("attn.q_proj.weight", "attn.k_proj.weight")):
             kw = heads[part]
-            n = kw["num_heads"] if ".q_proj" in key else kw["num_kv_heads"]
-            head_dim = kw["embed_dim"] // kw["num_heads"]
-            value = (value.reshape(n, head_dim // 2, 2, -1).transpose(0, 2, 1, 3)
-                     .reshape(n * head_dim, -1))
+            value = half_split_rope_rows(
+                value, kw["num_heads"] if ".q_proj" in key else kw["num_kv_heads"])
         out[name] = np.ascontiguousarray(value)
     return out
 
@@ -144,6 +143,9 @@ def test_both_configs_describe_the_same_model():
     assert (sesame.text_vocab_size, sesame.audio_vocab_size, sesame.num_codebooks) == (
         1024, 2051, 32)
     assert CsmConfig.from_dict(sesame.to_dict()) == sesame
+    # our converter writes our form with the family's model_type (transformers' name too)
+    written = {**hf.to_dict(), "model_type": "csm", "tokenizer_name": "tokenizer.json"}
+    assert CsmConfig.from_dict(written) == hf
 
 
 def test_real_flavors():

@@ -308,6 +308,57 @@ _TRANSFORMERS_DEPTH = frozenset(
 )
 
 
+class _TransformersConfig:
+    """Reads a transformers config.json mapping of one layout ("Moshi", "Kyutai STT"): a
+    missing key or a value our model does not implement is a one-line error."""
+
+    def __init__(self, source: str, layout: str) -> None:
+        self.source, self.layout = source, layout
+
+    def get(self, part: dict, key: str, default: Any = None) -> Any:
+        value = part.get(key, default)
+        if value is None:
+            raise WeightsError(f"{self.source}: transformers {self.layout} config lacks {key}")
+        return value
+
+    def check(self, ok: bool, message: str) -> None:
+        if not ok:
+            raise WeightsError(f"{self.source}: {message} (transformers {self.layout} layout)")
+
+    def check_transformer(self, part: dict, where: str = "") -> tuple[int, int, int]:
+        """One transformer's keys (`where`: their prefix in messages): our attention (no
+        grouped queries), SiLU gating, float32 RMSNorm -> (dim, heads, gated MLP hidden)."""
+        dim = int(self.get(part, "hidden_size"))
+        heads = int(self.get(part, "num_attention_heads"))
+        self.check(part.get("num_key_value_heads") in (None, heads),
+                   f"{where}num_key_value_heads must equal num_attention_heads (no grouped "
+                   "queries)")
+        self.check(part.get("head_dim") in (None, dim // heads),
+                   f"{where}head_dim must be hidden_size / num_attention_heads")
+        self.check(part.get("hidden_act", "silu") == "silu", f"{where}hidden_act must be silu")
+        self.check(float(part.get("rms_norm_eps", 1e-8)) == 1e-8,
+                   f"{where}rms_norm_eps must be 1e-8 (float32 RMSNorm)")
+        ffn_dim = int(self.get(part, "ffn_dim"))
+        self.check(ffn_dim % 2 == 0, f"{where}ffn_dim must be even")
+        return dim, heads, ffn_dim // 2
+
+    def rope_theta(self, data: dict, default: float) -> float:
+        """The RoPE base period; only the default RoPE is ours."""
+        rope = data.get("rope_parameters") or {}
+        self.check(data.get("rope_scaling") is None
+                   and rope.get("rope_type", "default") == "default",
+                   "only the default RoPE is supported")
+        return float(rope.get("rope_theta", data.get("rope_theta", default)))
+
+    def hidden_scale(self, dim: int, hidden: int, ffn_dim: int) -> float:
+        """The official hidden_scale that gives this gated MLP width (hidden = 2/3 of
+        int(hidden_scale * dim), the official rule): exact for official sizes."""
+        scale = 1.5 * hidden / dim
+        self.check(gating_hidden(dim, int(scale * dim)) == hidden,
+                   f"ffn_dim {ffn_dim} has no official hidden_scale")
+        return scale
+
+
 def from_transformers_moshi(data: dict[str, Any], source: str = "config") -> dict[str, Any]:
     """A transformers `MoshiConfig` config.json (kmhf/hf-moshiko) -> official lm config keys.
 
@@ -326,37 +377,15 @@ def from_transformers_moshi(data: dict[str, Any], source: str = "config") -> dic
             raise WeightsError(f"{source}: unknown transformers Moshi config key(s): "
                                + ", ".join(where + key for key in unknown))
 
-    def get(part: dict, key: str, default: Any = None) -> Any:
-        value = part.get(key, default)
-        if value is None:
-            raise WeightsError(f"{source}: transformers Moshi config lacks {key}")
-        return value
-
-    def check(ok: bool, message: str) -> None:
-        if not ok:
-            raise WeightsError(f"{source}: {message} (transformers Moshi layout)")
-
-    dim, heads = int(get(data, "hidden_size")), int(get(data, "num_attention_heads"))
-    depth_dim = int(get(depth, "hidden_size"))
-    depth_heads = int(get(depth, "num_attention_heads"))
-    for part, width, n, where in ((data, dim, heads, ""), (depth, depth_dim, depth_heads,
-                                                           "depth_decoder_config.")):
-        check(part.get("num_key_value_heads") in (None, n),
-              f"{where}num_key_value_heads must equal num_attention_heads (no grouped queries)")
-        check(part.get("head_dim") in (None, width // n), f"{where}head_dim must be hidden_size "
-              "/ num_attention_heads")
-        check(part.get("hidden_act", "silu") == "silu", f"{where}hidden_act must be silu")
-        check(float(part.get("rms_norm_eps", 1e-8)) == 1e-8,
-              f"{where}rms_norm_eps must be 1e-8 (float32 RMSNorm)")
-        check(int(get(part, "ffn_dim")) % 2 == 0, f"{where}ffn_dim must be even")
-    rope = data.get("rope_parameters") or {}
-    check(data.get("rope_scaling") is None and rope.get("rope_type", "default") == "default",
-          "only the default RoPE is supported")
+    config = _TransformersConfig(source, "Moshi")
+    get, check = config.get, config.check
+    dim, heads, hidden = config.check_transformer(data)
+    depth_dim, depth_heads, depth_hidden = config.check_transformer(depth,
+                                                                    "depth_decoder_config.")
+    max_period = config.rope_theta(data, 10000.0)
     dep_q = int(get(data, "num_codebooks", 8))
     card = data.get("audio_vocab_size") or (data.get("audio_encoder_config") or {}).get(
         "codebook_size", 2048)
-    hidden = int(data["ffn_dim"]) // 2
-    depth_hidden = int(depth["ffn_dim"]) // 2
     mapped = {
         "dim": dim,
         "text_card": int(get(data, "vocab_size")),
@@ -365,10 +394,9 @@ def from_transformers_moshi(data: dict[str, Any], source: str = "config") -> dic
         "card": int(card),
         "num_heads": heads,
         "num_layers": int(get(data, "num_hidden_layers")),
-        # hidden = 2/3 of int(hidden_scale * dim) (official rule): exact for official sizes
-        "hidden_scale": 1.5 * hidden / dim,
+        "hidden_scale": config.hidden_scale(dim, hidden, data["ffn_dim"]),
         "context": int(get(data, "sliding_window", 3000)),
-        "max_period": float(rope.get("rope_theta", data.get("rope_theta", 10000.0))),
+        "max_period": max_period,
         "norm": "rms_norm_f32",
         "positional_embedding": "rope",
         "depformer_dim": depth_dim,
@@ -379,8 +407,6 @@ def from_transformers_moshi(data: dict[str, Any], source: str = "config") -> dic
         "depformer_pos_emb": "none",
         "delays": [0] + 2 * ([0] + [1] * (dep_q - 1)),
     }
-    check(gating_hidden(dim, int(mapped["hidden_scale"] * dim)) == hidden,
-          f"ffn_dim {data['ffn_dim']} has no official hidden_scale")
     check(gating_hidden(depth_dim, mapped["depformer_dim_feedforward"]) == depth_hidden,
           f"depth_decoder_config.ffn_dim {depth['ffn_dim']} has no official feed-forward size")
     return mapped
@@ -420,28 +446,14 @@ def from_transformers_stt(data: dict[str, Any], source: str = "config") -> dict[
         raise WeightsError(f"{source}: unknown transformers Kyutai STT config key(s): "
                            + ", ".join(unknown))
 
+    config = _TransformersConfig(source, "Kyutai STT")
+    check = config.check
+
     def get(key: str, default: Any = None) -> Any:
-        value = data.get(key, default)
-        if value is None:
-            raise WeightsError(f"{source}: transformers Kyutai STT config lacks {key}")
-        return value
+        return config.get(data, key, default)
 
-    def check(ok: bool, message: str) -> None:
-        if not ok:
-            raise WeightsError(f"{source}: {message} (transformers Kyutai STT layout)")
-
-    dim, heads = int(get("hidden_size")), int(get("num_attention_heads"))
-    check(data.get("num_key_value_heads") in (None, heads),
-          "num_key_value_heads must equal num_attention_heads (no grouped queries)")
-    check(data.get("head_dim") in (None, dim // heads),
-          "head_dim must be hidden_size / num_attention_heads")
-    check(data.get("hidden_act", "silu") == "silu", "hidden_act must be silu")
-    check(float(data.get("rms_norm_eps", 1e-8)) == 1e-8,
-          "rms_norm_eps must be 1e-8 (float32 RMSNorm)")
-    check(int(get("ffn_dim")) % 2 == 0, "ffn_dim must be even")
-    rope = data.get("rope_parameters") or {}
-    check(data.get("rope_scaling") is None and rope.get("rope_type", "default") == "default",
-          "only the default RoPE is supported")
+    dim, heads, hidden = config.check_transformer(data)
+    max_period = config.rope_theta(data, 100000.0)
     text_card = int(get("vocab_size")) - 1
     card = int(get("codebook_vocab_size", 2049)) - 1
     n_q = int(get("num_codebooks", 32))
@@ -452,7 +464,6 @@ def from_transformers_stt(data: dict[str, Any], source: str = "config") -> dict[
     # bos_token_id (the initial text token, text_card in our files) is not checked: the
     # class default 48000 lies outside the vocab; the model always starts from text_card.
     text_pad = 3 if data.get("pad_token_id") is None else data["pad_token_id"]
-    hidden = int(data["ffn_dim"]) // 2
     mapped: dict[str, Any] = {
         "dim": dim,
         "text_card": text_card,
@@ -462,15 +473,13 @@ def from_transformers_stt(data: dict[str, Any], source: str = "config") -> dict[
         "card": card,
         "num_heads": heads,
         "num_layers": int(get("num_hidden_layers")),
-        "hidden_scale": 1.5 * hidden / dim,
+        "hidden_scale": config.hidden_scale(dim, hidden, data["ffn_dim"]),
         "context": int(get("sliding_window", 375)),
-        "max_period": float(rope.get("rope_theta", data.get("rope_theta", 100000.0))),
+        "max_period": max_period,
         "norm": "rms_norm_f32",
         "positional_embedding": "rope",
         "delays": [0] * (n_q + 1),
     }
-    check(gating_hidden(dim, int(mapped["hidden_scale"] * dim)) == hidden,
-          f"ffn_dim {data['ffn_dim']} has no official hidden_scale")
     if data.get("stt_config") is not None:
         mapped["stt_config"] = data["stt_config"]
     return mapped
