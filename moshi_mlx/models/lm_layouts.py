@@ -138,35 +138,53 @@ _TR_RENAMES: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"decoder\.model\.embed_tokens\.weight"), "text_emb.weight"),
     (re.compile(r"decoder\.lm_head\.weight"), "text_linear.weight"),
     (re.compile(r"decoder\.model\.norm\.weight"), "out_norm.weight"),
-    (re.compile(r"decoder\.model\.layers\.(\d+)\.self_attn\.o_proj(?:\.linear)?\.weight"),
-     r"transformer.layers.\1.self_attn.out_proj.weight"),
-    (re.compile(r"decoder\.model\.layers\.(\d+)\.mlp\.fc1\.weight"),
-     r"transformer.layers.\1.gating.linear_in.weight"),
-    (re.compile(r"decoder\.model\.layers\.(\d+)\.mlp\.fc2\.weight"),
-     r"transformer.layers.\1.gating.linear_out.weight"),
-    (re.compile(r"decoder\.model\.layers\.(\d+)\.input_layernorm\.weight"),
-     r"transformer.layers.\1.norm1.weight"),
-    (re.compile(r"decoder\.model\.layers\.(\d+)\.post_attention_layernorm\.weight"),
-     r"transformer.layers.\1.norm2.weight"),
     (re.compile(r"depth_decoder\.text_embed_tokens\.weight"), "depformer.slices.0.emb.weight"),
 ]
-_TR_QKV = re.compile(r"decoder\.model\.layers\.(\d+)\.self_attn\.([qkv])_proj(?:\.linear)?\.weight")
+_TR_LAYER = re.compile(r"decoder\.model\.layers\.(\d+)\.(.+)")
+_TR_DEP_LAYER = re.compile(r"depth_decoder\.layers\.(\d+)\.(.+)")
 _TR_DEP_EMB = re.compile(r"depth_decoder\.embed_tokens\.(\d+)\.weight")
 # Depth-decoder tensors stacked over the dep_q slices on dim 0 -> our per-slice name.
-_TR_DEP_STACKED: list[tuple[re.Pattern[str], str]] = [
-    (re.compile(r"depth_decoder\.input_projections\.weight"), "linear_in.weight"),
-    (re.compile(r"depth_decoder\.lm_heads\.weight"), "linear_out.weight"),
-    (re.compile(r"depth_decoder\.layers\.(\d+)\.self_attn\.o_proj(?:\.linear)?\.weight"),
-     r"transformer.layers.\1.self_attn.out_proj.weight"),
-    (re.compile(r"depth_decoder\.layers\.(\d+)\.mlp\.fc1\.weight"),
-     r"transformer.layers.\1.gating.linear_in.weight"),
-    (re.compile(r"depth_decoder\.layers\.(\d+)\.mlp\.fc2\.weight"),
-     r"transformer.layers.\1.gating.linear_out.weight"),
-]
-_TR_DEP_QKV = re.compile(
-    r"depth_decoder\.layers\.(\d+)\.self_attn\.([qkv])_proj(?:\.linear)?\.weight")
-_TR_DEP_NORM = re.compile(r"depth_decoder\.layers\.(\d+)\.(input|post_attention)_layernorm\.weight")
+_TR_DEP_STACKED = {"depth_decoder.input_projections.weight": "linear_in.weight",
+                   "depth_decoder.lm_heads.weight": "linear_out.weight"}
+# A transformers decoder layer's tensors (after `layers.N.`) -> ours (after
+# `transformer.layers.N.`): the same in Moshi's temporal and depth decoders and in Kyutai STT's.
+_TR_LAYER_PARTS = {
+    "self_attn.o_proj.weight": "self_attn.out_proj.weight",
+    "self_attn.o_proj.linear.weight": "self_attn.out_proj.weight",
+    "mlp.fc1.weight": "gating.linear_in.weight",
+    "mlp.fc2.weight": "gating.linear_out.weight",
+    "input_layernorm.weight": "norm1.weight",
+    "post_attention_layernorm.weight": "norm2.weight",
+}
+_TR_LAYER_QKV = re.compile(r"self_attn\.([qkv])_proj(?:\.linear)?\.weight")
 _QKV_INDEX = {"q": 0, "k": 1, "v": 2}
+
+
+def _layer_part(layer: str, part: str) -> tuple[str, int | None] | None:
+    """A transformers decoder layer's tensor (layer number, name after `layers.N.`) -> (our
+    name, its index among the q/k/v fragments of our fused in_proj, or None); None for a name
+    that is not a layer tensor."""
+    prefix = f"transformer.layers.{layer}."
+    if part in _TR_LAYER_PARTS:
+        return prefix + _TR_LAYER_PARTS[part], None
+    if match := _TR_LAYER_QKV.fullmatch(part):
+        return prefix + "self_attn.in_proj.weight", _QKV_INDEX[match[1]]
+    return None
+
+
+def _rope_layer(match: re.Match[str], tensor: mx.array, num_heads: int, key: str,
+                layout: str) -> list[tuple[str, mx.array]] | None:
+    """One tensor of a transformers decoder layer with RoPE (the temporal transformer) ->
+    ours, q and k rows put back in the interleaved-RoPE order; None: not a layer tensor."""
+    found = _layer_part(match[1], match[2])
+    if found is None:
+        return None
+    name, index = found
+    if index is None:
+        return [(name, tensor)]
+    if index < 2:
+        tensor = rope_rows_to_interleaved(tensor, num_heads, key, layout)
+    return [(fragment_name(name, index, 3), tensor)]
 
 
 def _slices(tensor: mx.array, dep_q: int, key: str) -> list[mx.array]:
@@ -189,27 +207,22 @@ def transformers_to_mlx(key: str, tensor: mx.array, config: LmConfig
     for pattern, target in _TR_RENAMES:
         if pattern.fullmatch(key):
             return [(pattern.sub(target, key), tensor)]
-    if match := _TR_QKV.fullmatch(key):
-        part = _QKV_INDEX[match[2]]
-        if part < 2:
-            tensor = rope_rows_to_interleaved(tensor, config.num_heads, key, "transformers Moshi")
-        name = f"transformer.layers.{match[1]}.self_attn.in_proj.weight"
-        return [(fragment_name(name, part, 3), tensor)]
+    if (match := _TR_LAYER.fullmatch(key)) and (
+            out := _rope_layer(match, tensor, config.num_heads, key, "transformers Moshi")):
+        return out
     if match := _TR_DEP_EMB.fullmatch(key):
         return [(f"depformer.slices.{int(match[1]) + 1}.emb.weight", tensor)]
-    for pattern, target in _TR_DEP_STACKED:
-        if pattern.fullmatch(key):
-            inner = pattern.sub(target, key)
-            return [(f"depformer.slices.{k}.{inner}", part)
-                    for k, part in enumerate(_slices(tensor, config.dep_q, key))]
-    if match := _TR_DEP_QKV.fullmatch(key):
-        name = f"transformer.layers.{match[1]}.self_attn.in_proj.weight"
-        return [(fragment_name(f"depformer.slices.{k}.{name}", _QKV_INDEX[match[2]], 3), part)
+    if key in _TR_DEP_STACKED:
+        return [(f"depformer.slices.{k}.{_TR_DEP_STACKED[key]}", part)
                 for k, part in enumerate(_slices(tensor, config.dep_q, key))]
-    if match := _TR_DEP_NORM.fullmatch(key):
-        norm = "norm1" if match[2] == "input" else "norm2"
-        return [(f"depformer.slices.{k}.transformer.layers.{match[1]}.{norm}.weight", tensor)
-                for k in range(config.dep_q)]
+    if (match := _TR_DEP_LAYER.fullmatch(key)) and (found := _layer_part(match[1], match[2])):
+        name, index = found  # no RoPE in the depformer: q/k rows as they are
+        if index is not None:
+            name = fragment_name(name, index, 3)
+        # its norms are one for all slices, the other tensors stack the slices' own
+        parts = ([tensor] * config.dep_q if name.endswith(("norm1.weight", "norm2.weight"))
+                 else _slices(tensor, config.dep_q, key))
+        return [(f"depformer.slices.{k}.{name}", part) for k, part in enumerate(parts)]
     raise WeightsError(f"unexpected tensor {key!r}: not part of a transformers-layout Moshi "
                        "LM (MoshiForConditionalGeneration) checkpoint")
 
@@ -217,20 +230,8 @@ def transformers_to_mlx(key: str, tensor: mx.array, config: LmConfig
 
 # --------------------------------------------------------------------------- transformers STT
 
-_TR_STT_RENAMES: list[tuple[re.Pattern[str], str]] = [
-    (re.compile(r"model\.norm\.weight"), "out_norm.weight"),
-    (re.compile(r"model\.layers\.(\d+)\.self_attn\.o_proj(?:\.linear)?\.weight"),
-     r"transformer.layers.\1.self_attn.out_proj.weight"),
-    (re.compile(r"model\.layers\.(\d+)\.mlp\.fc1\.weight"),
-     r"transformer.layers.\1.gating.linear_in.weight"),
-    (re.compile(r"model\.layers\.(\d+)\.mlp\.fc2\.weight"),
-     r"transformer.layers.\1.gating.linear_out.weight"),
-    (re.compile(r"model\.layers\.(\d+)\.input_layernorm\.weight"),
-     r"transformer.layers.\1.norm1.weight"),
-    (re.compile(r"model\.layers\.(\d+)\.post_attention_layernorm\.weight"),
-     r"transformer.layers.\1.norm2.weight"),
-]
-_TR_STT_QKV = re.compile(r"model\.layers\.(\d+)\.self_attn\.([qkv])_proj(?:\.linear)?\.weight")
+_TR_STT_NORM = "model.norm.weight"
+_TR_STT_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _TR_STT_EMBEDDINGS = "model.embed_tokens.embed_tokens.weight"
 _TR_STT_HEAD = "lm_head.weight"
 
@@ -273,16 +274,11 @@ def transformers_stt_to_mlx(key: str, tensor: mx.array, config: LmConfig
     if key == _TR_STT_HEAD:
         return [("text_linear.weight",
                  _stt_rows(tensor, config.text_card + 1, key)[: config.text_card])]
-    for pattern, target in _TR_STT_RENAMES:
-        if pattern.fullmatch(key):
-            return [(pattern.sub(target, key), tensor)]
-    if match := _TR_STT_QKV.fullmatch(key):
-        part = _QKV_INDEX[match[2]]
-        if part < 2:
-            tensor = rope_rows_to_interleaved(tensor, config.num_heads, key,
-                                              "transformers Kyutai STT")
-        name = f"transformer.layers.{match[1]}.self_attn.in_proj.weight"
-        return [(fragment_name(name, part, 3), tensor)]
+    if key == _TR_STT_NORM:
+        return [("out_norm.weight", tensor)]
+    if (match := _TR_STT_LAYER.fullmatch(key)) and (
+            out := _rope_layer(match, tensor, config.num_heads, key, "transformers Kyutai STT")):
+        return out
     raise WeightsError(f"unexpected tensor {key!r}: not part of a transformers-layout Kyutai "
                        "STT (KyutaiSpeechToTextForConditionalGeneration) checkpoint")
 
