@@ -93,8 +93,8 @@ class CsmConfig:
 
 
 def _from_ours(data: dict, source: str) -> CsmConfig:
-    csm_layouts.reject_unknown(data, {"backbone", "decoder", "text_vocab_size", "audio_vocab_size",
-                           "num_codebooks"}, source)
+    csm_layouts.reject_unknown(data, {"backbone", "decoder", "text_vocab_size",
+                                      "audio_vocab_size", "num_codebooks"}, source)
 
     def llama(d: dict) -> LlamaConfig:
         d = dict(d)

@@ -43,7 +43,6 @@ class FragmentJoiner:
                                "pieces, e.g. the q/k/v projections of one layer)")
 
 
-
 def rope_rows_to_interleaved(tensor: mx.array, num_heads: int, key: str, layout: str
                              ) -> mx.array:
     """Undo transformers' q/k row permutation: its RoPE rotates the two halves of each head

@@ -129,8 +129,6 @@ def pytorch_to_mlx(key: str, tensor: mx.array, dep_q: int) -> list[tuple[str, mx
     raise WeightsError(f"unexpected tensor {key!r}: not part of a Moshi LM checkpoint")
 
 
-
-
 # --------------------------------------------------------------------------- transformers layout
 
 _TR_RENAMES: list[tuple[re.Pattern[str], str]] = [
@@ -225,7 +223,6 @@ def transformers_to_mlx(key: str, tensor: mx.array, config: LmConfig
         return [(f"depformer.slices.{k}.{name}", part) for k, part in enumerate(parts)]
     raise WeightsError(f"unexpected tensor {key!r}: not part of a transformers-layout Moshi "
                        "LM (MoshiForConditionalGeneration) checkpoint")
-
 
 
 # --------------------------------------------------------------------------- transformers STT
