@@ -33,6 +33,7 @@ load_system_openblas()  # before MLX loads, as the command-line tools do
 
 import mlx.core as mx  # noqa: E402
 
+from moshi_mlx.loading.models import read_lm_config  # noqa: E402
 from moshi_mlx.loading.safetensors import PlannedTensor, SafetensorsStreamWriter  # noqa: E402
 from moshi_mlx.models.lm_config import LmConfig  # noqa: E402
 
@@ -118,7 +119,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    cfg = LmConfig.moshi_7b() if args.config == "7b" else LmConfig.from_json(args.config)
+    cfg = LmConfig.moshi_7b() if args.config == "7b" else read_lm_config(args.config)
     layout = pytorch_layout(cfg)
     source_bytes = sum(math.prod(shape) * 2 for _, shape in layout)
     largest_name, largest_shape = max(layout, key=lambda item: math.prod(item[1]))

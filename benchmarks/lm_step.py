@@ -34,6 +34,7 @@ import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 from moshi_mlx.conversation.lm_gen import LmGen  # noqa: E402
+from moshi_mlx.loading.models import load_lm  # noqa: E402
 from moshi_mlx.loading.quantization import (  # noqa: E402
     QUANTIZATIONS,
     apply_quantization,
@@ -41,7 +42,7 @@ from moshi_mlx.loading.quantization import (  # noqa: E402
     stored_as,
 )
 from moshi_mlx.models import lm as lm_family  # noqa: E402
-from moshi_mlx.models.lm import Lm, load_lm  # noqa: E402
+from moshi_mlx.models.lm import Lm  # noqa: E402
 from moshi_mlx.models.lm_config import LmConfig  # noqa: E402
 from moshi_mlx.modules.parallel import default_cpu_threads  # noqa: E402
 

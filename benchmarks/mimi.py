@@ -75,7 +75,8 @@ class _Ours:
     def __init__(self, weights: str, variant: str) -> None:
         import mlx.core as mx
 
-        from moshi_mlx.models.mimi import MimiConfig, MimiStream, load_mimi
+        from moshi_mlx.loading.models import load_mimi
+        from moshi_mlx.models.mimi import MimiConfig, MimiStream
 
         self.name = f"mlx_{variant}"
         # kyutai/mimi's architecture (that of every released Mimi), convs as the variant says

@@ -48,7 +48,7 @@ load_system_openblas()
 
 import mlx.core as mx  # noqa: E402
 
-from moshi_mlx.models.lm import load_lm  # noqa: E402
+from moshi_mlx.loading.models import load_lm  # noqa: E402
 from moshi_mlx.transcription.stt_gen import SttGen  # noqa: E402
 
 FRAME = 1920
@@ -270,7 +270,7 @@ def worker_steps(folder: Path, audio: Path, steps: int, bits: int | None) -> Non
     Transcriber does) and our Mimi's encode_step per frame. Prints one JSON line."""
     from moshi_mlx.audio.io import read_audio
     from moshi_mlx.loading.hub import model_file
-    from moshi_mlx.models.mimi import load_mimi
+    from moshi_mlx.loading.models import load_mimi
 
     lm = load_lm(model_file(folder, bits), config=folder / "config.json", quantize=bits)
     rng = np.random.default_rng(0)
@@ -358,7 +358,7 @@ def side_by_side(name: str, folder: Path, audio: Path, work: Path, official: str
 def load_fixture_transcriber(folder: Path, with_mimi: bool):
     import sentencepiece
 
-    from moshi_mlx.models.mimi import load_mimi
+    from moshi_mlx.loading.models import load_mimi
     from moshi_mlx.transcription.transcriber import Transcriber
 
     lm = load_lm(folder / "model.safetensors", config=folder / "config.json")

@@ -131,8 +131,7 @@ def our_worker(args: argparse.Namespace) -> None:
     import mlx.core as mx
     import numpy as np
 
-    from moshi_mlx.models.csm import load_csm
-    from moshi_mlx.models.mimi import load_mimi
+    from moshi_mlx.loading.models import load_csm, load_mimi
     from moshi_mlx.speech.generate import Segment, check_mimi_codes, load_tokenizer, stream_speech
 
     t0 = time.perf_counter()

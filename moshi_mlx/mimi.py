@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     print_blas_hint()
     from moshi_mlx.audio.io import read_audio, write_audio
-    from moshi_mlx.models.mimi import load_mimi
+    from moshi_mlx.loading.models import load_mimi
 
     if args.codebooks is not None and not 1 <= args.codebooks <= 32:
         raise MoshiError(f"--codebooks must be 1..32, got {args.codebooks}")

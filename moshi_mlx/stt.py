@@ -106,7 +106,7 @@ def resolve_stt_files(args: argparse.Namespace, need_mimi: bool) -> SttFiles:
         optional_file,
         resolve_file,
     )
-    from moshi_mlx.models.lm_config import (
+    from moshi_mlx.models.lm_layouts import (
         TRANSFORMERS_STT_MODEL_TYPE,
         TRANSFORMERS_STT_PREPROCESSOR,
     )
@@ -155,10 +155,10 @@ def _named(names: dict[str, Any], key: str, given: str | None, config: Path) -> 
 
 def check_is_stt(files: SttFiles) -> None:
     """One clear line for a Moshi (speech-to-speech) checkpoint or config given as STT."""
+    from moshi_mlx.loading.models import read_lm_config
     from moshi_mlx.loading.safetensors import read_safetensors_header
-    from moshi_mlx.models.lm_config import LmConfig
 
-    cfg = LmConfig.from_json(files.config)
+    cfg = read_lm_config(files.config)
     if not cfg.is_stt:
         raise MoshiError(f"{files.config} describes a Moshi model (dep_q {cfg.dep_q}), not a "
                          "speech-to-text one; use python -m moshi_mlx.local for Moshi")
@@ -319,9 +319,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load(args: argparse.Namespace, files: SttFiles):
+    from moshi_mlx.loading.models import load_lm, load_mimi
     from moshi_mlx.loading.text_tokenizer import load_sentencepiece
-    from moshi_mlx.models.lm import load_lm
-    from moshi_mlx.models.mimi import load_mimi
     from moshi_mlx.transcription.transcriber import Transcriber
 
     model = ModelOptions.from_args(args)

@@ -163,7 +163,7 @@ def _max_frames(args: argparse.Namespace) -> int | None:
 
 def _load(args: argparse.Namespace, options: ModelOptions):
     from moshi_mlx.loading.hub import TOKENIZER_JSON_NAME
-    from moshi_mlx.models.csm import load_csm
+    from moshi_mlx.loading.models import load_csm
     from moshi_mlx.speech.generate import load_tokenizer
 
     weights = args.weights or args.hf_repo
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = _load(args, options)
     mimi = None
     if needs_mimi:
-        from moshi_mlx.models.mimi import load_mimi
+        from moshi_mlx.loading.models import load_mimi
 
         mimi = load_mimi(args.mimi_weight, num_codebooks=model.cfg.num_codebooks)
     print_blas_hint()

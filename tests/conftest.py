@@ -69,7 +69,7 @@ def csm_library():
     """The CSM fixture model (float32) and its tokenizer, as the library loads them."""
     import mlx.core as mx
 
-    from moshi_mlx.models.csm import load_csm
+    from moshi_mlx.loading.models import load_csm
     from moshi_mlx.speech.generate import load_tokenizer
 
     csm = FIXTURES / "csm"
@@ -79,7 +79,7 @@ def csm_library():
 @pytest.fixture(scope="session")
 def mimi32(random_mimi_path):
     """The real-size random Mimi with all 32 codebooks (CSM's)."""
-    from moshi_mlx.models.mimi import load_mimi
+    from moshi_mlx.loading.models import load_mimi
 
     return load_mimi(random_mimi_path, num_codebooks=32)
 

@@ -90,11 +90,12 @@ def test_cli_makes_a_complete_model_folder(tmp_path):
 
 
 def test_our_config_json_is_read_by_the_lm_loader(official_mlx_files):
-    from moshi_mlx.loading.config import resolve_config
+    from moshi_mlx.loading.config import read_config_json, resolve_config
     from moshi_mlx.models.lm_config import LmConfig
 
+    expected = LmConfig.from_dict(read_config_json(CONFIG_FILE))
     for path in official_mlx_files.values():
-        assert resolve_config(None, path, ("moshi",)).config == LmConfig.from_json(CONFIG_FILE)
+        assert resolve_config(None, path, ("moshi",)).config == expected
 
 
 def make_hub_cache(root: Path, repo: str, files: dict[str, Path]) -> Path:

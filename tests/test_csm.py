@@ -19,17 +19,18 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 from references import assert_matches_manifest
+from transformers_layout import half_split_rope_rows
 
 from moshi_mlx.errors import MoshiError, WeightsError
+from moshi_mlx.loading.models import load_csm, read_csm_config
 from moshi_mlx.models.csm import (
-    SESAME_FLAVORS,
     Csm,
     CsmConfig,
-    load_csm,
     quant_predicate,
     rope_inv_freq,
     sanitize,
 )
+from moshi_mlx.models.csm_layouts import SESAME_FLAVORS
 from moshi_mlx.speech.generate import (
     ContextCache,
     Segment,
@@ -86,10 +87,8 @@ def _hf_from_sesame(sesame: dict[str, np.ndarray], flavors: dict) -> dict[str, n
         part = key.split(".")[0]
         if key.endswith(("attn.q_proj.weight", "attn.k_proj.weight")):
             kw = heads[part]
-            n = kw["num_heads"] if ".q_proj" in key else kw["num_kv_heads"]
-            head_dim = kw["embed_dim"] // kw["num_heads"]
-            value = (value.reshape(n, head_dim // 2, 2, -1).transpose(0, 2, 1, 3)
-                     .reshape(n * head_dim, -1))
+            value = half_split_rope_rows(
+                value, kw["num_heads"] if ".q_proj" in key else kw["num_kv_heads"])
         out[name] = np.ascontiguousarray(value)
     return out
 
@@ -129,21 +128,24 @@ def tokenizer():
 
 @pytest.mark.parametrize("layout", ["sesame", "hf"])
 def test_rope_frequencies_match_transformers(layout, golden):
-    cfg = CsmConfig.from_file(CSM / layout / "config.json")
+    cfg = read_csm_config(CSM / layout / "config.json")
     for llama, key in ((cfg.backbone, "hf_backbone_inv_freq"), (cfg.decoder, "hf_depth_inv_freq")):
         got = rope_inv_freq(llama.head_dim, llama.rope_theta, llama.rope_scaling)
         np.testing.assert_allclose(got, golden[key], rtol=1e-6, atol=0)
 
 
 def test_both_configs_describe_the_same_model():
-    sesame = CsmConfig.from_file(CSM / "sesame" / "config.json")
-    hf = CsmConfig.from_file(CSM / "hf" / "config.json")
+    sesame = read_csm_config(CSM / "sesame" / "config.json")
+    hf = read_csm_config(CSM / "hf" / "config.json")
     for a, b in ((sesame.backbone, hf.backbone), (sesame.decoder, hf.decoder)):
         assert (a.num_layers, a.dim, a.num_heads, a.num_kv_heads, a.head_dim, a.hidden_dim) == (
             b.num_layers, b.dim, b.num_heads, b.num_kv_heads, b.head_dim, b.hidden_dim)
     assert (sesame.text_vocab_size, sesame.audio_vocab_size, sesame.num_codebooks) == (
         1024, 2051, 32)
     assert CsmConfig.from_dict(sesame.to_dict()) == sesame
+    # our converter writes our form with the family's model_type (transformers' name too)
+    written = {**hf.to_dict(), "model_type": "csm", "tokenizer_name": "tokenizer.json"}
+    assert CsmConfig.from_dict(written) == hf
 
 
 def test_real_flavors():
@@ -172,7 +174,7 @@ def test_config_errors():
 
 
 def test_transformers_layout_sanitizes_to_the_sesame_tensors(hf_dir):
-    cfg = CsmConfig.from_file(CSM / "sesame" / "config.json")
+    cfg = read_csm_config(CSM / "sesame" / "config.json")
     ours = sanitize(mx.load(str(CSM / "sesame" / "model.safetensors")), cfg)
     theirs = sanitize(mx.load(str(hf_dir / "model.safetensors")), cfg)
     assert ours.keys() == theirs.keys()
@@ -181,7 +183,7 @@ def test_transformers_layout_sanitizes_to_the_sesame_tensors(hf_dir):
 
 
 def test_sanitize_rejects_other_checkpoints():
-    cfg = CsmConfig.from_file(CSM / "sesame" / "config.json")
+    cfg = read_csm_config(CSM / "sesame" / "config.json")
     with pytest.raises(WeightsError, match="Moshi/STT"):
         sanitize({"transformer.layers.0.self_attn.in_proj_weight": mx.zeros((3, 1))}, cfg)
     with pytest.raises(WeightsError, match="unknown tensors for the sesame"):
@@ -430,7 +432,7 @@ def test_a_hub_repo_gives_weights_config_and_tokenizer(monkeypatch, hf_dir, toke
 def test_long_text_drops_the_oldest_sentences_when_the_budget_runs_short(tokenizer):
     import dataclasses
 
-    full = CsmConfig.from_file(CSM / "sesame" / "config.json")
+    full = read_csm_config(CSM / "sesame" / "config.json")
     small = dataclasses.replace(full, backbone=dataclasses.replace(full.backbone,
                                                                    max_seq_len=64))
     model = load_csm(CSM / "sesame", config=small, dtype=mx.float32)
@@ -565,6 +567,6 @@ def test_mlx_audio_layout_loads_as_the_sesame_model(tokenizer, golden, tmp_path)
 
 
 def test_mlx_audio_quantized_embeddings_are_a_clear_error():
-    cfg = CsmConfig.from_file(CSM / "sesame" / "config.json")
+    cfg = read_csm_config(CSM / "sesame" / "config.json")
     with pytest.raises(WeightsError, match="quantized embeddings or heads"):
         sanitize({"model.text_embeddings.scales": mx.zeros((1, 1))}, cfg)

@@ -11,6 +11,7 @@ from references import numpy_rope
 
 from moshi_mlx import load_lm
 from moshi_mlx.conversation.lm_gen import LmGen
+from moshi_mlx.loading.models import read_lm_config
 from moshi_mlx.models.lm_config import LmConfig
 from moshi_mlx.modules.sampling import Sampler, SamplingSettings
 
@@ -19,7 +20,7 @@ SHORT_CONTEXT = 6
 
 @pytest.fixture(scope="module")
 def tiny_cfg(fixtures_dir: Path) -> LmConfig:
-    return LmConfig.from_json(fixtures_dir / "lm_config.json")
+    return read_lm_config(fixtures_dir / "lm_config.json")
 
 
 @pytest.fixture(scope="module")

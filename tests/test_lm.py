@@ -17,6 +17,7 @@ import pytest
 
 from moshi_mlx import WeightsError, load_lm
 from moshi_mlx.conversation.lm_gen import LmGen
+from moshi_mlx.loading.models import read_lm_config
 from moshi_mlx.models.lm_config import LmConfig
 
 STEPS = 40
@@ -101,7 +102,7 @@ def test_float32_greedy_matches_pytorch(weight_files, config_path, golden, kind,
     # The converted MLX files come with a config.json beside them: load them without config=.
     config = config_path if kind == "pytorch" else None
     lm = load_lm(weight_files[kind], config=config, dtype=mx.float32)
-    assert lm.cfg == LmConfig.from_json(config_path)
+    assert lm.cfg == read_lm_config(config_path)
     if kind in ("q8", "q4"):  # linear scales kept bf16 (half the memory), still exact
         kept = {type(m): m.scales.dtype for _, m in lm.named_modules() if hasattr(m, "scales")}
         assert kept[nn.QuantizedLinear] == mx.bfloat16
@@ -201,7 +202,7 @@ def test_batch_rows_are_independent(weight_files, config_path, golden):
 
 
 def test_config_from_official_json(config_path):
-    cfg = LmConfig.from_json(config_path)
+    cfg = read_lm_config(config_path)
     assert (cfg.dim, cfg.num_heads, cfg.num_layers, cfg.text_card) == (256, 4, 2, 1000)
     assert cfg.hidden_dim == 704  # FIXTURES: gating hidden 704 (linear_in has 1408 rows)
     assert cfg.depformer_hidden_dim == 128  # dim_feedforward 192 -> hidden 128
@@ -224,7 +225,7 @@ def test_unknown_config_key_is_a_clear_error(tmp_path, config_path):
     bad = tmp_path / "config.json"
     bad.write_text(json.dumps(data))
     with pytest.raises(WeightsError, match="unknown LM config key.*num_experts"):
-        LmConfig.from_json(bad)
+        read_lm_config(bad)
 
 
 def test_config_feature_switches_are_accepted_only_when_off(config_path):
@@ -240,7 +241,7 @@ def test_config_json_beside_weights_is_used(tmp_path, fixtures_dir, config_path,
     shutil.copy(fixtures_dir / "lm_pytorch.safetensors", tmp_path / "model.safetensors")
     shutil.copy(config_path, tmp_path / "config.json")
     lm = load_lm(tmp_path, dtype=mx.float32)  # folder: model.safetensors + config.json
-    assert lm.cfg == LmConfig.from_json(config_path)
+    assert lm.cfg == read_lm_config(config_path)
     result = run_greedy(lm, golden["user_codes"], steps=3)
     np.testing.assert_array_equal(result["text"], golden["torch_f32_text"][:3])
 
@@ -254,7 +255,7 @@ def test_pytorch_file_with_wrong_config_is_a_clear_error(fixtures_dir):
         load_lm(fixtures_dir / "lm_pytorch.safetensors")
     with pytest.raises(WeightsError, match="shape"):
         load_lm(fixtures_dir / "lm_pytorch.safetensors",
-                config=LmConfig.from_json(fixtures_dir / "lm_config.json").with_overrides(dim=128))
+                config=read_lm_config(fixtures_dir / "lm_config.json").with_overrides(dim=128))
 
 
 def test_q4_file_with_quantize_8_is_a_clear_error(weight_files, config_path):

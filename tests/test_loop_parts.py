@@ -171,7 +171,7 @@ def test_out_of_memory_at_load_is_one_clear_line(monkeypatch, tmp_path):
         raise MemoryError
 
     monkeypatch.setattr("moshi_mlx.load_lm", no_memory, raising=False)
-    monkeypatch.setattr("moshi_mlx.models.lm.load_lm", no_memory)
+    monkeypatch.setattr("moshi_mlx.loading.models.load_lm", no_memory)
     files = []
     for name in ("model.safetensors", "mimi.safetensors", "tok.model"):
         (tmp_path / name).write_bytes(b"")

@@ -24,7 +24,7 @@ def speech(fixtures_dir) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def mimi(random_mimi_path):
-    from moshi_mlx.models.mimi import load_mimi
+    from moshi_mlx.loading.models import load_mimi
 
     return load_mimi(random_mimi_path, num_codebooks=K)
 
@@ -152,7 +152,7 @@ def test_interleaved_streams_share_one_mimi(mimi, speech):
 
 @pytest.mark.parametrize("num_codebooks", [1, 32])
 def test_codebook_counts_match_rustymimi(random_mimi_path, speech, num_codebooks):
-    from moshi_mlx.models.mimi import load_mimi
+    from moshi_mlx.loading.models import load_mimi
 
     clip = speech[None, None, : 12 * FRAME]
     model = load_mimi(random_mimi_path, num_codebooks=num_codebooks)
@@ -171,7 +171,7 @@ def test_codebook_counts_match_rustymimi(random_mimi_path, speech, num_codebooks
 def test_partial_last_frame_matches_rustymimi(random_mimi_path, speech, samples):
     # A clip that does not end on a frame boundary is padded layer by layer at its right edge
     # like the official whole-clip code; small chunks make the clip cross chunk boundaries.
-    from moshi_mlx.models.mimi import load_mimi
+    from moshi_mlx.loading.models import load_mimi
 
     model = load_mimi(random_mimi_path, num_codebooks=K)
     model.cfg.chunk_frames = 5

@@ -11,7 +11,7 @@ import pytest
 import soundfile
 
 from moshi_mlx.errors import AudioError, WeightsError
-from moshi_mlx.models.mimi import load_mimi
+from moshi_mlx.loading.models import load_mimi
 
 
 def _one_line(exc: pytest.ExceptionInfo) -> str:

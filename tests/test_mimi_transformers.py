@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 from safetensors.numpy import load_file, save_file
+from transformers_layout import half_split_rope_rows
 
 from moshi_mlx import WeightsError
-from moshi_mlx.models.mimi import load_mimi
+from moshi_mlx.loading.models import load_mimi
 
 # transformers' MimiConfig() (kyutai/mimi's architecture): the keys our mapping reads.
 CONFIG = {
@@ -55,11 +56,6 @@ _RENAMES = [  # official -> transformers, applied in order (as the conversion sc
 ]
 
 
-def _half_split_rope_rows(w: np.ndarray, heads: int = 8) -> np.ndarray:
-    rows, cols = w.shape
-    return w.reshape(heads, rows // heads // 2, 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
-
-
 def to_transformers(official: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     out = {}
     for key, value in official.items():
@@ -68,8 +64,8 @@ def to_transformers(official: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if key.endswith("in_proj_weight"):
             q, k, v = np.split(value, 3)
             base = key[: -len("in_proj_weight")]
-            out[base + "q_proj.weight"] = _half_split_rope_rows(q)
-            out[base + "k_proj.weight"] = _half_split_rope_rows(k)
+            out[base + "q_proj.weight"] = half_split_rope_rows(q, 8)
+            out[base + "k_proj.weight"] = half_split_rope_rows(k, 8)
             out[base + "v_proj.weight"] = v
         else:
             out[key] = value

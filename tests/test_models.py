@@ -66,14 +66,14 @@ STT_Q8_CONFIG = FIXTURES / "stt" / "stt_q8_config.json"  # the STT fixture's, hi
 def _random_stt_q8() -> Path:
     """Random bf16 STT weights (our layout) for a config where q8 applies: every linear's
     input width is a multiple of 64 (the fixture's gating hidden size, 352, is not)."""
+    from moshi_mlx.loading.models import read_lm_config
     from moshi_mlx.models.lm import Lm
-    from moshi_mlx.models.lm_config import LmConfig
 
     path = Path(__file__).parent / ".cache" / "stt_q8_random.safetensors"
     if not path.is_file():
         path.parent.mkdir(exist_ok=True)
         mx.random.seed(0)
-        model = Lm(LmConfig.from_json(STT_Q8_CONFIG))
+        model = Lm(read_lm_config(STT_Q8_CONFIG))
         tensors = {k: v.astype(mx.bfloat16) for k, v in tree_flatten(model.parameters())}
         partial = path.with_name("stt_q8_random.partial.safetensors")
         mx.save_safetensors(str(partial), tensors)
@@ -168,12 +168,12 @@ def assert_same_parameters(a: nn.Module, b: nn.Module, lacks: str | None = None)
 
 
 def test_builds_from_its_config_json(case):
-    from moshi_mlx.loading.config import resolve_config
+    from moshi_mlx.loading.config import json_beside, resolve_config
 
     resolved = resolve_config(case.config, None, case.model_types)
     data = {k: v for k, v in read_config_json(case.config).items() if k != "quantization"}
     if hasattr(resolved.family, "complete_config"):  # files beside it (CSM's flavors.json)
-        data = resolved.family.complete_config(data, case.config)
+        data = resolved.family.complete_config(data, json_beside(case.config))
     assert resolved.config == resolved.family.Config.from_dict(data)
     model = resolved.family.Model(resolved.config)
     assert sum(v.size for _, v in tree_flatten(model.parameters())) > 0

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from moshi_mlx import SttGen, WeightsError, load_lm
+from moshi_mlx.loading.models import read_lm_config
 from moshi_mlx.loading.safetensors import read_safetensors_header
 from moshi_mlx.models.lm_config import LmConfig, SttConfig
 
@@ -61,7 +62,7 @@ def assert_matches(result: dict, stt_golden: dict, prefix: str, row: int = 0) ->
 
 
 def test_stt_config_keys_are_read(config_path):
-    cfg = LmConfig.from_json(config_path)
+    cfg = read_lm_config(config_path)
     assert cfg.is_stt and cfg.dep_q == 0
     assert (cfg.extra_heads_num_heads, cfg.extra_heads_dim) == (4, 6)
     assert cfg.stt_config == SttConfig(audio_delay_seconds=0.5, audio_silence_prefix_seconds=0.0)

@@ -16,7 +16,9 @@ import pytest
 from test_lm import assert_matches_golden, run_greedy
 
 from moshi_mlx import WeightsError, load_lm
-from moshi_mlx.models.lm_config import LmConfig, SttConfig, from_transformers_moshi
+from moshi_mlx.loading.models import read_lm_config
+from moshi_mlx.models.lm_config import LmConfig, SttConfig
+from moshi_mlx.models.lm_layouts import from_transformers_moshi
 from weights_convert import convert
 
 
@@ -33,7 +35,7 @@ def _sha256(path: Path) -> str:
 def test_float32_greedy_matches_pytorch(transformers_moshi, fixtures_dir, golden):
     # A folder like kmhf/hf-moshiko: config.json (transformers keys) + model.safetensors.
     lm = load_lm(transformers_moshi, dtype=mx.float32)
-    assert lm.cfg == LmConfig.from_json(fixtures_dir / "lm_config.json")
+    assert lm.cfg == read_lm_config(fixtures_dir / "lm_config.json")
     assert_matches_golden(run_greedy(lm, golden["user_codes"]), golden, "torch_f32")
 
 
@@ -63,7 +65,7 @@ def test_converter_output_is_byte_identical_to_the_official_layouts(
 
 def test_transformers_config_maps_to_ours(fixtures_dir):
     data = json.loads((fixtures_dir / "lm_transformers_config.json").read_text())
-    assert LmConfig.from_dict(data) == LmConfig.from_json(fixtures_dir / "lm_config.json")
+    assert LmConfig.from_dict(data) == read_lm_config(fixtures_dir / "lm_config.json")
 
 
 def test_transformers_default_moshi_config_is_the_7b():
@@ -179,7 +181,7 @@ def test_missing_k_projection_is_a_clear_error(transformers_moshi, tmp_path):
 def test_bundled_mimi_loads_with_its_audio_encoder_config(transformers_moshi):
     """kmhf/hf-moshiko has no separate Mimi file: load_mimi reads the `audio_encoder.*`
     tensors of the LM's folder, with the architecture of `audio_encoder_config`."""
-    from moshi_mlx.models.mimi import load_mimi
+    from moshi_mlx.loading.models import load_mimi
 
     mimi = load_mimi(transformers_moshi, num_codebooks=8)
     config = json.loads((transformers_moshi / "config.json").read_text())["audio_encoder_config"]
@@ -227,7 +229,7 @@ def _architecture(cfg: LmConfig) -> dict:
 
 
 def _official_stt_without_heads(fixtures_dir: Path) -> LmConfig:
-    return LmConfig.from_json(fixtures_dir / "stt" / "stt_config.json").with_overrides(
+    return read_lm_config(fixtures_dir / "stt" / "stt_config.json").with_overrides(
         extra_heads_num_heads=0)
 
 
@@ -312,7 +314,7 @@ def test_stt_transformers_config_maps_to_ours(fixtures_dir, tmp_path):
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(
         {"audio_delay_seconds": 2.5, "audio_silence_prefix_seconds": 1.0,
          "feature_extractor_type": "KyutaiSpeechToTextFeatureExtractor"}))
-    assert LmConfig.from_json(tmp_path / "config.json").stt_config == SttConfig(2.5, 1.0)
+    assert read_lm_config(tmp_path / "config.json").stt_config == SttConfig(2.5, 1.0)
 
 
 @pytest.mark.parametrize(
@@ -353,7 +355,7 @@ def test_stt_bundled_mimi_loads_with_its_codec_config(transformers_stt):
     from mlx.utils import tree_flatten
     from transformers_layout import tiny_mimi_value
 
-    from moshi_mlx.models.mimi import load_mimi
+    from moshi_mlx.loading.models import load_mimi
 
     mimi = load_mimi(transformers_stt, num_codebooks=32)
     config = json.loads((transformers_stt / "config.json").read_text())["codec_config"]

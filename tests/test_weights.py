@@ -21,7 +21,7 @@ from moshi_mlx.loading.quantization import (
     quantize_tensors,
 )
 from moshi_mlx.models import lm
-from moshi_mlx.models.lm import pytorch_to_mlx
+from moshi_mlx.models.lm_layouts import pytorch_to_mlx
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PYTORCH_FILE = FIXTURES / "lm_pytorch.safetensors"

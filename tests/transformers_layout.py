@@ -64,7 +64,7 @@ def tiny_mimi_value(name: str, shape: tuple[int, ...]) -> np.ndarray:
     return (rng.standard_normal(shape) * 0.05).astype(np.float32)
 
 
-def _half_split_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
+def half_split_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
     """Our interleaved q/k rows (2i, 2i+1 rotate together) -> transformers' (i, i + d/2)."""
     rows, cols = w.shape
     return w.reshape(heads, rows // heads // 2, 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
@@ -77,8 +77,8 @@ def _temporal_layers(pt: dict[str, np.ndarray], lm: dict, heads: int, prefix: st
     for layer in range(lm["num_layers"]):
         src, dst = f"transformer.layers.{layer}.", f"{prefix}.{layer}."
         q, k, v = np.split(pt[src + "self_attn.in_proj_weight"], 3)
-        out[dst + "self_attn.q_proj.linear.weight"] = _half_split_rope_rows(q, heads)
-        out[dst + "self_attn.k_proj.linear.weight"] = _half_split_rope_rows(k, heads)
+        out[dst + "self_attn.q_proj.linear.weight"] = half_split_rope_rows(q, heads)
+        out[dst + "self_attn.k_proj.linear.weight"] = half_split_rope_rows(k, heads)
         out[dst + "self_attn.v_proj.linear.weight"] = v
         out[dst + "self_attn.o_proj.linear.weight"] = pt[src + "self_attn.out_proj.weight"]
         out[dst + "mlp.fc1.weight"] = pt[src + "gating.linear_in.weight"]

@@ -541,7 +541,7 @@ def verify(out: Path) -> None:
     import mlx.core as mx
     import rustymimi
 
-    from moshi_mlx.models.mimi import load_mimi
+    from moshi_mlx.loading.models import load_mimi
 
     pcm = speech()[None, None]
     report: dict[str, object] = {}

@@ -31,7 +31,7 @@ import mlx.core as mx
 from moshi_mlx.errors import WeightsError
 from moshi_mlx.loading import hub
 from moshi_mlx.loading.checkpoint import Checkpoint, inspect_checkpoint, sanitized
-from moshi_mlx.loading.config import read_config_json
+from moshi_mlx.loading.config import json_beside, read_config_json
 from moshi_mlx.loading.families import DEFAULT_MODEL_TYPE, FAMILIES
 from moshi_mlx.loading.quantization import (
     QUANTIZATIONS,
@@ -120,7 +120,7 @@ def find_sources(
 def _fetch_stt_preprocessor(hf_repo: str, config: Path | None) -> None:
     """A transformers STT repo (kyutai/stt-*-trfs) keeps its stt_config in
     preprocessor_config.json, which the config mapping reads beside config.json: fetch it."""
-    from moshi_mlx.models.lm_config import (
+    from moshi_mlx.models.lm_layouts import (
         TRANSFORMERS_STT_MODEL_TYPE,
         TRANSFORMERS_STT_PREPROCESSOR,
     )
@@ -403,7 +403,7 @@ def _output_config(source: Path | None, checkpoint: Checkpoint) -> dict[str, Any
         data = read_config_json(source)
         data.pop("quantization", None)  # ours, when re-converting our own output
         if hasattr(checkpoint.family, "complete_config"):  # e.g. CSM's flavors.json, inlined
-            data = checkpoint.family.complete_config(data, source)
+            data = checkpoint.family.complete_config(data, json_beside(source))
     else:  # none, or a transformers one: the official keys of what was read
         data = checkpoint.config.to_dict()
     if checkpoint.model_type != DEFAULT_MODEL_TYPE:

@@ -9,7 +9,8 @@ tensor by tensor), `quant_predicate(path, module)` (which modules -q quantizes),
 `DESCRIPTION` (for messages; or `describe(config)`) and `STORED_DTYPE` (the safetensors float
 dtype its checkpoints must use, or None for any float); optionally `fit_config(config,
 tensors)` (the config fitted to optional parts a checkpoint may or may not have),
-`complete_config(data, path)` (config.json data completed from files beside it) and
+`complete_config(data, read_beside)` (config.json data completed from the files beside it,
+read by `read_beside(name)`, see `loading.config.json_beside`) and
 `CONFIG_MARKERS` (keys that identify its config.json when `model_type` is absent).
 
 Checks run on the header alone (names, dtypes and shapes against the model's own parameters,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -31,6 +32,19 @@ def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise WeightsError(f"{path}: expected a JSON object of config keys")
     return data
+
+
+def json_beside(config_path: str | os.PathLike | None) -> Callable[[str], dict[str, Any] | None]:
+    """A reader of the JSON files beside a config.json, for the families' `complete_config`:
+    name -> that file's JSON object, or None where there is no such file (or no path)."""
+
+    def read(name: str) -> dict[str, Any] | None:
+        if config_path is None:
+            return None
+        path = Path(config_path).parent / name
+        return read_config_json(path) if path.is_file() else None
+
+    return read
 
 
 @dataclass
@@ -76,7 +90,7 @@ def resolve_config(config: Any, weights_path: Path | None,
         raise WeightsError(f"{source} describes a {model_type} model, not "
                            f"{' or '.join(model_types)}")
     if hasattr(family, "complete_config"):  # e.g. CSM: flavors.json beside a Sesame config
-        data = family.complete_config(data, path)
+        data = family.complete_config(data, json_beside(path))
     quantization = _config_quantization(data.pop("quantization", None), source)
     return ResolvedConfig(model_type, family, family.Config.from_dict(data, source=source),
                           quantization, source)

@@ -2,25 +2,24 @@
 Llama depth decoder predicts codebooks 1..31 from the backbone state.
 
 Our parameter layout keeps Sesame's interleaved-pair RoPE (q/k rows as in the original
-checkpoint); `sanitize` maps the original (SesameAILabs/csm) and the transformers
-(`CsmForConditionalGeneration`) layouts to it, undoing the transformers q/k row permutation.
+checkpoint); `moshi_mlx.models.csm_layouts` maps the original (SesameAILabs/csm), the
+transformers (`CsmForConditionalGeneration`) and mlx-audio layouts and configs to ours.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import re
 from collections.abc import Callable, Hashable
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
 from moshi_mlx.errors import WeightsError
+from moshi_mlx.models import csm_layouts
+from moshi_mlx.modules.norm import RmsNorm
 from moshi_mlx.modules.transformer import KVCache
 
 # ---------------------------------------------------------------------------- config
@@ -58,26 +57,6 @@ class LlamaConfig:
             raise WeightsError(f"head_dim must be even for RoPE, got {self.head_dim}")
 
 
-def _flavor(num_layers: int, dim: int, heads: int, kv: int, hidden: int) -> LlamaConfig:
-    return LlamaConfig(num_layers, dim, heads, kv, dim // heads, hidden)
-
-
-# SesameAILabs/csm FLAVORS (torchtune llama3_2 builders); head_dim = dim // heads there.
-SESAME_FLAVORS: dict[str, LlamaConfig] = {
-    "llama-1B": _flavor(16, 2048, 32, 8, 8192),
-    "llama-100M": _flavor(4, 1024, 8, 2, 8192),
-}
-
-# config.json keys that carry no model structure (tolerated, ignored).
-_METADATA_KEYS = frozenset({
-    "architectures", "dtype", "torch_dtype", "transformers_version", "model_type",
-    "initializer_range", "use_cache", "attention_dropout", "hidden_act", "tie_word_embeddings",
-    "tie_codebooks_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
-    "audio_token_id", "audio_eos_token_id", "codebook_pad_token_id", "codebook_eos_token_id",
-    "codec_config", "quantization", "_name_or_path", "output_attentions",
-    "output_hidden_states", "return_dict", "attention_bias", "mlp_bias", "pretraining_tp",
-    "moshi_name", "tokenizer_name", "mimi_name",  # our converter's file names
-})
 _LM_KEYS = frozenset({"text_card", "dep_q", "depformer_dim", "existing_text_padding_id"})
 
 
@@ -94,27 +73,18 @@ class CsmConfig:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> CsmConfig:
-        """Any of: the Sesame config.json (`backbone_flavor`...; fixture flavors given as
-        `flavors` {name: torchtune llama3_2 kwargs}), the transformers config.json
-        (`model_type` csm), or our own `to_dict()`."""
+        """Any of: our own `to_dict()` (with our converter's metadata keys, model_type csm
+        included), the Sesame config.json (`backbone_flavor`...; fixture flavors given as
+        `flavors` {name: torchtune llama3_2 kwargs}) or the transformers config.json
+        (`model_type` csm), the last two mapped by `moshi_mlx.models.csm_layouts`. A file is
+        read by the loader (`moshi_mlx.loading.models.read_csm_config`)."""
         if not isinstance(data, dict):
             raise WeightsError(f"{source}: expected a JSON object")
         if _LM_KEYS & data.keys():
             raise WeightsError(f"{source} is a Moshi/STT LM config, not a CSM (Sesame) config")
-        if "backbone_flavor" in data:
-            return _from_sesame(data, source)
-        if data.get("model_type") == "csm" or "depth_decoder_config" in data:
-            return _from_transformers(data, source)
         if "backbone" in data and "decoder" in data:
             return _from_ours(data, source)
-        raise WeightsError(f"{source}: not a CSM config (no backbone_flavor, no model_type csm)")
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike) -> CsmConfig:
-        """config.json; a Sesame one may have its custom flavors in `flavors.json` beside it."""
-        from moshi_mlx.loading.config import read_config_json
-
-        return cls.from_dict(complete_config(read_config_json(path), Path(path)), str(path))
+        return _from_ours(csm_layouts.our_config_form(data, source), source)
 
     @classmethod
     def default(cls) -> CsmConfig:
@@ -122,106 +92,9 @@ class CsmConfig:
                            "weights (or pass config=)")
 
 
-def complete_config(data: dict, path: Path | None) -> dict:
-    """A Sesame config.json names its flavors; custom ones (our test fixture's) are in a
-    `flavors.json` beside it."""
-    flavors = path.parent / "flavors.json" if path is not None else None
-    if "backbone_flavor" in data and "flavors" not in data and flavors and flavors.is_file():
-        from moshi_mlx.loading.config import read_config_json
-
-        return {**data, "flavors": read_config_json(flavors)}
-    return data
-
-
-def _reject_unknown(data: dict, known: set[str], source: str) -> None:
-    unknown = sorted(set(data) - known - _METADATA_KEYS)
-    if unknown:
-        raise WeightsError(f"{source}: unknown CSM config keys {unknown}")
-
-
-def _from_sesame(data: dict, source: str) -> CsmConfig:
-    _reject_unknown(data, {"backbone_flavor", "decoder_flavor", "text_vocab_size",
-                           "audio_vocab_size", "audio_num_codebooks", "flavors"}, source)
-    custom = data.get("flavors") or {}
-
-    def flavor(key: str) -> LlamaConfig:
-        name = data.get(key)
-        if name in SESAME_FLAVORS:
-            return SESAME_FLAVORS[name]
-        if name in custom:
-            return _from_torchtune(custom[name], f"{source} flavor {name}")
-        raise WeightsError(f"{source}: unknown {key} {name!r} (known: "
-                           f"{sorted(SESAME_FLAVORS)}; others need a flavors.json)")
-
-    try:
-        return CsmConfig(flavor("backbone_flavor"), flavor("decoder_flavor"),
-                         int(data["text_vocab_size"]), int(data["audio_vocab_size"]),
-                         int(data["audio_num_codebooks"]))
-    except KeyError as exc:
-        raise WeightsError(f"{source}: missing key {exc}") from None
-
-
-def _from_torchtune(kw: dict, source: str) -> LlamaConfig:
-    _reject_unknown(kw, {"vocab_size", "num_layers", "num_heads", "num_kv_heads", "embed_dim",
-                         "max_seq_len", "intermediate_dim", "attn_dropout", "norm_eps",
-                         "rope_base", "scale_factor"}, source)
-    try:
-        dim, heads = int(kw["embed_dim"]), int(kw["num_heads"])
-        return LlamaConfig(
-            int(kw["num_layers"]), dim, heads, int(kw["num_kv_heads"]), dim // heads,
-            int(kw["intermediate_dim"]), float(kw.get("norm_eps", 1e-5)),
-            float(kw.get("rope_base", 500000)),
-            RopeScaling(factor=float(kw.get("scale_factor", 32))),
-            int(kw.get("max_seq_len", 2048)))
-    except KeyError as exc:
-        raise WeightsError(f"{source}: missing key {exc}") from None
-
-
-_HF_LLAMA_KEYS = {"num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
-                  "head_dim", "intermediate_size", "rms_norm_eps", "rope_theta", "rope_scaling",
-                  "rope_parameters", "max_position_embeddings", "vocab_size", "num_codebooks"}
-
-
-def _hf_llama(d: dict, source: str) -> LlamaConfig:
-    rope = dict(d.get("rope_parameters") or {})
-    rope.update(d.get("rope_scaling") or {})
-    theta = float(d.get("rope_theta", rope.get("rope_theta", 500000.0)))
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind == "llama3":
-        scaling = RopeScaling(float(rope["factor"]), float(rope["low_freq_factor"]),
-                              float(rope["high_freq_factor"]),
-                              float(rope["original_max_position_embeddings"]))
-    elif kind == "default":
-        scaling = None
-    else:
-        raise WeightsError(f"{source}: unsupported rope_type {kind!r}")
-    try:
-        dim, heads = int(d["hidden_size"]), int(d["num_attention_heads"])
-        return LlamaConfig(
-            int(d["num_hidden_layers"]), dim, heads, int(d.get("num_key_value_heads", heads)),
-            int(d.get("head_dim") or dim // heads), int(d["intermediate_size"]),
-            float(d.get("rms_norm_eps", 1e-5)), theta, scaling,
-            int(d.get("max_position_embeddings", 2048)))
-    except KeyError as exc:
-        raise WeightsError(f"{source}: missing key {exc}") from None
-
-
-def _from_transformers(data: dict, source: str) -> CsmConfig:
-    _reject_unknown(data, _HF_LLAMA_KEYS | {"depth_decoder_config", "text_vocab_size"}, source)
-    depth = data.get("depth_decoder_config")
-    if not isinstance(depth, dict):
-        raise WeightsError(f"{source}: missing depth_decoder_config")
-    _reject_unknown(depth, _HF_LLAMA_KEYS | {"backbone_hidden_size"}, f"{source} depth decoder")
-    if data.get("attention_bias") or data.get("mlp_bias"):
-        raise WeightsError(f"{source}: biases in attention/MLP are not supported")
-    return CsmConfig(_hf_llama(data, source), _hf_llama(depth, f"{source} depth decoder"),
-                     int(data.get("text_vocab_size", 128256)), int(data.get("vocab_size", 2051)),
-                     int(data.get("num_codebooks", 32)))
-
-
 def _from_ours(data: dict, source: str) -> CsmConfig:
-    _reject_unknown(data, {"backbone", "decoder", "text_vocab_size", "audio_vocab_size",
-                           "num_codebooks"}, source)
+    csm_layouts.reject_unknown(data, {"backbone", "decoder", "text_vocab_size",
+                                      "audio_vocab_size", "num_codebooks"}, source)
 
     def llama(d: dict) -> LlamaConfig:
         d = dict(d)
@@ -231,8 +104,9 @@ def _from_ours(data: dict, source: str) -> CsmConfig:
         except TypeError as exc:
             raise WeightsError(f"{source}: {exc}") from None
 
-    rest = {k: int(v) for k, v in data.items() if k not in ("backbone", "decoder")}
-    return CsmConfig(llama(data["backbone"]), llama(data["decoder"]), **rest)
+    sizes = {k: int(data[k]) for k in ("text_vocab_size", "audio_vocab_size", "num_codebooks")
+             if k in data}
+    return CsmConfig(llama(data["backbone"]), llama(data["decoder"]), **sizes)
 
 
 # ---------------------------------------------------------------------------- model
@@ -278,16 +152,6 @@ class RopeTable:
 def _rope_of(cfg: LlamaConfig) -> tuple[mx.array, RopeTable]:
     inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     return mx.array(1.0 / inv_freq), RopeTable(inv_freq, cfg.max_seq_len)
-
-
-class RmsNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = mx.ones((dim,))
-        self.eps = eps
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return mx.fast.rms_norm(x, self.weight, self.eps)
 
 
 # Inputs with more rows than this (a prompt) go through quantized layers as a float matmul on
@@ -520,151 +384,14 @@ class Csm(nn.Module):
 
 # ---------------------------------------------------------------------------- weights
 
-# A layer tensor's name in a layout -> our name; q, k, v go to `_QKV` parts of one tensor.
-_LAYER_KEYS_SESAME = {
-    "attn.q_proj.weight": "attn.q_proj.weight",
-    "attn.k_proj.weight": "attn.k_proj.weight",
-    "attn.v_proj.weight": "attn.v_proj.weight",
-    "attn.output_proj.weight": "attn.out_proj.weight",
-    "mlp.w1.weight": "mlp.gate_proj.weight",
-    "mlp.w3.weight": "mlp.up_proj.weight",
-    "mlp.w2.weight": "mlp.down_proj.weight",
-    "sa_norm.scale": "attn_norm.weight",
-    "mlp_norm.scale": "mlp_norm.weight",
-}
-_LAYER_KEYS_HF = {
-    "self_attn.q_proj.weight": "attn.q_proj.weight",
-    "self_attn.k_proj.weight": "attn.k_proj.weight",
-    "self_attn.v_proj.weight": "attn.v_proj.weight",
-    "self_attn.o_proj.weight": "attn.out_proj.weight",
-    "mlp.gate_proj.weight": "mlp.gate_proj.weight",
-    "mlp.up_proj.weight": "mlp.up_proj.weight",
-    "mlp.down_proj.weight": "mlp.down_proj.weight",
-    "input_layernorm.weight": "attn_norm.weight",
-    "post_attention_layernorm.weight": "mlp_norm.weight",
-}
-_QKV = {"attn.q_proj.": 0, "attn.k_proj.": 1, "attn.v_proj.": 2}
-_TOP_SESAME = {
-    "text_embeddings.weight": "text_embeddings.weight",
-    "audio_embeddings.weight": "audio_embeddings.weight",
-    "projection.weight": "projection.weight",
-    "codebook0_head.weight": "codebook0_head.weight",
-    "audio_head": "audio_head",
-    "backbone.norm.scale": "backbone.norm.weight",
-    "decoder.norm.scale": "decoder.norm.weight",
-}
-_TOP_HF = {
-    "embed_text_tokens.weight": "text_embeddings.weight",
-    "depth_decoder.model.embed_tokens.weight": "audio_embeddings.weight",
-    "backbone_model.embed_tokens.embed_audio_tokens.weight": "audio_embeddings.weight",
-    "depth_decoder.model.inputs_embeds_projector.weight": "projection.weight",
-    "lm_head.weight": "codebook0_head.weight",
-    "depth_decoder.codebooks_head.weight": "audio_head",
-    "backbone_model.norm.weight": "backbone.norm.weight",
-    "depth_decoder.model.norm.weight": "decoder.norm.weight",
-}
-_LAYER_SESAME = re.compile(r"(backbone|decoder)\.layers\.(\d+)\.(.+)")
-_LAYER_HF = re.compile(r"(backbone_model|depth_decoder\.model)\.layers\.(\d+)\.(.+)")
-
-
-_OUR_TOP = frozenset(_TOP_SESAME.values())
-_OUR_LAYER_KEYS = frozenset(
-    {name for name in _LAYER_KEYS_SESAME.values() if not name.startswith(tuple(_QKV))}
-    | {"attn.qkv_proj.weight"})
-_MOSHI_PREFIXES = ("transformer.layers.", "depformer", "text_emb", "emb.", "audio_embs.")
-
-
-def _map_key(key: str, value: mx.array, config: CsmConfig) -> tuple[str, mx.array] | None:
-    """One tensor of the Sesame, transformers, mlx-audio or our own layout -> (our name,
-    tensor); None for the transformers file's bundled codec (we decode with our Mimi). The
-    layouts' names differ tensor by tensor, so each tensor says which layout it comes from."""
-    if key.startswith("codec_model."):
-        return None
-    # mlx-audio's layout (mlx-community/csm-1b): "model." + Sesame's names, with transformers'
-    # names inside the layers (on Sesame's rows: no q/k permutation)
-    key = key.removeprefix("model.")
-    if key.endswith((".scales", ".biases")) and not key.startswith(("backbone.", "decoder.")):
-        raise WeightsError(f"quantized embeddings or heads ({key}: mlx-audio's quantized CSM "
-                           "layout) are not supported: load the float checkpoint with -q 4/8")
-    if key in _TOP_SESAME:
-        return _TOP_SESAME[key], value
-    if key in _TOP_HF:
-        return _TOP_HF[key], value
-    if (match := _LAYER_SESAME.fullmatch(key)) and (
-            name := _layer_name(_LAYER_KEYS_SESAME, match[3])):
-        return _fused(f"{match[1]}.layers.{match[2]}.", name), value
-    if (match := _LAYER_SESAME.fullmatch(key)) and (
-            name := _layer_name(_LAYER_KEYS_HF, match[3])):
-        # mlx-audio's layer names are transformers', on Sesame's rows (interleaved RoPE)
-        return _fused(f"{match[1]}.layers.{match[2]}.", name), value
-    if (match := _LAYER_HF.fullmatch(key)) and match[3] in _LAYER_KEYS_HF:
-        part = "backbone" if match[1].startswith("backbone") else "decoder"
-        name = _LAYER_KEYS_HF[match[3]]
-        if name in ("attn.q_proj.weight", "attn.k_proj.weight"):
-            llama = config.backbone if part == "backbone" else config.decoder
-            heads = llama.num_heads if name.startswith("attn.q") else llama.num_kv_heads
-            value = rope_rows_to_interleaved(value, heads)
-        return _fused(f"{part}.layers.{match[2]}.", name), value
-    base = key.rsplit(".", 1)[0]  # our own layout, quantized too (X.scales, X.biases)
-    if key in _OUR_TOP or f"{base}.weight" in _OUR_TOP or (
-            (match := _LAYER_SESAME.fullmatch(key))
-            and match[3].rsplit(".", 1)[0] + ".weight" in _OUR_LAYER_KEYS):
-        return key, value
-    if key.startswith(_MOSHI_PREFIXES):
-        raise WeightsError("a Moshi/STT LM checkpoint was given, not a CSM (Sesame) checkpoint")
-    layout = "transformers" if key.startswith(("backbone_model.", "depth_decoder.")) else (
-        "sesame")
-    raise WeightsError(f"unknown tensors for the {layout} CSM layout (e.g. {key})")
-
-
-def _layer_name(table: dict[str, str], name: str) -> str | None:
-    """A layer tensor's name in a layout's table -> ours; a quantized linear's X.scales and
-    X.biases (MLX files keeping the layout's names) follow its X.weight."""
-    if name in table:
-        return table[name]
-    base, _, suffix = name.rpartition(".")
-    if suffix in ("scales", "biases") and f"{base}.weight" in table:
-        return table[f"{base}.weight"].removesuffix("weight") + suffix
-    return None
-
-
-def _fused(prefix: str, name: str) -> str:
-    """Our full name; q, k, v become their part of the fused `attn.qkv_proj` (joined by the
-    loader, tensor by tensor)."""
-    from moshi_mlx.models.layouts import fragment_name
-
-    for role, part in _QKV.items():
-        if name.startswith(role):
-            return fragment_name(f"{prefix}attn.qkv_proj.{name.removeprefix(role)}", part,
-                                 len(_QKV))
-    return prefix + name
-
-
-def rope_rows_to_interleaved(w: mx.array, heads: int) -> mx.array:
-    """Undo transformers' q/k row permutation (interleaved-pair -> rotate-half RoPE)."""
-    out_dim, in_dim = w.shape
-    head_dim = out_dim // heads
-    return (w.reshape(heads, 2, head_dim // 2, in_dim).transpose(0, 2, 1, 3)
-            .reshape(out_dim, in_dim))
-
-
-def rope_rows_to_rotate_half(w: mx.array, heads: int) -> mx.array:
-    """transformers' q/k row permutation (the inverse of `rope_rows_to_interleaved`)."""
-    out_dim, in_dim = w.shape
-    head_dim = out_dim // heads
-    return (w.reshape(heads, head_dim // 2, 2, in_dim).transpose(0, 2, 1, 3)
-            .reshape(out_dim, in_dim))
-
-
 def sanitize(weights: dict[str, mx.array], config: CsmConfig) -> dict[str, mx.array]:
-    """Sesame or transformers (or our own) layout -> our parameter names, lazily, tensor by
-    tensor. The transformers file's bundled `codec_model.*` Mimi is dropped."""
-    out: dict[str, mx.array] = {}
-    for key, value in weights.items():
-        mapped = _map_key(key, value, config)
-        if mapped is not None:
-            out[mapped[0]] = mapped[1]
-    return out
+    """Tensors of any supported layout -> ours (see `csm_layouts.sanitize`)."""
+    return csm_layouts.sanitize(weights, config)
+
+
+def complete_config(data: dict, read_beside: Callable[[str], dict | None]) -> dict:
+    """config.json data completed from files beside it (see `csm_layouts.complete_config`)."""
+    return csm_layouts.complete_config(data, read_beside)
 
 
 def quant_predicate(path: str, module: nn.Module) -> bool:
@@ -676,37 +403,12 @@ def quant_predicate(path: str, module: nn.Module) -> bool:
             and module.weight.shape[-1] % 64 == 0)
 
 
-# ---------------------------------------------------------------------------- loading
-# The family interface of `moshi_mlx.loading`.
+# ---------------------------------------------------------------------------- family
+# The family interface of `moshi_mlx.loading`; other people's layouts are mapped in
+# `moshi_mlx.models.csm_layouts`.
 
 Config = CsmConfig
 Model = Csm
 DESCRIPTION = "Sesame CSM"
 STORED_DTYPE = None  # Sesame's file is float32, transformers' bf16 or float32
 CONFIG_MARKERS = ("backbone_flavor", "depth_decoder_config", "backbone")
-
-
-def load_csm(weights: str | os.PathLike, config: CsmConfig | str | os.PathLike | None = None,
-             quantize: int | None = None, dtype: mx.Dtype | str | None = None,
-             cpu_threads: int | None = None, float_decoder_on_cpu: bool = True) -> Csm:
-    """Load CSM from a .safetensors file, a folder (config.json beside it) or a hub repo id,
-    in the Sesame or the transformers layout (its bundled codec is ignored), through the
-    loader every family shares.
-
-    config: a CsmConfig, a config.json path, or None (the config.json beside the weights / in
-    the repo). quantize: None, 4 (group 32) or 8 (group 64) for the backbone and decoder
-    linears. dtype: None = float32 on the CPU, bfloat16 on a GPU. cpu_threads: split large
-    linears over this many CPU streams (as load_lm); None = all cores on the CPU, no split on
-    a GPU. float_decoder_on_cpu: when MLX computes on the CPU, run a quantized depth decoder
-    from float copies of its dequantized weights (the same values; +0.4 GB for csm-1b q4):
-    its 31 steps a frame are matrix-vector products, where MLX's CPU quantized kernel is
-    about 3x slower than BLAS on float weights (benchmarks/tts.py)."""
-    from moshi_mlx.loading.checkpoint import load_model
-    from moshi_mlx.loading.quantization import dequantize_linears
-    from moshi_mlx.modules.parallel import default_cpu_threads, split_linears
-
-    model, _ = load_model(weights, config, quantize, dtype, model_types=("csm",))
-    if float_decoder_on_cpu and mx.default_device() == mx.cpu:
-        dequantize_linears(model.decoder)
-    split_linears(model, default_cpu_threads() if cpu_threads is None else cpu_threads)
-    return model

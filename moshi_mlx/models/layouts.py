@@ -1,5 +1,5 @@
 """What every *_layouts module shares: fragment names for tensors built from several
-source tensors."""
+source tensors, and the q/k row order of rotate-half RoPE layouts."""
 
 from __future__ import annotations
 
@@ -42,3 +42,15 @@ class FragmentJoiner:
             raise WeightsError(f"{source} lacks part of {key} (has {len(parts)} of its "
                                "pieces, e.g. the q/k/v projections of one layer)")
 
+
+def rope_rows_to_interleaved(tensor: mx.array, num_heads: int, key: str, layout: str
+                             ) -> mx.array:
+    """Undo transformers' q/k row permutation: its RoPE rotates the two halves of each head
+    (rows i and i + head_dim/2 of a head), ours (traditional RoPE) adjacent rows (2i, 2i + 1).
+    `key` and `layout` name the tensor and its layout in the error for a wrong shape."""
+    rows, cols = tensor.shape[0], tensor.shape[-1]
+    if tensor.ndim != 2 or rows % (2 * num_heads):
+        raise WeightsError(f"tensor {key} of shape {tuple(tensor.shape)} does not hold "
+                           f"{num_heads} heads ({layout} layout)")
+    half = rows // num_heads // 2
+    return tensor.reshape(num_heads, 2, half, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
