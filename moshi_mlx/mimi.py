@@ -20,10 +20,11 @@ from moshi_mlx.cli.codes import load_codes, save_npy
 from moshi_mlx.cli.options import print_blas_hint
 from moshi_mlx.errors import MoshiError, cli_errors
 
-DEFAULT_WEIGHTS = "kyutai/moshiko-pytorch-bf16"
-
 
 def _parser() -> argparse.ArgumentParser:
+    from moshi_mlx.loading.families import files_of
+
+    default_weights = files_of("mimi").default_repo()
     parser = argparse.ArgumentParser(
         prog="python -m moshi_mlx.mimi", description="Encode audio to Mimi codes and back."
     )
@@ -37,9 +38,9 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("output", type=Path, help=dst)
         cmd.add_argument(
             "--weights",
-            default=DEFAULT_WEIGHTS,
-            help="Mimi checkpoint: a .safetensors file, a folder holding it, or a Hugging Face "
-            f"repo id (default {DEFAULT_WEIGHTS})",
+            default=default_weights,
+            help="Mimi checkpoint: a .safetensors file, a folder holding it (a weights_convert "
+            f"model folder too), or a Hugging Face repo id (default {default_weights})",
         )
         cmd.add_argument(
             "--codebooks",
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     print_blas_hint()
     from moshi_mlx.audio.io import read_audio, write_audio
+    from moshi_mlx.loading.resolve import resolve
     from moshi_mlx.models.mimi import load_mimi
 
     if args.codebooks is not None and not 1 <= args.codebooks <= 32:
@@ -63,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         pcm = read_audio(args.input)  # errors before the (slow) weight load
         if not args.output.parent.is_dir() and str(args.output.parent):
             raise MoshiError(f"{args.output}: folder does not exist")
-        mimi = load_mimi(args.weights, num_codebooks=args.codebooks or 8)
+        mimi = load_mimi(resolve("moshi_mlx.mimi", args.weights).weight,
+                         num_codebooks=args.codebooks or 8)
         codes = np.asarray(mimi.encode(pcm[None, None]))[0]
         save_npy(args.output, codes.astype(np.int32))
         seconds = len(pcm) / SAMPLE_RATE
@@ -78,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             codes = codes[: args.codebooks]
         if codes.shape[0] > 32:
             raise MoshiError(f"{args.input}: {codes.shape[0]} codebooks, Mimi has at most 32")
-        mimi = load_mimi(args.weights, num_codebooks=codes.shape[0])
+        mimi = load_mimi(resolve("moshi_mlx.mimi", args.weights).weight,
+                         num_codebooks=codes.shape[0])
         pcm = np.asarray(mimi.decode(codes[None]))[0, 0]
         write_audio(args.output, pcm)
         seconds = len(pcm) / SAMPLE_RATE

@@ -24,12 +24,13 @@ import numpy as np
 
 from moshi_mlx.errors import MoshiError, cli_errors
 
-DEFAULT_REPO = "sesame/csm-1b"
-DEFAULT_MIMI = "kyutai/moshiko-pytorch-bf16"
 FRAME_RATE = 12.5
 
 
 def _parser() -> argparse.ArgumentParser:
+    from moshi_mlx.loading.families import files_of
+
+    default_repo, default_mimi = files_of("csm").default_repo(), files_of("mimi").default_repo()
     p = argparse.ArgumentParser(prog="python -m moshi_mlx.tts",
                                 description="Speak text with Sesame CSM (MLX).")
     p.add_argument("text", help="what to say")
@@ -49,14 +50,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output-device", default=None, help="speaker for --play (see "
                    "python -m moshi_mlx.local --list-devices)")
     model = p.add_argument_group("model")
-    model.add_argument("--hf-repo", default=DEFAULT_REPO,
-                       help=f"Hugging Face repo of weights, config, tokenizer ({DEFAULT_REPO})")
+    model.add_argument("--hf-repo", default=None,
+                       help=f"Hugging Face repo of weights, config, tokenizer ({default_repo})")
     model.add_argument("--weights", default=None, help="CSM .safetensors file or folder")
     model.add_argument("--config", default=None, help="CSM config.json (default: beside "
                        "the weights)")
     model.add_argument("--tokenizer", default=None, help="tokenizer.json (file, folder or repo)")
-    model.add_argument("--mimi-weight", default=DEFAULT_MIMI,
-                       help=f"Mimi checkpoint: file, folder or repo ({DEFAULT_MIMI})")
+    model.add_argument("--mimi-weight", default=None,
+                       help="Mimi checkpoint: file, folder or repo (default: the model "
+                            f"folder's, else {default_mimi})")
     model.add_argument("-q", "--quantize", default=None, help="quantize on load: 4 or 8")
     gen = p.add_argument_group("generation")
     gen.add_argument("--speaker", default="0", help="speaker id (int, default 0)")
@@ -159,20 +161,22 @@ def _max_frames(args: argparse.Namespace) -> int | None:
     return None
 
 
-def _load(args: argparse.Namespace, quantize: int | None):
-    from moshi_mlx.loading.hub import TOKENIZER_JSON_NAME
+def _load(args: argparse.Namespace, quantize: int | None, needs_mimi: bool):
+    """CSM, its tokenizer and (when needed) its Mimi: the files through
+    moshi_mlx.loading.resolve (a weights_convert folder brings its own tokenizer and Mimi)."""
+    from moshi_mlx.loading.resolve import resolve
     from moshi_mlx.models.csm import load_csm
+    from moshi_mlx.models.mimi import load_mimi
     from moshi_mlx.speech.generate import load_tokenizer
 
-    weights = args.weights or args.hf_repo
-    model = load_csm(weights, config=args.config, quantize=quantize)
-    tokenizer_source = args.tokenizer
-    if tokenizer_source is None:
-        folder = Path(weights).expanduser()
-        folder = folder if folder.is_dir() else folder.parent
-        local = folder / TOKENIZER_JSON_NAME
-        tokenizer_source = local if args.weights and local.is_file() else args.hf_repo
-    return model, load_tokenizer(tokenizer_source)
+    files = resolve("moshi_mlx.tts", args.hf_repo, quantize=quantize, weights=args.weights,
+                    config=args.config, tokenizer=args.tokenizer, codec=args.mimi_weight,
+                    need_codec=needs_mimi)
+    model = load_csm(files.weight, config=files.config, quantize=quantize)
+    mimi = None
+    if needs_mimi:
+        mimi = load_mimi(files.codec, num_codebooks=model.cfg.num_codebooks)
+    return model, load_tokenizer(files.tokenizer), mimi
 
 
 def _watermarked(audio: np.ndarray, args: argparse.Namespace) -> np.ndarray:
@@ -225,12 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     context = _context(args, speaker)
     needs_mimi = args.output is not None or args.play or any(s.audio is not None
                                                               for s in context)
-    model, tokenizer = _load(args, quantize)
-    mimi = None
-    if needs_mimi:
-        from moshi_mlx.models.mimi import load_mimi
-
-        mimi = load_mimi(args.mimi_weight, num_codebooks=model.cfg.num_codebooks)
+    model, tokenizer, mimi = _load(args, quantize, needs_mimi)
     frames = stream_long_speech(model, tokenizer, args.text, speaker, context,
                                 args.temperature, args.top_k, max_frames, args.seed, mimi)
     if args.play:

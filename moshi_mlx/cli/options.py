@@ -1,15 +1,14 @@
 """What every command line shares: argument types and groups, the model-file options and how
-they resolve (through `moshi_mlx.loading.hub`), early checks, and the BLAS hint."""
+they resolve (through `moshi_mlx.loading.resolve`), early checks, and the BLAS hint."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from moshi_mlx.loading import hub
+if TYPE_CHECKING:
+    from moshi_mlx.loading.resolve import ResolvedFiles
 
 VOICES = ("moshiko", "moshika")
 DTYPE_CHOICES = ("auto", "bf16", "f32")
@@ -84,32 +83,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                    help="Mimi implementation (default: our MLX one)")
 
 
-@dataclass
-class ModelFiles:
-    moshi_weight: Path
-    mimi_weight: Path
-    tokenizer: Path
-    config: Path | None
-    quantize: int | None
+def resolve_model_files(args: argparse.Namespace) -> ResolvedFiles:
+    """The Moshi files the `add_model_args` options name (local paths, a folder or a hub repo,
+    through moshi_mlx.loading.resolve), checked from their header before anything is loaded."""
+    from moshi_mlx.loading.resolve import resolve
 
-
-def resolve_model_files(args: argparse.Namespace) -> ModelFiles:
-    """Find the Moshi files from the parsed options (local paths, a folder or a hub repo) and
-    check the weights against -q from their header, before anything is loaded."""
-    from moshi_mlx.loading.checkpoint import check_requested_bits, inspect_checkpoint
-
-    quantize = getattr(args, "quantize", None)
-    repo = args.hf_repo or hub.moshi_repo(getattr(args, "voice", "moshiko"), quantize)
-    moshi = hub.model_file(args.moshi_weight or repo, quantize)
-    mimi = hub.resolve_file(args.mimi_weight or repo, hub.MIMI_NAME)
-    tokenizer = hub.resolve_file(args.tokenizer or repo, hub.MOSHI_TOKENIZER_NAME)
-    config: Path | None = None
-    if args.config:
-        config = hub.resolve_file(args.config, hub.CONFIG_NAME)
-    elif not args.moshi_weight or args.hf_repo:
-        config = hub.optional_file(repo, hub.CONFIG_NAME)  # official repos work without one
-    check_requested_bits(inspect_checkpoint(moshi, config), quantize)
-    return ModelFiles(moshi, mimi, tokenizer, config, quantize)
+    return resolve("moshi_mlx.local", args.hf_repo, variant=getattr(args, "voice", None),
+                   quantize=getattr(args, "quantize", None), weights=args.moshi_weight,
+                   config=args.config, tokenizer=args.tokenizer, codec=args.mimi_weight)
 
 
 def build_engine(args: argparse.Namespace) -> Any:
@@ -118,8 +99,8 @@ def build_engine(args: argparse.Namespace) -> Any:
 
     files = resolve_model_files(args)
     engine = Engine.from_files(
-        files.moshi_weight,
-        files.mimi_weight,
+        files.weight,
+        files.codec,
         files.tokenizer,
         config=files.config,
         quantize=files.quantize,

@@ -103,10 +103,10 @@ class CsmConfig:
             raise WeightsError(f"{source} is a Moshi/STT LM config, not a CSM (Sesame) config")
         if "backbone_flavor" in data:
             return _from_sesame(data, source)
+        if "backbone" in data and "decoder" in data:  # before model_type: ours says csm too
+            return _from_ours(data, source)
         if data.get("model_type") == "csm" or "depth_decoder_config" in data:
             return _from_transformers(data, source)
-        if "backbone" in data and "decoder" in data:
-            return _from_ours(data, source)
         raise WeightsError(f"{source}: not a CSM config (no backbone_flavor, no model_type csm)")
 
     @classmethod
@@ -684,6 +684,15 @@ Model = Csm
 DESCRIPTION = "Sesame CSM"
 STORED_DTYPE = None  # Sesame's file is float32, transformers' bf16 or float32
 CONFIG_MARKERS = ("backbone_flavor", "depth_decoder_config", "backbone")
+# Its files and released repo (moshi_mlx.loading.families.FamilyFiles); Sesame's repos hold no
+# Mimi: Kyutai's released one is used unless the model's own folder has one.
+FILES = {"csm": dict(name="Sesame CSM", commands=("moshi_mlx.tts", "weights_convert"),
+                     repos={"csm-1b": {None: "sesame/csm-1b"}},
+                     layouts={"sesame": ("backbone.layers.",),
+                              "transformers": ("backbone_model.",),
+                              "mlx-audio": ("model.backbone.",)},
+                     tokenizer="huggingface", codec="mimi", codec_in_repos=False,
+                     needs_config=True)}
 
 
 def load_csm(weights: str | os.PathLike, config: CsmConfig | str | os.PathLike | None = None,

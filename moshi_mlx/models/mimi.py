@@ -61,6 +61,15 @@ class MimiConfig:
     def downsample_stride(self) -> int:
         return self.frame_size // self.seanet.hop_length
 
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> MimiConfig:
+        """From a transformers Mimi config.json, the one config file form Mimi has."""
+        return config_from_transformers(data, source)
+
+    @classmethod
+    def default(cls) -> MimiConfig:
+        return cls()
+
 
 class LayerScale(nn.Module):
     def __init__(self, dim: int) -> None:
@@ -497,6 +506,23 @@ _OTHER_LAYOUTS = (
 )
 
 
+# The family interface of `moshi_mlx.loading` (load_mimi reads the weights; never quantized).
+Config = MimiConfig
+Model = Mimi
+DESCRIPTION = "Mimi"
+STORED_DTYPE = None
+FILES = {"mimi": dict(name="Mimi", commands=("moshi_mlx.mimi",),
+                      repos={"mimi": {None: "kyutai/moshiko-pytorch-bf16"}},
+                      weights={None: "tokenizer-e351c8d8-checkpoint125.safetensors"},
+                      layouts={"official": ("encoder.model.", "quantizer.rvq_first."),
+                               "transformers": ("encoder.layers.", "encoder_transformer.layers.")},
+                      bundled_prefixes=(BUNDLED_PREFIX, STT_BUNDLED_PREFIX))}
+
+
+def quant_predicate(path: str, module: nn.Module) -> bool:
+    return False
+
+
 def _layout_hint(keys) -> str:
     for marker, what in _OTHER_LAYOUTS:
         if any(marker in key for key in keys):
@@ -517,6 +543,8 @@ def _mimi_config(config_path, source: str) -> tuple[MimiConfig | None, str]:
     key, prefix = _BUNDLING_CONFIGS.get(data.get("model_type"), (None, ""))
     if key is not None and isinstance(data.get(key), dict):
         return config_from_transformers(data[key], f"{config_path} {key}"), prefix
+    if isinstance(data.get("codec_config"), dict):  # CSM's, and weights_convert folders'
+        return config_from_transformers(data["codec_config"], f"{config_path} codec_config"), ""
     return None, ""
 
 
