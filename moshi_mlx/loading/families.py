@@ -168,5 +168,5 @@ def other_family_error(what: str, found: str, wanted: tuple[str, ...],
     none of `wanted` is: one line naming the command that takes it."""
     names = " or ".join(files_of(t).name for t in wanted)
     spec = files_of(found)
-    return WeightsError(f"{what} a {spec.name} {noun}, not a {names} one; use "
+    return WeightsError(f"{what} a {spec.name} {noun}, not a {names} {noun}; use "
                         f"python -m {spec.command}")

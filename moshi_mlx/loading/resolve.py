@@ -79,6 +79,7 @@ def resolve(command: str, source: PathLike | None = None, *, variant: str | None
         beside = weight_files[0].parent / hub.CONFIG_NAME
         config_path = beside if beside.is_file() else None
     if config_path is None and all(files_of(t).needs_config for t in accepted):
+        _refuse_other_family(weight_files, accepted)  # the config would not be the issue
         raise WeightsError(f"a {own.name} model needs its {hub.CONFIG_NAME}: there is none with "
                            f"{weight_files[0]}; pass --config")
     checkpoint = _checked(weight_files, config_path, accepted, quantize)
@@ -214,17 +215,27 @@ def _codec(spec: FamilyFiles, explicit: PathLike | None, names: dict[str, Any],
 
 def _resolve_mimi(spec: FamilyFiles, source: PathLike) -> ResolvedFiles:
     """Mimi's own file(s); a checkpoint of another family without a Mimi in it is refused."""
-    from moshi_mlx.loading.safetensors import CheckpointFiles
-
     files, config = hub.mimi_files(source)
-    names = list(CheckpointFiles.read(files).owner)
+    names = _tensor_names(files)
     inner = [n.split(".", 1)[1] if n.startswith(spec.bundled_prefixes) else n for n in names]
     if spec.layout_of(inner) is None:
-        found = model_type_of_tensors(names)
-        if found is not None and found != spec.model_type:
-            raise other_family_error(f"{_one_path(files)} is", found, (spec.model_type,),
-                                     "checkpoint")
+        _refuse_other_family(files, (spec.model_type,), names)
     return ResolvedFiles(spec.model_type, files, config)
+
+
+def _tensor_names(files: list[Path]) -> list[str]:
+    from moshi_mlx.loading.safetensors import CheckpointFiles
+
+    return list(CheckpointFiles.read(files).owner)
+
+
+def _refuse_other_family(files: list[Path], accepted: tuple[str, ...],
+                         names: list[str] | None = None) -> None:
+    """Weights whose tensor names show a family none of `accepted` is: one line naming the
+    command that takes them."""
+    found = model_type_of_tensors(_tensor_names(files) if names is None else names)
+    if found is not None and found not in accepted:
+        raise other_family_error(f"{_one_path(files).name} is", found, accepted, "checkpoint")
 
 
 def _one_path(files: list[Path]) -> Path:

@@ -231,7 +231,8 @@ def _from_ours(data: dict, source: str) -> CsmConfig:
         except TypeError as exc:
             raise WeightsError(f"{source}: {exc}") from None
 
-    rest = {k: int(v) for k, v in data.items() if k not in ("backbone", "decoder")}
+    rest = {k: int(v) for k, v in data.items() if k not in ("backbone", "decoder")
+            and k not in _METADATA_KEYS}
     return CsmConfig(llama(data["backbone"]), llama(data["decoder"]), **rest)
 
 
