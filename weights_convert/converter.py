@@ -1,12 +1,15 @@
 """Convert a checkpoint of any model family (Moshi, STT, CSM; any layout the loader reads)
-into a local MLX model folder.
+into a local MLX model folder that the family's commands load with nothing else given.
 
 The folder holds the weights in our layout (the official MLX one for the Kyutai models): bf16
 `model.safetensors`, or `model.q8.safetensors` / `model.q4.safetensors` quantized like the
-official MLX files; the text tokenizer and the Mimi weights when the source has them; a
-`config.json` (the source's config keys plus the quantization) and `manifest.json` (sha256 of
-the source and of every output file). Names, layouts and quantization come from
-`moshi_mlx.loading`: the converter runs the loader's own checks, sanitize and quantize.
+official MLX files; the text tokenizer and the Mimi weights when the source has them (a Mimi
+bundled in a transformers checkpoint is taken out into `mimi.safetensors`); a `config.json`
+(the source's config keys, the quantization, and the names of exactly the files the folder
+holds) and `manifest.json` (sha256 of the source and of every output file). Which files go with
+the weights comes from the loader's one resolution (`moshi_mlx.loading.resolve`); names,
+layouts and quantization from `moshi_mlx.loading`: the converter runs the loader's own checks,
+sanitize and quantize.
 
 Memory stays bounded: tensors are read, mapped, quantized and written one source tensor at a
 time. Every file is written under a hidden temporary name and renamed when complete;

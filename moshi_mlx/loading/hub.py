@@ -1,5 +1,7 @@
-"""Where model files are found: the one table of file names and the one file / folder / repo
-and `-q` policy, for every model family and every command.
+"""Where model files are found: the one table of the file names every family shares (a
+family's own, such as Moshi's tokenizer or Mimi's file, are in its declaration:
+moshi_mlx.loading.families.FamilyFiles) and the one file / folder / repo and `-q` policy, for
+every model family and every command (moshi_mlx.loading.resolve puts them together).
 
 A weights argument is a local file, a local model folder, or a Hugging Face repo id (through
 the huggingface_hub cache, so offline use works once a file is cached). When the hub cannot be

@@ -90,8 +90,7 @@ def resolve(command: str, source: PathLike | None = None, *, variant: str | None
     found_tokenizer = found_codec = None
     if need_tokenizer and spec.tokenizer is not None:
         name = names.get(hub.TOKENIZER_NAME_KEY) or spec.default_tokenizer_name()
-        found_tokenizer = _companion(tokenizer, name, places, repo, required, "--tokenizer",
-                                     f"text tokenizer ({hub.TOKENIZER_NAME_KEY})", config_path)
+        found_tokenizer = _tokenizer(tokenizer, name, places, repo, required, config_path)
     if need_codec and spec.codec is not None:
         found_codec = _codec(spec, codec, names, places, repo, checkpoint, required,
                              config_path)
@@ -168,25 +167,25 @@ def _local_places(weights: PathLike | None, home: PathLike | None) -> list[Path]
     return places
 
 
-def _companion(explicit: PathLike | None, name: str | None, places: list[Path],
-               repo: str | None, required: bool, option: str, what: str,
-               config: Path | None) -> Path | None:
-    """An explicit file (file, folder or repo), else `name` in the first place that has it."""
+def _tokenizer(explicit: PathLike | None, name: str | None, places: list[Path],
+               repo: str | None, required: bool, config: Path | None) -> Path | None:
+    """The text tokenizer: explicit (a file, folder or repo), else `name` in the first place
+    that has it."""
     if explicit is not None:
         return hub.resolve_file(explicit, name)
     if name is None:
         if not required:
             return None
         said = f"{config} names no" if config is not None else "no config.json names the"
-        raise WeightsError(f"{said} {what}: pass {option}")
+        raise WeightsError(f"{said} text tokenizer ({hub.TOKENIZER_NAME_KEY}): pass --tokenizer")
     for folder in places:
         if (folder / name).is_file():
             return folder / name
     if repo is not None:
         return hub.resolve_file(repo, name) if required else hub.optional_file(repo, name)
     if required:
-        raise WeightsError(f"{name} ({what}) is not in {', '.join(map(str, places))}: pass "
-                           f"{option}")
+        raise WeightsError(f"no text tokenizer {name} in {', '.join(map(str, places))}: pass "
+                           "--tokenizer")
     return None
 
 
@@ -210,7 +209,7 @@ def _codec(spec: FamilyFiles, explicit: PathLike | None, names: dict[str, Any],
     if not spec.codec_in_repos:  # Sesame's repos: Kyutai's released Mimi
         return _one_path(hub.mimi_files(codec_spec.default_repo())[0])
     where = ", ".join(map(str, places)) or str(config)
-    raise WeightsError(f"no {codec_spec.name} weights ({name}) in {where}: pass --mimi-weight")
+    raise WeightsError(f"no {codec_spec.name} weights {name} in {where}: pass --mimi-weight")
 
 
 def _resolve_mimi(spec: FamilyFiles, source: PathLike) -> ResolvedFiles:
