@@ -239,3 +239,38 @@ def test_a_csm_folder_written_by_an_earlier_converter_loads(tmp_path):
     assert load_csm(folder, dtype=mx.float32).cfg == ours
     with pytest.raises(WeightsError, match="missing depth_decoder_config"):
         CsmConfig.from_dict({"model_type": "csm"})
+
+
+def test_a_csm_checkpoint_bundling_its_mimi_speaks_through_it(transformers_stt, tmp_path):
+    """transformers' CSM file bundles Mimi under codec_model. (described by codec_config), as
+    the STT one does: tts decodes with it when no Mimi is given, and the converter keeps it."""
+    from csm_layouts import write_transformers_csm
+
+    from moshi_mlx import tts
+    from moshi_mlx.models.mimi import load_mimi
+    from weights_convert import convert
+
+    source = write_transformers_csm(tmp_path / "source")
+    tensors = dict(mx.load(str(source / "model.safetensors")))
+    tensors.update((name, value) for name, value in
+                   mx.load(str(transformers_stt / "model.safetensors")).items()
+                   if name.startswith("codec_model."))
+    mx.save_safetensors(str(source / "model.safetensors"), tensors)
+    config = json.loads((source / "config.json").read_text())
+    config["codec_config"] = json.loads((transformers_stt / "config.json").read_text())[
+        "codec_config"]
+    (source / "config.json").write_text(json.dumps(config))
+    convert(tmp_path / "folder", hf_repo=str(source))
+    assert json.loads((tmp_path / "folder" / "config.json").read_text())["mimi_name"] == \
+        "mimi.safetensors"
+
+    mimi = load_mimi(transformers_stt, num_codebooks=32)
+    for weights in (source, tmp_path / "folder"):
+        out, codes = tmp_path / f"{weights.name}.wav", tmp_path / f"{weights.name}.npy"
+        assert tts.main(["Hello.", "--weights", str(weights), "-o", str(out), "--codes-out",
+                         str(codes), "--temperature", "0", "--max-frames", "2",
+                         "--no-watermark"]) == 0
+        pcm, _ = soundfile.read(str(out), dtype="float32")
+        assert pcm.shape == (2 * FRAME,) and np.abs(pcm).max() > 0
+        expected = np.asarray(mimi.decode(mx.array(np.load(codes))[None]))[0, 0]
+        np.testing.assert_allclose(pcm, expected, atol=1e-5)

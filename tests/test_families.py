@@ -188,3 +188,21 @@ def test_stt_files_come_from_the_names_its_config_gives(tmp_path):
         "stt", folder / "config.json", folder / "text.model", folder / "codec.safetensors")
     assert files.checkpoint.config.n_q == 32 and np.isclose(
         files.checkpoint.config.stt_config.audio_delay_seconds, 0.5)
+
+
+def test_csm_without_a_mimi_of_its_own_speaks_through_the_released_one(monkeypatch, tmp_path):
+    import moshi_mlx.loading.hub
+
+    fetched = []
+
+    def fake_download(repo: str, filename: str) -> Path:
+        fetched.append((repo, filename))
+        (tmp_path / filename).write_bytes(b"")
+        return tmp_path / filename
+
+    monkeypatch.setattr(moshi_mlx.loading.hub, "_hub_download", fake_download)
+    files = resolve("moshi_mlx.tts", weights=CSM / "sesame", tokenizer=CSM / "tokenizer.json")
+    assert fetched == [(files_of("mimi").default_repo(), files_of("mimi").weights[None])]
+    assert files.codec == tmp_path / files_of("mimi").weights[None]
+    assert files.weight == CSM / "sesame" / "model.safetensors"
+    assert files.config == CSM / "sesame" / "config.json"

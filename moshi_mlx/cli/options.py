@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from moshi_mlx.loading.resolve import ResolvedFiles
 
-VOICES = ("moshiko", "moshika")
 DTYPE_CHOICES = ("auto", "bf16", "f32")
 
 
@@ -62,12 +61,15 @@ def print_blas_hint() -> None:
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """Options that choose and load the Moshi model (terminal and web front ends)."""
+    from moshi_mlx.loading.families import files_of
+
     g = parser.add_argument_group("model")
     add_quantize_arg(g, "quantized weights: 4 or 8 bits (default: bf16)")
     g.add_argument("--hf-repo", default=None,
                    help="Hugging Face repo id or local folder holding the model files "
                         "(default: the official kyutai/<voice>-mlx-<q4|q8|bf16> repo)")
-    g.add_argument("--voice", choices=VOICES, default="moshiko",
+    voices = tuple(files_of("moshi").repos)  # the released ones: moshiko, moshika
+    g.add_argument("--voice", choices=voices, default=voices[0],
                    help="which released voice to use when --hf-repo is not given")
     g.add_argument("--moshi-weight", default=None, help="Moshi weight file (path or repo name)")
     g.add_argument("--mimi-weight", default=None, help="Mimi weight file")
