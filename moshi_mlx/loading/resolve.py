@@ -18,9 +18,9 @@ before anything is loaded; a checkpoint of another family is one line naming its
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moshi_mlx.errors import WeightsError
 from moshi_mlx.loading import hub
@@ -33,6 +33,9 @@ from moshi_mlx.loading.families import (
     other_family_error,
 )
 
+if TYPE_CHECKING:
+    from moshi_mlx.loading.checkpoint import Checkpoint
+
 PathLike = str | os.PathLike
 
 
@@ -44,7 +47,7 @@ class ResolvedFiles:
     tokenizer: Path | None = None
     codec: Path | None = None  # Mimi's file (or the folder of a sharded one)
     quantize: int | None = None
-    checkpoint: Any = None  # the header-checked moshi_mlx.loading.checkpoint.Checkpoint
+    checkpoint: Checkpoint | None = field(default=None, repr=False)  # header-checked
 
     @property
     def weight(self) -> Path:
@@ -143,7 +146,7 @@ def _weight_files(explicit: PathLike | None, home: PathLike | None, quantize: in
 
 
 def _checked(weights: list[Path], config: Path | None, accepted: tuple[str, ...],
-             quantize: int | None):
+             quantize: int | None) -> Checkpoint:
     from moshi_mlx.loading import checkpoint as checks  # its functions, looked up per call
 
     found = checks.inspect_checkpoint(weights, config, model_types=accepted)
@@ -190,7 +193,7 @@ def _tokenizer(explicit: PathLike | None, name: str | None, places: list[Path],
 
 
 def _codec(spec: FamilyFiles, explicit: PathLike | None, names: dict[str, Any],
-           places: list[Path], repo: str | None, checkpoint, required: bool,
+           places: list[Path], repo: str | None, checkpoint: Checkpoint, required: bool,
            config: Path | None) -> Path | None:
     codec_spec = files_of(spec.codec)
     if explicit is not None:
