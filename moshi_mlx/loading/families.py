@@ -16,6 +16,7 @@ from types import ModuleType
 from typing import Any, Protocol, runtime_checkable
 
 from moshi_mlx.errors import WeightsError
+from moshi_mlx.loading import hub
 
 FAMILIES: dict[str, str] = {
     "moshi": "moshi_mlx.models.lm",
@@ -116,15 +117,11 @@ class FamilyFiles:
 
     def default_tokenizer_name(self) -> str | None:
         if self.tokenizer_name is None and self.tokenizer == HUGGINGFACE:
-            from moshi_mlx.loading.hub import TOKENIZER_JSON_NAME
-
-            return TOKENIZER_JSON_NAME
+            return hub.TOKENIZER_JSON_NAME
         return self.tokenizer_name
 
     def weight_names(self) -> Mapping[int | None, str]:
-        from moshi_mlx.loading.hub import MODEL_FILES
-
-        return self.weights or MODEL_FILES
+        return self.weights or hub.MODEL_FILES
 
     def layout_of(self, tensor_names: Any) -> str | None:
         """The layout whose marker prefixes the names have, or None."""

@@ -95,8 +95,7 @@ def resolve(command: str, source: PathLike | None = None, *, variant: str | None
         name = names.get(hub.TOKENIZER_NAME_KEY) or spec.default_tokenizer_name()
         found_tokenizer = _tokenizer(tokenizer, name, places, repo, required, config_path)
     if need_codec and spec.codec is not None:
-        found_codec = _codec(spec, codec, names, places, repo, checkpoint, required,
-                             config_path)
+        found_codec = _codec(spec, codec, names, places, repo, checkpoint, required)
     return ResolvedFiles(checkpoint.model_type, weight_files, config_path, found_tokenizer,
                          found_codec, quantize, checkpoint)
 
@@ -193,8 +192,11 @@ def _tokenizer(explicit: PathLike | None, name: str | None, places: list[Path],
 
 
 def _codec(spec: FamilyFiles, explicit: PathLike | None, names: dict[str, Any],
-           places: list[Path], repo: str | None, checkpoint: Checkpoint, required: bool,
-           config: Path | None) -> Path | None:
+           places: list[Path], repo: str | None, checkpoint: Checkpoint,
+           required: bool) -> Path | None:
+    """The codec: explicit, else the file the config names (or the codec family's own name)
+    in a local place, else the one bundled in the checkpoint, else from the source repo (when
+    its repos hold one or its config names one), else the codec family's released repo."""
     codec_spec = files_of(spec.codec)
     if explicit is not None:
         return _one_path(hub.mimi_files(explicit)[0])
@@ -211,7 +213,7 @@ def _codec(spec: FamilyFiles, explicit: PathLike | None, names: dict[str, Any],
         return None
     if not spec.codec_in_repos:  # Sesame's repos: Kyutai's released Mimi
         return _one_path(hub.mimi_files(codec_spec.default_repo())[0])
-    where = ", ".join(map(str, places)) or str(config)
+    where = ", ".join(map(str, places)) or "the model's files"
     raise WeightsError(f"no {codec_spec.name} weights {name} in {where}: pass --mimi-weight")
 
 
