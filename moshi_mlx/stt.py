@@ -20,12 +20,16 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from moshi_mlx.cli.codes import load_codes
 from moshi_mlx.cli.options import add_compute_args, add_quantize_arg, print_blas_hint, seed
 from moshi_mlx.errors import MoshiError, WeightsError, cli_errors
+
+if TYPE_CHECKING:
+    from moshi_mlx.loading.resolve import ResolvedFiles
 
 FORMATS = ("text", "json", "srt", "vtt")
 
@@ -77,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- files
 
 
-def resolve_stt_files(args: argparse.Namespace, need_mimi: bool):
+def resolve_stt_files(args: argparse.Namespace, need_mimi: bool) -> ResolvedFiles:
     """The STT files the options name, through moshi_mlx.loading.resolve (a checkpoint of
     another family is refused there). Kyutai's STT repos hold bf16 weights only: -q then
     quantizes them on load."""
@@ -236,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _load(args: argparse.Namespace, files):
+def _load(args: argparse.Namespace, files: ResolvedFiles):
     import sentencepiece
 
     from moshi_mlx.models.lm import load_lm
