@@ -57,8 +57,8 @@ def _parser() -> argparse.ArgumentParser:
                        "the weights)")
     model.add_argument("--tokenizer", default=None, help="tokenizer.json (file, folder or repo)")
     model.add_argument("--mimi-weight", default=None,
-                       help="Mimi checkpoint: file, folder or repo (default: the model "
-                            f"folder's, else {default_mimi})")
+                       help="Mimi checkpoint: file, folder or repo (default: the model's "
+                            f"own, in its folder or bundled in its file, else {default_mimi})")
     model.add_argument("-q", "--quantize", default=None, help="quantize on load: 4 or 8")
     gen = p.add_argument_group("generation")
     gen.add_argument("--speaker", default="0", help="speaker id (int, default 0)")

@@ -2,18 +2,12 @@
 
     config.json (model_type) -> model -> sanitize (any official layout) -> quantize -> load (strict)
 
-A family is a module in `moshi_mlx.models` that defines `Config` (a dataclass with
-`from_dict(data, source)` and `default()`), `Model` (built from a Config; its parameter names
-are the layout we load), `sanitize(weights, config)` (any supported layout -> our names, lazily,
-tensor by tensor), `quant_predicate(path, module)` (which modules -q quantizes),
-`DESCRIPTION` (for messages; or `describe(config)`) and `STORED_DTYPE` (the safetensors float
-dtype its checkpoints must use, or None for any float); optionally `fit_config(config,
-tensors)` (the config fitted to optional parts a checkpoint may or may not have),
-`complete_config(data, path)` (config.json data completed from files beside it) and
-`CONFIG_MARKERS` (keys that identify its config.json when `model_type` is absent).
+A family is a module in `moshi_mlx.models` that satisfies the Protocol
+`moshi_mlx.loading.families.ModelFamily` (Config, Model, sanitize, quant_predicate, ...).
 
 Checks run on the header alone (names, dtypes and shapes against the model's own parameters,
-quantization) before any tensor data is read, so a wrong file or `-q` fails at once.
+quantization) before any tensor data is read, so a wrong file or `-q` fails at once, and a
+checkpoint of a family the caller does not take is one line naming the command that does.
 """
 
 from __future__ import annotations
