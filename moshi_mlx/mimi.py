@@ -21,10 +21,11 @@ from moshi_mlx.cli.options import command_prog, print_blas_hint
 from moshi_mlx.cli.outputs import output_file
 from moshi_mlx.errors import MoshiError, cli_errors
 
-DEFAULT_WEIGHTS = "kyutai/moshiko-pytorch-bf16"
-
 
 def build_parser() -> argparse.ArgumentParser:
+    from moshi_mlx.loading.families import files_of
+
+    default_weights = files_of("mimi").default_repo()
     parser = argparse.ArgumentParser(
         prog=command_prog("moshi_mlx.mimi", "moshi-mimi"),
         description="Encode audio to Mimi codes and back.",
@@ -41,9 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("output", help=dst)
         cmd.add_argument(
             "--weights",
-            default=DEFAULT_WEIGHTS,
-            help="Mimi checkpoint: a .safetensors file, a folder holding it, or a Hugging Face "
-            f"repo id (default {DEFAULT_WEIGHTS})",
+            default=default_weights,
+            help="Mimi checkpoint: a .safetensors file, a folder holding it (a weights_convert "
+            f"model folder too), or a Hugging Face repo id (default {default_weights})",
         )
         cmd.add_argument(
             "--codebooks",
@@ -60,13 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     print_blas_hint()
     from moshi_mlx.audio.io import read_audio, write_audio
     from moshi_mlx.loading.models import load_mimi
+    from moshi_mlx.loading.resolve import resolve
 
     if args.codebooks is not None and not 1 <= args.codebooks <= 32:
         raise MoshiError(f"--codebooks must be 1..32, got {args.codebooks}")
     if args.command == "encode":
         pcm = read_audio(args.input)  # errors before the (slow) weight load
         output = output_file(args.output, f"{args.input.stem}.npy")
-        mimi = load_mimi(args.weights, num_codebooks=args.codebooks or 8)
+        mimi = load_mimi(resolve("moshi_mlx.mimi", args.weights).weight,
+                         num_codebooks=args.codebooks or 8)
         codes = np.asarray(mimi.encode(pcm[None, None]))[0]
         save_npy(output, codes.astype(np.int32))
         seconds = len(pcm) / SAMPLE_RATE
@@ -82,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         if codes.shape[0] > 32:
             raise MoshiError(f"{args.input}: {codes.shape[0]} codebooks, Mimi has at most 32")
         output = output_file(args.output, f"{args.input.stem}.wav")
-        mimi = load_mimi(args.weights, num_codebooks=codes.shape[0])
+        mimi = load_mimi(resolve("moshi_mlx.mimi", args.weights).weight,
+                         num_codebooks=codes.shape[0])
         pcm = np.asarray(mimi.decode(codes[None]))[0, 0]
         write_audio(output, pcm)
         seconds = len(pcm) / SAMPLE_RATE

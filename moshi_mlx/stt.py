@@ -19,9 +19,8 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -39,11 +38,16 @@ from moshi_mlx.cli.options import (
 from moshi_mlx.cli.outputs import names_folder, output_file, output_folder
 from moshi_mlx.errors import MoshiError, WeightsError, cli_errors
 
-MODEL_REPOS = {"1b": "kyutai/stt-1b-en_fr-mlx", "2.6b": "kyutai/stt-2.6b-en-mlx"}
+if TYPE_CHECKING:
+    from moshi_mlx.loading.resolve import ResolvedFiles
+
 FORMATS = ("text", "json", "srt", "vtt")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from moshi_mlx.loading.families import files_of
+
+    releases = files_of("stt")
     parser = argparse.ArgumentParser(
         prog=command_prog("moshi_mlx.stt", "moshi-stt"),
         description="Transcribe speech with Kyutai STT (streaming, word timestamps, end of turn).")
@@ -61,10 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --mic: stop after this many seconds of audio")
     add_list_devices_arg(parser)
     g = parser.add_argument_group("model")
-    g.add_argument("--model", choices=sorted(MODEL_REPOS), default="1b",
+    g.add_argument("--model", choices=sorted(releases.repos), default="1b",
                    help="released model when --hf-repo is not given (default 1b)")
     g.add_argument("--hf-repo", default=None,
-                   help=f"Hugging Face repo id or local folder (default {MODEL_REPOS['1b']})")
+                   help=f"Hugging Face repo id or local folder (default {releases.default_repo()})")
     g.add_argument("--moshi-weight", default=None, help="STT LM weights (either layout)")
     g.add_argument("--config", default=None, help="the model's config.json")
     g.add_argument("--mimi-weight", default=None, help="Mimi weights")
@@ -87,85 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- files
 
 
-@dataclass
-class SttFiles:
-    weights: Path
-    config: Path
-    tokenizer: Path
-    mimi: Path | None
+def resolve_stt_files(args: argparse.Namespace, need_mimi: bool) -> ResolvedFiles:
+    """The STT files the options name, through moshi_mlx.loading.resolve (a checkpoint of
+    another family is refused there). Kyutai's STT repos hold bf16 weights only: -q then
+    quantizes them on load."""
+    from moshi_mlx.loading.resolve import resolve
 
-
-def resolve_stt_files(args: argparse.Namespace, need_mimi: bool) -> SttFiles:
-    """The files from the options, through the hub's one file / folder / repo / -q policy.
-    Kyutai's STT repos hold bf16 weights only: -q then quantizes them on load."""
-    from moshi_mlx.loading.config import read_config_json
-    from moshi_mlx.loading.hub import (
-        CONFIG_NAME,
-        MODEL_FILES,
-        model_file,
-        optional_file,
-        resolve_file,
-    )
-    from moshi_mlx.models.lm_layouts import (
-        TRANSFORMERS_STT_MODEL_TYPE,
-        TRANSFORMERS_STT_PREPROCESSOR,
-    )
-
-    repo = args.hf_repo or MODEL_REPOS[args.model]
-    if args.config:
-        config = resolve_file(args.config, CONFIG_NAME)
-    elif args.moshi_weight and not args.hf_repo:
-        beside = Path(args.moshi_weight).expanduser().parent / CONFIG_NAME
-        if not beside.is_file():
-            raise WeightsError("an STT model needs its config.json: pass --config")
-        config = beside
-    else:
-        config = resolve_file(repo, CONFIG_NAME)
-    names = read_config_json(config)
-    # A transformers checkpoint (kyutai/stt-*-trfs) bundles its Mimi, and keeps its stt_config
-    # in preprocessor_config.json, which the config mapping reads beside config.json.
-    bundled_mimi = names.get("model_type") == TRANSFORMERS_STT_MODEL_TYPE
-    if bundled_mimi and not args.config and not (args.moshi_weight and not args.hf_repo):
-        optional_file(repo, TRANSFORMERS_STT_PREPROCESSOR)
-    if args.moshi_weight:
-        weights = model_file(args.moshi_weight, args.quantize)
-    elif Path(repo).expanduser().is_dir():
-        weights = model_file(repo, args.quantize)
-    else:  # the official repos: the file their config names (bf16)
-        weights = resolve_file(repo, names.get("moshi_name") or MODEL_FILES[None])
-    tokenizer = resolve_file(args.tokenizer or repo, _named(names, "tokenizer_name",
-                                                            args.tokenizer, config))
-    mimi = None
-    if need_mimi and bundled_mimi and not args.mimi_weight:
-        mimi = weights
-    elif need_mimi:
-        mimi = resolve_file(args.mimi_weight or repo,
-                            _named(names, "mimi_name", args.mimi_weight, config))
-    return SttFiles(weights, config, tokenizer, mimi)
-
-
-def _named(names: dict[str, Any], key: str, given: str | None, config: Path) -> str | None:
-    """The file name config.json gives for `key`; needed only when no path was given."""
-    name = names.get(key)
-    if name is None and given is None:
-        option = "--tokenizer" if key == "tokenizer_name" else "--mimi-weight"
-        raise WeightsError(f"{config} names no {key}: pass {option}")
-    return name
-
-
-def check_is_stt(files: SttFiles) -> None:
-    """One clear line for a Moshi (speech-to-speech) checkpoint or config given as STT."""
-    from moshi_mlx.loading.models import read_lm_config
-    from moshi_mlx.loading.safetensors import read_safetensors_header
-
-    cfg = read_lm_config(files.config)
-    if not cfg.is_stt:
-        raise MoshiError(f"{files.config} describes a Moshi model (dep_q {cfg.dep_q}), not a "
-                         "speech-to-text one; use python -m moshi_mlx.local for Moshi")
-    keys = read_safetensors_header(files.weights).tensors
-    if any(k.startswith(("depformer", "linears.")) for k in keys):
-        raise MoshiError(f"{files.weights.name} is a Moshi checkpoint (it has a depformer), not "
-                         "a speech-to-text model")
+    return resolve("moshi_mlx.stt", args.hf_repo, variant=args.model, quantize=args.quantize,
+                   weights=args.moshi_weight, config=args.config, tokenizer=args.tokenizer,
+                   codec=args.mimi_weight, need_codec=need_mimi)
 
 
 def load_stt_codes(path: Path, n_q: int) -> np.ndarray:
@@ -298,7 +232,6 @@ def main(argv: list[str] | None = None) -> int:
         _check_input(args.input_device)
     outputs = _outputs(args, names)
     files = resolve_stt_files(args, need_mimi=args.codes is None)
-    check_is_stt(files)
     transcriber = _load(args, files)
     print_blas_hint()
     if args.codes is not None:
@@ -318,20 +251,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _load(args: argparse.Namespace, files: SttFiles):
+def _load(args: argparse.Namespace, files: ResolvedFiles):
     from moshi_mlx.loading.models import load_lm, load_mimi
     from moshi_mlx.loading.text_tokenizer import load_sentencepiece
     from moshi_mlx.transcription.transcriber import Transcriber
 
     model = ModelOptions.from_args(args)
     sampling = SamplingOptions.from_args(args)
-    lm = load_lm(files.weights, config=files.config, vad_weights=args.vad_weights,
+    lm = load_lm(files.weight, config=files.config, vad_weights=args.vad_weights,
                  **model.load_kwargs())
     tokenizer = load_sentencepiece(files.tokenizer)
     if tokenizer.get_piece_size() < lm.cfg.text_card:
         raise WeightsError(f"{files.tokenizer} has {tokenizer.get_piece_size()} pieces, the "
                            f"model {lm.cfg.text_card}: not this model's tokenizer")
-    mimi = None if files.mimi is None else load_mimi(files.mimi, num_codebooks=lm.cfg.n_q)
+    mimi = None if files.codec is None else load_mimi(files.codec, num_codebooks=lm.cfg.n_q)
     if not lm.extra_heads:
         print("note: these weights have no VAD heads: no end of turn (--vad-weights adds them)",
               file=sys.stderr)

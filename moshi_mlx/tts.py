@@ -35,13 +35,14 @@ from moshi_mlx.cli.options import (
 from moshi_mlx.cli.outputs import output_file
 from moshi_mlx.errors import MoshiError, cli_errors
 
-DEFAULT_REPO = "sesame/csm-1b"
-DEFAULT_MIMI = "kyutai/moshiko-pytorch-bf16"
 FRAME_RATE = 12.5
 OUTPUT_NAME = "speech"  # the file name -o / --codes-out give inside a folder
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from moshi_mlx.loading.families import files_of
+
+    default_repo, default_mimi = files_of("csm").default_repo(), files_of("mimi").default_repo()
     p = argparse.ArgumentParser(prog=command_prog("moshi_mlx.tts", "moshi-tts"),
                                 description="Speak text with Sesame CSM (MLX).")
     p.add_argument("text", nargs="?", help="what to say")
@@ -65,14 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="speaker for --play: index or name (see --list-devices)")
     add_list_devices_arg(p)
     model = p.add_argument_group("model")
-    model.add_argument("--hf-repo", default=DEFAULT_REPO,
-                       help=f"Hugging Face repo of weights, config, tokenizer ({DEFAULT_REPO})")
+    model.add_argument("--hf-repo", default=None,
+                       help=f"Hugging Face repo of weights, config, tokenizer ({default_repo})")
     model.add_argument("--weights", default=None, help="CSM .safetensors file or folder")
     model.add_argument("--config", default=None, help="CSM config.json (default: beside "
                        "the weights)")
     model.add_argument("--tokenizer", default=None, help="tokenizer.json (file, folder or repo)")
-    model.add_argument("--mimi-weight", default=DEFAULT_MIMI,
-                       help=f"Mimi checkpoint: file, folder or repo ({DEFAULT_MIMI})")
+    model.add_argument("--mimi-weight", default=None,
+                       help="Mimi checkpoint: file, folder or repo (default: the model's "
+                            f"own, in its folder or bundled in its file, else {default_mimi})")
     add_run_args(model, "quantize on load: 4 or 8 bits")
     gen = p.add_argument_group("generation")
     gen.add_argument("--speaker", default="0", help="speaker id (int, default 0)")
@@ -161,20 +163,21 @@ def _max_frames(args: argparse.Namespace) -> int | None:
     return None
 
 
-def _load(args: argparse.Namespace, options: ModelOptions):
-    from moshi_mlx.loading.hub import TOKENIZER_JSON_NAME
-    from moshi_mlx.loading.models import load_csm
+def _load(args: argparse.Namespace, options: ModelOptions, needs_mimi: bool):
+    """CSM, its tokenizer and (when needed) its Mimi: the files through
+    moshi_mlx.loading.resolve (a weights_convert folder brings its own tokenizer and Mimi)."""
+    from moshi_mlx.loading.models import load_csm, load_mimi
+    from moshi_mlx.loading.resolve import resolve
     from moshi_mlx.speech.generate import load_tokenizer
 
-    weights = args.weights or args.hf_repo
-    model = load_csm(weights, config=args.config, **options.load_kwargs())
-    tokenizer_source = args.tokenizer
-    if tokenizer_source is None:
-        folder = Path(weights).expanduser()
-        folder = folder if folder.is_dir() else folder.parent
-        local = folder / TOKENIZER_JSON_NAME
-        tokenizer_source = local if args.weights and local.is_file() else args.hf_repo
-    return model, load_tokenizer(tokenizer_source)
+    files = resolve("moshi_mlx.tts", args.hf_repo, quantize=options.quantize,
+                    weights=args.weights, config=args.config, tokenizer=args.tokenizer,
+                    codec=args.mimi_weight, need_codec=needs_mimi)
+    model = load_csm(files.weight, config=files.config, **options.load_kwargs())
+    mimi = None
+    if needs_mimi:
+        mimi = load_mimi(files.codec, num_codebooks=model.cfg.num_codebooks)
+    return model, load_tokenizer(files.tokenizer), mimi
 
 
 def _watermarked(audio: np.ndarray, args: argparse.Namespace) -> np.ndarray:
@@ -233,12 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     context = _context(args, speaker)
     needs_mimi = args.output is not None or args.play or any(s.audio is not None
                                                               for s in context)
-    model, tokenizer = _load(args, options)
-    mimi = None
-    if needs_mimi:
-        from moshi_mlx.loading.models import load_mimi
-
-        mimi = load_mimi(args.mimi_weight, num_codebooks=model.cfg.num_codebooks)
+    model, tokenizer, mimi = _load(args, options, needs_mimi)
     print_blas_hint()
     frames = stream_long_speech(model, tokenizer, args.text, speaker, context,
                                 sampling.temp, sampling.top_k, max_frames, options.seed, mimi)

@@ -9,7 +9,6 @@ in numpy) and proves every tensor bit-identical to the original's sha256 manifes
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -17,9 +16,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from csm_layouts import write_mlx_audio_csm, write_transformers_csm
 from mlx.utils import tree_flatten
-from references import assert_matches_manifest
-from transformers_layout import half_split_rope_rows
 
 from moshi_mlx.errors import MoshiError, WeightsError
 from moshi_mlx.loading.models import load_csm, read_csm_config
@@ -58,57 +56,15 @@ def context_for(prompt: str, golden) -> list[Segment]:
     return [Segment(1, CONTEXT_TEXT, codes=golden["context_codes"])] if prompt == "b" else []
 
 
-def _hf_from_sesame(sesame: dict[str, np.ndarray], flavors: dict) -> dict[str, np.ndarray]:
-    """convert_csm.py's mapping as documented in the fixtures' research notes."""
-    heads = {"backbone": flavors["fixture-backbone"], "decoder": flavors["fixture-decoder"]}
-    renames = [
-        (r"^backbone\.layers\.", "backbone_model.layers."),
-        (r"^decoder\.layers\.", "depth_decoder.model.layers."),
-        (r"\.attn\.output_proj\.", ".self_attn.o_proj."),
-        (r"\.attn\.", ".self_attn."),
-        (r"\.mlp\.w1\.", ".mlp.gate_proj."),
-        (r"\.mlp\.w2\.", ".mlp.down_proj."),
-        (r"\.mlp\.w3\.", ".mlp.up_proj."),
-        (r"\.sa_norm\.scale$", ".input_layernorm.weight"),
-        (r"\.mlp_norm\.scale$", ".post_attention_layernorm.weight"),
-        (r"^backbone\.norm\.scale$", "backbone_model.norm.weight"),
-        (r"^decoder\.norm\.scale$", "depth_decoder.model.norm.weight"),
-        (r"^text_embeddings\.", "embed_text_tokens."),
-        (r"^audio_embeddings\.", "depth_decoder.model.embed_tokens."),
-        (r"^codebook0_head\.", "lm_head."),
-        (r"^audio_head$", "depth_decoder.codebooks_head.weight"),
-        (r"^projection\.", "depth_decoder.model.inputs_embeds_projector."),
-    ]
-    out = {}
-    for key, value in sesame.items():
-        name = key
-        for pattern, repl in renames:
-            name = re.sub(pattern, repl, name)
-        part = key.split(".")[0]
-        if key.endswith(("attn.q_proj.weight", "attn.k_proj.weight")):
-            kw = heads[part]
-            value = half_split_rope_rows(
-                value, kw["num_heads"] if ".q_proj" in key else kw["num_kv_heads"])
-        out[name] = np.ascontiguousarray(value)
-    return out
-
-
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory) -> Path:
     from safetensors.numpy import load_file, save_file
 
-    folder = tmp_path_factory.mktemp("csm_hf")
-    flavors = json.loads((CSM / "sesame" / "flavors.json").read_text())
-    tensors = _hf_from_sesame(load_file(CSM / "sesame" / "model.safetensors"), flavors)
-    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    manifest = json.loads((CSM / "hf_model.manifest.json").read_text())["tensors"]
-    assert_matches_manifest(folder / "model.safetensors", manifest,
-                            "derived transformers tensors against the original file")
+    folder = write_transformers_csm(tmp_path_factory.mktemp("csm_hf"))
     # The real file bundles its codec: a loader must skip those tensors.
+    tensors = load_file(folder / "model.safetensors")
     tensors["codec_model.encoder.layers.0.conv.weight"] = np.ones((4, 1, 7), np.float32)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    shutil.copy(CSM / "hf" / "config.json", folder / "config.json")
-    shutil.copy(CSM / "hf" / "tokenizer.json", folder / "tokenizer.json")
     return folder
 
 
@@ -194,7 +150,7 @@ def test_sanitize_rejects_other_checkpoints():
 def test_a_moshi_checkpoint_is_not_loaded_as_csm(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"dim": 64, "text_card": 10, "dep_q": 8}))
     mx.save_safetensors(str(tmp_path / "model.safetensors"), {"x": mx.zeros((1,))})
-    with pytest.raises(WeightsError, match="Moshi/STT LM config"):
+    with pytest.raises(WeightsError, match="describes a Moshi model.*python -m moshi_mlx.local"):
         load_csm(tmp_path)
 
 
@@ -526,35 +482,8 @@ def test_dropping_the_model_frees_it_without_a_garbage_collection(tokenizer, com
         gc.enable()
 
 
-def _mlx_audio_from_sesame(sesame: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """mlx-audio's layout (mlx-community/csm-1b) of the Sesame tensors, as its sanitize names
-    them (tools/derive_mlx_audio_csm.py recorded what mlx-audio itself holds)."""
-    renames = [(r"\.attn\.output_proj\.", ".self_attn.o_proj."), (r"\.attn\.", ".self_attn."),
-               (r"\.mlp\.w1\.", ".mlp.gate_proj."), (r"\.mlp\.w2\.", ".mlp.down_proj."),
-               (r"\.mlp\.w3\.", ".mlp.up_proj."), (r"\.sa_norm\.scale$", ".input_layernorm.weight"),
-               (r"\.mlp_norm\.scale$", ".post_attention_layernorm.weight"),
-               (r"^(backbone|decoder)\.norm\.scale$", r"\1.norm.weight"), (r"^", "model.")]
-    out = {}
-    for key, value in sesame.items():
-        for pattern, repl in renames:
-            key = re.sub(pattern, repl, key)
-        out[key] = value
-    return out
-
-
 def test_mlx_audio_layout_loads_as_the_sesame_model(tokenizer, golden, tmp_path):
-    from safetensors.numpy import load_file, save_file
-
-    folder = tmp_path / "mlx-community-csm"
-    folder.mkdir()
-    save_file(_mlx_audio_from_sesame(load_file(CSM / "sesame" / "model.safetensors")),
-              folder / "model.safetensors")
-    manifest = json.loads((CSM / "mlx_audio_model.manifest.json").read_text())["tensors"]
-    assert_matches_manifest(folder / "model.safetensors", manifest,
-                            "derived mlx-audio tensors against mlx-audio's own")
-    config = json.loads((CSM / "sesame" / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "model_type": "sesame"}))
-    shutil.copy(CSM / "sesame" / "flavors.json", folder / "flavors.json")
+    folder = write_mlx_audio_csm(tmp_path / "mlx-community-csm")
     theirs, ours = load_csm(folder, dtype=mx.float32), load_csm(CSM / "sesame", dtype=mx.float32)
     flat = dict(tree_flatten(ours.parameters()))
     for key, value in tree_flatten(theirs.parameters()):

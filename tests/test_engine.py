@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -241,14 +242,15 @@ def test_default_repo_follows_q_and_voice(monkeypatch, tmp_path, argv, repo, mod
 
     monkeypatch.setattr(moshi_mlx.loading.hub, "_hub_download", fake_download)
     monkeypatch.setattr("moshi_mlx.loading.checkpoint.inspect_checkpoint",
-                        lambda path, config: None)
+                        lambda path, config, model_types: SimpleNamespace(
+                            model_type="moshi", files=SimpleNamespace(owner={})))
     monkeypatch.setattr("moshi_mlx.loading.checkpoint.check_requested_bits",
                         lambda checkpoint, bits: None)
     files = resolve_model_files(_args(argv))
     assert (repo, model_file) in fetched
     assert (repo, "tokenizer_spm_32k_3.model") in fetched
     assert (repo, "tokenizer-e351c8d8-checkpoint125.safetensors") in fetched
-    assert files.moshi_weight.name == model_file
+    assert files.weight.name == model_file
     assert files.config is None  # config.json is optional
 
 
@@ -273,7 +275,7 @@ def _converted_folder(tmp_path: Path, model_file: Path, mimi: Path) -> Path:
 def test_converted_folder_and_wrong_q(official_mlx_files, random_mimi_path, tmp_path):
     folder = _converted_folder(tmp_path, official_mlx_files["q4"], random_mimi_path)
     files = resolve_model_files(_args(["--hf-repo", str(folder)]))
-    assert files.moshi_weight.name == "model.q4.safetensors"
+    assert files.weight.name == "model.q4.safetensors"
     assert files.config == folder / "config.json"
     assert resolve_model_files(_args(["--hf-repo", str(folder), "-q", "4"])).quantize == 4
     with pytest.raises(WeightsError, match="-q"):

@@ -20,6 +20,7 @@ import soundfile
 from readme_examples import Command, add_repo, blocks, commands
 
 from moshi_mlx.loading import hub
+from moshi_mlx.loading.families import files_of
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -45,12 +46,13 @@ def fixture_hub(tmp_path_factory, official_mlx_files, official_stt_mlx_files,
                 random_mimi_path) -> Path:
     """The official repos the README names, holding the fixtures."""
     cache = tmp_path_factory.mktemp("hf_cache")
+    moshi, mimi = files_of("moshi"), files_of("mimi")
     moshi_common = {hub.CONFIG_NAME: FIXTURES / "lm_config.json",
-                    hub.MOSHI_TOKENIZER_NAME: FIXTURES / "tokenizer.model",
-                    hub.MIMI_NAME: random_mimi_path}
-    for voice in ("moshiko", "moshika"):
+                    moshi.default_tokenizer_name(): FIXTURES / "tokenizer.model",
+                    mimi.weight_names()[None]: random_mimi_path}
+    for voice in moshi.repos:
         for bits, name in ((None, "bf16"), (8, "q8"), (4, "q4")):
-            add_repo(cache, hub.moshi_repo(voice, bits),
+            add_repo(cache, moshi.default_repo(voice, bits),
                      {**moshi_common, hub.MODEL_FILES[bits]: official_mlx_files[name]})
         add_repo(cache, f"kyutai/{voice}-pytorch-bf16",
                  {**moshi_common, hub.MODEL_FILES[None]: FIXTURES / "lm_pytorch.safetensors"})

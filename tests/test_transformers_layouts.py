@@ -57,9 +57,14 @@ def test_converter_output_is_byte_identical_to_the_official_layouts(
     ours = convert(tmp_path / "transformers", hf_repo=str(transformers_moshi), bits=bits)
     assert ours.model_file.name == official.model_file.name
     assert _sha256(ours.model_file) == _sha256(official.model_file)
-    # The folder's config.json holds the official keys, whatever the source's layout.
+    # The folder's config.json holds the official keys, whatever the source's layout; the
+    # transformers file's bundled Mimi goes into the folder too, named and described there.
     config = json.loads((tmp_path / "transformers" / "config.json").read_text())
+    codec = {key: config.pop(key) for key in ("mimi_name", "codec_config")}
     assert config == json.loads((tmp_path / "official" / "config.json").read_text())
+    source_config = json.loads((transformers_moshi / "config.json").read_text())
+    assert codec == {"mimi_name": "mimi.safetensors",
+                     "codec_config": source_config["audio_encoder_config"]}
     assert ours.manifest["source"]["sha256"] == _sha256(transformers_moshi / "model.safetensors")
 
 

@@ -7,7 +7,6 @@ import sys
 
 from moshi_mlx.cli.options import add_quantize_arg, command_prog
 from moshi_mlx.errors import cli_errors
-from moshi_mlx.loading import hub
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,13 +20,13 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--hf-repo", help="Hugging Face repo id or local folder holding "
                         "model.safetensors (and config.json, tokenizers when present)")
     source.add_argument("--input", help="a local model.safetensors (PyTorch or MLX bf16 layout)")
-    parser.add_argument("--config", help="LM config.json (default: the one beside the weights, "
-                        "else the released 7B config)")
-    parser.add_argument("--tokenizer", help="text tokenizer to copy (default: the one named "
-                        f"by the config, else {hub.MOSHI_TOKENIZER_NAME} (CSM: "
-                        f"{hub.TOKENIZER_JSON_NAME}), beside the weights)")
-    parser.add_argument("--mimi-weight", help="Mimi weights to copy (default: the config's "
-                        f"mimi_name, else {hub.MIMI_NAME}, beside the weights)")
+    parser.add_argument("--config", help="the model's config.json (default: the one in the repo "
+                        "or beside the input, else the released Moshi 7B config)")
+    parser.add_argument("--tokenizer", help="text tokenizer to put in the folder (default: the "
+                        "one the config names, else the family's own name, beside the weights)")
+    parser.add_argument("--mimi-weight", help="Mimi weights to put in the folder (default: the "
+                        "config's mimi_name beside the weights, or the Mimi a transformers "
+                        "checkpoint bundles)")
     add_quantize_arg(parser, "quantize to 4 or 8 bits (default: keep bf16)")
     parser.add_argument("--out", required=True, help="output folder (must be empty or new)")
     parser.add_argument("--force", action="store_true",
@@ -54,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{result.out_dir / name}  {info['bytes']} bytes  sha256 {info['sha256'][:16]}")
     print(f"{result.out_dir / 'manifest.json'}")
     for note in result.notes:
-        print(f"note: {note}")
+        print(f"note: {note}", file=sys.stderr)
     return 0
 
 

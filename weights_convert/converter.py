@@ -1,12 +1,15 @@
 """Convert a checkpoint of any model family (Moshi, STT, CSM; any layout the loader reads)
-into a local MLX model folder.
+into a local MLX model folder that the family's commands load with nothing else given.
 
 The folder holds the weights in our layout (the official MLX one for the Kyutai models): bf16
 `model.safetensors`, or `model.q8.safetensors` / `model.q4.safetensors` quantized like the
-official MLX files; the text tokenizer and the Mimi weights when the source has them; a
-`config.json` (the source's config keys plus the quantization) and `manifest.json` (sha256 of
-the source and of every output file). Names, layouts and quantization come from
-`moshi_mlx.loading`: the converter runs the loader's own checks, sanitize and quantize.
+official MLX files; the text tokenizer and the Mimi weights when the source has them (a Mimi
+bundled in a transformers checkpoint is taken out into `mimi.safetensors`); a `config.json`
+(the source's config keys, the quantization, and the names of exactly the files the folder
+holds) and `manifest.json` (sha256 of the source and of every output file). Which files go with
+the weights comes from the loader's one resolution (`moshi_mlx.loading.resolve`); names,
+layouts and quantization from `moshi_mlx.loading`: the converter runs the loader's own checks,
+sanitize and quantize.
 
 Memory stays bounded: tensors are read, mapped, quantized and written one source tensor at a
 time. Every file is written under a hidden temporary name and renamed when complete;
@@ -30,16 +33,25 @@ import mlx.core as mx
 
 from moshi_mlx.errors import WeightsError
 from moshi_mlx.loading import hub
-from moshi_mlx.loading.checkpoint import Checkpoint, inspect_checkpoint, sanitized
+from moshi_mlx.loading.checkpoint import Checkpoint, sanitized
 from moshi_mlx.loading.config import json_beside, read_config_json
-from moshi_mlx.loading.families import DEFAULT_MODEL_TYPE, FAMILIES
+from moshi_mlx.loading.families import (
+    DEFAULT_MODEL_TYPE,
+    FAMILIES,
+    SENTENCEPIECE,
+    FamilyFiles,
+    describe,
+    files_of,
+)
 from moshi_mlx.loading.quantization import (
     QUANTIZATIONS,
     Quantization,
     quantizable_weights,
     quantize_tensor,
 )
+from moshi_mlx.loading.resolve import ResolvedFiles, resolve
 from moshi_mlx.loading.safetensors import (
+    CheckpointFiles,
     PlannedTensor,
     SafetensorsStreamWriter,
     TensorReader,
@@ -49,18 +61,6 @@ from moshi_mlx.models.layouts import FRAGMENT
 from weights_convert import __version__
 
 _PARTIAL_MARK = ".partial-"
-# Names this tool writes; `--force` removes exactly these (and stale temporaries) first.
-MANAGED_NAMES = {*hub.MODEL_FILES.values(), hub.MOSHI_TOKENIZER_NAME, hub.MIMI_NAME,
-                 hub.CONFIG_NAME, hub.MANIFEST_NAME}
-
-
-@dataclass
-class Sources:
-    weights: list[Path]  # one file, or a transformers checkpoint's shards
-    config: Path | None = None
-    tokenizer: Path | None = None
-    mimi: Path | None = None
-    description: str = ""
 
 
 @dataclass
@@ -81,65 +81,41 @@ def find_sources(
     config: str | os.PathLike | None = None,
     tokenizer: str | os.PathLike | None = None,
     mimi_weight: str | os.PathLike | None = None,
-) -> Sources:
-    """Locate the weights and the optional files, from a repo/folder or a local file."""
+) -> ResolvedFiles:
+    """The checkpoint (header-checked) and the files that go with it, from a repo / folder or
+    a local file (the files beside it are taken along, like a repo's), through the loader's
+    one resolution: explicit files first, then the names config.json gives, then the family's
+    own names; a codec bundled in a transformers checkpoint counts as its codec."""
     if (hf_repo is None) == (input_path is None):
         raise WeightsError("give exactly one of --hf-repo or --input")
-    if hf_repo is not None:
-        sources = Sources(hub.model_files(hf_repo, None), description=hf_repo)
-        sources.config = hub.optional_file(hf_repo, hub.CONFIG_NAME)
-        _fetch_stt_preprocessor(hf_repo, sources.config)
-        names = _extra_names(sources.config)
-        sources.tokenizer = hub.optional_file(hf_repo, names["tokenizer"])
-        sources.mimi = hub.optional_file(hf_repo, names["mimi"])
-    else:
+    if input_path is not None:
         weights = Path(input_path).expanduser()
         if weights.is_dir():
             raise WeightsError(f"{weights} is a folder: use --hf-repo for a model folder")
         if not weights.is_file():
             raise WeightsError(f"{weights}: no such file")
-        sources = Sources([weights], description=str(weights))
-        # Standard names beside the input file are taken along, like a repo's.
-        sources.config = hub.optional_file(weights.parent, hub.CONFIG_NAME)
-        for attr, filename in _extra_names(sources.config).items():
-            setattr(sources, attr, hub.optional_file(weights.parent, filename))
-    explicit = {
-        "config": (config, "--config"),
-        "tokenizer": (tokenizer, "--tokenizer"),
-        "mimi": (mimi_weight, "--mimi-weight"),
-    }
-    for attr, (value, option) in explicit.items():
-        if value is not None:
-            path = Path(value).expanduser()
-            if not path.is_file():
-                raise WeightsError(f"{path}: no such file ({option})")
-            setattr(sources, attr, path)
-    return sources
+    for value, option in ((config, "--config"), (tokenizer, "--tokenizer"),
+                          (mimi_weight, "--mimi-weight")):
+        if value is not None and not Path(value).expanduser().is_file():
+            raise WeightsError(f"{Path(value).expanduser()}: no such file ({option})")
+    return resolve("weights_convert", hf_repo, weights=input_path, config=config,
+                   tokenizer=tokenizer, codec=mimi_weight, required=False)
 
 
-def _fetch_stt_preprocessor(hf_repo: str, config: Path | None) -> None:
-    """A transformers STT repo (kyutai/stt-*-trfs) keeps its stt_config in
-    preprocessor_config.json, which the config mapping reads beside config.json: fetch it."""
-    from moshi_mlx.models.lm_layouts import (
-        TRANSFORMERS_STT_MODEL_TYPE,
-        TRANSFORMERS_STT_PREPROCESSOR,
-    )
-
-    if config is not None and read_config_json(config).get("model_type") == \
-            TRANSFORMERS_STT_MODEL_TYPE:
-        hub.optional_file(hf_repo, TRANSFORMERS_STT_PREPROCESSOR)
-
-
-def _extra_names(config: Path | None) -> dict[str, str]:
-    """File names of the tokenizer and Mimi beside the weights: the config's own
-    `tokenizer_name` / `mimi_name` (official STT configs have them), else the family's
-    tokenizer (CSM: tokenizer.json) and Moshi's Mimi (CSM decodes with it too)."""
-    from moshi_mlx.loading.config import config_model_type
-
-    data = read_config_json(config) if config is not None else {}
-    tokenizer = hub.TOKENIZER_NAMES.get(config_model_type(data), hub.MOSHI_TOKENIZER_NAME)
-    return {"tokenizer": str(data.get("tokenizer_name") or tokenizer),
-            "mimi": str(data.get("mimi_name") or hub.MIMI_NAME)}
+def managed_names(out_dir: Path) -> set[str]:
+    """Names this tool writes (`--force` removes exactly these, and stale temporaries): every
+    family's, and those the folder's previous manifest lists."""
+    names = {*hub.MODEL_FILES.values(), hub.CONFIG_NAME, hub.MANIFEST_NAME,
+             hub.EXTRACTED_CODEC_NAME}
+    for model_type in FAMILIES:
+        spec = files_of(model_type)
+        names.update(n for n in (spec.default_tokenizer_name(), *spec.weight_names().values())
+                     if n is not None)
+    try:
+        names.update(json.loads((out_dir / hub.MANIFEST_NAME).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return names
 
 
 # ------------------------------------------------------------------------------------ output
@@ -193,8 +169,9 @@ def prepare_out_dir(out_dir: Path, force: bool) -> None:
         raise WeightsError(f"cannot create {out_dir}: {exc.strerror or exc}") from None
     if entries and not force:
         raise WeightsError(f"{out_dir} is not empty; use --force to overwrite")
+    managed = managed_names(out_dir)
     for entry in entries:
-        if entry.name in MANAGED_NAMES or _PARTIAL_MARK in entry.name:
+        if entry.name in managed or _PARTIAL_MARK in entry.name:
             if entry.is_dir() and not entry.is_symlink():
                 raise WeightsError(f"{entry} is a folder; remove it by hand")
             entry.unlink()
@@ -276,19 +253,93 @@ def write_weights(
     return writer.finish()
 
 
-def _refuse_overwriting_sources(out: Path, sources: Sources) -> None:
+def _refuse_overwriting_sources(out: Path, inputs: list[Path]) -> None:
     """The output folder must not be where the inputs are (with --force they would be removed
     before being read)."""
-    for path in (*sources.weights, sources.config, sources.tokenizer, sources.mimi):
-        if path is not None and path.name in MANAGED_NAMES and out.is_dir() and (
-            path.resolve().parent == out.resolve()
-        ):
+    managed = managed_names(out)
+    for path in inputs:
+        if path.name in managed and out.is_dir() and path.resolve().parent == out.resolve():
             raise WeightsError(f"the output folder {out} holds the input {path.name}; "
                                "choose another --out")
 
 
-def _copied_bytes(sources: Sources) -> int:
-    return sum(p.stat().st_size for p in (sources.tokenizer, sources.mimi) if p is not None)
+@dataclass(frozen=True)
+class _Extra:
+    """A file that goes into the folder beside the weights: copied, or (a codec bundled in a
+    transformers checkpoint) its tensors taken out under `bundled_prefix`."""
+
+    name_key: str  # the config.json key that names it
+    source: Path
+    nbytes: int
+    bundled_prefix: str | None = None
+
+
+def _extras(files: ResolvedFiles, spec: FamilyFiles, names: dict[str, Any]
+            ) -> tuple[dict[str, _Extra], dict[str, Any] | None]:
+    """Output name -> the tokenizer and codec the folder gets, and the codec's transformers
+    config when our Mimi defaults do not describe it."""
+    extras: dict[str, _Extra] = {}
+    if files.tokenizer is not None:
+        name = (names.get(hub.TOKENIZER_NAME_KEY) or spec.default_tokenizer_name()
+                or files.tokenizer.name)
+        extras[name] = _Extra(hub.TOKENIZER_NAME_KEY, files.tokenizer,
+                              files.tokenizer.stat().st_size)
+    if files.codec is None:
+        return extras, None
+    codec_spec = files_of(spec.codec)
+    tensors = files.checkpoint.files.tensors
+    if files.codec == files.weight:  # bundled in the checkpoint
+        prefix = next(p for p in codec_spec.bundled_prefixes
+                      if any(name.startswith(p) for name in tensors))
+        extras[hub.EXTRACTED_CODEC_NAME] = _Extra(
+            hub.CODEC_NAME_KEY, files.codec,
+            sum(info.nbytes for name, info in tensors.items() if name.startswith(prefix)),
+            prefix)
+        return extras, _codec_config(files.config)
+    if files.codec.is_dir():
+        raise WeightsError(f"{files.codec}: a sharded {codec_spec.name} cannot go into the "
+                           "folder; pass one file with --mimi-weight")
+    name = names.get(hub.CODEC_NAME_KEY) or codec_spec.weight_names()[None]
+    extras[name] = _Extra(hub.CODEC_NAME_KEY, files.codec, files.codec.stat().st_size)
+    return extras, _codec_config_beside(files.codec)
+
+
+def _codec_config(config: Path | None) -> dict[str, Any] | None:
+    """The transformers Mimi config that a config.json holds for the codec bundled in its
+    checkpoint (transformers: `audio_encoder_config`, `codec_config`), else None."""
+    if config is None:
+        return None
+    return next((value for value in read_config_json(config).values()
+                 if isinstance(value, dict) and value.get("model_type") == "mimi"), None)
+
+
+def _codec_config_beside(codec: Path) -> dict[str, Any] | None:
+    """The transformers config of a Mimi file, when the config.json beside it describes it: a
+    transformers Mimi folder's own, or a converted folder's `codec_config` for its codec."""
+    beside = codec.parent / hub.CONFIG_NAME
+    if not beside.is_file():
+        return None
+    data = read_config_json(beside)
+    if data.get("model_type") == "mimi":
+        return data
+    described = data.get(hub.CODEC_CONFIG_KEY)
+    if data.get(hub.CODEC_NAME_KEY) == codec.name and isinstance(described, dict):
+        return described
+    return None
+
+
+def write_bundled_codec(files: CheckpointFiles, prefix: str, f: BinaryIO) -> str:
+    """The tensors under `prefix` (the codec a transformers checkpoint bundles), without it,
+    as they are; returns the output's sha256."""
+    names = [name for name in files.in_file_order() if name.startswith(prefix)]
+    tensors = files.tensors
+    plan = [PlannedTensor(name[len(prefix):], tensors[name].dtype, tensors[name].shape)
+            for name in names]
+    writer = SafetensorsStreamWriter(f, plan)
+    with TensorReader(files) as source:
+        for name in names:
+            writer.write(name[len(prefix):], source.read(name))
+    return writer.finish()
 
 
 def _check_free_space(out: Path, needed: int) -> None:
@@ -319,7 +370,8 @@ def convert(
     bits: int | None = None,
     force: bool = False,
 ) -> ConversionResult:
-    """Convert a Moshi LM checkpoint into the model folder `out_dir` (see module docstring).
+    """Convert a Moshi, STT or CSM checkpoint into the model folder `out_dir` (see module
+    docstring).
 
     bits: None for bf16, 4 (group 32) or 8 (group 64). All input problems raise WeightsError
     before anything is written.
@@ -328,37 +380,45 @@ def convert(
         raise WeightsError(f"-q must be 4 or 8 (or absent for bf16), got {bits}")
     quantization = QUANTIZATIONS[bits] if bits is not None else None
     sources = find_sources(hf_repo, input_path, config, tokenizer, mimi_weight)
-    checkpoint = inspect_checkpoint(sources.weights, sources.config,
-                                    model_types=tuple(FAMILIES))
+    checkpoint: Checkpoint = sources.checkpoint
     if checkpoint.quantization is not None:
         raise WeightsError(
             f"{checkpoint.name} is already {checkpoint.quantization.bits}-bit quantized; "
             "convert from a bf16 checkpoint"
         )
+    spec = files_of(checkpoint.model_type)
+    names = read_config_json(sources.config) if sources.config is not None else {}
+    extras, codec_config = _extras(sources, spec, names)
 
     out = Path(out_dir).expanduser()
-    _refuse_overwriting_sources(out, sources)
+    _refuse_overwriting_sources(out, [*sources.weights, *([sources.config] if sources.config
+                                                          else []),
+                                      *(extra.source for extra in extras.values())])
     mapping = _Mapping(checkpoint, quantization)
     plan = plan_weights(mapping)
     prepare_out_dir(out, force)
-    _check_free_space(out, sum(entry.nbytes for entry in plan) + _copied_bytes(sources))
+    _check_free_space(out, sum(entry.nbytes for entry in plan)
+                      + sum(extra.nbytes for extra in extras.values()))
     model_file = out / hub.MODEL_FILES[bits]
-    names = _extra_names(sources.config)
     try:
         with _progress_bar(sum(entry.nbytes for entry in plan)) as bar, \
                 atomic_file(model_file) as f:
             model_sha = write_weights(mapping, plan, f, bar.update)
         source_sha = checkpoint.files.sha256()
         files = {model_file.name: model_file}
-        for attr, given in (("tokenizer", sources.tokenizer), ("mimi", sources.mimi)):
-            if given is not None:
-                copy_into(given, out / names[attr])
-                files[names[attr]] = out / names[attr]
+        hashes = {model_file.name: model_sha}
         config_data = _output_config(sources.config, checkpoint)
-        config_data["moshi_name"] = model_file.name
-        for attr, given in (("tokenizer", sources.tokenizer), ("mimi", sources.mimi)):
-            if given is not None:
-                config_data[f"{attr}_name"] = names[attr]
+        config_data[hub.WEIGHTS_NAME_KEY] = model_file.name
+        for name, extra in extras.items():
+            if extra.bundled_prefix is None:
+                copy_into(extra.source, out / name)
+            else:
+                with atomic_file(out / name) as f:
+                    hashes[name] = write_bundled_codec(checkpoint.files, extra.bundled_prefix, f)
+            files[name] = out / name
+            config_data[extra.name_key] = name
+        if codec_config is not None:
+            config_data[hub.CODEC_CONFIG_KEY] = codec_config
         config_data["quantization"] = (
             None if quantization is None
             else {"bits": quantization.bits, "group_size": quantization.group_size}
@@ -366,13 +426,13 @@ def convert(
         _write_json(out / hub.CONFIG_NAME, config_data)
         files[hub.CONFIG_NAME] = out / hub.CONFIG_NAME
 
-        hashes = {name: model_sha if name == model_file.name else sha256_file(path)
-                  for name, path in files.items()}
+        for name, path in files.items():
+            hashes.setdefault(name, sha256_file(path))
         manifest = {
             "tool": "weights_convert",
             "version": __version__,
             "source": {
-                "weights": sources.description,
+                "weights": hf_repo if hf_repo is not None else str(input_path),
                 "file": ", ".join(path.name for path in sources.weights),
                 "sha256": source_sha,
                 "model_type": checkpoint.model_type,
@@ -386,19 +446,34 @@ def convert(
     except OSError as exc:
         raise WeightsError(f"cannot write into {out}: {exc.strerror or exc}") from None
     files[hub.MANIFEST_NAME] = out / hub.MANIFEST_NAME
+    return ConversionResult(out, model_file, files, manifest,
+                            _notes(sources, checkpoint, spec, names))
+
+
+def _notes(sources: ResolvedFiles, checkpoint: Checkpoint, spec: FamilyFiles,
+           names: dict[str, Any]) -> list[str]:
+    """What the source lacked (the folder goes without it), and the option that adds it."""
     notes = []
     if sources.config is None:
-        notes.append(f"no {hub.CONFIG_NAME} with the source: used the released 7B LM config")
-    for attr, given in (("tokenizer", sources.tokenizer), ("mimi", sources.mimi)):
-        if given is None:
-            notes.append(f"no {names[attr]} with the source: not in the folder (--tokenizer, "
-                         "--mimi-weight add them)")
-    return ConversionResult(out, model_file, files, manifest, notes)
+        notes.append(f"no {hub.CONFIG_NAME} with the source: it was read against the default "
+                     f"{describe(checkpoint.family, checkpoint.config)} config")
+    if spec.tokenizer is not None and sources.tokenizer is None:
+        name = names.get(hub.TOKENIZER_NAME_KEY) or spec.default_tokenizer_name()
+        kind = name or ("a SentencePiece .model" if spec.tokenizer == SENTENCEPIECE
+                        else hub.TOKENIZER_JSON_NAME)
+        notes.append(f"no text tokenizer ({kind}) with the source: the folder has none "
+                     "(--tokenizer adds it)")
+    if spec.codec is not None and sources.codec is None:
+        named = names.get(hub.CODEC_NAME_KEY)
+        what = files_of(spec.codec).name + (f" weights ({named})" if named else " weights")
+        notes.append(f"no {what} with the source: the folder has none (--mimi-weight adds it)")
+    return notes
 
 
 def _output_config(source: Path | None, checkpoint: Checkpoint) -> dict[str, Any]:
     """The source's config keys as they are (official keys we do not model survive), or
-    the default config's; a non-default family is named."""
+    the default config's; a non-default family is named. The keys that name or describe a
+    folder's files are left out: the converter writes those for the files it writes."""
     if source is not None and not _is_transformers_config(read_config_json(source)):
         data = read_config_json(source)
         data.pop("quantization", None)  # ours, when re-converting our own output
@@ -406,6 +481,9 @@ def _output_config(source: Path | None, checkpoint: Checkpoint) -> dict[str, Any
             data = checkpoint.family.complete_config(data, json_beside(source))
     else:  # none, or a transformers one: the official keys of what was read
         data = checkpoint.config.to_dict()
+    for key in (hub.WEIGHTS_NAME_KEY, hub.TOKENIZER_NAME_KEY, hub.CODEC_NAME_KEY,
+                hub.CODEC_CONFIG_KEY):
+        data.pop(key, None)
     if checkpoint.model_type != DEFAULT_MODEL_TYPE:
         data["model_type"] = checkpoint.model_type
     return data

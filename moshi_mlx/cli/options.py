@@ -1,7 +1,7 @@
 """What every command line shares: the option groups every model-loading command takes in the
 same spelling, the options objects built from them once, argument types, how a command names
-itself, the model-file options and how they resolve (through `moshi_mlx.loading.hub`), early
-checks, and the BLAS hint."""
+itself, the model-file options and how they resolve (through `moshi_mlx.loading.resolve`),
+early checks, and the BLAS hint."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moshi_mlx.errors import MoshiError
-from moshi_mlx.loading import hub
 from moshi_mlx.loading.options import ModelOptions
 
-VOICES = ("moshiko", "moshika")
+if TYPE_CHECKING:
+    from moshi_mlx.loading.resolve import ResolvedFiles
+
 DTYPE_CHOICES = ("auto", "bf16", "f32")
 
 
@@ -198,12 +199,14 @@ def print_blas_hint() -> None:
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """Options that choose and load the Moshi model (terminal and web front ends)."""
     from moshi_mlx.conversation.engine import MIMI_BACKENDS
+    from moshi_mlx.loading.families import files_of
 
     g = parser.add_argument_group("model")
     g.add_argument("--hf-repo", default=None,
                    help="Hugging Face repo id or local folder holding the model files "
                         "(default: the official kyutai/<voice>-mlx-<q4|q8|bf16> repo)")
-    g.add_argument("--voice", choices=VOICES, default="moshiko",
+    voices = tuple(files_of("moshi").repos)  # the released ones: moshiko, moshika
+    g.add_argument("--voice", choices=voices, default=voices[0],
                    help="which released voice to use when --hf-repo is not given")
     g.add_argument("--moshi-weight", default=None, help="Moshi weight file (path or repo name)")
     g.add_argument("--mimi-weight", default=None, help="Mimi weight file")
@@ -215,32 +218,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     add_moshi_sampling_args(parser.add_argument_group("sampling"))
 
 
-@dataclass
-class ModelFiles:
-    moshi_weight: Path
-    mimi_weight: Path
-    tokenizer: Path
-    config: Path | None
-    quantize: int | None
+def resolve_model_files(args: argparse.Namespace) -> ResolvedFiles:
+    """The Moshi files the `add_model_args` options name (local paths, a folder or a hub repo,
+    through moshi_mlx.loading.resolve), checked from their header before anything is loaded."""
+    from moshi_mlx.loading.resolve import resolve
 
-
-def resolve_model_files(args: argparse.Namespace) -> ModelFiles:
-    """Find the Moshi files from the parsed options (local paths, a folder or a hub repo) and
-    check the weights against -q from their header, before anything is loaded."""
-    from moshi_mlx.loading.checkpoint import check_requested_bits, inspect_checkpoint
-
-    quantize = getattr(args, "quantize", None)
-    repo = args.hf_repo or hub.moshi_repo(getattr(args, "voice", "moshiko"), quantize)
-    moshi = hub.model_file(args.moshi_weight or repo, quantize)
-    mimi = hub.resolve_file(args.mimi_weight or repo, hub.MIMI_NAME)
-    tokenizer = hub.resolve_file(args.tokenizer or repo, hub.MOSHI_TOKENIZER_NAME)
-    config: Path | None = None
-    if args.config:
-        config = hub.resolve_file(args.config, hub.CONFIG_NAME)
-    elif not args.moshi_weight or args.hf_repo:
-        config = hub.optional_file(repo, hub.CONFIG_NAME)  # official repos work without one
-    check_requested_bits(inspect_checkpoint(moshi, config), quantize)
-    return ModelFiles(moshi, mimi, tokenizer, config, quantize)
+    return resolve("moshi_mlx.local", args.hf_repo, variant=getattr(args, "voice", None),
+                   quantize=getattr(args, "quantize", None), weights=args.moshi_weight,
+                   config=args.config, tokenizer=args.tokenizer, codec=args.mimi_weight)
 
 
 def engine_options(args: argparse.Namespace) -> Any:
@@ -257,7 +242,7 @@ def build_engine(args: argparse.Namespace) -> Any:
     from moshi_mlx.conversation.engine import Engine
 
     files = resolve_model_files(args)
-    engine = Engine.from_files(files.moshi_weight, files.mimi_weight, files.tokenizer,
+    engine = Engine.from_files(files.weight, files.codec, files.tokenizer,
                                config=files.config, options=engine_options(args))
     print_blas_hint()
     return engine

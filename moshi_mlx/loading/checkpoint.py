@@ -2,19 +2,14 @@
 
     config.json (model_type) -> model -> sanitize (any official layout) -> quantize -> load (strict)
 
-A family is a module in `moshi_mlx.models` that defines `Config` (a dataclass with
-`from_dict(data, source)` and `default()`), `Model` (built from a Config; its parameter names
-are the layout we load), `sanitize(weights, config)` (any supported layout -> our names, lazily,
-tensor by tensor), `quant_predicate(path, module)` (which modules -q quantizes),
-`DESCRIPTION` (for messages; or `describe(config)`) and `STORED_DTYPE` (the safetensors float
-dtype its checkpoints must use, or None for any float); optionally `fit_config(config,
-tensors)` (the config fitted to optional parts a checkpoint may or may not have),
-`complete_config(data, read_beside)` (config.json data completed from the files beside it,
-read by `read_beside(name)`, see `loading.config.json_beside`) and
-`CONFIG_MARKERS` (keys that identify its config.json when `model_type` is absent).
+A family is a module in `moshi_mlx.models` that satisfies the Protocol
+`moshi_mlx.loading.families.ModelFamily` (Config, Model, sanitize, quant_predicate, ...; its
+optional `complete_config(data, read_beside)` completes config.json data from the files beside
+it, read by `read_beside(name)`, see `loading.config.json_beside`).
 
 Checks run on the header alone (names, dtypes and shapes against the model's own parameters,
-quantization) before any tensor data is read, so a wrong file or `-q` fails at once.
+quantization) before any tensor data is read, so a wrong file or `-q` fails at once, and a
+checkpoint of a family the caller does not take is one line naming the command that does.
 """
 
 from __future__ import annotations
@@ -31,8 +26,13 @@ from mlx.utils import tree_flatten
 
 from moshi_mlx.errors import WeightsError
 from moshi_mlx.loading import hub
-from moshi_mlx.loading.config import resolve_config
-from moshi_mlx.loading.families import describe
+from moshi_mlx.loading.config import ResolvedConfig, resolve_config
+from moshi_mlx.loading.families import (
+    describe,
+    files_of,
+    model_type_of_tensors,
+    other_family_error,
+)
 from moshi_mlx.loading.quantization import (
     QUANTIZATIONS,
     Quantization,
@@ -139,7 +139,9 @@ class Checkpoint:
 def inspect_checkpoint(path: str | os.PathLike | list[Path], config: Any = None,
                        model_types: tuple[str, ...] = ("moshi", "stt")) -> Checkpoint:
     """Check a weight file (or the list of a sharded checkpoint's files) from its header
-    alone against its config (see resolve_config)."""
+    alone against its config (see resolve_config). A checkpoint of a family none of
+    `model_types` is (by its config, else by its tensor names) is one line naming the command
+    that takes it."""
     paths = [Path(p) for p in path] if isinstance(path, (list, tuple)) else [Path(path)]
     files = CheckpointFiles.read(paths)
     name = files.name
@@ -147,24 +149,47 @@ def inspect_checkpoint(path: str | os.PathLike | list[Path], config: Any = None,
     family, cfg = resolved.family, resolved.config
     if not files.owner:
         raise WeightsError(f"{name} holds no tensors: not a {describe(family, cfg)} checkpoint")
+    _check_family(files, resolved, model_types)
     mapped: dict[str, mx.array] = {}
     origin: dict[str, str] = {}
-    for key, array, source in sanitized(family, cfg, files.placeholders().items(), name):
-        mapped[key] = array
-        origin[key] = source
-    if hasattr(family, "fit_config"):  # optional parts (e.g. STT's VAD heads) the file has
-        cfg = family.fit_config(cfg, mapped)
-    plain = family.Model(cfg)
-    plain_shapes = {k: tuple(v.shape) for k, v in tree_flatten(plain.parameters())}
-    quantization = detect_quantization(mapped, plain_shapes, name)
-    if resolved.quantization is not None and resolved.quantization != quantization:
-        found = "not quantized" if quantization is None else f"{quantization.bits}-bit"
-        raise WeightsError(f"{resolved.source} says {resolved.quantization.bits}-bit "
-                           f"quantization, but {name} is {found}")
-    if quantization is not None:
-        apply_quantization(plain, family, quantization)
-    check_tensors(plain, mapped, name, describe(family, cfg), family.STORED_DTYPE, origin)
+    try:
+        for key, array, source in sanitized(family, cfg, files.placeholders().items(), name):
+            mapped[key] = array
+            origin[key] = source
+        if hasattr(family, "fit_config"):  # optional parts (e.g. STT's VAD heads) the file has
+            cfg = family.fit_config(cfg, mapped)
+        plain = family.Model(cfg)
+        plain_shapes = {k: tuple(v.shape) for k, v in tree_flatten(plain.parameters())}
+        quantization = detect_quantization(mapped, plain_shapes, name)
+        if resolved.quantization is not None and resolved.quantization != quantization:
+            found = "not quantized" if quantization is None else f"{quantization.bits}-bit"
+            raise WeightsError(f"{resolved.source} says {resolved.quantization.bits}-bit "
+                               f"quantization, but {name} is {found}")
+        if quantization is not None:
+            apply_quantization(plain, family, quantization)
+        check_tensors(plain, mapped, name, describe(family, cfg), family.STORED_DTYPE, origin)
+    except WeightsError as exc:
+        if resolved.source != "default":
+            raise
+        raise WeightsError(f"{exc} (no {hub.CONFIG_NAME} was found beside it, so it was read "
+                           f"against the default {describe(family, cfg)} config: pass --config)"
+                           ) from None
     return Checkpoint(files, resolved.model_type, family, cfg, quantization)
+
+
+def _check_family(files: CheckpointFiles, resolved: ResolvedConfig,
+                  model_types: tuple[str, ...]) -> None:
+    """The family the tensor names show (when they show one) must be the config's."""
+    found = model_type_of_tensors(files.owner)
+    if found is None or found == resolved.model_type:
+        return
+    if found not in model_types:
+        raise other_family_error(f"{files.name} is", found, model_types, "checkpoint")
+    where = ("the default config" if resolved.source == "default"
+             else resolved.source)
+    raise WeightsError(f"{files.name} is a {files_of(found).name} checkpoint, but {where} "
+                       f"describes a {files_of(resolved.model_type).name} model: pass its own "
+                       "config (--config)")
 
 
 def check_requested_bits(checkpoint: Checkpoint, quantize: int | None) -> None:

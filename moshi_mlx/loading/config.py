@@ -17,6 +17,7 @@ from moshi_mlx.loading.families import (
     FAMILIES,
     MODEL_TYPE_ALIASES,
     family_module,
+    other_family_error,
 )
 from moshi_mlx.loading.quantization import QUANTIZATIONS, Quantization
 
@@ -60,15 +61,14 @@ def resolve_config(config: Any, weights_path: Path | None,
                    model_types: tuple[str, ...]) -> ResolvedConfig:
     """A config object, a config.json mapping or path, else the config.json beside the
     weights, else the first allowed family's default. `model_types` are the families the
-    caller can use (a checkpoint of another family is a clear error)."""
+    caller can use: a config of another family is one line naming the command that takes it."""
     if config is not None and not isinstance(config, (dict, str, os.PathLike)):
         for model_type in model_types:
             family = family_module(model_type)
             if isinstance(config, family.Config):
                 found = _model_type_of(config, model_type)
                 if found not in model_types:
-                    raise WeightsError(f"the config describes a {found} model, not "
-                                       f"{' or '.join(model_types)}")
+                    raise other_family_error("the config describes", found, model_types)
                 return ResolvedConfig(found, family, config, None, "config")
         raise WeightsError(f"config of type {type(config).__name__} is not a "
                            f"{'/'.join(model_types)} config")
@@ -86,14 +86,16 @@ def resolve_config(config: Any, weights_path: Path | None,
         return ResolvedConfig(model_types[0], family, family.Config.default(), None, "default")
     model_type = _model_type_of_data(data, model_types)
     family = family_module(model_type, source)
-    if model_type not in model_types:
-        raise WeightsError(f"{source} describes a {model_type} model, not "
-                           f"{' or '.join(model_types)}")
+    if all(family is not family_module(t) for t in model_types):
+        raise other_family_error(f"{source} describes", model_type, model_types)
     if hasattr(family, "complete_config"):  # e.g. CSM: flavors.json beside a Sesame config
         data = family.complete_config(data, json_beside(path))
     quantization = _config_quantization(data.pop("quantization", None), source)
-    return ResolvedConfig(model_type, family, family.Config.from_dict(data, source=source),
-                          quantization, source)
+    parsed = family.Config.from_dict(data, source=source)
+    model_type = _model_type_of(parsed, model_type)  # an LM config says moshi or stt itself
+    if model_type not in model_types:
+        raise other_family_error(f"{source} describes", model_type, model_types)
+    return ResolvedConfig(model_type, family, parsed, quantization, source)
 
 
 def config_model_type(data: dict[str, Any]) -> str:
@@ -103,7 +105,8 @@ def config_model_type(data: dict[str, Any]) -> str:
 
 def _model_type_of_data(data: dict[str, Any], model_types: tuple[str, ...]) -> str:
     """config.json's `model_type` (or its alias), else the family whose `CONFIG_MARKERS` keys
-    it has (Sesame's CSM config names none), else moshi, or the caller's only family."""
+    it has (a family module serving several model_types names its first), else the caller's
+    first family."""
     explicit = data.get("model_type")
     if explicit:
         return MODEL_TYPE_ALIASES.get(explicit, explicit)

@@ -1,5 +1,7 @@
-"""Where model files are found: the one table of file names and the one file / folder / repo
-and `-q` policy, for every model family and every command.
+"""Where model files are found: the one table of the file names every family shares (a
+family's own, such as Moshi's tokenizer or Mimi's file, are in its declaration:
+moshi_mlx.loading.families.FamilyFiles) and the one file / folder / repo and `-q` policy, for
+every model family and every command (moshi_mlx.loading.resolve puts them together).
 
 A weights argument is a local file, a local model folder, or a Hugging Face repo id (through
 the huggingface_hub cache, so offline use works once a file is cached). When the hub cannot be
@@ -27,16 +29,21 @@ MODEL_FILES: dict[int | None, str] = {
     8: "model.q8.safetensors",
     4: "model.q4.safetensors",
 }
-MIMI_NAME = "tokenizer-e351c8d8-checkpoint125.safetensors"
-MOSHI_TOKENIZER_NAME = "tokenizer_spm_32k_3.model"
 TOKENIZER_JSON_NAME = "tokenizer.json"  # a Hugging Face tokenizer (CSM's Llama-3 one)
 MANIFEST_NAME = "manifest.json"
-# The text tokenizer a model folder carries, by family (weights_convert copies it along).
-TOKENIZER_NAMES: dict[str, str] = {"moshi": MOSHI_TOKENIZER_NAME, "stt": MOSHI_TOKENIZER_NAME,
-                                   "csm": TOKENIZER_JSON_NAME}
+# A codec that weights_convert took out of a checkpoint bundling it (transformers layout).
+EXTRACTED_CODEC_NAME = "mimi.safetensors"
+# config.json keys naming a model folder's files (official STT configs, our converter's), and
+# describing its codec when that is not Mimi as released (transformers' own key).
+WEIGHTS_NAME_KEY = "moshi_name"
+TOKENIZER_NAME_KEY = "tokenizer_name"
+CODEC_NAME_KEY = "mimi_name"
+CODEC_CONFIG_KEY = "codec_config"
 # transformers checkpoints (save_pretrained): one file, or shards listed by an index.
 TRANSFORMERS_WEIGHTS = "model.safetensors"
 TRANSFORMERS_INDEX = "model.safetensors.index.json"
+# Family-specific default names (Moshi's tokenizer, Mimi's file) are in each family's
+# declaration (moshi_mlx.loading.families.FamilyFiles).
 
 # Official repos name their quantization: kyutai/moshiko-mlx-q4, ...-q8, ...-bf16.
 _REPO_SUFFIXES: dict[int | None, str] = {4: "-q4", 8: "-q8", None: "-bf16"}
@@ -45,11 +52,6 @@ HUB_PROBE_SECONDS = 2.0
 
 def quantize_flag(bits: int | None) -> str:
     return "no -q" if bits is None else f"-q {bits}"
-
-
-def moshi_repo(voice: str, quantize: int | None) -> str:
-    """Official MLX repo of a Moshi voice for a quantization: kyutai/moshiko-mlx-q4 etc."""
-    return f"kyutai/{voice}-mlx{_REPO_SUFFIXES[quantize]}"
 
 
 def check_repo_name(repo: str, quantize: int | None) -> None:
@@ -121,21 +123,40 @@ def mimi_files(path_or_repo: str | os.PathLike) -> tuple[list[Path], Path | None
     """Mimi's weight file(s) and the config.json that describes them, if any.
 
     A file is taken as it is (with a config.json beside it). A folder or repo gives the
-    official file (tokenizer-e351c8d8-checkpoint125.safetensors) when it has one, else a
-    transformers checkpoint: model.safetensors or its shards, with config.json (kyutai/mimi;
-    a transformers Moshi checkpoint bundles its Mimi the same way)."""
+    official file (tokenizer-e351c8d8-checkpoint125.safetensors) when it has one, else (a local
+    folder) the file its config.json names as `mimi_name`, else a transformers checkpoint:
+    model.safetensors or its shards, with config.json (kyutai/mimi; a transformers Moshi
+    checkpoint bundles its Mimi the same way)."""
+    from moshi_mlx.loading.families import files_of
+
     path = Path(path_or_repo).expanduser()
     if path.is_file():
         beside = path.parent / CONFIG_NAME
         return [path], beside if beside.is_file() else None
+    official = files_of("mimi").weight_names()[None]
+    if (path.is_dir() and not (path / official).is_file()
+            and (named := _named_in_folder(path, CODEC_NAME_KEY)) is not None):
+        return [named], path / CONFIG_NAME
     try:
-        return [resolve_file(path_or_repo, MIMI_NAME)], None
+        return [resolve_file(path_or_repo, official)], None
     except WeightsError as official_error:
         files = transformers_weight_files(path_or_repo)
         if files is None:
             raise WeightsError(f"{official_error} (nor a transformers {TRANSFORMERS_WEIGHTS})"
                                ) from None
     return files, optional_file(path_or_repo, CONFIG_NAME)
+
+
+def _named_in_folder(folder: Path, key: str) -> Path | None:
+    """The file a folder's config.json names under `key`, when it is in the folder."""
+    config = folder / CONFIG_NAME
+    if not config.is_file():
+        return None
+    try:
+        name = json.loads(config.read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return folder / name if isinstance(name, str) and (folder / name).is_file() else None
 
 
 def model_files(weights: str | os.PathLike, quantize: int | None) -> list[Path]:

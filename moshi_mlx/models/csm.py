@@ -412,3 +412,12 @@ Model = Csm
 DESCRIPTION = "Sesame CSM"
 STORED_DTYPE = None  # Sesame's file is float32, transformers' bf16 or float32
 CONFIG_MARKERS = ("backbone_flavor", "depth_decoder_config", "backbone")
+# Its files and released repo (moshi_mlx.loading.families.FamilyFiles); Sesame's repos hold no
+# Mimi: Kyutai's released one is used unless the model's own folder has one.
+FILES = {"csm": dict(name="Sesame CSM", commands=("moshi_mlx.tts", "weights_convert"),
+                     repos={"csm-1b": {None: "sesame/csm-1b"}},
+                     layouts={"sesame": ("backbone.layers.",),
+                              "transformers": ("backbone_model.",),
+                              "mlx-audio": ("model.backbone.",)},
+                     tokenizer="huggingface", codec="mimi", codec_in_repos=False,
+                     needs_config=True)}

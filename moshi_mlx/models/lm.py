@@ -220,6 +220,26 @@ def describe(config: LmConfig) -> str:
 
 
 STORED_DTYPE = "BF16"  # official checkpoints, both layouts
+CONFIG_MARKERS = ("text_card", "dep_q", "n_q")  # official config.json keys (no model_type)
+
+# Files and released repos, by model_type (moshi_mlx.loading.families.FamilyFiles).
+_MOSHI_REPOS = {voice: {4: f"kyutai/{voice}-mlx-q4", 8: f"kyutai/{voice}-mlx-q8",
+                        None: f"kyutai/{voice}-mlx-bf16"} for voice in ("moshiko", "moshika")}
+FILES = {
+    "moshi": dict(name="Moshi", repos=_MOSHI_REPOS,
+                  commands=("moshi_mlx.local", "moshi_mlx.local_web", "weights_convert"),
+                  layouts={"mlx": ("depformer.slices.",),
+                           "pytorch": ("depformer_in.", "linears.", "depformer."),
+                           "transformers": ("depth_decoder.layers.", "decoder.model.layers.")},
+                  tokenizer="sentencepiece", tokenizer_name="tokenizer_spm_32k_3.model",
+                  codec="mimi"),
+    "stt": dict(name="Kyutai STT", commands=("moshi_mlx.stt", "weights_convert"),
+                repos={"1b": {None: "kyutai/stt-1b-en_fr-mlx"},
+                       "2.6b": {None: "kyutai/stt-2.6b-en-mlx"}},
+                layouts={"official": ("transformer.layers.",),
+                         "transformers": ("model.embed_tokens.embed_tokens.",)},
+                tokenizer="sentencepiece", codec="mimi", needs_config=True),
+}
 
 EXTRA_HEAD_KEY = re.compile(r"extra_heads\.(\d+)\.weight")
 

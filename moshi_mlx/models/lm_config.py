@@ -22,7 +22,7 @@ from moshi_mlx.models.lm_layouts import (
 # the quantization is read from the weight file itself.
 _METADATA_KEYS = frozenset(
     {"model_type", "moshi_name", "mimi_name", "tokenizer_name", "lm_gen_config", "model_id",
-     "quantization"}
+     "quantization", "codec_config"}  # codec_config: the Mimi a converted folder carries
 )
 
 # Features of later official configs that this model does not have: accepted only with the

@@ -61,6 +61,15 @@ class MimiConfig:
     def downsample_stride(self) -> int:
         return self.frame_size // self.seanet.hop_length
 
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> MimiConfig:
+        """From a transformers Mimi config.json, the one config file form Mimi has."""
+        return cls(**mimi_layouts.config_from_transformers(data, source))
+
+    @classmethod
+    def default(cls) -> MimiConfig:
+        return cls()
+
 
 class LayerScale(nn.Module):
     def __init__(self, dim: int) -> None:
@@ -338,3 +347,22 @@ class MimiStream:
 def sanitize(weights: dict[str, mx.array], cfg: MimiConfig | None = None) -> dict[str, mx.array]:
     """Tensors of the official or the transformers layout -> ours (see `mimi_layouts`)."""
     return mimi_layouts.sanitize(weights, cfg or MimiConfig())
+
+
+# ---- the family interface of `moshi_mlx.loading` (load_mimi reads the weights; never quantized)
+
+Config = MimiConfig
+Model = Mimi
+DESCRIPTION = "Mimi"
+STORED_DTYPE = None
+FILES = {"mimi": dict(name="Mimi", commands=("moshi_mlx.mimi",),
+                      repos={"mimi": {None: "kyutai/moshiko-pytorch-bf16"}},
+                      weights={None: "tokenizer-e351c8d8-checkpoint125.safetensors"},
+                      layouts={"official": ("encoder.model.", "quantizer.rvq_first."),
+                               "transformers": ("encoder.layers.", "encoder_transformer.layers.")},
+                      bundled_prefixes=(mimi_layouts.BUNDLED_PREFIX,
+                                        mimi_layouts.STT_BUNDLED_PREFIX))}
+
+
+def quant_predicate(path: str, module: nn.Module) -> bool:
+    return False

@@ -214,6 +214,8 @@ def bundled_mimi(data: dict[str, Any], source: str) -> tuple[dict[str, Any] | No
     key, prefix = _BUNDLING_CONFIGS.get(data.get("model_type"), (None, ""))
     if key is not None and isinstance(data.get(key), dict):
         return config_from_transformers(data[key], f"{source} {key}"), prefix
+    if isinstance(data.get("codec_config"), dict):  # CSM's, and weights_convert folders'
+        return config_from_transformers(data["codec_config"], f"{source} codec_config"), ""
     return None, ""
 
 
