@@ -62,9 +62,9 @@ class ModelFamily(Protocol):
     - `FILES`: model_type -> FamilyFiles keyword arguments.
 
     Optional hooks: `describe(config)`, `fit_config(config, tensors)` (the config fitted to
-    optional parts a checkpoint may or may not have), `complete_config(data, read_beside)` (config.json
-    data completed from the files beside it, read by `read_beside(name)`) and `CONFIG_MARKERS` (keys that identify its
-    config.json when `model_type` is absent).
+    optional parts a checkpoint may or may not have), `complete_config(data, read_beside)`
+    (config.json data completed from the files beside it, read by `read_beside(name)`) and
+    `CONFIG_MARKERS` (keys that identify its config.json when `model_type` is absent).
     """
 
     Config: type[FamilyConfig]
