@@ -55,8 +55,8 @@ def test_the_default_mimi_repo_is_spelled_once():
     holders = [path for path in (REPO_ROOT / "moshi_mlx").rglob("*.py") if repo in
                path.read_text()]
     assert holders == [REPO_ROOT / "moshi_mlx" / "models" / "mimi.py"]
-    from moshi_mlx.mimi import _parser as mimi_parser
-    from moshi_mlx.tts import _parser as tts_parser
+    from moshi_mlx.mimi import build_parser as mimi_parser
+    from moshi_mlx.tts import build_parser as tts_parser
 
     assert mimi_parser().parse_args(["encode", "a.wav", "b.npy"]).weights == repo
     assert repo in tts_parser().format_help()

@@ -122,7 +122,7 @@ def _config(explicit: PathLike | None, home: PathLike | None, required: bool) ->
 def _fetch_companions(repo: PathLike, config: Path) -> None:
     """Files a config reads beside itself, fetched with it from a repo: a transformers STT
     config keeps its stt_config in preprocessor_config.json (kyutai/stt-*-trfs)."""
-    from moshi_mlx.models.lm_config import (
+    from moshi_mlx.models.lm_layouts import (
         TRANSFORMERS_STT_MODEL_TYPE,
         TRANSFORMERS_STT_PREPROCESSOR,
     )
