@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import logging
-import socket
 import sys
 from pathlib import Path
 
 from moshi_mlx.cli.options import add_model_args, build_engine, command_prog
 from moshi_mlx.errors import MoshiError, cli_errors
+from moshi_mlx.web.address import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    check_port_free,
+    is_loopback,
+    page_url,
+    port,
+)
 from moshi_mlx.web.server import OUR_PAGE, ChatServer, bound_port, serve
-
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8998
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"address to listen on (default {DEFAULT_HOST}, this machine only; "
         "0.0.0.0 opens it to your network)",
     )
-    web_group.add_argument("--port", type=_port, default=DEFAULT_PORT,
+    web_group.add_argument("--port", type=port, default=DEFAULT_PORT,
                            help=f"port (default {DEFAULT_PORT})")
     web_group.add_argument(
         "--static", metavar="DIR", default=None,
@@ -58,45 +61,6 @@ def resolve_page(static: str | None) -> str | Path | None:
     return folder
 
 
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be between 0 and 65535, got {value}")
-    return value
-
-
-def check_port_free(host: str, port: int) -> None:
-    """Fail before the (long) model load when the address cannot be listened on."""
-    try:
-        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
-        family, kind, proto, _, address = infos[0]
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind(address)
-    except OSError as exc:
-        raise MoshiError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-
-
-def page_url(host: str, port: int) -> str:
-    if host in ("", "0.0.0.0", "::", "localhost", "127.0.0.1", "::1"):
-        name = "localhost"
-    elif ":" in host:
-        name = f"[{host}]"
-    else:
-        name = host
-    return f"http://{name}:{port}"
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 async def _serve_forever(server: ChatServer, host: str, port: int) -> None:
     try:
         runner = await serve(server, host, port)
@@ -105,7 +69,7 @@ async def _serve_forever(server: ChatServer, host: str, port: int) -> None:
     try:
         url = page_url(host, bound_port(runner))
         print(f"Moshi is ready: open {url} in your browser (Ctrl-C to stop)", flush=True)
-        if not _is_loopback(host):
+        if not is_loopback(host):
             print(f"note: listening on {host}, reachable from other machines", flush=True)
         await asyncio.Event().wait()
     finally:

@@ -16,15 +16,11 @@ the official MLX files have none; --vad-weights kyutai/stt-1b-en_fr-candle adds 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
-from moshi_mlx.cli.codes import load_codes
+from moshi_mlx.audio.devices import check_input_device
 from moshi_mlx.cli.options import (
     ModelOptions,
     SamplingOptions,
@@ -37,11 +33,10 @@ from moshi_mlx.cli.options import (
 )
 from moshi_mlx.cli.outputs import names_folder, output_file, output_folder
 from moshi_mlx.errors import MoshiError, WeightsError, cli_errors
+from moshi_mlx.transcription.formats import FORMATS, render
 
 if TYPE_CHECKING:
     from moshi_mlx.loading.resolve import ResolvedFiles
-
-FORMATS = ("text", "json", "srt", "vtt")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,59 +97,7 @@ def resolve_stt_files(args: argparse.Namespace, need_mimi: bool) -> ResolvedFile
                    codec=args.mimi_weight, need_codec=need_mimi)
 
 
-def load_stt_codes(path: Path, n_q: int) -> np.ndarray:
-    """Mimi codes [n_q, T] for the STT model (cli.load_codes, plus the codebook count)."""
-    codes = load_codes(path)
-    if codes.shape[0] != n_q:
-        raise MoshiError(f"{path} holds {codes.shape[0]} codebooks; the STT model reads {n_q}")
-    return codes
-
-
 # --------------------------------------------------------------------------- output
-
-
-def _clock(seconds: float, separator: str) -> str:
-    millis = int(round(seconds * 1000))
-    hours, millis = divmod(millis, 3_600_000)
-    minutes, millis = divmod(millis, 60_000)
-    secs, millis = divmod(millis, 1000)
-    return f"{hours:02d}:{minutes:02d}:{secs:02d}{separator}{millis:03d}"
-
-
-def subtitle_cues(transcript, max_words: int = 12, max_seconds: float = 5.0,
-                  max_gap: float = 1.0) -> list[tuple[float, float, str]]:
-    """Words grouped into cues: a new cue after a pause, an end of turn, or a long line."""
-    cues: list[tuple[float, float, str]] = []
-    turns = sorted(transcript.end_of_turn)
-    current: list = []
-
-    def close() -> None:
-        if current:
-            cues.append((current[0].start, max(current[-1].end, current[0].start + 0.04),
-                         " ".join(w.word for w in current)))
-            current.clear()
-
-    for word in transcript.words:
-        if current and (len(current) >= max_words or word.end - current[0].start > max_seconds
-                        or word.start - current[-1].end > max_gap
-                        or any(current[-1].end <= t < word.start for t in turns)):
-            close()
-        current.append(word)
-    close()
-    return cues
-
-
-def render(transcript, fmt: str) -> str:
-    if fmt == "json":
-        return json.dumps(transcript.to_json_dict(), ensure_ascii=False, indent=2) + "\n"
-    if fmt == "text":
-        return transcript.text + "\n"
-    cues = subtitle_cues(transcript)
-    if fmt == "srt":
-        return "".join(f"{i}\n{_clock(a, ',')} --> {_clock(b, ',')}\n{text}\n\n"
-                       for i, (a, b, text) in enumerate(cues, 1))
-    return "WEBVTT\n\n" + "".join(f"{_clock(a, '.')} --> {_clock(b, '.')}\n{text}\n\n"
-                                  for a, b, text in cues)
 
 
 def _write(path: Path | None, text: str) -> None:
@@ -182,31 +125,6 @@ def _outputs(args: argparse.Namespace, names: list[str]) -> list[Path | None]:
     return [output_file(args.output, f"{Path(names[0]).stem}.{suffix}")]
 
 
-class _Progress:
-    """Progress with the real-time factor on stderr (redrawn in place on a terminal)."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.tty = sys.stderr.isatty()
-
-    def __call__(self, done: float, total: float) -> None:
-        if not self.tty:
-            return
-        spent = time.perf_counter() - self.start
-        sys.stderr.write(f"\r{100 * done / total:5.1f}%  {done:.1f}/{total:.1f} s of audio, "
-                         f"{done / max(spent, 1e-9):.2f}x real time")
-        sys.stderr.flush()
-
-    def finish(self, audio_seconds: float, streams: int) -> None:
-        spent = time.perf_counter() - self.start
-        if self.tty:
-            sys.stderr.write("\n")
-        sys.stderr.write(
-            f"{streams} stream(s), {audio_seconds:.1f} s of audio each at most, in {spent:.1f} s: "
-            f"real-time factor {spent / max(audio_seconds, 1e-9):.3f} "
-            f"({audio_seconds / max(spent, 1e-9):.2f}x real time)\n")
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -229,18 +147,29 @@ def main(argv: list[str] | None = None) -> int:
         from moshi_mlx.audio.devices import parse_device
 
         args.input_device = parse_device(args.input_device)
-        _check_input(args.input_device)
+        check_input_device(args.input_device)  # before loading the model
     outputs = _outputs(args, names)
     files = resolve_stt_files(args, need_mimi=args.codes is None)
     transcriber = _load(args, files)
     print_blas_hint()
     if args.codes is not None:
+        from moshi_mlx.transcription.files import load_stt_codes, transcribe_codes
+
         codes = load_stt_codes(args.codes, transcriber.lm.cfg.n_q)
-        transcripts = [_transcribe_codes(transcriber, codes)]
+        transcripts = [transcribe_codes(transcriber, codes)]
     elif args.mic:
-        transcripts = [_transcribe_mic(transcriber, args)]
+        from moshi_mlx.transcription.live import transcribe_mic
+
+        # The live text goes to stdout when it is the output, else to the terminal (stderr).
+        text_stream = sys.stdout if args.format == "text" and args.output is None else sys.stderr
+        transcripts = [transcribe_mic(transcriber, args.input_device, args.duration,
+                                      text_stream)]
     else:
-        transcripts = _transcribe_files(transcriber, pcms, args, outputs)
+        from moshi_mlx.transcription.files import transcribe_files
+
+        # One file to the terminal: the text is printed as it is transcribed.
+        print_text = args.format == "text" and len(pcms) == 1 and outputs[0] is None
+        transcripts = transcribe_files(transcriber, pcms, print_text)
     for name, transcript, output in zip(names, transcripts, outputs, strict=True):
         if args.format == "text" and output is None and len(names) == 1 and not args.codes:
             continue  # already streamed (files and --mic)
@@ -270,101 +199,6 @@ def _load(args: argparse.Namespace, files: ResolvedFiles):
               file=sys.stderr)
     return Transcriber(lm, tokenizer, mimi, temp=sampling.temp, top_k=sampling.top_k,
                        seed=model.seed, eot_threshold=args.eot_threshold)
-
-
-def _transcribe_codes(transcriber, codes: np.ndarray):
-    from moshi_mlx.transcription.transcriber import transcript_from_events
-
-    transcriber.reset(1)
-    events = transcriber.feed_codes(codes) + transcriber.flush()
-    return transcript_from_events(events, transcriber.stream_text(0), codes.shape[1] / 12.5,
-                                  transcriber.text_time)
-
-
-def _transcribe_files(transcriber, pcms: list[np.ndarray], args, outputs):
-    from moshi_mlx.transcription.transcriber import TextPiece
-
-    progress = _Progress()
-    on_events = None
-    live = args.format == "text" and len(pcms) == 1 and outputs[0] is None
-    if live:  # one file to the terminal: the text is printed as it is transcribed
-
-        def on_events(events) -> None:
-            pieces = "".join(e.text for e in events if isinstance(e, TextPiece))
-            if pieces:
-                sys.stdout.write(pieces)
-                sys.stdout.flush()
-
-        progress.tty = False  # the text is the progress
-    transcripts = transcriber.transcribe_pcm(pcms, chunk_frames=4, progress=progress,
-                                             on_events=on_events)
-    if live:
-        sys.stdout.write("\n")
-    progress.finish(max(len(p) for p in pcms) / 24000, len(pcms))
-    return transcripts
-
-
-def _check_input(device) -> None:
-    from moshi_mlx.audio.devices import _device_info, sounddevice
-
-    _device_info(sounddevice(), device, "input")  # AudioError (one line) before loading
-
-
-def _print_live(events, stream=None) -> None:
-    from moshi_mlx.transcription.transcriber import EndOfTurn, TextPiece
-
-    out = []
-    for event in events:
-        if isinstance(event, TextPiece):
-            out.append(event.text)
-        elif isinstance(event, EndOfTurn):
-            out.append(" [end of turn]\n")
-    if out:
-        stream = stream or sys.stdout
-        stream.write("".join(out))
-        stream.flush()
-
-
-def _transcribe_mic(transcriber, args, opener=None):
-    """Live: capture -> Mimi -> LM as the audio comes; Ctrl-C stops, then the flush pushes the
-    silence at once so the last words come out without waiting for them to be spoken."""
-    from moshi_mlx.audio.capture import MicCapture
-    from moshi_mlx.transcription.transcriber import transcript_from_events
-
-    capture = MicCapture(args.input_device, **({} if opener is None else {"opener": opener}))
-    transcriber.reset(1)
-    events = []
-    fed = 0
-    worst_backlog = 0.0
-    # The live text goes to stdout when it is the output, else to the terminal (stderr).
-    live = sys.stdout if args.format == "text" and args.output is None else sys.stderr
-    capture.start()
-    print(f"listening on {capture.name} (Ctrl-C to stop)", file=sys.stderr)
-    started = time.perf_counter()
-    try:
-        while args.duration is None or fed < args.duration * 24000:
-            pcm = capture.read(timeout=0.5)
-            if args.duration is not None:
-                pcm = pcm[: max(0, int(args.duration * 24000) - fed)]
-            if pcm.size:
-                fed += pcm.size
-                new = transcriber.feed(pcm)
-                events += new
-                _print_live(new, live)
-                worst_backlog = max(worst_backlog, capture.backlog_seconds)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        capture.close()
-    new = transcriber.flush()
-    events += new
-    _print_live(new, live)
-    live.write("\n")
-    spent = time.perf_counter() - started
-    print(f"{fed / 24000:.1f} s of audio; worst backlog {worst_backlog:.2f} s, dropped "
-          f"{capture.dropped_seconds:.2f} s; compute {spent:.1f} s", file=sys.stderr)
-    return transcript_from_events(events, transcriber.stream_text(0), fed / 24000,
-                                  transcriber.text_time)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,13 @@ spoken sentence by sentence, each conditioned on the context and the sentences b
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from moshi_mlx.audio.rates import FRAME_RATE
 from moshi_mlx.cli.options import (
     ModelOptions,
     SamplingOptions,
@@ -34,8 +35,11 @@ from moshi_mlx.cli.options import (
 )
 from moshi_mlx.cli.outputs import output_file
 from moshi_mlx.errors import MoshiError, cli_errors
+from moshi_mlx.speech.context import as_int
 
-FRAME_RATE = 12.5
+if TYPE_CHECKING:
+    from moshi_mlx.speech.generate import Segment
+
 OUTPUT_NAME = "speech"  # the file name -o / --codes-out give inside a folder
 
 
@@ -94,61 +98,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _int(value: object, what: str) -> int:
-    if isinstance(value, bool):
-        raise MoshiError(f"{what} must be an int, got {value!r}")
-    if isinstance(value, int):
-        return value
-    try:
-        return int(str(value).strip())
-    except ValueError:
-        raise MoshiError(f"{what} must be an int, got {value!r}") from None
+def _context(args: argparse.Namespace, speaker: int) -> list[Segment]:
+    """--context's turns, then one per --context-audio (its text and speaker paired in order)."""
+    from moshi_mlx.speech.context import audio_turns, read_context_file
 
-
-def _context_from_file(path: Path):
-    from moshi_mlx.audio.io import read_audio
-    from moshi_mlx.speech.generate import Segment
-
-    try:
-        turns = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MoshiError(f"{path}: cannot read the context JSON ({exc})") from None
-    if not isinstance(turns, list):
-        raise MoshiError(f"{path}: expected a JSON list of turns")
-    segments = []
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict) or not {"speaker", "text"} <= turn.keys():
-            raise MoshiError(f"{path}: turn {i} needs 'speaker' and 'text'")
-        extra = set(turn) - {"speaker", "text", "audio", "codes"}
-        if extra:
-            raise MoshiError(f"{path}: turn {i} has unknown keys {sorted(extra)}")
-        speaker = _int(turn["speaker"], f"{path}: turn {i} speaker")
-        audio = codes = None
-        if turn.get("audio"):
-            audio = read_audio(path.parent / turn["audio"])
-        if turn.get("codes"):
-            from moshi_mlx.cli.codes import load_codes
-
-            codes = load_codes(path.parent / turn["codes"])
-        segments.append(Segment(speaker, str(turn["text"]), audio=audio, codes=codes))
-    return segments
-
-
-def _context(args: argparse.Namespace, speaker: int):
-    from moshi_mlx.audio.io import read_audio
-    from moshi_mlx.speech.generate import Segment
-
-    segments = _context_from_file(args.context) if args.context else []
+    segments = read_context_file(args.context) if args.context else []
     if len(args.context_text) != len(args.context_audio):
         raise MoshiError("each --context-audio needs its --context-text (the transcript), "
                          f"got {len(args.context_audio)} audio and {len(args.context_text)} "
                          "texts")
     if args.context_speaker and len(args.context_speaker) != len(args.context_audio):
         raise MoshiError("give one --context-speaker per --context-audio (or none)")
-    speakers = args.context_speaker or [speaker] * len(args.context_audio)
-    for audio, text, spk in zip(args.context_audio, args.context_text, speakers, strict=True):
-        segments.append(Segment(_int(spk, "--context-speaker"), text, audio=read_audio(audio)))
-    return segments
+    speakers = [as_int(spk, "--context-speaker") for spk in args.context_speaker] or \
+        [speaker] * len(args.context_audio)
+    return segments + audio_turns(args.context_audio, args.context_text, speakers)
 
 
 def _max_frames(args: argparse.Namespace) -> int | None:
@@ -180,24 +143,6 @@ def _load(args: argparse.Namespace, options: ModelOptions, needs_mimi: bool):
     return model, load_tokenizer(files.tokenizer), mimi
 
 
-def _watermarked(audio: np.ndarray, args: argparse.Namespace) -> np.ndarray:
-    """The whole clip for -o, marked as Sesame marks its output when silentcipher can be
-    loaded; otherwise unchanged, with a one-line note (the audio is written either way)."""
-    from moshi_mlx.audio.rates import SAMPLE_RATE
-    from moshi_mlx.speech.watermark import WatermarkUnavailable, load_watermarker
-
-    if args.no_watermark:
-        return audio
-    try:
-        watermarker = load_watermarker()
-    except WatermarkUnavailable as exc:
-        print(f"note: audio not watermarked ({exc})", file=sys.stderr)
-        return audio
-    marked = watermarker.apply(audio, SAMPLE_RATE)
-    print("watermarked with silentcipher (Sesame's key)", file=sys.stderr)
-    return marked
-
-
 def _streamed_watermark_note(args: argparse.Namespace) -> None:
     if not args.no_watermark:
         what = "the --stream WAV" if args.stream else "the played audio"
@@ -214,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.text is None:
         raise MoshiError("nothing to say: give the text, e.g. moshi-tts \"Hello.\" -o out.wav")
-    speaker = _int(args.speaker, "--speaker")
+    speaker = as_int(args.speaker, "--speaker")
     options = ModelOptions.from_args(args)
     sampling = SamplingOptions.from_args(args)
     max_frames = _max_frames(args)
@@ -240,17 +185,22 @@ def main(argv: list[str] | None = None) -> int:
     print_blas_hint()
     frames = stream_long_speech(model, tokenizer, args.text, speaker, context,
                                 sampling.temp, sampling.top_k, max_frames, options.seed, mimi)
+    watermark = not args.no_watermark
     if args.play:
-        codes = _play(args, frames, mimi)
+        from moshi_mlx.speech.output import play
+
+        codes = play(frames, mimi, args.output_device, args.prebuffer, wav=args.output,
+                     stream_wav=args.stream, watermark=watermark)
     elif args.stream:
-        codes = _write_streaming(args.output, frames, mimi)
+        from moshi_mlx.speech.output import write_streaming
+
+        codes = write_streaming(args.output, frames, mimi)
     else:
         codes = list(frames)
         if args.output is not None:
-            from moshi_mlx.audio.io import write_audio
+            from moshi_mlx.speech.output import write_clip
 
-            audio = frames_to_audio(mimi, _stack(codes, model))
-            write_audio(args.output, _watermarked(audio, args))
+            write_clip(args.output, frames_to_audio(mimi, _stack(codes, model)), watermark)
     result = _stack(codes, model)
     if args.codes_out is not None:
         from moshi_mlx.cli.codes import save_npy
@@ -264,84 +214,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _stack(frames: list[np.ndarray], model) -> np.ndarray:
     return np.stack(frames) if frames else np.zeros((0, model.cfg.num_codebooks), np.int32)
-
-
-def _write_streaming(path: Path, frames, mimi) -> list[np.ndarray]:
-    """Decode and append each frame as it comes; the file is closed (valid) on Ctrl-C too."""
-
-    from moshi_mlx.speech.generate import stream_audio
-
-    done: list[np.ndarray] = []
-
-    def remember(frames):
-        for frame in frames:
-            done.append(frame)
-            yield frame
-
-    out = _open_wav(path)
-    written = 0
-    try:
-        for pcm in stream_audio(mimi, remember(frames)):
-            out.write(pcm)
-            out.flush()
-            written += 1
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: {path} holds the first {written} frames", file=sys.stderr)
-    finally:
-        out.close()
-    return done[:written]
-
-
-def _play(args: argparse.Namespace, frames, mimi) -> list[np.ndarray]:
-    """Decode each frame as it comes and queue it for the speaker (and the WAV: written frame
-    by frame with --stream, else at the end with what was played). Ctrl-C stops at once and
-    keeps the frames decoded so far."""
-    from moshi_mlx.audio.player import StreamPlayer
-    from moshi_mlx.speech.generate import stream_audio
-
-    done: list[np.ndarray] = []
-    pcms: list[np.ndarray] = []
-
-    def remember(frames):
-        for frame in frames:
-            done.append(frame)
-            yield frame
-
-    out = _open_wav(args.output) if args.stream else None
-    player = StreamPlayer(args.output_device, prebuffer=args.prebuffer)
-    try:
-        player.open()
-        print(f"playing on {player.name}", file=sys.stderr, flush=True)
-        for pcm in stream_audio(mimi, remember(frames)):
-            player.write(pcm)
-            pcms.append(pcm)
-            if out is not None:
-                out.write(pcm)
-                out.flush()
-        player.finish()
-    except KeyboardInterrupt:
-        print(f"\ninterrupted after {len(pcms)} frames", file=sys.stderr)
-    finally:
-        player.close()
-        if out is not None:
-            out.close()
-    if args.output is not None and not args.stream:
-        from moshi_mlx.audio.io import write_audio
-
-        audio = np.concatenate(pcms) if pcms else np.zeros(0, np.float32)
-        write_audio(args.output, _watermarked(audio, args))
-    print(player.stats.summary_line(), file=sys.stderr)
-    return done[: len(pcms)]
-
-
-def _open_wav(path: Path):
-    import soundfile
-
-    try:
-        return soundfile.SoundFile(str(path), "w", samplerate=24000, channels=1,
-                                   subtype="FLOAT", format="WAV")
-    except Exception as exc:
-        raise MoshiError(f"{path}: cannot write audio ({exc})") from None
 
 
 if __name__ == "__main__":

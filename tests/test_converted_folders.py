@@ -123,7 +123,8 @@ def _moshi_commands(folder: Path, source: dict, wav: Path, tmp_path: Path) -> No
     from moshi_mlx import local, local_web, mimi
     from moshi_mlx.cli.options import resolve_model_files
 
-    files = resolve_model_files(local_web.build_parser().parse_args(["--hf-repo", str(folder), "-q", "4"]))
+    args = local_web.build_parser().parse_args(["--hf-repo", str(folder), "-q", "4"])
+    files = resolve_model_files(args)
     assert {files.weight.parent, files.codec.parent, files.tokenizer.parent} == {folder}
     out = tmp_path / "out.wav"
     assert local.main(["--hf-repo", str(folder), "-q", "4", "--input-file", str(wav),

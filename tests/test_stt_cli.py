@@ -169,7 +169,7 @@ def test_mic_live_transcript(monkeypatch, fixtures_dir, model_args, random_mimi_
     from moshi_mlx.audio import capture, io
 
     speech = io.read_audio(fixtures_dir / "speech.wav")[: 24000 * 3]
-    monkeypatch.setattr(stt, "_check_input", lambda device: None)
+    monkeypatch.setattr(stt, "check_input_device", lambda device: None)
     monkeypatch.setattr(capture.devices, "open_stream", FakeInput(speech))
     code, out, err = run_cli([*model_args, "--mimi-weight", str(random_mimi_path), "--mic",
                               "--duration", "2", "--format", "json"], capsys)

@@ -113,7 +113,7 @@ def test_a_moshi_checkpoint_is_refused(tmp_path, capsys):
 
 
 def test_ctrl_c_while_streaming_leaves_a_valid_wav(mimi32, csm_library, tmp_path):
-    from moshi_mlx.tts import _write_streaming
+    from moshi_mlx.speech.output import write_streaming
 
     frames = generate_speech(*csm_library, "Hello from Sesame.", 0, temperature=0, max_frames=3)
 
@@ -123,7 +123,7 @@ def test_ctrl_c_while_streaming_leaves_a_valid_wav(mimi32, csm_library, tmp_path
         raise KeyboardInterrupt
 
     wav = tmp_path / "cut.wav"
-    kept = _write_streaming(wav, interrupted(), mimi32)
+    kept = write_streaming(wav, interrupted(), mimi32)
     assert len(kept) == 2
     pcm, rate = soundfile.read(str(wav), dtype="float32")
     assert rate == 24000 and pcm.shape == (2 * FRAME,)

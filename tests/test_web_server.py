@@ -20,8 +20,9 @@ import aiohttp
 import numpy as np
 import pytest
 
-from moshi_mlx.local_web import build_parser, page_url
+from moshi_mlx.local_web import build_parser
 from moshi_mlx.web import protocol
+from moshi_mlx.web.address import page_url
 from moshi_mlx.web.server import ChatServer, bound_port, serve
 
 FRAME = 1920

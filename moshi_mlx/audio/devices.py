@@ -61,6 +61,11 @@ def check_devices(input_device: str | int | None, output_device: str | int | Non
     _device_info(sd, output_device, "output")
 
 
+def check_input_device(device: str | int | None) -> None:
+    """Fail early when the named or default microphone does not exist (capture only)."""
+    _device_info(sounddevice(), device, "input")
+
+
 def check_output_device(device: str | int | None) -> None:
     """Fail early when the named or default speaker does not exist (playback only)."""
     _device_info(sounddevice(), device, "output")
