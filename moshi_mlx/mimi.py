@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moshi_mlx.audio.codes import load_codes, save_npy
 from moshi_mlx.audio.rates import SAMPLE_RATE
-from moshi_mlx.cli.codes import load_codes, save_npy
 from moshi_mlx.cli.options import command_prog, print_blas_hint
 from moshi_mlx.cli.outputs import output_file
 from moshi_mlx.errors import MoshiError, cli_errors

@@ -32,7 +32,7 @@ from moshi_mlx.cli.options import (
     show_devices,
 )
 from moshi_mlx.cli.outputs import names_folder, output_file, output_folder
-from moshi_mlx.errors import MoshiError, WeightsError, cli_errors
+from moshi_mlx.errors import MoshiError, cli_errors
 from moshi_mlx.transcription.formats import FORMATS, render
 
 if TYPE_CHECKING:
@@ -181,24 +181,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load(args: argparse.Namespace, files: ResolvedFiles):
-    from moshi_mlx.loading.models import load_lm, load_mimi
-    from moshi_mlx.loading.text_tokenizer import load_sentencepiece
-    from moshi_mlx.transcription.transcriber import Transcriber
+    from moshi_mlx.transcription.loader import transcriber_from_files
 
-    model = ModelOptions.from_args(args)
     sampling = SamplingOptions.from_args(args)
-    lm = load_lm(files.weight, config=files.config, vad_weights=args.vad_weights,
-                 **model.load_kwargs())
-    tokenizer = load_sentencepiece(files.tokenizer)
-    if tokenizer.get_piece_size() < lm.cfg.text_card:
-        raise WeightsError(f"{files.tokenizer} has {tokenizer.get_piece_size()} pieces, the "
-                           f"model {lm.cfg.text_card}: not this model's tokenizer")
-    mimi = None if files.codec is None else load_mimi(files.codec, num_codebooks=lm.cfg.n_q)
-    if not lm.extra_heads:
+    transcriber = transcriber_from_files(
+        files, ModelOptions.from_args(args), vad_weights=args.vad_weights, temp=sampling.temp,
+        top_k=sampling.top_k, eot_threshold=args.eot_threshold)
+    if not transcriber.lm.extra_heads:
         print("note: these weights have no VAD heads: no end of turn (--vad-weights adds them)",
               file=sys.stderr)
-    return Transcriber(lm, tokenizer, mimi, temp=sampling.temp, top_k=sampling.top_k,
-                       seed=model.seed, eot_threshold=args.eot_threshold)
+    return transcriber
 
 
 if __name__ == "__main__":

@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             write_clip(args.output, frames_to_audio(mimi, _stack(codes, model)), watermark)
     result = _stack(codes, model)
     if args.codes_out is not None:
-        from moshi_mlx.cli.codes import save_npy
+        from moshi_mlx.audio.codes import save_npy
 
         save_npy(args.codes_out, result.T.copy())
     print(f"{len(result)} frames, {len(result) / FRAME_RATE:.2f} s of audio", file=sys.stderr)

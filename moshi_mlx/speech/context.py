@@ -54,7 +54,7 @@ def read_context_file(path: Path) -> list[Segment]:
         if turn.get("audio"):
             audio = read_audio(path.parent / turn["audio"])
         if turn.get("codes"):
-            from moshi_mlx.cli.codes import load_codes
+            from moshi_mlx.audio.codes import load_codes
 
             codes = load_codes(path.parent / turn["codes"])
         segments.append(Segment(speaker, str(turn["text"]), audio=audio, codes=codes))

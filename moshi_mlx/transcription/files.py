@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moshi_mlx.audio.codes import load_codes
 from moshi_mlx.audio.rates import FRAME_RATE, SAMPLE_RATE
-from moshi_mlx.cli.codes import load_codes
 from moshi_mlx.errors import MoshiError
 from moshi_mlx.transcription.live import print_events
 from moshi_mlx.transcription.transcriber import Transcriber, Transcript, transcript_from_events
@@ -63,7 +63,7 @@ def transcribe_files(transcriber: Transcriber, pcms: Sequence[np.ndarray],
 
 
 def load_stt_codes(path: Path, n_q: int) -> np.ndarray:
-    """Mimi codes [n_q, T] for the STT model (cli.codes.load_codes, plus the codebook count)."""
+    """Mimi codes [n_q, T] for the STT model (audio.codes.load_codes, plus the codebook count)."""
     codes = load_codes(path)
     if codes.shape[0] != n_q:
         raise MoshiError(f"{path} holds {codes.shape[0]} codebooks; the STT model reads {n_q}")
