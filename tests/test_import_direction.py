@@ -60,3 +60,46 @@ def test_no_import_statement_in_models_or_modules_names_the_loader():
             if found:
                 offending[str(path.relative_to(ROOT))] = found
     assert offending == {}
+
+
+# Rooms by kind, lowest first: a module may import its own room and the rooms below it, never
+# one above (README "Layout"). audio/ (the clock, files, devices) and errors are leaves that
+# every room may use; cli/ and web/ are the front ends the entry points stand on.
+LAYERS = (
+    {"errors", "audio"},
+    {"modules"},
+    {"models"},
+    {"loading"},
+    {"conversation", "transcription", "speech"},
+    {"cli", "web"},
+    {"entry"},
+)
+ENTRY_POINTS = {"local", "local_web", "stt", "tts", "mimi"}
+
+
+def _room(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[0] != "moshi_mlx" or len(parts) < 2:
+        return None
+    return "entry" if parts[1] in ENTRY_POINTS else parts[1]
+
+
+def _layer(room: str) -> int:
+    return next(i for i, rooms in enumerate(LAYERS) if room in rooms)
+
+
+def test_rooms_import_only_their_own_layer_and_those_below():
+    upward = {}
+    for path in sorted((ROOT / "moshi_mlx").rglob("*.py")):
+        if path.name == "__init__.py" and path.parent.name == "moshi_mlx":
+            continue  # the public API names every room, lazily
+        source = _room(".".join(path.relative_to(ROOT).with_suffix("").parts))
+        for name in _imported_names(path):
+            target = _room(name)
+            if target is None and name == "moshi_mlx":
+                target = "the package root"
+            if target == "the package root":
+                upward.setdefault(str(path.relative_to(ROOT)), []).append(name)
+            elif target is not None and _layer(target) > _layer(source):
+                upward.setdefault(str(path.relative_to(ROOT)), []).append(name)
+    assert upward == {}

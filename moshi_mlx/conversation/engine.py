@@ -134,7 +134,8 @@ class Engine:
         options: EngineOptions | None = None,
     ) -> Engine:
         """Load Moshi, Mimi and the text tokenizer from these files and warm the engine up."""
-        from moshi_mlx import LmGen, load_lm
+        from moshi_mlx.conversation.lm_gen import LmGen
+        from moshi_mlx.loading.models import load_lm
         from moshi_mlx.loading.text_tokenizer import load_sentencepiece
         from moshi_mlx.modules.sampling import SamplingSettings
 
@@ -242,6 +243,6 @@ def make_codec(mimi_weight: str | Path, backend: str = "mlx") -> Codec:
             raise MoshiError("--mimi-backend rustymimi needs `pip install rustymimi`") from None
     if backend != "mlx":
         raise MoshiError(f"unknown Mimi backend {backend!r} (use {' or '.join(MIMI_BACKENDS)})")
-    from moshi_mlx import load_mimi
+    from moshi_mlx.loading.models import load_mimi
 
     return MlxCodec(load_mimi(str(mimi_weight), num_codebooks=NUM_CODEBOOKS))
