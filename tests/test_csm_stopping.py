@@ -292,3 +292,37 @@ def test_cli_rejects_a_bad_max_silence(tmp_path, capsys):
               "--max-silence", "0"])
     assert exit_info.value.code == 1
     assert "--max-silence must be > 0 seconds" in capsys.readouterr().err
+
+
+class ScriptedMimi:
+    """Audio by the order of decoding: `levels[i]` dBFS for the i-th frame decoded."""
+
+    def __init__(self, levels: list[float]) -> None:
+        self.levels = list(levels)
+
+    def new_decoder_state(self):
+        return None
+
+    def decode_step(self, codes: np.ndarray, state) -> np.ndarray:
+        return pcm_at(self.levels.pop(0))[None, None]
+
+
+def test_a_silent_tail_ends_its_sentence_and_leaves_the_context(csm_library):
+    """Sentence one turns quiet after 3 frames: with max_silence 0.5 s it stops at the 7th
+    quiet frame, its last 4 frames are dropped, and sentence two is conditioned on the 6
+    frames kept (what a library call with that context gives)."""
+    from moshi_mlx.speech.generate import Segment, stream_long_speech
+
+    model, tokenizer = csm_library
+    one, two = "Hello from Sesame.", "Slowly now."
+    rules = StopRules(max_silence=0.5)
+    speech = stream_long_speech(model, tokenizer, f"{one} {two}", 0, temperature=0, stop=rules)
+    mimi = ScriptedMimi([-20] * 3 + [-60] * 7 + [-20] * 200)
+    out = np.stack([f for f, _ in stream_decoded(mimi, speech)])
+    assert speech.stop_reasons[0] == "silence" and speech.trimmed_frames == 4
+    alone = generate_speech(model, tokenizer, one, 0, temperature=0, max_frames=6)
+    np.testing.assert_array_equal(out[:6], alone)
+    after = generate_speech(model, tokenizer, two, 0, [Segment(0, one, codes=alone.T)],
+                            temperature=0, stop=rules)
+    np.testing.assert_array_equal(out[6:], after)
+    assert speech.stop_reasons[1] in ("eos", "repeat", "budget")

@@ -246,13 +246,11 @@ class SpeechStream:
 
     def hear(self, pcm: np.ndarray) -> str | None:
         """The decoded audio of the frame just returned -> "silence" when it ends the stream
-        (the next call stops), else None."""
-        if self.stop_reason is not None:
+        (the next call stops), else None. Once a stop is decided, audio changes nothing."""
+        if self.stop_reason is not None or self._pending_stop is not None:
             return None
-        reason = self.policy.on_audio(pcm)
-        if reason is not None and self._pending_stop is None:
-            self._pending_stop = reason
-        return reason
+        self._pending_stop = self.policy.on_audio(pcm)
+        return self._pending_stop
 
     @property
     def trim_frames(self) -> int:
@@ -485,6 +483,7 @@ class LongSpeechStream:
         self._spoken: list[Segment] = []
         self._cache = ContextCache(model)
         self._current: SpeechStream | None = None
+        self._sentence = ""
         self._frames: list[np.ndarray] = []
 
     def __iter__(self) -> Iterator[np.ndarray]:
