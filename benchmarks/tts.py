@@ -152,13 +152,13 @@ def our_worker(args: argparse.Namespace) -> None:
         frame_times = []
         t = time.perf_counter()
         for _ in stream_speech(model, tokenizer, args.text, 1, context, max_frames=frames,
-                               seed=0, mimi=mimi):
+                               seed=0, mimi=mimi, stop="eos"):  # mlx-audio's rule
             frame_times.append(time.perf_counter() - t)
             t = time.perf_counter()
         audio_stamps, samples = [], 0
         start = time.perf_counter()
         stream = iter(stream_speech(model, tokenizer, args.text, 1, context,
-                                    max_frames=frames, seed=0, mimi=mimi))
+                                    max_frames=frames, seed=0, mimi=mimi, stop="eos"))
         state = mimi.new_decoder_state()
         while True:
             try:

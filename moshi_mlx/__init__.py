@@ -44,6 +44,8 @@ _EXPORTS = {
     "ContextCache": "moshi_mlx.speech.generate",
     "frames_to_audio": "moshi_mlx.speech.generate",
     "stream_audio": "moshi_mlx.speech.generate",
+    "stream_decoded": "moshi_mlx.speech.generate",
+    "StopRules": "moshi_mlx.speech.stopping",
 }
 
 __all__ = sorted(_EXPORTS)

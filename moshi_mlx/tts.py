@@ -6,11 +6,15 @@
         --context-speaker 0
     python -m moshi_mlx.tts "Hello." --codes-out codes.npy        # no audio: Mimi not loaded
     python -m moshi_mlx.tts "Hello there." --play                 # to the speaker, as it comes
+    python -m moshi_mlx.tts "Hello there." -o out.wav --stop eos  # Sesame's stop rule only
 
 A context file (--context) is a JSON list of turns {"speaker": 0, "text": "...", "audio":
 "turn.wav"} or {..., "codes": "turn.npy"} (paths relative to the JSON file). Long text is
 spoken sentence by sentence, each conditioned on the context and the sentences before it.
 --codes-out writes int32 codes [32, frames], the layout `python -m moshi_mlx.mimi decode` reads.
+Each sentence stops on the first of moshi_mlx.speech.stopping's rules (eos, repeat, silence,
+budget, max, context); the reason is printed at the end. The silence rule hears the audio, so
+it applies when Mimi decodes (-o, --stream, --play), and its trimmed tail is not written.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from moshi_mlx.cli.options import (
 from moshi_mlx.cli.outputs import output_file
 from moshi_mlx.errors import MoshiError, cli_errors
 from moshi_mlx.speech.context import as_int
+from moshi_mlx.speech.stopping import DEFAULT_MAX_SILENCE, RULES, StopRules
 
 if TYPE_CHECKING:
     from moshi_mlx.speech.generate import Segment
@@ -87,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="longest audio per sentence (default: Sesame's 90 s within budget)")
     gen.add_argument("--max-frames", type=int, default=None,
                      help="longest audio per sentence in 80 ms frames (overrides --max-seconds)")
+    gen.add_argument("--stop", choices=RULES, default="all",
+                     help="all: Sesame's all-zero frame, repeats, silence, a frame budget from "
+                          "the text length, the context limit; eos: Sesame's frame and the "
+                          "explicit limits only, as the references (default all)")
+    gen.add_argument("--max-silence", type=float, default=DEFAULT_MAX_SILENCE,
+                     help="seconds of quiet audio after speech that end a sentence, trimmed "
+                          f"(--stop all, with audio out; default {DEFAULT_MAX_SILENCE:g})")
     ctx = p.add_argument_group("conversation context")
     ctx.add_argument("--context", type=Path, default=None, help="JSON list of earlier turns")
     ctx.add_argument("--context-audio", action="append", default=[], type=Path,
@@ -163,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     options = ModelOptions.from_args(args)
     sampling = SamplingOptions.from_args(args)
     max_frames = _max_frames(args)
+    if not args.max_silence > 0:
+        raise MoshiError(f"--max-silence must be > 0 seconds, got {args.max_silence}")
+    stop = StopRules(args.stop, max_silence=args.max_silence)
     if args.output is None and args.codes_out is None and not args.play:
         raise MoshiError("nothing to do: give -o out.wav, --codes-out codes.npy and/or --play")
     if args.stream and args.output is None:
@@ -184,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer, mimi = _load(args, options, needs_mimi)
     print_blas_hint()
     frames = stream_long_speech(model, tokenizer, args.text, speaker, context,
-                                sampling.temp, sampling.top_k, max_frames, options.seed, mimi)
+                                sampling.temp, sampling.top_k, max_frames, options.seed, mimi,
+                                stop=stop)
     watermark = not args.no_watermark
     if args.play:
         from moshi_mlx.speech.output import play
@@ -195,6 +211,11 @@ def main(argv: list[str] | None = None) -> int:
         from moshi_mlx.speech.output import write_streaming
 
         codes = write_streaming(args.output, frames, mimi)
+    elif args.output is not None and stop.rules == "all":  # decoded as frames come: silence
+        from moshi_mlx.speech.output import decode_all, write_clip
+
+        codes, audio = decode_all(frames, mimi)
+        write_clip(args.output, audio, watermark)
     else:
         codes = list(frames)
         if args.output is not None:
@@ -207,9 +228,20 @@ def main(argv: list[str] | None = None) -> int:
 
         save_npy(args.codes_out, result.T.copy())
     print(f"{len(result)} frames, {len(result) / FRAME_RATE:.2f} s of audio", file=sys.stderr)
+    if frames.stop_reasons:
+        print(stop_line(frames.stop_reasons, frames.trimmed_frames), file=sys.stderr)
     if args.play or args.stream:
         _streamed_watermark_note(args)
     return 0
+
+
+def stop_line(reasons: list[str], trimmed_frames: int) -> str:
+    """`stopped: silence (trimmed 0.80 s)`; with several sentences, one reason each."""
+    line = f"stopped: {', '.join(reasons)}"
+    notes = ["one per sentence"] if len(reasons) > 1 else []
+    if trimmed_frames:
+        notes.append(f"trimmed {trimmed_frames / FRAME_RATE:.2f} s")
+    return f"{line} ({'; '.join(notes)})" if notes else line
 
 
 def _stack(frames: list[np.ndarray], model) -> np.ndarray:

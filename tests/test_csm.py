@@ -177,7 +177,8 @@ def test_greedy_frames_and_logits_match_the_references(prompt, layout, compiled,
     max_frames = int(golden["max_frames"][0 if prompt == "a" else 1])
     stream = stream_speech(models[layout], tokenizer, TEXT[prompt], SPEAKER[prompt],
                            context_for(prompt, golden), temperature=0, max_frames=max_frames,
-                           allow_non_codes=True, record_logits=True, compiled=compiled)
+                           allow_non_codes=True, record_logits=True, compiled=compiled,
+                           stop="eos")
     frames = np.stack(list(stream))
     np.testing.assert_array_equal(frames, golden[f"hf_{prompt}_frames"])
     assert stream.stop_reason == str(golden[f"hf_{prompt}_stop"])
@@ -195,7 +196,8 @@ def test_default_masks_ids_that_are_not_mimi_codes(prompt, models, tokenizer, go
     reference = golden[f"hf_{prompt}_frames"]
     max_frames = int(golden["max_frames"][0 if prompt == "a" else 1])
     frames = generate_speech(models["sesame"], tokenizer, TEXT[prompt], SPEAKER[prompt],
-                             context_for(prompt, golden), temperature=0, max_frames=max_frames)
+                             context_for(prompt, golden), temperature=0, max_frames=max_frames,
+                             stop="eos")
     assert frames.dtype == np.int32 and frames.shape[1] == 32
     assert frames.min() >= 0 and frames.max() < 2048
     first = np.argwhere(reference >= 2048)[0]
@@ -323,7 +325,7 @@ def test_context_cache_reuses_the_conversation_so_far(models, tokenizer, golden)
 def test_the_eos_frame_is_not_left_in_the_cache(models, tokenizer, golden):
     cache = ContextCache(models["sesame"])
     stream = stream_speech(models["sesame"], tokenizer, TEXT["a"], 0, temperature=0,
-                           max_frames=24, allow_non_codes=True, cache=cache)
+                           max_frames=24, allow_non_codes=True, cache=cache, stop="eos")
     frames = np.stack(list(stream))
     assert stream.stop_reason == "eos" and len(frames) == 10
     assert len(cache) == len(golden["prompt_a_frames"]) + 10
@@ -381,7 +383,7 @@ def test_a_hub_repo_gives_weights_config_and_tokenizer(monkeypatch, hf_dir, toke
     assert sorted(fetched) == [("sesame/csm-1b", name) for name in
                                ("config.json", "model.safetensors", "tokenizer.json")]
     frames = generate_speech(model, tok, TEXT["a"], 0, temperature=0, max_frames=24,
-                             allow_non_codes=True)
+                             allow_non_codes=True, stop="eos")
     np.testing.assert_array_equal(frames, golden["hf_a_frames"])
 
 
@@ -491,7 +493,7 @@ def test_mlx_audio_layout_loads_as_the_sesame_model(tokenizer, golden, tmp_path)
     assert not flat
     frames = generate_speech(theirs, tokenizer, TEXT["b"], SPEAKER["b"], context_for("b", golden),
                              temperature=0, max_frames=int(golden["max_frames"][1]),
-                             allow_non_codes=True)
+                             allow_non_codes=True, stop="eos")
     np.testing.assert_array_equal(frames, golden["hf_b_frames"])
 
 

@@ -3,7 +3,8 @@
 Prompt: for each context segment, the text rows of `<|begin_of_text|>[speaker]text<|end_of_text|>`,
 then one row per Mimi frame of its audio, then one all-zero audio row (end of audio); then the
 text rows of the target turn. Each generated frame is fed back as one audio row. Generation
-stops on an all-zero frame (not emitted) or after `max_frames`.
+stops on an all-zero frame (not emitted), after `max_frames`, or by the other rules of
+moshi_mlx.speech.stopping (`stop="eos"` keeps only Sesame's rule and the explicit limits).
 
 Ids 2048..2050 of the 2051-entry audio vocabulary are not Mimi codes (every reference's Mimi
 decoder fails on them). By default (`allow_non_codes=False`) their logits are masked before
@@ -17,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -26,9 +27,9 @@ import numpy as np
 from moshi_mlx.errors import MoshiError, WeightsError
 from moshi_mlx.models.csm import Csm
 from moshi_mlx.modules.sampling import Sampler, new_key
+from moshi_mlx.speech.stopping import StopPolicy, StopRules
 
 MIMI_CODES = 2048  # valid Mimi code ids are 0..2047
-SESAME_MAX_FRAMES = 1125  # Sesame's default max_audio_length_ms 90 000 / 80 ms
 SENTENCE_ROOM_FRAMES = 250  # 20 s: room kept for each sentence of a long text
 
 
@@ -195,20 +196,25 @@ class ContextCache:
 
 
 class SpeechStream:
-    """Iterator over generated frames (np.int32 [K] each). After it ends, `stop_reason` is
-    "eos" (the all-zero frame came) or "max" (max_frames reached). `record_logits` keeps each
-    step's codebook-0 logits and each frame's depth logits [K-1, V] (float32 numpy).
+    """Iterator over generated frames (np.int32 [K] each). After it ends, `stop_reason` names
+    why (moshi_mlx.speech.stopping: "eos", "repeat", "silence", "budget", "max", "context").
+    `hear(pcm)` feeds a frame's decoded audio to the silence rule (`stream_decoded` does it);
+    after a "silence" stop the last `trim_frames` frames are the quiet tail to drop.
+    `record_logits` keeps each step's codebook-0 logits and each frame's depth logits [K-1, V]
+    (float32 numpy).
 
     Each frame is one lazy graph (codebook 0, the 31 depth steps and their sampling); the next
     backbone step is queued behind it before the host reads the codes for the EOS check."""
 
-    def __init__(self, model: Csm, tokens: np.ndarray, mask: np.ndarray, max_frames: int,
+    def __init__(self, model: Csm, tokens: np.ndarray, mask: np.ndarray, policy: StopPolicy,
                  sampler: Sampler, seed: int | None, allow_non_codes: bool,
                  record_logits: bool = False, cache: ContextCache | None = None,
                  compiled: bool = True) -> None:
         if cache is not None and cache.model is not model:
             raise MoshiError("this ContextCache belongs to another model")
-        self.model, self.sampler, self.max_frames = model, sampler, max_frames
+        self.model, self.sampler, self.policy = model, sampler, policy
+        self.max_frames = policy.limit
+        self._pending_stop: str | None = None
         self.key = None if sampler.greedy else new_key(seed)
         self.record_logits = record_logits
         self.compiled = compiled
@@ -238,11 +244,28 @@ class SpeechStream:
             self.key = next_key
         return codes, c0_logits, depth
 
+    def hear(self, pcm: np.ndarray) -> str | None:
+        """The decoded audio of the frame just returned -> "silence" when it ends the stream
+        (the next call stops), else None. Once a stop is decided, audio changes nothing."""
+        if self.stop_reason is not None or self._pending_stop is not None:
+            return None
+        self._pending_stop = self.policy.on_audio(pcm)
+        return self._pending_stop
+
+    @property
+    def trim_frames(self) -> int:
+        return self.policy.trim_frames
+
+    @property
+    def may_trim(self) -> int:
+        """How many of the latest frames a silence stop could still drop."""
+        return 0 if self.stop_reason is not None else self.policy.may_trim
+
     def __next__(self) -> np.ndarray:
         if self.stop_reason is not None:
             raise StopIteration
-        if self.frames >= self.max_frames:
-            self.stop_reason = "max"
+        if self._pending_stop is not None or self.frames >= self.max_frames:
+            self.stop_reason = self._pending_stop or self.policy.limit_reason
             raise StopIteration
         frame, c0_logits, depth = self._frame(self._hidden)
         last = self.frames + 1 >= self.max_frames
@@ -255,7 +278,8 @@ class SpeechStream:
             self.c0_logits.append(np.asarray(c0_logits[0].astype(mx.float32)))
             self.depth_logits.append(np.asarray(depth[0].astype(mx.float32)))
         codes = np.asarray(frame[0]).astype(np.int32)
-        if not codes.any():
+        reason = self.policy.on_frame(codes)
+        if reason == "eos":
             self.stop_reason = "eos"
             if not last:  # the zero frame went into the backbone cache: take it out
                 mx.eval(next_hidden)
@@ -265,6 +289,7 @@ class SpeechStream:
         if not last:
             self.cache.commit_frame(codes)
             self._hidden = next_hidden
+        self._pending_stop = reason
         return codes
 
 
@@ -299,9 +324,12 @@ def stream_speech(model: Csm, tokenizer: CsmTokenizer, text: str, speaker: int =
                   context: Sequence[Segment] = (), temperature: float = 0.9, top_k: int = 50,
                   max_frames: int | None = None, seed: int | None = None, mimi=None,
                   allow_non_codes: bool = False, record_logits: bool = False,
-                  cache: ContextCache | None = None, compiled: bool = True) -> SpeechStream:
-    """Like `generate_speech`, as an iterator of frames (np.int32 [K]) produced one by one.
-    compiled=False runs every op eagerly (same results; for debugging and comparison)."""
+                  cache: ContextCache | None = None, compiled: bool = True,
+                  stop: str | StopRules = "all") -> SpeechStream:
+    """Like `generate_speech`, as an iterator of frames (np.int32 [K]) produced one by one;
+    its `stop_reason` tells why it ended. compiled=False runs every op eagerly (same results;
+    for debugging and comparison)."""
+    rules = StopRules.of(stop)
     if not isinstance(text, str) or not text.strip():
         raise MoshiError("nothing to say: the text is empty")
     if temperature < 0:
@@ -318,34 +346,39 @@ def stream_speech(model: Csm, tokenizer: CsmTokenizer, text: str, speaker: int =
         segments.append(seg)
     tokens, mask = build_prompt(tokenizer, segments, speaker, text, k)
     budget = model.cfg.backbone.max_seq_len
-    if max_frames is None:
-        max_frames = min(SESAME_MAX_FRAMES, budget - 1 - len(tokens))
-    elif isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 1:
+    if max_frames is not None and (isinstance(max_frames, bool)
+                                   or not isinstance(max_frames, int) or max_frames < 1):
         raise MoshiError(f"max_frames must be a positive int, got {max_frames!r}")
+    max_frames, limit_reason = rules.limit(text, budget - 1 - len(tokens), max_frames)
     if len(tokens) + max_frames >= budget or max_frames < 1:
         raise MoshiError(f"text and context too long: the prompt takes {len(tokens)} positions, "
                          f"plus {max(max_frames, 1)} frames to generate must stay under "
                          f"{budget}; shorten the text or context")
     sampler = Sampler(temp=float(temperature), top_k=int(top_k))
-    return SpeechStream(model, tokens, mask, max_frames, sampler, seed, allow_non_codes,
-                        record_logits, cache, compiled)
+    return SpeechStream(model, tokens, mask, rules.policy(max_frames, limit_reason), sampler,
+                        seed, allow_non_codes, record_logits, cache, compiled)
 
 
 def generate_speech(model: Csm, tokenizer: CsmTokenizer, text: str, speaker: int = 0,
                     context: Sequence[Segment] = (), temperature: float = 0.9, top_k: int = 50,
                     max_frames: int | None = None, seed: int | None = None, mimi=None,
-                    allow_non_codes: bool = False, cache: ContextCache | None = None
-                    ) -> np.ndarray:
-    """Speak `text` as `speaker`, conditioned on earlier turns -> frames int32 [T, K].
+                    allow_non_codes: bool = False, cache: ContextCache | None = None,
+                    stop: str | StopRules = "all", return_stop: bool = False
+                    ) -> np.ndarray | tuple[np.ndarray, str]:
+    """Speak `text` as `speaker`, conditioned on earlier turns -> frames int32 [T, K], or
+    (frames, stop reason) with return_stop=True.
 
-    temperature 0: greedy. max_frames None: Sesame's 90 s, capped by the 2048-position budget
-    left after the prompt. Context segments with audio need `mimi` (32 codebooks). `cache`: a
-    ContextCache kept across calls, so a context already processed is not computed again."""
+    temperature 0: greedy. max_frames None: the frame budget of the text (stop="all"; Sesame's
+    90 s with stop="eos"), capped by the 2048-position context left after the prompt. No audio
+    is decoded here, so the silence rule does not apply (see `stream_decoded`). Context
+    segments with audio need `mimi` (32 codebooks). `cache`: a ContextCache kept across calls,
+    so a context already processed is not computed again."""
     stream = stream_speech(model, tokenizer, text, speaker, context, temperature, top_k,
-                           max_frames, seed, mimi, allow_non_codes, cache=cache)
+                           max_frames, seed, mimi, allow_non_codes, cache=cache, stop=stop)
     frames = list(stream)
     k = model.cfg.num_codebooks
-    return np.stack(frames) if frames else np.zeros((0, k), np.int32)
+    result = np.stack(frames) if frames else np.zeros((0, k), np.int32)
+    return (result, stream.stop_reason) if return_stop else result
 
 
 def check_mimi_codes(frames: np.ndarray) -> np.ndarray:
@@ -375,6 +408,34 @@ def stream_audio(mimi, frames) -> Iterator[np.ndarray]:
         yield np.asarray(pcm)[0, 0].astype(np.float32)
 
 
+def stream_decoded(mimi, speech: Iterable[np.ndarray],
+                   on_audio: Callable[[np.ndarray], None] | None = None
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(frame, its 1920-sample audio) for each frame of `speech`, decoded as it comes through
+    Mimi's streaming decoder. When `speech` is a SpeechStream or LongSpeechStream, each frame's
+    audio is fed to its stop rules (`hear`), and frames a silence stop could still drop are
+    held back until louder audio or the end releases them: a trimmed tail is never yielded.
+    `on_audio` gets every frame's audio at once, held or not (a speaker has no use for the
+    delay: a pause plays as it comes)."""
+    state = mimi.new_decoder_state()
+    hear = getattr(speech, "hear", None)
+    held: list[tuple[np.ndarray, np.ndarray]] = []
+    for frame in speech:
+        pcm = mimi.decode_step(check_mimi_codes(np.asarray(frame)[None]), state)
+        held.append((frame, np.asarray(pcm)[0, 0].astype(np.float32)))
+        if on_audio is not None:
+            on_audio(held[-1][1])
+        keep = 0
+        if hear is not None:
+            if hear(held[-1][1]) == "silence":
+                del held[len(held) - speech.trim_frames:]
+            else:
+                keep = speech.may_trim
+        while len(held) > keep:
+            yield held.pop(0)
+    yield from held
+
+
 _SENTENCE_END = re.compile(r"(?<=[.!?…。！？])\s+")
 
 
@@ -389,33 +450,96 @@ def split_sentences(text: str) -> list[str]:
 def stream_long_speech(model: Csm, tokenizer: CsmTokenizer, text: str, speaker: int = 0,
                        context: Sequence[Segment] = (), temperature: float = 0.9,
                        top_k: int = 50, max_frames: int | None = None, seed: int | None = None,
-                       mimi=None) -> Iterator[np.ndarray]:
+                       mimi=None, stop: str | StopRules = "all") -> LongSpeechStream:
     """Speak a text of any length sentence by sentence: each sentence is one turn conditioned
     on `context` plus the turns generated so far (oldest generated turns are dropped when the
     2048-position budget runs short, keeping room for `max_frames`, or for 20 s when it is
-    None). `max_frames` applies to each sentence; sentence i uses seed + i. Yields frames
-    (np.int32 [K])."""
-    k = model.cfg.num_codebooks
-    base = [encode_context_audio(mimi, s, k) if s.audio is not None and mimi is not None else s
-            for s in context]
-    spoken: list[Segment] = []
+    None). `max_frames` and the stop rules apply to each sentence; sentence i uses seed + i.
+    Yields frames (np.int32 [K])."""
     sentences = split_sentences(text) if isinstance(text, str) else []
     if not sentences:
         raise MoshiError("nothing to say: the text is empty")
-    cache = ContextCache(model)
-    for i, sentence in enumerate(sentences):
-        need = max_frames if max_frames is not None else SENTENCE_ROOM_FRAMES
-        while spoken and _prompt_length(tokenizer, [*base, *spoken], speaker, sentence, k) \
-                + need >= model.cfg.backbone.max_seq_len:
-            spoken.pop(0)
-        frames = []
-        for frame in stream_speech(model, tokenizer, sentence, speaker, [*base, *spoken],
-                                   temperature, top_k, max_frames,
-                                   None if seed is None else seed + i, mimi, cache=cache):
-            frames.append(frame)
-            yield frame
+    return LongSpeechStream(model, tokenizer, sentences, speaker, context, temperature, top_k,
+                            max_frames, seed, mimi, StopRules.of(stop))
+
+
+class LongSpeechStream:
+    """The frames of several sentences, one SpeechStream each (see `stream_long_speech`).
+    `stop_reasons`: each finished sentence's reason; `trimmed_frames`: the silent tails
+    dropped in all; `hear`, `trim_frames` and `may_trim` act on the sentence being spoken."""
+
+    def __init__(self, model: Csm, tokenizer: CsmTokenizer, sentences: list[str], speaker: int,
+                 context: Sequence[Segment], temperature: float, top_k: int,
+                 max_frames: int | None, seed: int | None, mimi, rules: StopRules) -> None:
+        k = model.cfg.num_codebooks
+        self.model, self.tokenizer, self.speaker = model, tokenizer, speaker
+        self.base = [encode_context_audio(mimi, s, k) if s.audio is not None and mimi is not None
+                     else s for s in context]
+        self.sampling = (temperature, top_k)
+        self.max_frames, self.seed, self.mimi, self.rules = max_frames, seed, mimi, rules
+        self.stop_reasons: list[str] = []
+        self.trimmed_frames = 0
+        self._sentences = list(enumerate(sentences))
+        self._spoken: list[Segment] = []
+        self._cache = ContextCache(model)
+        self._current: SpeechStream | None = None
+        self._sentence = ""
+        self._frames: list[np.ndarray] = []
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return self
+
+    @property
+    def stop_reason(self) -> str | None:
+        return self.stop_reasons[-1] if self.stop_reasons else None
+
+    def hear(self, pcm: np.ndarray) -> str | None:
+        return self._current.hear(pcm) if self._current is not None else None
+
+    @property
+    def trim_frames(self) -> int:
+        return self._current.trim_frames if self._current is not None else 0
+
+    @property
+    def may_trim(self) -> int:
+        return self._current.may_trim if self._current is not None else 0
+
+    def __next__(self) -> np.ndarray:
+        while True:
+            if self._current is None:
+                if not self._sentences:
+                    raise StopIteration
+                self._current = self._start(*self._sentences.pop(0))
+            try:
+                frame = next(self._current)
+            except StopIteration:
+                self._finish()
+                continue
+            self._frames.append(frame)
+            return frame
+
+    def _start(self, index: int, sentence: str) -> SpeechStream:
+        k = self.model.cfg.num_codebooks
+        need = self.max_frames if self.max_frames is not None else SENTENCE_ROOM_FRAMES
+        while self._spoken and _prompt_length(self.tokenizer, [*self.base, *self._spoken],
+                                              self.speaker, sentence, k) \
+                + need >= self.model.cfg.backbone.max_seq_len:
+            self._spoken.pop(0)
+        self._sentence = sentence
+        return stream_speech(self.model, self.tokenizer, sentence, self.speaker,
+                             [*self.base, *self._spoken], *self.sampling, self.max_frames,
+                             None if self.seed is None else self.seed + index, self.mimi,
+                             cache=self._cache, stop=self.rules)
+
+    def _finish(self) -> None:
+        stream, frames = self._current, self._frames
+        self.stop_reasons.append(stream.stop_reason)
+        trim = stream.trim_frames if stream.stop_reason == "silence" else 0
+        self.trimmed_frames += trim
+        frames = frames[: len(frames) - trim]
         if frames:
-            spoken.append(Segment(speaker, sentence, codes=_as_codes(frames)))
+            self._spoken.append(Segment(self.speaker, self._sentence, codes=_as_codes(frames)))
+        self._current, self._frames = None, []
 
 
 def _as_codes(frames: list[np.ndarray]) -> np.ndarray:

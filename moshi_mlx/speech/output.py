@@ -4,7 +4,7 @@ written frame by frame, or the speaker as the frames come. Ctrl-C keeps what was
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -45,37 +45,35 @@ def open_wav(path: Path):
         raise MoshiError(f"{path}: cannot write audio ({exc})") from None
 
 
-class _Remembered:
-    """Frames passed through, each one kept as it goes by."""
-
-    def __init__(self, frames: Iterable[np.ndarray]) -> None:
-        self.frames = frames
-        self.seen: list[np.ndarray] = []
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        for frame in self.frames:
-            self.seen.append(frame)
-            yield frame
-
-
 def write_streaming(path: Path, frames: Iterable[np.ndarray], mimi) -> list[np.ndarray]:
-    """Decode and append each frame as it comes; the file is closed (valid) on Ctrl-C too.
-    Returns the frames written."""
-    from moshi_mlx.speech.generate import stream_audio
+    """Decode and append each frame as it comes (a tail trimmed by the silence rule is never
+    written); the file is closed (valid) on Ctrl-C too. Returns the frames written."""
+    from moshi_mlx.speech.generate import stream_decoded
 
-    remembered = _Remembered(frames)
     out = open_wav(path)
-    written = 0
+    written: list[np.ndarray] = []
     try:
-        for pcm in stream_audio(mimi, remembered):
+        for frame, pcm in stream_decoded(mimi, frames):
             out.write(pcm)
             out.flush()
-            written += 1
+            written.append(frame)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: {path} holds the first {written} frames", file=sys.stderr)
+        print(f"\ninterrupted: {path} holds the first {len(written)} frames", file=sys.stderr)
     finally:
         out.close()
-    return remembered.seen[:written]
+    return written
+
+
+def decode_all(frames: Iterable[np.ndarray], mimi) -> tuple[list[np.ndarray], np.ndarray]:
+    """(frames kept, their audio) decoded as they come, so the stop rules hear the audio and
+    a trimmed silent tail is left out of both."""
+    from moshi_mlx.speech.generate import stream_decoded
+
+    kept, pcms = [], []
+    for frame, pcm in stream_decoded(mimi, frames):
+        kept.append(frame)
+        pcms.append(pcm)
+    return kept, np.concatenate(pcms) if pcms else np.zeros(0, np.float32)
 
 
 def play(frames: Iterable[np.ndarray], mimi, device: str | int | None, prebuffer: float,
@@ -83,26 +81,34 @@ def play(frames: Iterable[np.ndarray], mimi, device: str | int | None, prebuffer
          ) -> list[np.ndarray]:
     """Decode each frame as it comes and queue it for the speaker (and for `wav`: written
     frame by frame with stream_wav, else at the end with what was played, watermarked when
-    `watermark`). Ctrl-C stops at once. Returns the frames played."""
+    `watermark`; a tail trimmed by the silence rule is played, being quiet, but not written).
+    Ctrl-C stops at once. Returns the frames kept."""
     from moshi_mlx.audio.player import StreamPlayer
-    from moshi_mlx.speech.generate import stream_audio
+    from moshi_mlx.speech.generate import stream_decoded
 
-    remembered = _Remembered(frames)
+    kept: list[np.ndarray] = []
     pcms: list[np.ndarray] = []
+    played = 0
     out = open_wav(wav) if wav is not None and stream_wav else None
     player = StreamPlayer(device, prebuffer=prebuffer)
+
+    def to_speaker(pcm: np.ndarray) -> None:
+        nonlocal played
+        player.write(pcm)
+        played += 1
+
     try:
         player.open()
         print(f"playing on {player.name}", file=sys.stderr, flush=True)
-        for pcm in stream_audio(mimi, remembered):
-            player.write(pcm)
+        for frame, pcm in stream_decoded(mimi, frames, on_audio=to_speaker):
+            kept.append(frame)
             pcms.append(pcm)
             if out is not None:
                 out.write(pcm)
                 out.flush()
         player.finish()
     except KeyboardInterrupt:
-        print(f"\ninterrupted after {len(pcms)} frames", file=sys.stderr)
+        print(f"\ninterrupted after {len(kept)} frames", file=sys.stderr)
     finally:
         player.close()
         if out is not None:
@@ -111,4 +117,4 @@ def play(frames: Iterable[np.ndarray], mimi, device: str | int | None, prebuffer
         audio = np.concatenate(pcms) if pcms else np.zeros(0, np.float32)
         write_clip(wav, audio, watermark)
     print(player.stats.summary_line(), file=sys.stderr)
-    return remembered.seen[: len(pcms)]
+    return kept
