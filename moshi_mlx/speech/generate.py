@@ -404,8 +404,13 @@ def stream_audio(mimi, frames) -> Iterator[np.ndarray]:
     a stream of its own: several may run on one Mimi."""
     state = mimi.new_decoder_state()
     for frame in frames:
-        pcm = mimi.decode_step(check_mimi_codes(np.asarray(frame)[None]), state)
-        yield np.asarray(pcm)[0, 0].astype(np.float32)
+        yield _decode_frame(mimi, frame, state)
+
+
+def _decode_frame(mimi, frame: np.ndarray, state) -> np.ndarray:
+    """One frame (np.int32 [K]) through Mimi's streaming decoder -> 1920 float32 samples."""
+    pcm = mimi.decode_step(check_mimi_codes(np.asarray(frame)[None]), state)
+    return np.asarray(pcm)[0, 0].astype(np.float32)
 
 
 def stream_decoded(mimi, speech: Iterable[np.ndarray],
@@ -421,8 +426,7 @@ def stream_decoded(mimi, speech: Iterable[np.ndarray],
     hear = getattr(speech, "hear", None)
     held: list[tuple[np.ndarray, np.ndarray]] = []
     for frame in speech:
-        pcm = mimi.decode_step(check_mimi_codes(np.asarray(frame)[None]), state)
-        held.append((frame, np.asarray(pcm)[0, 0].astype(np.float32)))
+        held.append((frame, _decode_frame(mimi, frame, state)))
         if on_audio is not None:
             on_audio(held[-1][1])
         keep = 0
