@@ -8,19 +8,11 @@ from pathlib import Path
 
 import pytest
 import soundfile
+from cli_run import run_main
 
 from moshi_mlx import run_inference, stt
 
 FRAME = 1920
-
-
-def run(main, argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def words(text: str) -> list[str]:
@@ -55,9 +47,9 @@ def short_wav(tmp_path_factory, fixtures_dir: Path) -> Path:
 
 def test_prints_the_transcript_stt_gives(fixtures_dir, kyutai_files, stt_files, capsys):
     speech = str(fixtures_dir / "speech.wav")
-    code, out, err = run(run_inference.main, [*kyutai_files, speech, "--temp", "0"], capsys)
+    code, out, err = run_main(run_inference.main, [*kyutai_files, speech, "--temp", "0"], capsys)
     assert code == 0, err
-    expected_code, expected, expected_err = run(stt.main, [*stt_files, speech, "--format",
+    expected_code, expected, expected_err = run_main(stt.main, [*stt_files, speech, "--format",
                                                            "text", "--temp", "0"], capsys)
     assert expected_code == 0, expected_err
     assert words(expected)  # the fixture model says something on this input
@@ -78,11 +70,11 @@ def test_hf_repo_takes_a_weights_convert_folder(tmp_path, stt_dir, random_mimi_p
     convert(folder, input_path=stt_dir / "stt_pytorch.safetensors",
             config=stt_dir / "stt_config.json", mimi_weight=random_mimi_path)
     monkeypatch.setattr(moshi_mlx.loading.hub, "_hub_download", refuse)  # the folder suffices
-    code, out, err = run(run_inference.main, ["--hf-repo", str(folder), str(short_wav),
+    code, out, err = run_main(run_inference.main, ["--hf-repo", str(folder), str(short_wav),
                                               "--temp", "0", "--verbose"], capsys)
     assert code == 0, err
     assert f"weights {folder}" in err  # --verbose names the folder's files
-    expected_code, expected, _ = run(stt.main, ["--hf-repo", str(folder), str(short_wav),
+    expected_code, expected, _ = run_main(stt.main, ["--hf-repo", str(folder), str(short_wav),
                                                 "--temp", "0"], capsys)
     assert expected_code == 0
     assert words(out) and words(out) == words(expected)
@@ -120,24 +112,25 @@ def assert_one_line_error(code: int, err: str, pattern: str) -> None:
 ])
 def test_what_only_applies_to_moshi_is_one_line(extra, pattern, short_wav, kyutai_files,
                                                 capsys):
-    code, out, err = run(run_inference.main, [*kyutai_files, str(short_wav), *extra], capsys)
+    code, out, err = run_main(run_inference.main, [*kyutai_files, str(short_wav), *extra], capsys)
     assert_one_line_error(code, err, pattern)
     assert out == ""
 
 
 def test_a_missing_input_file_is_one_line(tmp_path, kyutai_files, capsys):
     missing = tmp_path / "nowhere.mp3"
-    code, _, err = run(run_inference.main, [*kyutai_files, str(missing), "--temp", "0"], capsys)
+    code, _, err = run_main(run_inference.main, [*kyutai_files, str(missing), "--temp", "0"],
+                            capsys)
     assert_one_line_error(code, err, f"{missing}: no such audio file")
 
 
 def test_a_moshi_checkpoint_is_one_line(fixtures_dir, stt_dir, short_wav, capsys):
     moshi = ["--moshi-weights", str(fixtures_dir / "lm_pytorch.safetensors"),
              "--tokenizer", str(stt_dir / "stt_tokenizer.model"), str(short_wav)]
-    code, _, err = run(run_inference.main,
+    code, _, err = run_main(run_inference.main,
                        [*moshi, "--lm-config", str(fixtures_dir / "lm_config.json")], capsys)
     assert_one_line_error(code, err, "describes a Moshi model")
-    code, _, err = run(run_inference.main,
+    code, _, err = run_main(run_inference.main,
                        [*moshi, "--lm-config", str(stt_dir / "stt_config.json")], capsys)
     assert_one_line_error(code, err, "is a Moshi checkpoint")
 

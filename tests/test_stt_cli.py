@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sentencepiece
+from cli_run import run_main
 from references import rust_golden_words
 
 from moshi_mlx.stt import main
@@ -21,12 +22,7 @@ def model_args(stt_dir: Path) -> list[str]:
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_main(main, argv, capsys)
 
 
 def test_codes_input_gives_the_official_word_logic(tmp_path, stt_dir, stt_golden, model_args,
