@@ -4,6 +4,7 @@ Mimi, resolved exactly as `python -m moshi_mlx.stt` resolves them."""
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from moshi_mlx.errors import WeightsError
 from moshi_mlx.loading.options import ModelOptions
@@ -13,10 +14,10 @@ from moshi_mlx.transcription.transcriber import Transcriber
 PathLike = str | os.PathLike
 
 
-def transcriber_from_files(files: ResolvedFiles, options: ModelOptions | None = None, *,
-                           vad_weights: PathLike | None = None, temp: float = 0.0,
-                           top_k: int = 50, eot_threshold: float = 0.5) -> Transcriber:
-    """Load resolved STT files (`loading.resolve.resolve("moshi_mlx.stt", ...)`)."""
+def stt_parts_from_files(files: ResolvedFiles, options: ModelOptions | None = None, *,
+                         vad_weights: PathLike | None = None) -> tuple[Any, Any, Any]:
+    """(lm, tokenizer, mimi) of resolved STT files (`loading.resolve.resolve("moshi_mlx.stt",
+    ...)`); mimi is None when the files name no codec."""
     from moshi_mlx.loading.models import load_lm, load_mimi
     from moshi_mlx.loading.text_tokenizer import load_sentencepiece
 
@@ -28,6 +29,24 @@ def transcriber_from_files(files: ResolvedFiles, options: ModelOptions | None = 
         raise WeightsError(f"{files.tokenizer} has {tokenizer.get_piece_size()} pieces, the "
                            f"model {lm.cfg.text_card}: not this model's tokenizer")
     mimi = None if files.codec is None else load_mimi(files.codec, num_codebooks=lm.cfg.n_q)
+    return lm, tokenizer, mimi
+
+
+def stt_parts(source: PathLike | None, options: ModelOptions | None = None
+              ) -> tuple[Any, Any, Any]:
+    """(lm, tokenizer, mimi) for `source` (a repo id or a folder; None: the released model),
+    resolved as the STT command resolves it (the server's --stt)."""
+    options = options or ModelOptions()
+    files = resolve("moshi_mlx.stt", source, quantize=options.quantize)
+    return stt_parts_from_files(files, options)
+
+
+def transcriber_from_files(files: ResolvedFiles, options: ModelOptions | None = None, *,
+                           vad_weights: PathLike | None = None, temp: float = 0.0,
+                           top_k: int = 50, eot_threshold: float = 0.5) -> Transcriber:
+    """Load resolved STT files (`loading.resolve.resolve("moshi_mlx.stt", ...)`)."""
+    options = options or ModelOptions()
+    lm, tokenizer, mimi = stt_parts_from_files(files, options, vad_weights=vad_weights)
     return Transcriber(lm, tokenizer, mimi, temp=temp, top_k=top_k, seed=options.seed,
                        eot_threshold=eot_threshold)
 

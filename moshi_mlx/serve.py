@@ -1,0 +1,190 @@
+"""One server for every family: `python -m moshi_mlx.serve --stt [--tts] [--moshi]`.
+
+    python -m moshi_mlx.serve --stt                        # Kyutai STT, 127.0.0.1:8080
+    python -m moshi_mlx.serve --stt --tts -q 8 --max-streams 4
+    python -m moshi_mlx.serve --moshi kyutai/moshiko-mlx-q4 --port 8998
+
+Routes: /api/asr-streaming (Kyutai's STT protocol, every stream one row of a batched step),
+/v1/audio/transcriptions, /v1/audio/speech and /v1/models (OpenAI's audio API), /api/chat
+(Moshi, as `local_web` serves it). See README.md, "Serving", for the protocols and limits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from moshi_mlx.cli.model_thread import load_on_model_thread, start_model_thread, stop_model_thread
+from moshi_mlx.cli.options import add_run_args, command_prog, positive_int
+from moshi_mlx.errors import MoshiError, cli_errors
+from moshi_mlx.loading.options import ModelOptions
+from moshi_mlx.web.address import DEFAULT_HOST, check_port_free, is_loopback, page_url, port
+from moshi_mlx.web.keys import DEFAULT_KEYS
+
+SERVE_PORT = 8080  # the address Kyutai's scripts and Unmute use
+DEFAULT_MAX_STREAMS = 8
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from moshi_mlx.loading.families import files_of
+
+    p = argparse.ArgumentParser(
+        prog=command_prog("moshi_mlx.serve", "moshi-serve"),
+        description="Serve Kyutai STT, Sesame CSM and Moshi over Kyutai's and OpenAI's "
+                    "protocols, from one process and one port.")
+    models = p.add_argument_group("models (at least one; SRC: a repo id or a weights_convert "
+                                  "folder, default the released model)")
+    for flag, family, what in (("--stt", "stt", "Kyutai speech-to-text"),
+                               ("--tts", "csm", "Sesame CSM text-to-speech"),
+                               ("--moshi", "moshi", "Moshi conversation")):
+        models.add_argument(flag, nargs="?", const=files_of(family).default_repo(),
+                            default=None, metavar="SRC",
+                            help=f"{what} (default {files_of(family).default_repo()})")
+    add_run_args(models, "quantized weights: 4 or 8 bits, for every model loaded")
+    server = p.add_argument_group("server")
+    server.add_argument("--host", default=DEFAULT_HOST,
+                        help=f"address to listen on (default {DEFAULT_HOST}, this machine "
+                             "only); another address needs an --api-key of your own")
+    server.add_argument("--port", type=port, default=SERVE_PORT,
+                        help=f"port (default {SERVE_PORT})")
+    server.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                        help=f"a key clients must send (repeatable; default: "
+                             f"{', '.join(DEFAULT_KEYS)}, as in Kyutai's configs)")
+    server.add_argument("--max-streams", type=positive_int, default=DEFAULT_MAX_STREAMS,
+                        help=f"speech-to-text streams served at once, one batch "
+                             f"(default {DEFAULT_MAX_STREAMS})")
+    server.add_argument("--voices", default=None, metavar="DIR",
+                        help="the saved voices /v1/audio/speech may name (default: the "
+                             "voice store under your cache folder)")
+    return p
+
+
+@dataclass
+class Loaded:
+    """What one server process holds (made on the model thread)."""
+
+    stt: Any = None  # SttSlots
+    speech: Any = None  # SpeechService's model parts
+    moshi: Any = None  # Engine
+    sources: dict[str, str] = field(default_factory=dict)  # family -> source
+
+
+def check_exposure(host: str, keys: list[str] | None) -> None:
+    """Another address than loopback needs keys of the user's own."""
+    if not is_loopback(host) and not keys:
+        raise MoshiError(f"--host {host} opens the server to other machines: give an "
+                         f"--api-key of your own (the default key is public)")
+
+
+def load_models(args: argparse.Namespace) -> Loaded:
+    """Load every family asked for (on the model thread)."""
+    options = ModelOptions.from_args(args)
+    loaded = Loaded()
+    if args.stt:
+        from moshi_mlx.transcription.loader import stt_parts
+        from moshi_mlx.transcription.slots import SttSlots
+
+        lm, tokenizer, mimi = stt_parts(args.stt, options)
+        loaded.stt = SttSlots(lm, tokenizer, mimi, args.max_streams, seed=options.seed)
+        loaded.sources["stt"] = str(args.stt)
+    if args.tts:
+        from moshi_mlx.speech.loader import load_speech
+
+        loaded.speech = load_speech(args.tts, options)
+        loaded.sources["tts"] = str(args.tts)
+    if args.moshi:
+        from moshi_mlx.conversation.engine import Engine, EngineOptions
+        from moshi_mlx.loading.resolve import resolve
+
+        files = resolve("moshi_mlx.local", args.moshi, quantize=options.quantize)
+        loaded.moshi = Engine.from_files(files.weight, files.codec, files.tokenizer,
+                                         config=files.config, options=EngineOptions(options))
+        loaded.sources["moshi"] = str(args.moshi)
+    return loaded
+
+
+def build_app(loaded: Loaded, args: argparse.Namespace, executor: Any) -> Any:
+    """The one aiohttp application of every loaded family's routes."""
+    from moshi_mlx.web import http, limits
+    from moshi_mlx.web.keys import ApiKeys
+    from moshi_mlx.web.openai_api import OpenAiRoutes, ServedModel
+
+    keys = ApiKeys(args.api_key or DEFAULT_KEYS)
+    app = http.make_app(http.HostPolicy(args.host), client_max_size=limits.MAX_UPLOAD_BYTES)
+    service = None
+    if loaded.stt is not None:
+        from moshi_mlx.web.asr_streaming import AsrStreamingRoute
+        from moshi_mlx.web.stt_service import SttService
+
+        service = SttService(loaded.stt, executor)
+        AsrStreamingRoute(service, keys).add_routes(app)
+
+        async def start_stt(app: Any) -> None:
+            service.start()
+
+        async def stop_stt(app: Any) -> None:
+            await service.stop()
+
+        app.on_startup.append(start_stt)
+        app.on_cleanup.append(stop_stt)
+    speech = None
+    if loaded.speech is not None:
+        from moshi_mlx.web.speech_service import SpeechService
+
+        speech = SpeechService(*loaded.speech, executor=executor, voices=args.voices)
+    models = [ServedModel(source, family) for family, source in loaded.sources.items()]
+    OpenAiRoutes(keys=keys, models=models, transcriber=service, speech=speech).add_routes(app)
+    if loaded.moshi is not None:
+        from moshi_mlx.web.server import ChatServer
+
+        ChatServer(loaded.moshi, page=None, executor=executor).add_routes(app)
+    return app
+
+
+async def _serve_forever(app: Any, host: str, port_number: int, families: list[str]) -> None:
+    from moshi_mlx.web import http
+
+    try:
+        runner = await http.start_site(app, host, port_number)
+    except OSError as exc:
+        raise MoshiError(f"cannot listen on {host}:{port_number}: {exc.strerror or exc}"
+                         ) from None
+    try:
+        url = page_url(host, http.bound_port(runner))
+        print(f"serving {', '.join(families)} at {url} (Ctrl-C to stop)", flush=True)
+        if not is_loopback(host):
+            print(f"note: listening on {host}, reachable from other machines", flush=True)
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not (args.stt or args.tts or args.moshi):
+        raise MoshiError("nothing to serve: give --stt, --tts and/or --moshi")
+    check_exposure(args.host, args.api_key)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    check_port_free(args.host, args.port)
+    executor = start_model_thread()
+    try:
+        print("loading…", file=sys.stderr, flush=True)
+        loaded = load_on_model_thread(executor, lambda: load_models(args))
+        app = build_app(loaded, args, executor)
+        try:
+            asyncio.run(_serve_forever(app, args.host, args.port, list(loaded.sources)))
+        except KeyboardInterrupt:
+            pass
+    finally:
+        stop_model_thread(executor)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
