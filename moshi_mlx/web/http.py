@@ -168,7 +168,7 @@ class _QuietClientErrors(logging.Filter):
             reason = f"malformed HTTP request from {peer}: {_one_line(exc.message)}"
         else:
             reason = f"client {peer} left mid-request: {_one_line(exc) or type(exc).__name__}"
-        _rewrite(record, reason, logging.INFO)
+        _rewrite(record, reason, min(record.levelno, logging.INFO))
         return True
 
 
