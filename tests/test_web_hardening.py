@@ -11,11 +11,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import resource
 import socket
 import struct
+import subprocess
+import sys
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 from types import SimpleNamespace
 
 import aiohttp
@@ -24,7 +28,7 @@ import pytest
 from test_web_server import PCM, FakeEngine, audio_bytes, expect_handshake, frame_int16
 
 from moshi_mlx.modules.sampling import SamplingSettings
-from moshi_mlx.web import kyutai
+from moshi_mlx.web import kyutai, protocol
 from moshi_mlx.web.http import HostPolicy, bound_port, start_site
 from moshi_mlx.web.server import ChatServer
 
@@ -168,15 +172,24 @@ def upgrade_request(port: int) -> bytes:
             f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {PCM[0]}\r\n\r\n").encode()
 
 
-def test_upgrade_then_tcp_reset_is_one_log_line(logs):
+@pytest.mark.parametrize("when", ["right after the upgrade", "mid-conversation"])
+def test_upgrade_then_tcp_reset_is_one_log_line(when, logs):
     engine = FakeEngine()
 
     async def scenario():
         async with serving(engine) as (port, _), aiohttp.ClientSession() as session:
-            sock = socket.create_connection(("127.0.0.1", port))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            sock.sendall(upgrade_request(port))
-            sock.close()  # SO_LINGER 0: a TCP reset instead of a goodbye
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.write(upgrade_request(port))
+            if when == "mid-conversation":
+                await reader.readuntil(b"\r\n\r\n")  # 101 and its headers
+                await reader.readexactly(2 + len(protocol.handshake_message()))
+                # One audio frame of silence, masked with a zero key (its bytes stay as they are).
+                audio = b"\x01" + bytes(3840)
+                writer.write(struct.pack("!BBH", 0x82, 0xFE, len(audio)) + bytes(4) + audio)
+                await reader.readexactly(4 + 3841)  # Moshi's answer to it
+            writer.transport.abort()  # SO_LINGER 0: a TCP reset instead of a goodbye
             await asyncio.sleep(0.5)
             before = len(records(logs))
             ws = await session.ws_connect(f"http://127.0.0.1:{port}/api/chat", protocols=PCM)
@@ -186,8 +199,13 @@ def test_upgrade_then_tcp_reset_is_one_log_line(logs):
 
     before = asyncio.run(scenario())
     recs = records(logs)[:before]
-    assert len(recs) == 1, [r.getMessage() for r in recs]
-    assert "127.0.0.1" in recs[0].getMessage()
+    if when == "mid-conversation":  # the conversation's own start and end lines, nothing else
+        assert [r.getMessage().split(" (")[0] for r in recs] == [
+            "conversation started", "conversation ended"], [r.getMessage() for r in recs]
+        assert engine.inputs and not engine.inputs[0].any()
+    else:
+        assert len(recs) == 1, [r.getMessage() for r in recs]
+        assert "127.0.0.1" in recs[0].getMessage()
     assert_one_line_each(records(logs, logging.DEBUG))
 
 
@@ -252,6 +270,46 @@ def test_start_site_raises_the_soft_open_files_limit():
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert kept_hard == hard
     assert raised == (4096 if hard == resource.RLIM_INFINITY else min(hard, 4096))
+
+
+ACCEPT_FLOOD_SERVER = """
+import asyncio, logging, os, resource, sys
+from moshi_mlx.web.http import HostPolicy, bound_port, make_app, start_site
+
+async def main():
+    logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
+    runner = await start_site(make_app(HostPolicy("127.0.0.1"), client_max_size=1024),
+                              "127.0.0.1", 0)
+    # As with macOS's default limit and a page opening many connections: few fds left.
+    open_now = len(os.listdir("/dev/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE,
+                       (open_now + 4, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    print(bound_port(runner), flush=True)
+    await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+def test_accept_out_of_file_descriptors_is_one_line_per_interval():
+    server = subprocess.Popen([sys.executable, "-c", ACCEPT_FLOOD_SERVER],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])})
+    clients = []
+    try:
+        port = int(server.stdout.readline())
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(30)]
+        time.sleep(3.0)  # asyncio retries accept() every second
+    finally:
+        server.terminate()
+        _, errors = server.communicate(timeout=10)
+        for client in clients:
+            client.close()
+    lines = [line for line in errors.splitlines() if line.strip()]
+    flood = [line for line in lines if "out of system resource" in line]
+    assert len(flood) == 1, lines
+    assert "Too many open files" in flood[0]
+    assert not any("Traceback" in line for line in lines), lines
 
 
 # --- WebSocket size limits -------------------------------------------------------------------

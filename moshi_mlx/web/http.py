@@ -163,7 +163,8 @@ class _QuietClientErrors(logging.Filter):
         exc = record.exc_info[1] if record.exc_info else None
         if not isinstance(exc, (HttpProcessingError, ConnectionError)):
             return True
-        peer = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+        from_peer = "from %s" in str(record.msg) and isinstance(record.args, tuple) and record.args
+        peer = record.args[0] if from_peer else "?"  # type: ignore[index]
         if isinstance(exc, HttpProcessingError):
             reason = f"malformed HTTP request from {peer}: {_one_line(exc.message)}"
         else:
