@@ -250,6 +250,16 @@ def test_half_sent_and_idle_keep_alive_connections_are_closed():
             idle_s = time.monotonic() - started
             writer.close()
             assert answer.startswith(b"HTTP/1.1 200 ")
+            # A conversation is no idle connection: it outlives that timeout.
+            async with aiohttp.ClientSession() as session:
+                ws = await session.ws_connect(f"http://127.0.0.1:{port}/api/chat", protocols=PCM)
+                await expect_handshake(ws)
+                for i in range(10):
+                    await ws.send_bytes(audio_bytes(frame_int16(i)))
+                    while (await ws.receive(timeout=5)).data[0] != 0x02:
+                        pass  # its audio (and lag statuses) first, then its text
+                    await asyncio.sleep(0.1)
+                await ws.close()
             return half_sent_s, idle_s
 
     half_sent_s, idle_s = asyncio.run(scenario())
