@@ -23,7 +23,8 @@ from moshi_mlx.web.address import (
     page_url,
     port,
 )
-from moshi_mlx.web.server import OUR_PAGE, ChatServer, bound_port, serve
+from moshi_mlx.web.http import HostPolicy, bound_port, start_site
+from moshi_mlx.web.server import OUR_PAGE, ChatServer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,7 +64,7 @@ def resolve_page(static: str | None) -> str | Path | None:
 
 async def _serve_forever(server: ChatServer, host: str, port: int) -> None:
     try:
-        runner = await serve(server, host, port)
+        runner = await start_site(server.make_app(HostPolicy(host)), host, port)
     except OSError as exc:
         raise MoshiError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     try:

@@ -18,13 +18,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 import numpy as np
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from moshi_mlx.cli.model_thread import load_on_model_thread, start_model_thread, stop_model_thread
 from moshi_mlx.web import kyutai, protocol
+from moshi_mlx.web.address import DEFAULT_HOST
+from moshi_mlx.web.http import HostPolicy, start_site, websocket_max_msg_size
+from moshi_mlx.web.http import bound_port as bound_port  # re-exported for serve()'s callers
+from moshi_mlx.web.http import make_app as make_http_app
 from moshi_mlx.web.query import QueryError, sampling_overrides
 
 log = logging.getLogger("moshi_mlx.web")
@@ -33,6 +36,14 @@ STATIC_DIR = Path(__file__).parent / "static"
 OUR_PAGE = "ours"  # ChatServer(page=...): our page (the default), a folder, or None
 FRAME_SECONDS = protocol.FRAME_SIZE / protocol.SAMPLE_RATE
 LAG_LOG_INTERVAL_S = 5.0
+# A conversation with no audio message from its client for this long ends (close 1001), so a
+# client that answers pings but never talks does not hold the only slot forever.
+IDLE_CONVERSATION_TIMEOUT_S = 30.0
+# A client arriving while the previous conversation is tearing down (restoring the server's
+# sampling settings on the model thread) waits this long at most for it, then is told busy.
+TEARDOWN_WAIT_S = 5.0
+# /api/chat and the pages take no request bodies.
+MAX_REQUEST_BODY_BYTES = 64 * 1024
 
 
 class ConversationEngine(Protocol):
@@ -73,6 +84,10 @@ class ChatServer:
 
     page: OUR_PAGE (our page at / and /static/), a folder to serve at / (a build of Kyutai's
     web client: its index.html and files), or None (no page, only /api/chat).
+
+    idle_timeout_s: a conversation whose client sends no audio for this long ends.
+    teardown_wait_s: how long a client arriving while the previous conversation tears down
+    waits for the model instead of being told busy.
     """
 
     def __init__(
@@ -82,6 +97,8 @@ class ChatServer:
         max_queued_frames: int = 4,
         stats_every_frames: int = 6,
         page: str | Path | None = OUR_PAGE,
+        idle_timeout_s: float = IDLE_CONVERSATION_TIMEOUT_S,
+        teardown_wait_s: float = TEARDOWN_WAIT_S,
     ) -> None:
         if max_queued_frames < 1:
             raise ValueError("max_queued_frames must be at least 1")
@@ -89,8 +106,12 @@ class ChatServer:
         self.max_queued_frames = max_queued_frames
         self.stats_every_frames = stats_every_frames
         self.page = page
+        self.idle_timeout_s = idle_timeout_s
+        self.teardown_wait_s = teardown_wait_s
         self._executor = start_model_thread()
         self._busy = False
+        self._finishing = False  # the conversation holding the slot is tearing down
+        self._released: asyncio.Event | None = None  # set when that conversation has ended
         self._sockets: set[web.WebSocketResponse] = set()
         self._sphn: Any = None
         self._sphn_missing_logged = False
@@ -114,8 +135,16 @@ class ChatServer:
 
     # --- HTTP -----------------------------------------------------------------------------
 
-    def make_app(self) -> web.Application:
-        app = web.Application()
+    def make_app(self, policy: HostPolicy | None = None) -> web.Application:
+        """An app of its own (http.make_app) with this server's routes; `policy` defaults to
+        accepting only loopback names and IP literals."""
+        app = make_http_app(policy or HostPolicy(DEFAULT_HOST),
+                            client_max_size=MAX_REQUEST_BODY_BYTES)
+        self.add_routes(app)
+        return app
+
+    def add_routes(self, app: web.Application) -> None:
+        """Mount /api/chat (and the page, when there is one) on `app`, an http.make_app app."""
         app.router.add_get("/api/chat", self._chat)
         if self.page == OUR_PAGE:
             app.router.add_get("/", self._index)
@@ -129,9 +158,7 @@ class ChatServer:
 
             app.router.add_get("/", folder_index)
             app.router.add_static("/", folder)
-        app.on_response_prepare.append(_no_cache_headers)
         app.on_shutdown.append(self._close_sockets)
-        return app
 
     async def _index(self, request: web.Request) -> web.Response:
         # The page learns the audio format here (the AudioContext is made before any socket).
@@ -155,18 +182,44 @@ class ChatServer:
                             kyutai.INSTALL_HINT)
         return self._sphn
 
+    async def _take_slot(self) -> bool:
+        """The conversation slot, when free or once the conversation holding it has torn
+        down (waiting at most teardown_wait_s); False: another conversation is running."""
+        deadline = asyncio.get_running_loop().time() + self.teardown_wait_s
+        while self._busy:
+            released = self._released
+            left = deadline - asyncio.get_running_loop().time()
+            if not self._finishing or released is None or left <= 0:
+                return False
+            try:
+                await asyncio.wait_for(released.wait(), left)
+            except asyncio.TimeoutError:
+                return False
+        self._busy, self._finishing = True, False
+        self._released = asyncio.Event()
+        return True
+
+    def _release_slot(self) -> None:
+        self._busy, self._finishing = False, False
+        if self._released is not None:
+            self._released.set()
+
+    def conversation_finishing(self) -> None:
+        """Called once the client of the running conversation is gone: from here on, a new
+        client waits for the teardown instead of being told busy."""
+        self._finishing = True
+
     async def _chat(self, request: web.Request) -> web.StreamResponse:
-        if not _same_origin(request):
-            # A page from another site must not drive the local model through the browser.
-            raise web.HTTPForbidden(text="cross-origin WebSocket refused")
         ours = protocol.SUBPROTOCOL in _requested_subprotocols(request)
         # The heartbeat ends a conversation whose page vanished without closing (a laptop
-        # put to sleep), so the model does not stay taken forever.
+        # put to sleep), so the model does not stay taken forever. Compression is off: audio
+        # barely compresses, and aiohttp checks the size of compressed messages differently.
         ws = web.WebSocketResponse(
             protocols=(protocol.SUBPROTOCOL,) if ours else (),
-            max_msg_size=(protocol.MAX_CLIENT_MESSAGE_BYTES if ours
-                          else kyutai.MAX_CLIENT_MESSAGE_BYTES),
+            max_msg_size=websocket_max_msg_size(protocol.MAX_CLIENT_MESSAGE_BYTES if ours
+                                                else kyutai.MAX_CLIENT_MESSAGE_BYTES),
             heartbeat=10.0,
+            compress=False,
         )
         await ws.prepare(request)
         wire: Wire | None = protocol.PcmWire() if ours else None
@@ -185,16 +238,15 @@ class ChatServer:
                 return ws
             wire = kyutai.OpusWire(sphn)
         assert wire is not None
-        if self._busy:
-            await _refuse(ws, wire, "busy",
-                          "Moshi is already in a conversation with another client; try later.",
-                          WSCloseCode.TRY_AGAIN_LATER)
-            return ws
         if self.engine is None:
             await _refuse(ws, wire, "error", "the model is not loaded yet",
                           WSCloseCode.TRY_AGAIN_LATER)
             return ws
-        self._busy = True  # no await since the check above: no other handler can slip in
+        if not await self._take_slot():
+            await _refuse(ws, wire, "busy",
+                          "Moshi is already in a conversation with another client; try later.",
+                          WSCloseCode.TRY_AGAIN_LATER)
+            return ws
         self._sockets.add(ws)
         peer = request.remote
         log.info("conversation started (%s, %s protocol%s)", peer, wire.name,
@@ -211,7 +263,7 @@ class ChatServer:
             )
         finally:
             self._sockets.discard(ws)
-            self._busy = False
+            self._release_slot()
         return ws
 
 
@@ -278,6 +330,7 @@ class _Conversation:
         try:
             await self._receive_loop()
         finally:
+            self.server.conversation_finishing()
             model_task.cancel()
             # A step already running on the model thread finishes there; the next
             # conversation's reset is queued behind it on the same thread.
@@ -286,7 +339,19 @@ class _Conversation:
                 await self.ws.close()
 
     async def _receive_loop(self) -> None:
-        async for msg in self.ws:
+        idle_s = self.server.idle_timeout_s
+        while True:
+            try:
+                # Pings and pongs are answered inside receive() and do not count as activity.
+                msg = await asyncio.wait_for(self.ws.receive(), idle_s)
+            except asyncio.TimeoutError:
+                log.info("conversation idle: no audio for %g s", idle_s)
+                await _refuse(self.ws, self.wire, "error",
+                              f"no audio for {idle_s:g} s: conversation ended",
+                              WSCloseCode.GOING_AWAY)
+                return
+            if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                return
             if msg.type == WSMsgType.BINARY:
                 try:
                     frames = self.wire.frames(msg.data)
@@ -384,17 +449,6 @@ def _requested_subprotocols(request: web.Request) -> list[str]:
     return [name.strip() for name in header.split(",") if name.strip()]
 
 
-def _same_origin(request: web.Request) -> bool:
-    origin = request.headers.get("Origin")
-    if origin is None:  # not a browser (scripts, tests): nothing to protect against
-        return True
-    return urlsplit(origin).netloc.lower() == request.host.lower()
-
-
-async def _no_cache_headers(request: web.Request, response: web.StreamResponse) -> None:
-    response.headers["Cache-Control"] = "no-cache"
-
-
 async def _our_page_headers(request: web.Request, response: web.StreamResponse) -> None:
     if request.path == "/" or request.path.startswith("/static/"):
         response.headers["Content-Security-Policy"] = (
@@ -403,16 +457,6 @@ async def _our_page_headers(request: web.Request, response: web.StreamResponse) 
 
 
 async def serve(server: ChatServer, host: str, port: int) -> web.AppRunner:
-    """Start listening; returns the runner (call `await runner.cleanup()` to stop)."""
-    runner = web.AppRunner(server.make_app(), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    return runner
-
-
-def bound_port(runner: web.AppRunner) -> int:
-    """The port actually bound (useful with port 0)."""
-    for address in runner.addresses:
-        return int(address[1])
-    raise RuntimeError("server is not listening")
+    """Start listening on host:port, accepting the hosts HostPolicy(host) does; returns the
+    runner (call `await runner.cleanup()` to stop)."""
+    return await start_site(server.make_app(HostPolicy(host)), host, port)
