@@ -30,6 +30,7 @@ from moshi_mlx.transcription.slots import StepInfo
 from moshi_mlx.transcription.transcriber import Flushed
 from moshi_mlx.transcription.words import Word, WordEnd
 from moshi_mlx.web import limits
+from moshi_mlx.web.http import websocket_max_msg_size
 from moshi_mlx.web.keys import ApiKeys
 from moshi_mlx.web.stt_service import MarkerReached, SttChannel, SttService
 
@@ -111,8 +112,9 @@ class AsrStreamingRoute:
         if not self.keys.kyutai_ok(request):
             log.info("asr-streaming refused (%s): bad or missing key", request.remote)
             raise web.HTTPUnauthorized(text="missing or wrong kyutai-api-key / auth_id")
-        ws = web.WebSocketResponse(max_msg_size=limits.MAX_ASR_MESSAGE_BYTES,
-                                   heartbeat=limits.ASR_PING_SECONDS)
+        ws = web.WebSocketResponse(
+            max_msg_size=websocket_max_msg_size(limits.MAX_ASR_MESSAGE_BYTES),
+            heartbeat=limits.ASR_PING_SECONDS, compress=False)
         await ws.prepare(request)
         try:
             channel = self.service.open()

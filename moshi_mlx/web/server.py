@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -99,7 +100,11 @@ class ChatServer:
         page: str | Path | None = OUR_PAGE,
         idle_timeout_s: float = IDLE_CONVERSATION_TIMEOUT_S,
         teardown_wait_s: float = TEARDOWN_WAIT_S,
+        executor: ThreadPoolExecutor | None = None,
     ) -> None:
+        """executor: the model thread to run on, when the caller owns one (the `serve`
+        command shares its thread between families); by default the server starts its own
+        and `close()` stops it."""
         if max_queued_frames < 1:
             raise ValueError("max_queued_frames must be at least 1")
         self.engine = engine
@@ -108,7 +113,8 @@ class ChatServer:
         self.page = page
         self.idle_timeout_s = idle_timeout_s
         self.teardown_wait_s = teardown_wait_s
-        self._executor = start_model_thread()
+        self._owns_executor = executor is None
+        self._executor = executor or start_model_thread()
         self._busy = False
         self._finishing = False  # the conversation holding the slot is tearing down
         self._released: asyncio.Event | None = None  # set when that conversation has ended
@@ -127,7 +133,8 @@ class ChatServer:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def close(self) -> None:
-        stop_model_thread(self._executor)
+        if self._owns_executor:
+            stop_model_thread(self._executor)
 
     @property
     def busy(self) -> bool:
