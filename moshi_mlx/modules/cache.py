@@ -189,7 +189,9 @@ class SlotCache:
     p % ring, so the `context - 1` steps before an update of at most `max_steps` steps are never
     overwritten by it. With max_steps 1 the layout is `KVCache`'s. Which position each slot
     holds is kept on the host per row (-1: nothing of this row's current stream), and the mask
-    [B, 1, T, S] lets query p see slot s iff 0 <= p - position(s) < context.
+    [B, 1, T, ring] lets query p see slot s iff 0 <= p - position(s) < context. Every update
+    attends over the whole ring: the float sums of attention depend on how many (masked) keys
+    they run over, so a row's results must not depend on how far the other rows are.
 
     `offset` is an int32 array [B] (RoPE per row). `set_active(mask)` picks the rows the next
     updates write and advance; the others keep their keys, values and offset exactly (their
@@ -250,11 +252,8 @@ class SlotCache:
         self.positions[rows[:, None], slots[rows]] = query_positions[rows]
         self.offsets[rows] += steps
 
-        used = np.flatnonzero((self.positions >= 0).any(axis=0))
-        size = int(used[-1]) + 1 if used.size else 1
-        held = self.positions[:, None, :size]  # [B, 1, S]
+        held = self.positions[:, None, :]  # [B, 1, S]
         delta = query_positions[:, :, None] - held
         visible = (held >= 0) & (delta >= 0) & (delta < self.context)
         visible |= ~self.active[:, None, None]  # a paused row's output is dropped: any keys do
-        mask = mx.array(visible[:, None])
-        return self.keys[:, :, :size], self.values[:, :, :size], mask
+        return self.keys, self.values, mx.array(visible[:, None])
