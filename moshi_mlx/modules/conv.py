@@ -43,14 +43,12 @@ class RowConvState:
 
     rows: int
     pending: mx.array | None = None
-    fresh: np.ndarray = field(default=None)  # type: ignore[assignment]
-    active: np.ndarray = field(default=None)  # type: ignore[assignment]
+    fresh: np.ndarray = field(init=False)  # bool [B]: the next call is the row's first
+    active: np.ndarray = field(init=False)  # bool [B]: rows the next call advances
 
     def __post_init__(self) -> None:
-        if self.fresh is None:
-            self.fresh = np.ones(self.rows, dtype=bool)
-        if self.active is None:
-            self.active = np.ones(self.rows, dtype=bool)
+        self.fresh = np.ones(self.rows, dtype=bool)
+        self.active = np.ones(self.rows, dtype=bool)
 
     def reset_rows(self, rows) -> None:
         self.fresh[rows] = True
