@@ -20,6 +20,18 @@ class AudioError(MoshiError):
     """An audio file or device cannot be used."""
 
 
+class SlotError(MoshiError):
+    """A stream of a fixed pool (batched transcription) is used wrongly: a closed slot, an
+    ended stream."""
+
+
+class NoFreeSlot(SlotError):
+    """Every slot of a fixed pool of streams is taken."""
+
+    def __init__(self, message: str = "no free channels") -> None:
+        super().__init__(message)
+
+
 F = TypeVar("F", bound=Callable[..., int | None])
 
 

@@ -21,8 +21,8 @@ import numpy as np
 from moshi_mlx.audio.rates import FRAME_SIZE, SAMPLE_RATE
 from moshi_mlx.errors import AudioError
 from moshi_mlx.models import mimi_layouts
-from moshi_mlx.modules.cache import WindowCache
-from moshi_mlx.modules.conv import DEFAULT_FORMULATION, ConvState, ConvTrState
+from moshi_mlx.modules.cache import SlotCache, WindowCache
+from moshi_mlx.modules.conv import DEFAULT_FORMULATION, ConvState, ConvTrState, RowConvState
 from moshi_mlx.modules.rvq import SplitResidualVectorQuantizer
 from moshi_mlx.modules.seanet import (
     ConvLayer,
@@ -149,6 +149,47 @@ class EncoderState:
 
 
 @dataclass
+class RowEncoderState(EncoderState):
+    """An encoder state of `rows` independent streams, one per batch row (batched STT): each
+    row starts again (`reset_rows`) and pauses (`set_active`) without touching the others."""
+
+    rows: int = 1
+
+    def _parts(self) -> list:
+        return [*_flatten(self.seanet), *self.transformer, self.downsample]
+
+    def reset_rows(self, rows) -> None:
+        for part in self._parts():
+            part.reset_rows(rows)
+
+    def set_active(self, mask) -> None:
+        """Rows that the next `encode_step` advances (bool [rows]); the others keep their state
+        exactly (their codes of that call are meaningless)."""
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != (self.rows,):
+            raise ValueError(f"the active mask must have {self.rows} rows, got {mask.shape}")
+        for part in self._parts():
+            if isinstance(part, SlotCache):
+                part.set_active(mask)
+            else:
+                part.active = mask.copy()
+
+
+def _flatten(states) -> list:
+    """The conv states in a nested SEANet state list (ELUs hold None)."""
+    if isinstance(states, list):
+        return [leaf for item in states for leaf in _flatten(item)]
+    return [] if states is None else [states]
+
+
+def _per_row(states, rows: int):
+    """The SEANet state list with every ConvState replaced by a fresh RowConvState."""
+    if isinstance(states, list):
+        return [_per_row(item, rows) for item in states]
+    return RowConvState(rows) if isinstance(states, ConvState) else states
+
+
+@dataclass
 class DecoderState:
     upsample: ConvTrState
     transformer: list[WindowCache]
@@ -191,6 +232,18 @@ class Mimi(nn.Module):
             self.encoder.init_state(),
             self.encoder_transformer.init_state(),
             self.downsample.conv.init_state(),
+        )
+
+    def new_row_encoder_state(self, rows: int) -> RowEncoderState:
+        """An encoder state of `rows` independent streams stepped together: `encode_step` on
+        [rows, 1, n * 1920] advances the active rows only (see `RowEncoderState`)."""
+        steps = self.cfg.downsample_stride  # transformer steps per frame
+        return RowEncoderState(
+            _per_row(self.encoder.init_state(), rows),
+            [SlotCache(self.cfg.context, rows, max_steps=steps)
+             for _ in self.encoder_transformer.transformer.layers],
+            RowConvState(rows),
+            rows,
         )
 
     def new_decoder_state(self) -> DecoderState:

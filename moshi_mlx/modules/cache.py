@@ -8,7 +8,8 @@
 
 A query at position p sees key position s iff 0 <= p - s < context, in both caches.
 `KVCache` is a ring buffer for one step at a time (the LMs); `WindowCache` keeps the window in
-position order for a few steps at a time (Mimi's transformers).
+position order for a few steps at a time (Mimi's transformers). `SlotCache` holds one independent
+stream per batch row (its `offset` is an array [B]): rows start again and pause on their own.
 """
 
 from __future__ import annotations
@@ -179,3 +180,80 @@ def _window_mask(past: int, steps: int, context: int) -> mx.array | None:
         return None
     delta = (past + np.arange(steps))[:, None] - np.arange(past + steps)[None, :]
     return mx.array((delta >= 0) & (delta < context))
+
+
+class SlotCache:
+    """Keys/values of `rows` independent streams, each with its own position (batched STT).
+
+    A ring of `context + max_steps - 1` slots per row: position p of a row lives in slot
+    p % ring, so the `context - 1` steps before an update of at most `max_steps` steps are never
+    overwritten by it. With max_steps 1 the layout is `KVCache`'s. Which position each slot
+    holds is kept on the host per row (-1: nothing of this row's current stream), and the mask
+    [B, 1, T, ring] lets query p see slot s iff 0 <= p - position(s) < context. Every update
+    attends over the whole ring: the float sums of attention depend on how many (masked) keys
+    they run over, so a row's results must not depend on how far the other rows are.
+
+    `offset` is an int32 array [B] (RoPE per row). `set_active(mask)` picks the rows the next
+    updates write and advance; the others keep their keys, values and offset exactly (their
+    attention output is meaningless and meant to be dropped). `reset_rows(rows)` starts those
+    rows again at position 0.
+    """
+
+    def __init__(self, context: int, rows: int, max_steps: int = 1) -> None:
+        if context < 1 or rows < 1 or max_steps < 1:
+            raise ValueError(f"context, rows and max_steps must be >= 1, got {context}, {rows}, "
+                             f"{max_steps}")
+        self.context = context
+        self.rows = rows
+        self.ring = context + max_steps - 1
+        self.reset()
+
+    def reset(self) -> None:
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.positions = np.full((self.rows, self.ring), -1, dtype=np.int64)
+        self.offsets = np.zeros(self.rows, dtype=np.int64)
+        self.active = np.ones(self.rows, dtype=bool)
+
+    def reset_rows(self, rows) -> None:
+        self.positions[rows] = -1
+        self.offsets[rows] = 0
+
+    def set_active(self, mask) -> None:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != (self.rows,):
+            raise ValueError(f"the active mask must have {self.rows} rows, got {mask.shape}")
+        self.active = mask
+
+    @property
+    def offset(self) -> mx.array:
+        return mx.array(self.offsets.astype(np.int32))
+
+    def update(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """Store k, v [B, H, T, D] at each active row's positions offset .. offset+T-1; return
+        (keys, values, mask bool [B, 1, T, S])."""
+        batch, heads, steps, head_dim = k.shape
+        if batch != self.rows or steps > self.ring - self.context + 1:
+            raise ValueError(f"SlotCache of {self.rows} rows, at most "
+                             f"{self.ring - self.context + 1} steps: got k {tuple(k.shape)}")
+        if self.keys is None:
+            self.keys = mx.zeros((batch, heads, self.ring, head_dim), dtype=k.dtype)
+            self.values = mx.zeros((batch, heads, self.ring, head_dim), dtype=v.dtype)
+        query_positions = self.offsets[:, None] + np.arange(steps)[None, :]  # [B, T]
+        slots = query_positions % self.ring
+        index = mx.array(slots.astype(np.int32))[:, None, :, None]
+        if not self.active.all():  # paused rows write back what their slots hold
+            keep = mx.array(~self.active)[:, None, None, None]
+            k = mx.where(keep, mx.take_along_axis(self.keys, index, axis=2), k)
+            v = mx.where(keep, mx.take_along_axis(self.values, index, axis=2), v)
+        self.keys = mx.put_along_axis(self.keys, index, k, axis=2)
+        self.values = mx.put_along_axis(self.values, index, v, axis=2)
+        rows = np.flatnonzero(self.active)
+        self.positions[rows[:, None], slots[rows]] = query_positions[rows]
+        self.offsets[rows] += steps
+
+        held = self.positions[:, None, :]  # [B, 1, S]
+        delta = query_positions[:, :, None] - held
+        visible = (held >= 0) & (delta >= 0) & (delta < self.context)
+        visible |= ~self.active[:, None, None]  # a paused row's output is dropped: any keys do
+        return self.keys, self.values, mx.array(visible[:, None])

@@ -11,10 +11,11 @@ choice exists so that benchmarks/mimi.py can measure them side by side.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 FORMULATIONS = ("matmul", "native")
 DEFAULT_FORMULATION = "matmul"
@@ -31,6 +32,26 @@ class ConvState:
     """Input samples not yet consumed by a causal conv (None before the first call)."""
 
     pending: mx.array | None = None
+
+
+@dataclass
+class RowConvState:
+    """The carried samples of `rows` independent streams, one per batch row, each started
+    again (`fresh`) and paused (not `active`) on its own. In steady state every row carries
+    exactly the left padding (calls take whole strides), so the carry is one array
+    [B, left_context, C]; a fresh row gets the left padding of a first call instead."""
+
+    rows: int
+    pending: mx.array | None = None
+    fresh: np.ndarray = field(init=False)  # bool [B]: the next call is the row's first
+    active: np.ndarray = field(init=False)  # bool [B]: rows the next call advances
+
+    def __post_init__(self) -> None:
+        self.fresh = np.ones(self.rows, dtype=bool)
+        self.active = np.ones(self.rows, dtype=bool)
+
+    def reset_rows(self, rows) -> None:
+        self.fresh[rows] = True
 
 
 @dataclass
@@ -88,6 +109,8 @@ class StreamingConv1d(nn.Module):
         is padded on the right (zeros, or the last sample for "replicate") up to the next
         whole window, so the clip gives ceil(total / stride) outputs.
         """
+        if isinstance(state, RowConvState):
+            return self._call_rows(x, state)
         if state.pending is None:
             if x.shape[1] == 0:  # nothing yet: keep the state fresh (left padding pending)
                 return mx.zeros((x.shape[0], 0, self.weight.shape[0]), dtype=x.dtype)
@@ -116,6 +139,33 @@ class StreamingConv1d(nn.Module):
             return mx.zeros((x.shape[0], 0, self.weight.shape[0]), dtype=x.dtype)
         x = x[:, : (frames - 1) * self.stride + span]
         y = self._convolve(x, frames)
+        if "bias" in self:
+            y = y + self.bias
+        return y
+
+    def _call_rows(self, x: mx.array, state: RowConvState) -> mx.array:
+        """Streaming over independent rows: x [B, T, in] with T a multiple of the stride."""
+        pad = self.left_context
+        if x.shape[1] % self.stride:
+            raise ValueError(f"row streams take whole strides of {self.stride}, got {x.shape[1]}")
+        if pad > 0:
+            if self.pad_mode == "replicate":
+                start = mx.repeat(x[:, :1], pad, axis=1)
+            else:
+                start = mx.zeros((x.shape[0], pad, x.shape[2]), dtype=x.dtype)
+            left = start if state.pending is None else mx.where(
+                mx.array(state.fresh)[:, None, None], start, state.pending)
+            x = mx.concatenate([left, x], axis=1)
+        span = (self.kernel_size - 1) * self.dilation + 1
+        frames = (x.shape[1] - span) // self.stride + 1 if x.shape[1] >= span else 0
+        carry = x[:, frames * self.stride:]
+        if state.pending is not None and not state.active.all():
+            carry = mx.where(mx.array(state.active)[:, None, None], carry, state.pending)
+        state.pending = carry
+        state.fresh &= ~state.active
+        if frames == 0:
+            return mx.zeros((x.shape[0], 0, self.weight.shape[0]), dtype=x.dtype)
+        y = self._convolve(x[:, : (frames - 1) * self.stride + span], frames)
         if "bias" in self:
             y = y + self.bias
         return y

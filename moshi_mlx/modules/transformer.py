@@ -8,9 +8,9 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from moshi_mlx.modules.cache import AttentionCache, KVCache, WindowCache
+from moshi_mlx.modules.cache import AttentionCache, KVCache, SlotCache, WindowCache
 
-__all__ = ["Attention", "AttentionCache", "KVCache", "WindowCache", "rope"]
+__all__ = ["Attention", "AttentionCache", "KVCache", "SlotCache", "WindowCache", "rope"]
 
 
 def rope(x: mx.array, offset: int | mx.array, max_period: float) -> mx.array:
@@ -38,8 +38,13 @@ class Attention(nn.Module):
         qkv = self.in_proj(x).reshape(batch, steps, 3, self.num_heads, self.head_dim)
         qkv = qkv.transpose(2, 0, 3, 1, 4)  # [3, B, H, T, D]
         qk, v = qkv[:2], qkv[2]
-        if self.rope_max_period is not None:
-            qk = rope(qk, cache.offset, self.rope_max_period)  # q and k in one op
+        offset = cache.offset
+        if self.rope_max_period is not None and isinstance(offset, mx.array):
+            # Per-row positions: rope takes an offset [B] only with B as the leading axis.
+            qk = (rope(qk[0], offset, self.rope_max_period),
+                  rope(qk[1], offset, self.rope_max_period))
+        elif self.rope_max_period is not None:
+            qk = rope(qk, offset, self.rope_max_period)  # q and k in one op
         keys, values, mask = cache.update(qk[1], v)
         out = mx.fast.scaled_dot_product_attention(
             qk[0], keys, values, scale=self.head_dim**-0.5, mask=mask

@@ -6,8 +6,16 @@ import mlx.core as mx
 import numpy as np
 
 from moshi_mlx.models.lm import Lm
+from moshi_mlx.models.lm_config import LmConfig
 from moshi_mlx.models.lm_state import LmStreamState
 from moshi_mlx.modules.sampling import Sampler
+
+
+def initial_tokens(cfg: LmConfig) -> np.ndarray:
+    """The tokens official step 0 reads: text `text_initial_token`, then every audio codebook's
+    `audio_initial_token` (int32 [1 + n_q])."""
+    return np.array([cfg.text_initial_token] + [cfg.audio_initial_token] * cfg.n_q,
+                    dtype=np.int32)
 
 
 class SttGen:
@@ -44,8 +52,7 @@ class SttGen:
             self.batch_size = batch_size
         cfg = self.cfg
         self._state = LmStreamState.start(self.lm, self.seed)
-        initial = np.array([cfg.text_initial_token] + [cfg.audio_initial_token] * cfg.n_q,
-                           dtype=np.int32)
+        initial = initial_tokens(cfg)
         tokens = mx.array(np.broadcast_to(initial, (self.batch_size, initial.size)))
         self.initial_text, self.initial_vad = self._run(tokens)
 

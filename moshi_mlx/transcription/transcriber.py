@@ -15,58 +15,33 @@ that emits a token has seen the audio up to step / 12.5 s), step time - prefix f
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
-from moshi_mlx.audio.rates import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
+from moshi_mlx.audio.rates import FRAME_SIZE, SAMPLE_RATE
 from moshi_mlx.models.lm import Lm
 from moshi_mlx.models.lm_config import SttConfig
 from moshi_mlx.models.mimi import MimiStream
+from moshi_mlx.transcription.stream import (
+    VAD_END_OF_TURN_HEAD,
+    EndOfTurn,
+    EndOfTurnRule,
+    Event,
+    Flushed,
+    StreamDecoder,
+    SttTiming,
+    TextPiece,
+)
 from moshi_mlx.transcription.stt_gen import SttGen
-from moshi_mlx.transcription.words import EPAD, PAD, Word, WordEnd, WordTracker, timed_words
+from moshi_mlx.transcription.words import Word, WordEnd, timed_words
 
-VAD_END_OF_TURN_HEAD = 2  # horizon 2 s (Unmute and the official scripts use this head)
-
-
-# --------------------------------------------------------------------------- events
-
-
-@dataclass(frozen=True)
-class TextPiece:
-    """Newly transcribed text (a sentencepiece piece, leading space = new word)."""
-
-    stream: int
-    text: str
-    time: float
-    step: int
-
-
-@dataclass(frozen=True)
-class EndOfTurn:
-    """The VAD head predicts a pause: probability of no voice activity > threshold."""
-
-    stream: int
-    time: float
-    step: int
-    probability: float
-
-
-@dataclass(frozen=True)
-class Flushed:
-    """The input of `stream` ended (after `duration` s) and every word is out."""
-
-    stream: int
-    duration: float
-    step: int
-
-
-Event = TextPiece | Word | WordEnd | EndOfTurn | Flushed
+__all__ = ["VAD_END_OF_TURN_HEAD", "EndOfTurn", "Event", "Flushed", "TextPiece", "TimedWord",
+           "Transcriber", "Transcript", "Word", "WordEnd", "transcript_from_events"]
 
 
 @dataclass
@@ -111,18 +86,6 @@ def transcript_from_events(events: Iterable[Event], decode_text: str, duration: 
 # --------------------------------------------------------------------------- transcriber
 
 
-@dataclass
-class _Stream:
-    """Per-stream state: word tracker, end-of-turn detector, text so far."""
-
-    tracker: WordTracker
-    tokens: list[int] = field(default_factory=list)
-    has_text: bool = False  # text since the last end of turn
-    below: bool = True  # VAD fell below the re-arm level since the last end of turn
-    done: bool = False
-    ended_at: int | None = None  # step at which this stream's input (and flush) ends
-
-
 class Transcriber:
     """Streaming Kyutai STT over `batch_size` independent streams.
 
@@ -152,21 +115,21 @@ class Transcriber:
         self.eot_head = eot_head
         self.gen = SttGen(lm, temp=temp, seed=seed, top_k=top_k, batch_size=batch_size,
                           compile=compile)
-        self.prefix_samples = int(self.config.audio_silence_prefix_seconds * SAMPLE_RATE)
-        self.flush_frames = math.ceil(self.config.audio_delay_seconds * FRAME_RATE) + 1
-        lag = self.config.audio_silence_prefix_seconds + self.config.audio_delay_seconds
-        self.text_lag = lag
-        self.first_text_step = math.ceil(lag * FRAME_RATE - 1e-9)
+        self.timing = SttTiming.of(self.config)
+        self.prefix_samples = self.timing.prefix_samples
+        self.flush_frames = self.timing.flush_frames
+        self.text_lag = self.timing.text_lag
+        self.first_text_step = self.timing.first_text_step
         self.reset(batch_size)
 
     # ------------------------------------------------------------------ times
     def text_time(self, step: int) -> float:
         """Seconds of input audio of a text token emitted at `step`."""
-        return max(0.0, step / FRAME_RATE - self.text_lag)
+        return self.timing.text_time(step)
 
     def audio_time(self, step: int) -> float:
         """Seconds of input audio seen when `step` runs."""
-        return max(0.0, step / FRAME_RATE - self.config.audio_silence_prefix_seconds)
+        return self.timing.audio_time(step)
 
     # ------------------------------------------------------------------ state
     @property
@@ -181,19 +144,11 @@ class Transcriber:
         rows = self.gen.batch_size
         self._buffer = np.zeros((rows, self.prefix_samples), dtype=np.float32)
         self._input_samples = np.zeros(rows, dtype=np.int64)
-        self._streams = [_Stream(WordTracker(self.text_time, self.first_text_step, self._decode,
-                                             stream=row)) for row in range(rows)]
+        rule = EndOfTurnRule(self.eot_head, self.eot_threshold, self.eot_rearm)
+        self._streams = [StreamDecoder(row, self.timing, self.tokenizer, rule)
+                         for row in range(rows)]
         self._pending: list[Event] = []
         self._handle(0, np.array(self.gen.initial_text), self._vad_or_none(self.gen.initial_vad))
-
-    def _decode(self, tokens: Sequence[int]) -> str:
-        return self.tokenizer.decode([int(t) for t in tokens])
-
-    def _piece(self, token: int) -> str:
-        sp = self.tokenizer
-        if token >= sp.get_piece_size() or sp.is_control(token) or sp.is_unknown(token):
-            return ""
-        return sp.id_to_piece(token).replace("\u2581", " ")
 
     @staticmethod
     def _vad_or_none(vad: mx.array | None) -> np.ndarray | None:
@@ -204,30 +159,12 @@ class Transcriber:
         for row, stream in enumerate(self._streams):
             if stream.done:
                 continue
-            token = int(text[row])
-            if step >= self.first_text_step and token not in (PAD, EPAD):
-                stream.tokens.append(token)
-                stream.has_text = True
-                piece = self._piece(token)
-                if piece:
-                    self._pending.append(TextPiece(row, piece, self.text_time(step), step))
-            self._pending += stream.tracker.push(token, step)
-            if vad is not None:
-                probability = float(vad[row, self.eot_head, 0])
-                if probability < self.eot_rearm:
-                    stream.below = True
-                if stream.has_text and stream.below and probability > self.eot_threshold:
-                    self._pending.append(EndOfTurn(row, self.audio_time(step), step, probability))
-                    stream.has_text = stream.below = False
-            if stream.ended_at is not None and step >= stream.ended_at:
+            self._pending += stream.handle(step, int(text[row]), None if vad is None else vad[row])
+            if stream.due(step):
                 self._close(row, step)
 
     def _close(self, row: int, step: int) -> None:
-        stream = self._streams[row]
-        self._pending += stream.tracker.finish(step)
-        stream.done = True
-        duration = self._input_samples[row] / SAMPLE_RATE
-        self._pending.append(Flushed(row, float(duration), step))
+        self._pending += self._streams[row].close(step, self._input_samples[row] / SAMPLE_RATE)
 
     def _take_events(self) -> list[Event]:
         events, self._pending = self._pending, []
@@ -281,7 +218,7 @@ class Transcriber:
     def end_step(self, input_samples: int) -> int:
         """The step at which a stream of `input_samples` samples has seen its input, its
         prefix and its flush frames."""
-        return math.ceil((self.prefix_samples + input_samples) / FRAME_SIZE) + self.flush_frames
+        return self.timing.end_step(input_samples)
 
     def end_stream_after(self, row: int, input_samples: int) -> None:
         """Stream `row` ends after `input_samples` samples (what follows is its flush; later
@@ -324,7 +261,7 @@ class Transcriber:
 
     def stream_text(self, row: int = 0) -> str:
         """The text of stream `row` so far (every piece, decoded)."""
-        return self._decode(self._streams[row].tokens).strip()
+        return self._streams[row].text
 
     def transcribe_pcm(self, pcms: Sequence[np.ndarray], chunk_frames: int = 1,
                        progress: Callable[[float, float], None] | None = None,
