@@ -5,6 +5,7 @@ input, and every bad input gets its status and OpenAI's error shape."""
 from __future__ import annotations
 
 import json
+import logging
 import struct
 import urllib.error
 import urllib.request
@@ -63,7 +64,7 @@ def server(stt_dir, random_mimi_path, csm_library, mimi32, voices):
     transcriber = load_on_model_thread(executor, lambda: load_transcriber(
         weights=stt_dir / "stt_pytorch.safetensors", config=stt_dir / "stt_config.json",
         tokenizer=stt_dir / "stt_tokenizer.model", mimi_weight=random_mimi_path))
-    model, tokenizer = csm_library
+    speech = SpeechService(*csm_library, mimi32, executor, voices)
 
     def make_app() -> web.Application:
         app = web.Application(client_max_size=limits.APP_MAX_REQUEST_BYTES)
@@ -71,11 +72,11 @@ def server(stt_dir, random_mimi_path, csm_library, mimi32, voices):
                      models=[ServedModel("kyutai/stt-fixture", "stt"),
                              ServedModel(str(CSM / "sesame"), "tts")],
                      transcriber=ThreadTranscriber(transcriber, executor),
-                     speech=SpeechService(model, tokenizer, mimi32, executor, voices)
-                     ).add_routes(app)
+                     speech=speech).add_routes(app)
         return app
 
     with BackgroundServer(make_app) as running:
+        running.speech, running.executor = speech, executor
         yield running
     stop_model_thread(executor)
 
@@ -230,6 +231,32 @@ def test_a_saved_voice_speaks_as_its_context_turn(client, random_mimi_path, voic
     assert len(alone) != len(expected) or not np.array_equal(alone, expected)
 
 
+def test_one_generation_at_a_time_and_a_client_that_leaves_frees_it(client, server,
+                                                                   caplog):
+    caplog.set_level(logging.INFO, logger="moshi_mlx.web")
+    long_text = "One, two, three, four, five, six, seven, eight, nine and ten."
+    server.speech.max_queued = 0  # nobody may wait: a second request while one runs is refused
+    try:
+        with client.audio.speech.with_streaming_response.create(
+                model="tts-1", input=long_text, voice="0", response_format="pcm") as first:
+            assert len(next(first.iter_bytes())) > 0  # generating
+            # The model thread is not held between frames: other work there gets in.
+            assert server.executor.submit(lambda: "between frames").result(timeout=10) == \
+                "between frames"
+            with pytest.raises(openai.APIStatusError) as info:
+                client.audio.speech.create(model="tts-1", input="Hi.", voice="0")
+            assert info.value.status_code == 503 and _error(info)["code"] == "busy"
+    finally:
+        server.speech.max_queued = limits.MAX_QUEUED_SPEECH
+    # The first client left early: its generation ends at its next frame and the next
+    # request is served (it waits its turn meanwhile).
+    audio = client.audio.speech.create(model="tts-1", input="Hi.", voice="0",
+                                       response_format="pcm", extra_body={"temperature": 0})
+    assert len(audio.content) > 0
+    left = [r.getMessage() for r in caplog.records if "the client left" in r.getMessage()]
+    assert len(left) == 1 and "/v1/audio/speech" in left[0]
+
+
 # ---------------------------------------------------------------------- models
 
 
@@ -293,12 +320,17 @@ def _raw(server, method: str, path: str, data: bytes | None, headers: dict[str, 
         return exc.code, json.loads(exc.read())
 
 
-def test_an_upload_that_is_not_audio_is_400(client):
+def test_an_upload_that_is_not_audio_is_400(client, caplog):
+    caplog.set_level(logging.INFO)
     with pytest.raises(openai.BadRequestError) as info:
         client.audio.transcriptions.create(model="whisper-1",
                                            file=("notes.wav", b"these are not samples"))
     error = _error(info)
     assert error["param"] == "file" and "notes.wav: cannot read audio" in error["message"]
+    # The server logs one line, no traceback (the client's own log lines aside).
+    server_lines = [r for r in caplog.records if r.name.split(".")[0] in ("moshi_mlx", "aiohttp")]
+    assert [(r.name, r.exc_info) for r in server_lines] == [("moshi_mlx.web", None)]
+    assert "400 notes.wav: cannot read audio" in server_lines[0].getMessage()
     with pytest.raises(openai.BadRequestError) as info:
         client.audio.transcriptions.create(model="whisper-1", file=("empty.wav", b""))
     assert _error(info)["param"] == "file"
@@ -371,3 +403,38 @@ def test_bad_transcription_fields_are_400(client, upload):
         client.audio.transcriptions.create(model="whisper-1", file=upload.open("rb"),
                                            extra_body={"stream": "maybe"})
     assert _error(info)["param"] == "stream"
+
+
+def test_a_body_that_is_not_a_form_is_400(server):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    for content_type, body in (("application/json", b'{"file": "x"}'),
+                               ("multipart/form-data; boundary=b", b"--b\r\nnonsense")):
+        status, reply = _raw(server, "POST", "/v1/audio/transcriptions", body,
+                             {**headers, "Content-Type": content_type})
+        assert status == 400 and reply["error"]["type"] == "invalid_request_error", reply
+    status, reply = _raw(server, "POST", "/v1/audio/transcriptions",
+                         b"--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n"
+                         b"whisper-1\r\n--b--\r\n",
+                         {**headers, "Content-Type": "multipart/form-data; boundary=b"})
+    assert status == 400 and reply["error"]["param"] == "file"
+
+
+@pytest.mark.parametrize("headers, query, kyutai, bearer", [
+    ({}, "", False, False),
+    ({"kyutai-api-key": KEY}, "", True, False),
+    ({}, f"?auth_id={KEY}", True, False),
+    ({"kyutai-api-key": "nope"}, "?auth_id=nope", False, False),
+    ({"Authorization": f"Bearer {KEY}"}, "", False, True),
+    ({"Authorization": f"bearer  {KEY} "}, "", False, True),
+    ({"Authorization": KEY}, "", False, False),
+    ({"Authorization": "Bearer public_token"}, "", False, False),
+])
+def test_keys_are_read_from_kyutai_and_openai_spellings(headers, query, kyutai, bearer):
+    from aiohttp.test_utils import make_mocked_request
+
+    keys = ApiKeys([KEY])
+    request = make_mocked_request("GET", f"/api/asr-streaming{query}", headers=headers)
+    assert (keys.kyutai_ok(request), keys.bearer_ok(request)) == (kyutai, bearer)
+    assert not keys.only_default and ApiKeys().only_default
+    assert ApiKeys().bearer_ok(make_mocked_request(
+        "GET", "/", headers={"Authorization": "Bearer public_token"}))

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from moshi_mlx.audio.rates import SAMPLE_RATE
 from moshi_mlx.errors import MoshiError
@@ -186,7 +187,13 @@ class OpenAiRoutes:
             sent.append(delta)
             await send({"type": "transcript.text.delta", "delta": delta})
 
-        transcript = await self.transcriber.transcribe(pcm, on_text)
+        try:
+            transcript = await self.transcriber.transcribe(pcm, on_text)
+        except Exception:  # the status is sent: the error goes out as an event (as OpenAI's)
+            log.exception("%s %s: transcription failed", request.method, request.path)
+            await send({"error": {"message": "internal server error (see the server's log)",
+                                  "type": "server_error", "param": None, "code": None}})
+            return response
         so_far = "".join(sent)
         if transcript.text.startswith(so_far) and len(transcript.text) > len(so_far):
             await on_text(transcript.text[len(so_far):])
@@ -258,8 +265,9 @@ async def _read_form(request: web.Request) -> _Form:
             lists.setdefault(part.name.removesuffix("[]"), []).append(value)
     except ApiError:
         raise
-    except (ValueError, AssertionError, RuntimeError) as exc:
-        raise _bad(f"malformed multipart body ({exc})") from None
+    except (ValueError, AssertionError, RuntimeError, HttpProcessingError) as exc:
+        reason = str(exc).strip().splitlines()[-1].strip() or type(exc).__name__
+        raise _bad(f"malformed multipart body ({reason})") from None
     return _Form(lists, upload)
 
 
