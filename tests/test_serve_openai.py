@@ -239,7 +239,8 @@ def test_one_generation_at_a_time_and_a_client_that_leaves_frees_it(client, serv
     try:
         with client.audio.speech.with_streaming_response.create(
                 model="tts-1", input=long_text, voice="0", response_format="pcm") as first:
-            assert len(next(first.iter_bytes())) > 0  # generating
+            body = first.iter_bytes()  # kept: a dropped iterator closes the response
+            assert len(next(body)) > 0  # generating
             # The model thread is not held between frames: other work there gets in.
             assert server.executor.submit(lambda: "between frames").result(timeout=10) == \
                 "between frames"

@@ -408,8 +408,11 @@ def pcm16_bytes(audio: np.ndarray) -> bytes:
 
 
 def flac_bytes(audio: np.ndarray) -> bytes:
+    """A whole 16-bit FLAC file; no audio gives no bytes (libsndfile writes no empty FLAC)."""
     import soundfile
 
+    if audio.size == 0:
+        return b""
     out = io.BytesIO()
     soundfile.write(out, audio, SAMPLE_RATE, subtype="PCM_16", format="FLAC")
     return out.getvalue()
