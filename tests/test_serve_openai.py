@@ -335,6 +335,18 @@ def test_an_upload_that_is_not_audio_is_400(client, caplog):
     with pytest.raises(openai.BadRequestError) as info:
         client.audio.transcriptions.create(model="whisper-1", file=("empty.wav", b""))
     assert _error(info)["param"] == "file"
+    assert _error(info)["message"] == \
+        "empty.wav: cannot read audio (Format not recognised.)"
+
+
+def test_a_file_name_cannot_write_control_characters_to_the_log(server):
+    body = (b"--b\r\nContent-Disposition: form-data; name=file; "
+            b"filename*=UTF-8''a%0A%1B%5B2Kb.wav\r\n\r\nnot audio\r\n--b--\r\n")
+    status, reply = _raw(server, "POST", "/v1/audio/transcriptions", body,
+                         {"Authorization": f"Bearer {KEY}",
+                          "Content-Type": "multipart/form-data; boundary=b"})
+    assert status == 400
+    assert reply["error"]["message"].startswith("a[2Kb.wav: cannot read audio")
 
 
 def test_uploads_over_the_limit_are_413_at_the_exact_size(client, monkeypatch):
@@ -400,8 +412,8 @@ def test_bad_transcription_fields_are_400(client, upload):
         with upload.open("rb") as f, pytest.raises(openai.BadRequestError) as info:
             client.audio.transcriptions.create(model="whisper-1", file=f, **kwargs)
         assert _error(info)["param"] == param
-    with pytest.raises(openai.BadRequestError) as info:
-        client.audio.transcriptions.create(model="whisper-1", file=upload.open("rb"),
+    with upload.open("rb") as f, pytest.raises(openai.BadRequestError) as info:
+        client.audio.transcriptions.create(model="whisper-1", file=f,
                                            extra_body={"stream": "maybe"})
     assert _error(info)["param"] == "stream"
 

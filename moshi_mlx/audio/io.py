@@ -52,6 +52,8 @@ def decode_audio(source: str | BinaryIO, name: str, sample_rate: int = SAMPLE_RA
         data, rate = soundfile.read(source, dtype="float32", always_2d=True)
     except Exception as exc:  # soundfile raises LibsndfileError, RuntimeError, TypeError...
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not isinstance(source, str) and reason.startswith("Error opening <"):
+            reason = reason.split(">: ", 1)[-1]  # not the file object's repr
         raise AudioError(f"{name}: cannot read audio ({reason})") from None
     if data.shape[0] == 0 or data.shape[1] == 0:
         raise AudioError(f"{name}: the audio file holds no samples")

@@ -156,7 +156,7 @@ class OpenAiRoutes:
         transcript = await self.transcriber.transcribe(pcm)
         if response_format == "verbose_json":
             return web.json_response(_verbose(transcript, form.get("language")))
-        text = render(transcript, {"verbose_json": "json"}.get(response_format, response_format))
+        text = render(transcript, response_format)  # the stt command's text, json, srt, vtt
         content_type = {"json": "application/json", "vtt": "text/vtt"}.get(response_format,
                                                                            "text/plain")
         return web.Response(text=text, content_type=content_type, charset="utf-8")
@@ -249,15 +249,23 @@ async def _read_form(request: web.Request) -> _Form:
         raise _bad(f"expected a multipart/form-data body ({exc})") from None
     lists: dict[str, list[str]] = {}
     upload = None
+    total = 0
     try:
         while (part := await reader.next()) is not None:
             if not isinstance(part, BodyPartReader) or not part.name:
                 continue
             if part.name == "file":
                 data = await _read_part(part, limits.MAX_UPLOAD_BYTES, "the audio file")
-                upload = (part.filename or "file", data)
+                upload = (_printable(part.filename or "") or "file", data)
+            else:
+                data = await _read_part(part, MAX_FIELD_BYTES, f"the field {part.name!r}")
+            total += len(data)
+            if total > limits.APP_MAX_REQUEST_BYTES:  # many parts, each within its limit
+                raise ApiError(413, "the form is over the limit of "
+                               f"{limits.APP_MAX_REQUEST_BYTES} bytes", None,
+                               "request_too_large")
+            if part.name == "file":
                 continue
-            data = await _read_part(part, MAX_FIELD_BYTES, f"the field {part.name!r}")
             try:
                 value = data.decode("utf-8")
             except UnicodeDecodeError:
@@ -269,6 +277,11 @@ async def _read_form(request: web.Request) -> _Form:
         reason = str(exc).strip().splitlines()[-1].strip() or type(exc).__name__
         raise _bad(f"malformed multipart body ({reason})") from None
     return _Form(lists, upload)
+
+
+def _printable(name: str, longest: int = 100) -> str:
+    """A client's file name as it may go into a message and a log line (no line breaks)."""
+    return "".join(ch for ch in name if ch.isprintable())[:longest]
 
 
 async def _read_part(part: Any, limit: int, what: str) -> bytes:
@@ -455,4 +468,7 @@ async def _send_speech(request: web.Request, chunks: AsyncIterator[np.ndarray],
     except MoshiError as exc:  # a later sentence could not be spoken: the body ends there
         log.info("%s %s: speech ended early after %d frames: %s", request.method,
                  request.path, frames, exc)
+    except Exception:  # our bug; the status is sent, so the body just ends
+        log.exception("%s %s: speech failed after %d frames", request.method, request.path,
+                      frames)
     return response
