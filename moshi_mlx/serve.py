@@ -114,7 +114,7 @@ def build_app(loaded: Loaded, args: argparse.Namespace, executor: Any) -> Any:
     from moshi_mlx.web.openai_api import OpenAiRoutes, ServedModel
 
     keys = ApiKeys(args.api_key or DEFAULT_KEYS)
-    app = http.make_app(http.HostPolicy(args.host), client_max_size=limits.MAX_UPLOAD_BYTES)
+    app = http.make_app(http.HostPolicy(args.host), client_max_size=limits.APP_MAX_REQUEST_BYTES)
     service = None
     if loaded.stt is not None:
         from moshi_mlx.web.asr_streaming import AsrStreamingRoute

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from moshi_mlx.audio.io import read_audio_bytes
+from moshi_mlx.audio.io import decode_audio_bytes
 from moshi_mlx.audio.rates import SAMPLE_RATE
 from moshi_mlx.errors import AudioError, NoFreeSlot
 from moshi_mlx.transcription.slots import StepInfo
@@ -78,7 +78,7 @@ class AsrStreamingRoute:
             raise web.HTTPUnauthorized(text="missing or wrong kyutai-api-key / auth_id")
         body = await request.read()
         try:
-            pcm = read_audio_bytes(body)
+            pcm = decode_audio_bytes(body, "the posted audio")
         except AudioError as exc:
             log.info("asr-streaming POST refused (%s): %s", request.remote, exc)
             raise web.HTTPBadRequest(text=str(exc)) from None

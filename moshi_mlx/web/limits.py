@@ -8,3 +8,9 @@ MAX_JSON_BYTES = 64 * 1024  # a JSON request body (/v1/audio/speech)
 APP_MAX_REQUEST_BYTES = MAX_UPLOAD_BYTES + 64 * 1024
 MAX_SPEECH_INPUT_CHARS = 4096  # characters of `input` for /v1/audio/speech (OpenAI's)
 MAX_QUEUED_SPEECH = 8  # speech requests waiting for the one generation slot; more get 503
+
+# Kyutai's STT protocol (/api/asr-streaming)
+MAX_ASR_MESSAGE_BYTES = 4 * 1024 * 1024  # one msgpack message (~35 s of Audio floats)
+ASR_MAX_BUFFERED_SAMPLES = 60 * 24000  # audio waiting per stream before its socket is not read
+ASR_PING_SECONDS = 10.0  # ping period; a peer that does not answer is dropped (Kyutai's 10 s)
+ASR_IDLE_SECONDS = 120.0  # a stream that sends no message for this long is closed (Kyutai's)

@@ -252,7 +252,7 @@ class SttService:
             text = await asyncio.get_running_loop().run_in_executor(
                 self.executor, self.slots.text, channel.slot)
             return transcript_from_events(events, text, len(pcm) / SAMPLE_RATE,
-                                          self.slots.text_time)
+                                          self.slots.timing.text_time)
         finally:
             channel.close()
 
