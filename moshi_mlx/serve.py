@@ -80,30 +80,38 @@ def check_exposure(host: str, keys: list[str] | None) -> None:
                          f"--api-key of your own (the default key is public)")
 
 
-def load_models(args: argparse.Namespace) -> Loaded:
-    """Load every family asked for (on the model thread)."""
+COMMANDS = {"stt": "moshi_mlx.stt", "tts": "moshi_mlx.tts", "moshi": "moshi_mlx.local"}
+
+
+def resolve_models(args: argparse.Namespace) -> dict[str, Any]:
+    """family -> its resolved files, for every family asked for: every file is found and
+    header-checked before anything loads, as the other commands do."""
+    from moshi_mlx.loading.resolve import resolve
+
+    return {family: resolve(COMMANDS[family], getattr(args, family), quantize=args.quantize)
+            for family in COMMANDS if getattr(args, family)}
+
+
+def load_models(files: dict[str, Any], args: argparse.Namespace) -> Loaded:
+    """Load the resolved families (on the model thread)."""
     options = ModelOptions.from_args(args)
-    loaded = Loaded()
-    if args.stt:
-        from moshi_mlx.transcription.loader import stt_parts
+    loaded = Loaded(sources={family: str(getattr(args, family)) for family in files})
+    if "stt" in files:
+        from moshi_mlx.transcription.loader import stt_parts_from_files
         from moshi_mlx.transcription.slots import SttSlots
 
-        lm, tokenizer, mimi = stt_parts(args.stt, options)
+        lm, tokenizer, mimi = stt_parts_from_files(files["stt"], options)
         loaded.stt = SttSlots(lm, tokenizer, mimi, args.max_streams, seed=options.seed)
-        loaded.sources["stt"] = str(args.stt)
-    if args.tts:
-        from moshi_mlx.speech.loader import load_speech
+    if "tts" in files:
+        from moshi_mlx.speech.loader import speech_parts_from_files
 
-        loaded.speech = load_speech(args.tts, options)
-        loaded.sources["tts"] = str(args.tts)
-    if args.moshi:
+        loaded.speech = speech_parts_from_files(files["tts"], options)
+    if "moshi" in files:
         from moshi_mlx.conversation.engine import Engine, EngineOptions
-        from moshi_mlx.loading.resolve import resolve
 
-        files = resolve("moshi_mlx.local", args.moshi, quantize=options.quantize)
-        loaded.moshi = Engine.from_files(files.weight, files.codec, files.tokenizer,
-                                         config=files.config, options=EngineOptions(options))
-        loaded.sources["moshi"] = str(args.moshi)
+        moshi = files["moshi"]
+        loaded.moshi = Engine.from_files(moshi.weight, moshi.codec, moshi.tokenizer,
+                                         config=moshi.config, options=EngineOptions(options))
     return loaded
 
 
@@ -172,10 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     check_exposure(args.host, args.api_key)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     check_port_free(args.host, args.port)
+    files = resolve_models(args)
     executor = start_model_thread()
     try:
         print("loading…", file=sys.stderr, flush=True)
-        loaded = load_on_model_thread(executor, lambda: load_models(args))
+        loaded = load_on_model_thread(executor, lambda: load_models(files, args))
         app = build_app(loaded, args, executor)
         try:
             asyncio.run(_serve_forever(app, args.host, args.port, list(loaded.sources)))

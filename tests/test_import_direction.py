@@ -74,7 +74,7 @@ LAYERS = (
     {"cli", "web"},
     {"entry"},
 )
-ENTRY_POINTS = {"local", "local_web", "stt", "tts", "mimi", "run_inference"}
+ENTRY_POINTS = {"local", "local_web", "stt", "tts", "mimi", "run_inference", "serve"}
 
 
 def _room(module: str) -> str | None:
