@@ -9,9 +9,13 @@ repo names (offline), and must exit 0 and write what they name. Every Python blo
 from __future__ import annotations
 
 import importlib
+import json
 import os
+import signal
 import subprocess
 import sys
+import urllib.request
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +38,8 @@ CLIP_SECONDS = 2.0
 
 
 def runs_here(command: Command) -> bool:
-    if command.module == "moshi_mlx.local_web" or LIVE_FLAGS & set(command.argv):
+    if command.module in ("moshi_mlx.local_web", "moshi_mlx.serve") \
+            or LIVE_FLAGS & set(command.argv):
         return False
     if command.module == "moshi_mlx.local":
         return "--input-file" in command.argv
@@ -135,11 +140,57 @@ def test_command_runs_as_written(command: Command, fixture_hub: Path, workdir: P
             f"{command.line}: {path} was not written"
 
 
+SERVE = [c for c in COMMANDS if c.module == "moshi_mlx.serve"]
+SERVER_ADDRESS = "127.0.0.1:8080"  # what the README's client examples connect to
+
+
+@contextmanager
+def serving(argv: list[str], env: dict, cwd: Path):
+    """`python -m moshi_mlx.serve ARGV` on a free port (the README's own --port replaced);
+    yields (process, address), stops it with Ctrl-C and checks that it exits cleanly."""
+    argv = list(argv)
+    if "--port" in argv:
+        del argv[argv.index("--port"): argv.index("--port") + 2]
+    server = subprocess.Popen([sys.executable, "-m", "moshi_mlx.serve", *argv, "--port", "0"],
+                              cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        line = server.stdout.readline()
+        assert line.startswith("serving "), server.stderr.read()[-3000:]
+        yield server, line.split(" at http://")[1].split()[0].replace("localhost", "127.0.0.1")
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=60) == 0
+        assert "Traceback" not in server.stderr.read()
+    finally:
+        if server.poll() is None:
+            server.kill()
+
+
+def hub_env(fixture_hub: Path, workdir: Path) -> dict:
+    return {**os.environ, "HF_HUB_CACHE": str(fixture_hub), "HF_HUB_OFFLINE": "1",
+            "HOME": str(workdir / "home"), "PYTHONPATH": str(ROOT)}
+
+
+@pytest.mark.parametrize("command", SERVE, ids=[c.line for c in SERVE])
+def test_server_command_serves_what_it_names(command: Command, fixture_hub: Path,
+                                             workdir: Path):
+    with serving(command.argv, hub_env(fixture_hub, workdir), workdir) as (_, address):
+        request = urllib.request.Request(f"http://{address}/v1/models",
+                                         headers={"Authorization": "Bearer public_token"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            listed = {m["owned_by"] for m in json.load(response)["data"]}
+    named = {"--stt": "kyutai", "--moshi": "kyutai", "--tts": "sesame"}
+    assert listed == {named[flag] for flag in named if flag in command.argv}
+
+
 @pytest.mark.parametrize("index", range(len(blocks("python"))))
 def test_python_block_runs(index: int, fixture_hub: Path, workdir: Path):
     code = blocks("python")[index]
-    env = {**os.environ, "HF_HUB_CACHE": str(fixture_hub), "HF_HUB_OFFLINE": "1",
-           "HOME": str(workdir / "home"), "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-c", code], cwd=workdir, env=env,
-                            capture_output=True, text=True, timeout=600)
+    env = hub_env(fixture_hub, workdir)
+    with ExitStack() as stack:
+        if SERVER_ADDRESS in code:  # a client example: against the README's first server
+            _, address = stack.enter_context(serving(SERVE[0].argv, env, workdir))
+            code = code.replace(SERVER_ADDRESS, address)
+        result = subprocess.run([sys.executable, "-c", code], cwd=workdir, env=env,
+                                capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"README Python block {index}:\n{code}\n{result.stderr[-3000:]}"
