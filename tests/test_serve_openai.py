@@ -217,6 +217,15 @@ def test_pcm_and_flac_formats(client, random_mimi_path, tmp_path):
     np.testing.assert_allclose(audio, np.clip(expected, -1, 1), atol=1 / 32767)
 
 
+def test_a_seeded_sampled_request_equals_tts_with_that_seed(client, random_mimi_path,
+                                                           tmp_path):
+    expected = _tts_stream(tmp_path, random_mimi_path, "--temperature", "0.9", "--top-k", "20",
+                           "--seed", "7")
+    body = client.audio.speech.create(model="tts-1", input=TEXT, voice="0",
+                                      extra_body={"seed": 7, "top_k": 20}).content
+    np.testing.assert_array_equal(np.frombuffer(body[WAV_HEADER_BYTES:], "<f4"), expected)
+
+
 def test_a_saved_voice_speaks_as_its_context_turn(client, random_mimi_path, voices, tmp_path):
     context = tmp_path / "context.json"
     context.write_text(json.dumps([{"speaker": 1, "text": json.loads(

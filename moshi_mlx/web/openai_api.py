@@ -3,6 +3,15 @@
 
 Errors are OpenAI's shape {"error": {"message", "type", "param", "code"}} with a 4xx/5xx status,
 and one log line each. The limits are moshi_mlx.web.limits'.
+
+Transcriptions: text, json (the stt command's JSON: text, words, end_of_turn), srt and vtt are
+exactly `python -m moshi_mlx.stt --format ...`; verbose_json always carries both `words` and
+`segments` (the srt/vtt cues: split at pauses, ends of turn and long lines) and echoes the
+request's `language` ("unknown" without one); `prompt` and `temperature` are accepted and
+ignored (decoding is the loaded model's). stream=true: server-sent events.
+Speech: wav is one 32-bit float header of unknown length, then the samples as decoded (the
+tts command writes float WAVs too); pcm is raw s16le; flac is one 16-bit file at the end.
+`voice` defaults to speaker "0" and `response_format` to wav (OpenAI's mp3 is not offered).
 """
 
 from __future__ import annotations
