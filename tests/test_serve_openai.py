@@ -267,6 +267,45 @@ def test_one_generation_at_a_time_and_a_client_that_leaves_frees_it(client, serv
     assert len(left) == 1 and "/v1/audio/speech" in left[0]
 
 
+def test_a_client_that_stops_reading_is_dropped(csm_library, mimi32, monkeypatch, caplog):
+    import socket
+
+    caplog.set_level(logging.INFO, logger="moshi_mlx.web")
+    monkeypatch.setattr(limits, "SEND_TIMEOUT_S", 0.5)
+    executor = start_model_thread()
+
+    def make_app() -> web.Application:
+        app = web.Application()
+        OpenAiRoutes(keys=ApiKeys(), models=[ServedModel("csm", "tts")], transcriber=None,
+                     speech=SpeechService(*csm_library, mimi32, executor)).add_routes(app)
+        return app
+
+    body = json.dumps({"model": "tts-1", "voice": "0", "temperature": 0,
+                       "input": "One, two, three, four, five, "
+                       "six, seven, eight, nine and ten."}).encode()
+    with BackgroundServer(make_app, send_buffer=4096) as running:
+        reader = socket.socket()
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        reader.connect(("127.0.0.1", running.port))
+        try:
+            reader.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                           b"Authorization: Bearer public_token\r\n"
+                           b"Content-Type: application/json\r\nContent-Length: "
+                           + str(len(body)).encode() + b"\r\n\r\n" + body)
+            # Never read. The generation is dropped once a write waits 0.5 s, so the next
+            # request is served (it waits its turn behind the stuck one meanwhile).
+            other = openai.OpenAI(base_url=f"{running.url}/v1", api_key="public_token",
+                                  max_retries=0, timeout=60)
+            audio = other.audio.speech.create(model="tts-1", input="Hi.", voice="0",
+                                              response_format="pcm")
+            assert len(audio.content) > 0
+        finally:
+            reader.close()
+    stop_model_thread(executor)
+    dropped = [r.getMessage() for r in caplog.records if "not read for 0.5 s" in r.getMessage()]
+    assert len(dropped) == 1, [r.getMessage() for r in caplog.records]
+
+
 # ---------------------------------------------------------------------- models
 
 

@@ -8,3 +8,4 @@ MAX_JSON_BYTES = 64 * 1024  # a JSON request body (/v1/audio/speech)
 APP_MAX_REQUEST_BYTES = MAX_UPLOAD_BYTES + 64 * 1024
 MAX_SPEECH_INPUT_CHARS = 4096  # characters of `input` for /v1/audio/speech (OpenAI's)
 MAX_QUEUED_SPEECH = 8  # speech requests waiting for the one generation slot; more get 503
+SEND_TIMEOUT_S = 30.0  # a streamed body's write may wait this long for a client reading

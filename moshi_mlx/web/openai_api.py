@@ -451,9 +451,19 @@ async def _send_speech(request: web.Request, chunks: AsyncIterator[np.ndarray],
     await response.prepare(request)
     whole: list[np.ndarray] = []
     frames = 0
+
+    async def write(data: bytes) -> None:
+        # A client that stops reading would hold the one speech slot: it is dropped.
+        try:
+            await asyncio.wait_for(response.write(data), limits.SEND_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            if request.transport is not None:
+                request.transport.abort()
+            raise ConnectionResetError(f"not read for {limits.SEND_TIMEOUT_S:g} s") from None
+
     try:
         if response_format == "wav":
-            await response.write(streamed_wav_header())
+            await write(streamed_wav_header())
         pending = [] if first is None else [first]
         while True:
             for audio in pending:
@@ -461,19 +471,20 @@ async def _send_speech(request: web.Request, chunks: AsyncIterator[np.ndarray],
                 if response_format == "flac":
                     whole.append(audio)
                 elif response_format == "wav":
-                    await response.write(audio.astype("<f4").tobytes())
+                    await write(audio.astype("<f4").tobytes())
                 else:
-                    await response.write(pcm16_bytes(audio))
+                    await write(pcm16_bytes(audio))
             try:
                 pending = [await anext(chunks)]
             except StopAsyncIteration:
                 break
         if response_format == "flac":
             audio = np.concatenate(whole) if whole else np.zeros(0, np.float32)
-            await response.write(flac_bytes(audio))
+            await write(flac_bytes(audio))
         await response.write_eof()
-    except ConnectionError:
-        log.info("%s %s: the client left after %d frames", request.method, request.path, frames)
+    except ConnectionError as exc:
+        log.info("%s %s: the client left after %d frames (%s)", request.method, request.path,
+                 frames, exc)
     except MoshiError as exc:  # a later sentence could not be spoken: the body ends there
         log.info("%s %s: speech ended early after %d frames: %s", request.method,
                  request.path, frames, exc)
