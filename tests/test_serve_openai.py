@@ -423,8 +423,13 @@ def test_a_body_over_the_app_limit_is_413(server, monkeypatch):
     ({"voice": "alloy"}, "voice", "saved voices: narrator"),
     ({"response_format": "mp3"}, "response_format", "use one of wav, pcm, flac"),
     ({"speed": 1.5}, "speed", "speed other than 1.0"),
-    ({"temperature": -1}, "temperature", "temperature must be a number"),
+    ({"speed": True}, "speed", "speed other than 1.0"),
+    ({"temperature": -1}, "temperature", "temperature must be >= 0"),
+    ({"temperature": "hot"}, "temperature", "temperature must be a number"),
     ({"top_k": 2.5}, "top_k", "top_k must be a whole number"),
+    ({"top_k": -1}, "top_k", "top-k must be >= 0"),
+    ({"seed": 2**63}, "seed", "seed must be between 0 and 2**63 - 1"),
+    ({"seed": 10**400}, "seed", "seed must be between 0 and 2**63 - 1"),
 ])
 def test_bad_speech_requests_are_400(client, fields, param, message):
     request = {"model": "tts-1", "input": "Hi.", "voice": "0", **fields}
@@ -446,7 +451,8 @@ def test_the_input_limit_is_exact(client, monkeypatch):
     assert "4 characters, over the limit of 3" in _error(info)["message"]
 
 
-@pytest.mark.parametrize("body", [b"{", b"[1, 2]", b"\xff\xfe", b'{"input": 5}'])
+@pytest.mark.parametrize("body", [b"{", b"[1, 2]", b"\xff\xfe", b'{"input": 5}',
+                                  b'{"input": "Hi.", "seed": ' + b"9" * 5000 + b"}"])
 def test_malformed_json_is_400(server, body):
     status, reply = _raw(server, "POST", "/v1/audio/speech", body,
                          {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})

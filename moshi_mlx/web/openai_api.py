@@ -16,6 +16,7 @@ tts command writes float WAVs too); pcm is raw s16le; flac is one 16-bit file at
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import io
 import json
@@ -32,6 +33,7 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from moshi_mlx.audio.rates import SAMPLE_RATE
+from moshi_mlx.cli import options
 from moshi_mlx.errors import MoshiError
 from moshi_mlx.speech import defaults
 from moshi_mlx.transcription.formats import render, subtitle_cues
@@ -48,7 +50,6 @@ SPEECH_FORMATS = ("wav", "pcm", "flac")
 FAMILY_NAMES = {"stt": ("stt",), "tts": ("tts", "csm"), "moshi": ("moshi",)}
 OWNERS = {"stt": "kyutai", "tts": "sesame", "moshi": "kyutai"}
 MAX_FIELD_BYTES = 4096  # a form field other than the file (model, language, prompt, ...)
-MAX_SEED = 2**63 - 1
 PCM16_SCALE = 32767
 
 
@@ -320,7 +321,7 @@ async def _read_json(request: web.Request) -> dict[str, Any]:
                            " bytes", None, "request_too_large")
     try:
         body = json.loads(bytes(data))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # not UTF-8, not JSON, or a number too long to read
         raise _bad(f"the body is not valid JSON ({exc})") from None
     if not isinstance(body, dict):
         raise _bad("the body must be a JSON object")
@@ -368,17 +369,24 @@ def _text_field(body: dict[str, Any], name: str, default: str) -> str:
     return value
 
 
-def _number_field(body: dict[str, Any], name: str, default: float | None, low: float,
-                  high: float, integer: bool = False) -> Any:
+def _option_field(body: dict[str, Any], name: str, parse: Callable[[str], Any],
+                  default: Any) -> Any:
+    """A number checked by the commands' own option type (`--temp`, `--top-k`, `--seed`), so
+    the server accepts what they accept."""
     value = body.get(name)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-            (integer and not float(value).is_integer()) or not math.isfinite(value) or \
-            not low <= value <= high:
-        kind = "a whole number" if integer else "a number"
-        raise _bad(f"{name} must be {kind} from {low:g} to {high:g}, got {value!r}", name)
-    return int(value) if integer else float(value)
+            (isinstance(value, float) and not math.isfinite(value)):
+        raise _bad(f"{name} must be a number, got {value!r}", name)
+    if isinstance(value, float) and value.is_integer() and parse is not options.temperature:
+        value = int(value)
+    try:
+        return parse(str(value))
+    except ValueError:
+        raise _bad(f"{name} must be a whole number, got {value!r}", name) from None
+    except argparse.ArgumentTypeError as exc:
+        raise _bad(str(exc), name) from None
 
 
 def _speech_request(body: dict[str, Any]) -> tuple[SpeechRequest, str]:
@@ -397,16 +405,17 @@ def _speech_request(body: dict[str, Any]) -> tuple[SpeechRequest, str]:
     if response_format not in SPEECH_FORMATS:
         raise _bad(f"unsupported response_format {response_format!r}: use one of "
                    f"{', '.join(SPEECH_FORMATS)}", "response_format")
-    if _number_field(body, "speed", 1.0, 0.25, 4.0) != 1.0:
+    if body.get("speed", 1.0) not in (None, 1, 1.0) or isinstance(body.get("speed"), bool):
         raise _bad("speed other than 1.0 is not supported", "speed")
     if _text_field(body, "stream_format", "audio") != "audio":
         raise _bad("stream_format must be audio (server-sent events are not supported)",
                    "stream_format")
     request = SpeechRequest(
         text=text, voice=voice,
-        temperature=_number_field(body, "temperature", defaults.TEMPERATURE, 0.0, 100.0),
-        top_k=_number_field(body, "top_k", defaults.TOP_K, 0, 1 << 20, integer=True),
-        seed=_number_field(body, "seed", None, 0, MAX_SEED, integer=True))
+        temperature=_option_field(body, "temperature", options.temperature,
+                                  defaults.TEMPERATURE),
+        top_k=_option_field(body, "top_k", options.top_k, defaults.TOP_K),
+        seed=_option_field(body, "seed", options.seed, None))
     return request, response_format
 
 
