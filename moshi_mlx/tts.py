@@ -39,6 +39,7 @@ from moshi_mlx.cli.options import (
 )
 from moshi_mlx.cli.outputs import output_file
 from moshi_mlx.errors import MoshiError, cli_errors
+from moshi_mlx.speech import defaults
 from moshi_mlx.speech.context import as_int
 from moshi_mlx.speech.stopping import DEFAULT_MAX_SILENCE, RULES, StopRules
 
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_args(model, "quantize on load: 4 or 8 bits")
     gen = p.add_argument_group("generation")
     gen.add_argument("--speaker", default="0", help="speaker id (int, default 0)")
-    add_sampling_args(gen, temp=0.9, top_k_default=50)
+    add_sampling_args(gen, temp=defaults.TEMPERATURE, top_k_default=defaults.TOP_K)
     gen.add_argument("--max-seconds", type=float, default=None,
                      help="longest audio per sentence (default: Sesame's 90 s within budget)")
     gen.add_argument("--max-frames", type=int, default=None,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -29,20 +31,34 @@ def read_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.nd
 
     Raises AudioError for a missing, unreadable or empty file, or one holding NaN/inf samples.
     """
-    import soundfile
-
     path = Path(path)
     if not path.is_file():
         raise AudioError(f"{path}: no such audio file")
+    return decode_audio(str(path), str(path), sample_rate)
+
+
+def decode_audio_bytes(data: bytes, name: str, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """`read_audio` for a file's bytes (an upload): any format soundfile reads. `name` is what
+    the error messages call it."""
+    return decode_audio(io.BytesIO(data), name, sample_rate)
+
+
+def decode_audio(source: str | BinaryIO, name: str, sample_rate: int = SAMPLE_RATE
+                 ) -> np.ndarray:
+    """A path or a binary file object decoded as float32 mono (T,) at `sample_rate`."""
+    import soundfile
+
     try:
-        data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+        data, rate = soundfile.read(source, dtype="float32", always_2d=True)
     except Exception as exc:  # soundfile raises LibsndfileError, RuntimeError, TypeError...
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise AudioError(f"{path}: cannot read audio ({reason})") from None
+        if not isinstance(source, str) and reason.startswith("Error opening <"):
+            reason = reason.split(">: ", 1)[-1]  # not the file object's repr
+        raise AudioError(f"{name}: cannot read audio ({reason})") from None
     if data.shape[0] == 0 or data.shape[1] == 0:
-        raise AudioError(f"{path}: the audio file holds no samples")
+        raise AudioError(f"{name}: the audio file holds no samples")
     if not np.isfinite(data).all():
-        raise AudioError(f"{path}: the audio holds NaN or infinite samples")
+        raise AudioError(f"{name}: the audio holds NaN or infinite samples")
     mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
     return resample(mono, int(rate), sample_rate)
 

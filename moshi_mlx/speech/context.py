@@ -33,32 +33,35 @@ def as_int(value: object, what: str) -> int:
 
 def read_context_file(path: Path) -> list[Segment]:
     """The turns of a context JSON file, their audio read or their codes loaded."""
-    from moshi_mlx.audio.io import read_audio
-    from moshi_mlx.speech.generate import Segment
-
     try:
         turns = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MoshiError(f"{path}: cannot read the context JSON ({exc})") from None
     if not isinstance(turns, list):
         raise MoshiError(f"{path}: expected a JSON list of turns")
-    segments = []
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict) or not {"speaker", "text"} <= turn.keys():
-            raise MoshiError(f"{path}: turn {i} needs 'speaker' and 'text'")
-        extra = set(turn) - TURN_KEYS
-        if extra:
-            raise MoshiError(f"{path}: turn {i} has unknown keys {sorted(extra)}")
-        speaker = as_int(turn["speaker"], f"{path}: turn {i} speaker")
-        audio = codes = None
-        if turn.get("audio"):
-            audio = read_audio(path.parent / turn["audio"])
-        if turn.get("codes"):
-            from moshi_mlx.audio.codes import load_codes
+    return [read_turn(turn, path.parent, f"{path}: turn {i}") for i, turn in enumerate(turns)]
 
-            codes = load_codes(path.parent / turn["codes"])
-        segments.append(Segment(speaker, str(turn["text"]), audio=audio, codes=codes))
-    return segments
+
+def read_turn(turn: object, folder: Path, where: str) -> Segment:
+    """One turn {"speaker", "text", "audio" or "codes"} (paths relative to `folder`), its
+    audio read or its codes loaded; `where` names it in the errors."""
+    from moshi_mlx.audio.io import read_audio
+    from moshi_mlx.speech.generate import Segment
+
+    if not isinstance(turn, dict) or not {"speaker", "text"} <= turn.keys():
+        raise MoshiError(f"{where} needs 'speaker' and 'text'")
+    extra = set(turn) - TURN_KEYS
+    if extra:
+        raise MoshiError(f"{where} has unknown keys {sorted(extra)}")
+    speaker = as_int(turn["speaker"], f"{where} speaker")
+    audio = codes = None
+    if turn.get("audio"):
+        audio = read_audio(folder / turn["audio"])
+    if turn.get("codes"):
+        from moshi_mlx.audio.codes import load_codes
+
+        codes = load_codes(folder / turn["codes"])
+    return Segment(speaker, str(turn["text"]), audio=audio, codes=codes)
 
 
 def audio_turns(audio: Sequence[Path], texts: Sequence[str], speakers: Sequence[int]
