@@ -4,6 +4,7 @@ thread, so blocking clients (the `openai` SDK, urllib) can talk to it from a tes
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from collections.abc import Callable
 
@@ -12,10 +13,13 @@ from aiohttp import web
 
 class BackgroundServer:
     """`with BackgroundServer(make_app) as server:` serves make_app() (called on the server's
-    loop) at server.url until the block ends."""
+    loop) at server.url until the block ends. send_buffer: the connections' SO_SNDBUF (no
+    kernel autotuning), so a client that stops reading blocks the server's writes soon."""
 
-    def __init__(self, make_app: Callable[[], web.Application]) -> None:
+    def __init__(self, make_app: Callable[[], web.Application],
+                 send_buffer: int | None = None) -> None:
         self.make_app = make_app
+        self.send_buffer = send_buffer
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="test-server",
                                        daemon=True)
@@ -29,7 +33,11 @@ class BackgroundServer:
     async def _start(self) -> None:
         self.runner = web.AppRunner(self.make_app(), access_log=None)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        listener = socket.socket()
+        if self.send_buffer is not None:  # accepted sockets inherit it
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer)
+        listener.bind(("127.0.0.1", 0))
+        site = web.SockSite(self.runner, listener)
         await site.start()
         self.port = self.runner.addresses[0][1]
 

@@ -217,6 +217,15 @@ def test_pcm_and_flac_formats(client, random_mimi_path, tmp_path):
     np.testing.assert_allclose(audio, np.clip(expected, -1, 1), atol=1 / 32767)
 
 
+def test_a_seeded_sampled_request_equals_tts_with_that_seed(client, random_mimi_path,
+                                                           tmp_path):
+    expected = _tts_stream(tmp_path, random_mimi_path, "--temperature", "0.9", "--top-k", "20",
+                           "--seed", "7")
+    body = client.audio.speech.create(model="tts-1", input=TEXT, voice="0",
+                                      extra_body={"seed": 7, "top_k": 20}).content
+    np.testing.assert_array_equal(np.frombuffer(body[WAV_HEADER_BYTES:], "<f4"), expected)
+
+
 def test_a_saved_voice_speaks_as_its_context_turn(client, random_mimi_path, voices, tmp_path):
     context = tmp_path / "context.json"
     context.write_text(json.dumps([{"speaker": 1, "text": json.loads(
@@ -256,6 +265,45 @@ def test_one_generation_at_a_time_and_a_client_that_leaves_frees_it(client, serv
     assert len(audio.content) > 0
     left = [r.getMessage() for r in caplog.records if "the client left" in r.getMessage()]
     assert len(left) == 1 and "/v1/audio/speech" in left[0]
+
+
+def test_a_client_that_stops_reading_is_dropped(csm_library, mimi32, monkeypatch, caplog):
+    import socket
+
+    caplog.set_level(logging.INFO, logger="moshi_mlx.web")
+    monkeypatch.setattr(limits, "SEND_TIMEOUT_S", 0.5)
+    executor = start_model_thread()
+
+    def make_app() -> web.Application:
+        app = web.Application()
+        OpenAiRoutes(keys=ApiKeys(), models=[ServedModel("csm", "tts")], transcriber=None,
+                     speech=SpeechService(*csm_library, mimi32, executor)).add_routes(app)
+        return app
+
+    body = json.dumps({"model": "tts-1", "voice": "0", "temperature": 0,
+                       "input": "One, two, three, four, five, "
+                       "six, seven, eight, nine and ten."}).encode()
+    with BackgroundServer(make_app, send_buffer=4096) as running:
+        reader = socket.socket()
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        reader.connect(("127.0.0.1", running.port))
+        try:
+            reader.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                           b"Authorization: Bearer public_token\r\n"
+                           b"Content-Type: application/json\r\nContent-Length: "
+                           + str(len(body)).encode() + b"\r\n\r\n" + body)
+            # Never read. The generation is dropped once a write waits 0.5 s, so the next
+            # request is served (it waits its turn behind the stuck one meanwhile).
+            other = openai.OpenAI(base_url=f"{running.url}/v1", api_key="public_token",
+                                  max_retries=0, timeout=60)
+            audio = other.audio.speech.create(model="tts-1", input="Hi.", voice="0",
+                                              response_format="pcm")
+            assert len(audio.content) > 0
+        finally:
+            reader.close()
+    stop_model_thread(executor)
+    dropped = [r.getMessage() for r in caplog.records if "not read for 0.5 s" in r.getMessage()]
+    assert len(dropped) == 1, [r.getMessage() for r in caplog.records]
 
 
 # ---------------------------------------------------------------------- models
@@ -375,8 +423,13 @@ def test_a_body_over_the_app_limit_is_413(server, monkeypatch):
     ({"voice": "alloy"}, "voice", "saved voices: narrator"),
     ({"response_format": "mp3"}, "response_format", "use one of wav, pcm, flac"),
     ({"speed": 1.5}, "speed", "speed other than 1.0"),
-    ({"temperature": -1}, "temperature", "temperature must be a number"),
+    ({"speed": True}, "speed", "speed other than 1.0"),
+    ({"temperature": -1}, "temperature", "temperature must be >= 0"),
+    ({"temperature": "hot"}, "temperature", "temperature must be a number"),
     ({"top_k": 2.5}, "top_k", "top_k must be a whole number"),
+    ({"top_k": -1}, "top_k", "top-k must be >= 0"),
+    ({"seed": 2**63}, "seed", "seed must be between 0 and 2**63 - 1"),
+    ({"seed": 10**400}, "seed", "seed must be between 0 and 2**63 - 1"),
 ])
 def test_bad_speech_requests_are_400(client, fields, param, message):
     request = {"model": "tts-1", "input": "Hi.", "voice": "0", **fields}
@@ -398,7 +451,8 @@ def test_the_input_limit_is_exact(client, monkeypatch):
     assert "4 characters, over the limit of 3" in _error(info)["message"]
 
 
-@pytest.mark.parametrize("body", [b"{", b"[1, 2]", b"\xff\xfe", b'{"input": 5}'])
+@pytest.mark.parametrize("body", [b"{", b"[1, 2]", b"\xff\xfe", b'{"input": 5}',
+                                  b'{"input": "Hi.", "seed": ' + b"9" * 5000 + b"}"])
 def test_malformed_json_is_400(server, body):
     status, reply = _raw(server, "POST", "/v1/audio/speech", body,
                          {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})

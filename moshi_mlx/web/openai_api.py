@@ -3,44 +3,56 @@
 
 Errors are OpenAI's shape {"error": {"message", "type", "param", "code"}} with a 4xx/5xx status,
 and one log line each. The limits are moshi_mlx.web.limits'.
+
+Transcriptions: text, json (the stt command's JSON: text, words, end_of_turn), srt and vtt are
+exactly `python -m moshi_mlx.stt --format ...`; verbose_json always carries both `words` and
+`segments` (the srt/vtt cues: split at pauses, ends of turn and long lines) and echoes the
+request's `language` ("unknown" without one); `prompt` and `temperature` are accepted and
+ignored (decoding is the loaded model's). stream=true: server-sent events.
+Speech: wav is one 32-bit float header of unknown length, then the samples as decoded (the
+tts command writes float WAVs too); pcm is raw s16le; flac is one 16-bit file at the end.
+`voice` defaults to speaker "0" and `response_format` to wav (OpenAI's mp3 is not offered).
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import logging
-import math
-import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
-from aiohttp import BodyPartReader, web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp import web
 
-from moshi_mlx.audio.rates import SAMPLE_RATE
+from moshi_mlx.cli import options
 from moshi_mlx.errors import MoshiError
 from moshi_mlx.speech import defaults
 from moshi_mlx.transcription.formats import render, subtitle_cues
 from moshi_mlx.transcription.transcriber import Transcript
 from moshi_mlx.web import limits
 from moshi_mlx.web.keys import ApiKeys
+from moshi_mlx.web.openai_requests import (
+    ApiError,
+    bad,
+    form_bool,
+    option_field,
+    read_form,
+    read_json,
+    text_field,
+)
+from moshi_mlx.web.speech_body import CONTENT_TYPES, send_speech
 from moshi_mlx.web.speech_service import SpeechBusy, SpeechRequest, SpeechService
 
 log = logging.getLogger("moshi_mlx.web")
 
 TRANSCRIPTION_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
 GRANULARITIES = ("word", "segment")
-SPEECH_FORMATS = ("wav", "pcm", "flac")
+SPEECH_FORMATS = tuple(CONTENT_TYPES)  # wav, pcm, flac
 FAMILY_NAMES = {"stt": ("stt",), "tts": ("tts", "csm"), "moshi": ("moshi",)}
 OWNERS = {"stt": "kyutai", "tts": "sesame", "moshi": "kyutai"}
-MAX_FIELD_BYTES = 4096  # a form field other than the file (model, language, prompt, ...)
-MAX_SEED = 2**63 - 1
-PCM16_SCALE = 32767
 
 
 @dataclass(frozen=True)
@@ -53,25 +65,6 @@ class AsyncTranscriber(Protocol):
     async def transcribe(self, pcm: np.ndarray,
                          on_text: Callable[[str], Awaitable[None]] | None = None
                          ) -> Transcript: ...
-
-
-class ApiError(Exception):
-    """A request answered with an OpenAI-shaped error."""
-
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None, kind: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = \
-            status, message, param, code, kind
-
-    def response(self) -> web.Response:
-        body = {"error": {"message": self.message, "type": self.kind, "param": self.param,
-                          "code": self.code}}
-        return web.json_response(body, status=self.status)
-
-
-def _bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
-    return ApiError(400, message, param, code)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -136,19 +129,19 @@ class OpenAiRoutes:
 
     # ------------------------------------------------------------------ transcriptions
     async def _transcriptions(self, request: web.Request) -> web.StreamResponse:
-        form = await _read_form(request)
+        form = await read_form(request)
         self._route_model(form.get("model", ""), "stt", self.transcriber is not None)
         response_format = form.get("response_format", "json")
         if response_format not in TRANSCRIPTION_FORMATS:
-            raise _bad(f"unsupported response_format {response_format!r}: use one of "
+            raise bad(f"unsupported response_format {response_format!r}: use one of "
                        f"{', '.join(TRANSCRIPTION_FORMATS)}", "response_format")
         for granularity in form.lists.get("timestamp_granularities", []):
             if granularity not in GRANULARITIES:
-                raise _bad(f"unsupported timestamp granularity {granularity!r}: use word "
+                raise bad(f"unsupported timestamp granularity {granularity!r}: use word "
                            "and/or segment", "timestamp_granularities")
-        stream = _form_bool(form.get("stream", "false"), "stream")
+        stream = form_bool(form.get("stream", "false"), "stream")
         if form.file is None:
-            raise _bad("no audio: send the file as the multipart field 'file'", "file")
+            raise bad("no audio: send the file as the multipart field 'file'", "file")
         name, data = form.file
         pcm = await _decode_upload(data, name)
         if stream:
@@ -204,126 +197,26 @@ class OpenAiRoutes:
 
     # ------------------------------------------------------------------ speech
     async def _speech(self, request: web.Request) -> web.StreamResponse:
-        body = await _read_json(request)
-        self._route_model(_text_field(body, "model", ""), "tts", self.speech is not None)
+        body = await read_json(request)
+        self._route_model(text_field(body, "model", ""), "tts", self.speech is not None)
         speech_request, response_format = _speech_request(body)
         try:
             self.speech.check_voice(speech_request.voice)
             chunks = self.speech.stream(speech_request)
         except MoshiError as exc:
-            raise _bad(str(exc), "voice") from None
+            raise bad(str(exc), "voice") from None
         try:
             try:
                 first = await anext(chunks)
             except StopAsyncIteration:
                 first = None
             except MoshiError as exc:
-                raise _bad(str(exc), "input") from None
+                raise bad(str(exc), "input") from None
             except SpeechBusy as exc:
                 raise ApiError(503, str(exc), None, "busy", "server_error") from None
-            return await _send_speech(request, chunks, first, response_format)
+            return await send_speech(request, chunks, first, response_format)
         finally:
             await chunks.aclose()
-
-
-# ---------------------------------------------------------------------- request bodies
-
-
-@dataclass
-class _Form:
-    lists: dict[str, list[str]]
-    file: tuple[str, bytes] | None
-
-    def get(self, name: str, default: str | None = None) -> str | None:
-        values = self.lists.get(name)
-        return values[-1] if values else default
-
-
-async def _read_form(request: web.Request) -> _Form:
-    """A multipart form within the limits: the file part's bytes, the other fields as text
-    (`name[]` collected under `name`)."""
-    _refuse_long_body(request, limits.APP_MAX_REQUEST_BYTES)
-    try:
-        reader = await request.multipart()
-    except (AssertionError, ValueError, KeyError) as exc:  # not a multipart content type
-        raise _bad(f"expected a multipart/form-data body ({exc})") from None
-    lists: dict[str, list[str]] = {}
-    upload = None
-    total = 0
-    try:
-        while (part := await reader.next()) is not None:
-            if not isinstance(part, BodyPartReader) or not part.name:
-                continue
-            if part.name == "file":
-                data = await _read_part(part, limits.MAX_UPLOAD_BYTES, "the audio file")
-                upload = (_printable(part.filename or "") or "file", data)
-            else:
-                data = await _read_part(part, MAX_FIELD_BYTES, f"the field {part.name!r}")
-            total += len(data)
-            if total > limits.APP_MAX_REQUEST_BYTES:  # many parts, each within its limit
-                raise ApiError(413, "the form is over the limit of "
-                               f"{limits.APP_MAX_REQUEST_BYTES} bytes", None,
-                               "request_too_large")
-            if part.name == "file":
-                continue
-            try:
-                value = data.decode("utf-8")
-            except UnicodeDecodeError:
-                raise _bad(f"the field {part.name!r} is not UTF-8 text", part.name) from None
-            lists.setdefault(part.name.removesuffix("[]"), []).append(value)
-    except ApiError:
-        raise
-    except (ValueError, AssertionError, RuntimeError, HttpProcessingError) as exc:
-        reason = str(exc).strip().splitlines()[-1].strip() or type(exc).__name__
-        raise _bad(f"malformed multipart body ({reason})") from None
-    return _Form(lists, upload)
-
-
-def _printable(name: str, longest: int = 100) -> str:
-    """A client's file name as it may go into a message and a log line (no line breaks)."""
-    return "".join(ch for ch in name if ch.isprintable())[:longest]
-
-
-async def _read_part(part: Any, limit: int, what: str) -> bytes:
-    chunks, size = [], 0
-    while chunk := await part.read_chunk():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"{what} is over the limit of {limit} bytes", part.name,
-                           "file_too_large" if part.name == "file" else "field_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _refuse_long_body(request: web.Request, limit: int) -> None:
-    if request.content_length is not None and request.content_length > limit:
-        raise ApiError(413, f"the request body ({request.content_length} bytes) is over the "
-                       f"limit of {limit} bytes", None, "request_too_large")
-
-
-async def _read_json(request: web.Request) -> dict[str, Any]:
-    _refuse_long_body(request, limits.MAX_JSON_BYTES)
-    data = bytearray()
-    while chunk := await request.content.read(64 * 1024):
-        data += chunk
-        if len(data) > limits.MAX_JSON_BYTES:
-            raise ApiError(413, f"the request body is over the limit of {limits.MAX_JSON_BYTES}"
-                           " bytes", None, "request_too_large")
-    try:
-        body = json.loads(bytes(data))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _bad(f"the body is not valid JSON ({exc})") from None
-    if not isinstance(body, dict):
-        raise _bad("the body must be a JSON object")
-    return body
-
-
-def _form_bool(value: str, name: str) -> bool:
-    if value.lower() in ("true", "1"):
-        return True
-    if value.lower() in ("false", "0", ""):
-        return False
-    raise _bad(f"{name} must be true or false, got {value!r}", name)
 
 
 async def _decode_upload(data: bytes, name: str) -> np.ndarray:
@@ -335,7 +228,7 @@ async def _decode_upload(data: bytes, name: str) -> np.ndarray:
         return await asyncio.get_running_loop().run_in_executor(
             None, decode_audio_bytes, data, name)
     except MoshiError as exc:
-        raise _bad(str(exc), "file", "invalid_audio") from None
+        raise bad(str(exc), "file", "invalid_audio") from None
 
 
 def _verbose(transcript: Transcript, language: str | None) -> dict[str, Any]:
@@ -350,125 +243,33 @@ def _verbose(transcript: Transcript, language: str | None) -> dict[str, Any]:
             "words": words, "segments": segments}
 
 
-def _text_field(body: dict[str, Any], name: str, default: str) -> str:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if not isinstance(value, str):
-        raise _bad(f"{name} must be a string", name)
-    return value
-
-
-def _number_field(body: dict[str, Any], name: str, default: float | None, low: float,
-                  high: float, integer: bool = False) -> Any:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-            (integer and not float(value).is_integer()) or not math.isfinite(value) or \
-            not low <= value <= high:
-        kind = "a whole number" if integer else "a number"
-        raise _bad(f"{name} must be {kind} from {low:g} to {high:g}, got {value!r}", name)
-    return int(value) if integer else float(value)
-
-
 def _speech_request(body: dict[str, Any]) -> tuple[SpeechRequest, str]:
-    text = _text_field(body, "input", "")
+    text = text_field(body, "input", "")
     if not text.strip():
-        raise _bad("input is empty: give the text to speak", "input")
+        raise bad("input is empty: give the text to speak", "input")
     if len(text) > limits.MAX_SPEECH_INPUT_CHARS:
-        raise _bad(f"input is {len(text)} characters, over the limit of "
+        raise bad(f"input is {len(text)} characters, over the limit of "
                    f"{limits.MAX_SPEECH_INPUT_CHARS}", "input")
     voice = body.get("voice", "0")
     if isinstance(voice, int) and not isinstance(voice, bool):
         voice = str(voice)
     if not isinstance(voice, str):
-        raise _bad("voice must be a speaker id such as \"0\" or a saved voice's name", "voice")
-    response_format = _text_field(body, "response_format", "wav")
+        raise bad("voice must be a speaker id such as \"0\" or a saved voice's name", "voice")
+    response_format = text_field(body, "response_format", "wav")
     if response_format not in SPEECH_FORMATS:
-        raise _bad(f"unsupported response_format {response_format!r}: use one of "
+        raise bad(f"unsupported response_format {response_format!r}: use one of "
                    f"{', '.join(SPEECH_FORMATS)}", "response_format")
-    if _number_field(body, "speed", 1.0, 0.25, 4.0) != 1.0:
-        raise _bad("speed other than 1.0 is not supported", "speed")
-    if _text_field(body, "stream_format", "audio") != "audio":
-        raise _bad("stream_format must be audio (server-sent events are not supported)",
+    if body.get("speed", 1.0) not in (None, 1, 1.0) or isinstance(body.get("speed"), bool):
+        raise bad("speed other than 1.0 is not supported", "speed")
+    if text_field(body, "stream_format", "audio") != "audio":
+        raise bad("stream_format must be audio (server-sent events are not supported)",
                    "stream_format")
     request = SpeechRequest(
         text=text, voice=voice,
-        temperature=_number_field(body, "temperature", defaults.TEMPERATURE, 0.0, 100.0),
-        top_k=_number_field(body, "top_k", defaults.TOP_K, 0, 1 << 20, integer=True),
-        seed=_number_field(body, "seed", None, 0, MAX_SEED, integer=True))
+        temperature=option_field(body, "temperature", options.temperature,
+                                 defaults.TEMPERATURE, whole=False),
+        top_k=option_field(body, "top_k", options.top_k, defaults.TOP_K),
+        seed=option_field(body, "seed", options.seed, None))
     return request, response_format
 
 
-# ---------------------------------------------------------------------- speech bodies
-
-
-def streamed_wav_header(sample_rate: int = SAMPLE_RATE) -> bytes:
-    """A 32-bit float mono WAV header of unknown length (RIFF and data sizes 0xFFFFFFFF, the
-    convention players and ffmpeg read as "until the end of the stream")."""
-    unknown = 0xFFFFFFFF
-    fmt = struct.pack("<HHIIHH", 3, 1, sample_rate, sample_rate * 4, 4, 32)  # IEEE float
-    return b"".join([b"RIFF", struct.pack("<I", unknown), b"WAVE",
-                     b"fmt ", struct.pack("<I", len(fmt)), fmt,
-                     b"data", struct.pack("<I", unknown)])
-
-
-def pcm16_bytes(audio: np.ndarray) -> bytes:
-    """Float audio as raw signed 16-bit little-endian samples (clipped to -1..1)."""
-    scaled = np.round(np.clip(audio, -1.0, 1.0) * PCM16_SCALE)
-    return scaled.astype("<i2").tobytes()
-
-
-def flac_bytes(audio: np.ndarray) -> bytes:
-    """A whole 16-bit FLAC file; no audio gives no bytes (libsndfile writes no empty FLAC)."""
-    import soundfile
-
-    if audio.size == 0:
-        return b""
-    out = io.BytesIO()
-    soundfile.write(out, audio, SAMPLE_RATE, subtype="PCM_16", format="FLAC")
-    return out.getvalue()
-
-
-CONTENT_TYPES = {"wav": "audio/wav", "pcm": "audio/pcm", "flac": "audio/flac"}
-
-
-async def _send_speech(request: web.Request, chunks: AsyncIterator[np.ndarray],
-                       first: np.ndarray | None, response_format: str) -> web.StreamResponse:
-    """Stream the audio as it is decoded: wav (one header, then float32 samples) and pcm
-    (s16le) frame by frame; flac as a whole file at the end."""
-    response = web.StreamResponse(headers={"Content-Type": CONTENT_TYPES[response_format]})
-    await response.prepare(request)
-    whole: list[np.ndarray] = []
-    frames = 0
-    try:
-        if response_format == "wav":
-            await response.write(streamed_wav_header())
-        pending = [] if first is None else [first]
-        while True:
-            for audio in pending:
-                frames += 1
-                if response_format == "flac":
-                    whole.append(audio)
-                elif response_format == "wav":
-                    await response.write(audio.astype("<f4").tobytes())
-                else:
-                    await response.write(pcm16_bytes(audio))
-            try:
-                pending = [await anext(chunks)]
-            except StopAsyncIteration:
-                break
-        if response_format == "flac":
-            audio = np.concatenate(whole) if whole else np.zeros(0, np.float32)
-            await response.write(flac_bytes(audio))
-        await response.write_eof()
-    except ConnectionError:
-        log.info("%s %s: the client left after %d frames", request.method, request.path, frames)
-    except MoshiError as exc:  # a later sentence could not be spoken: the body ends there
-        log.info("%s %s: speech ended early after %d frames: %s", request.method,
-                 request.path, frames, exc)
-    except Exception:  # our bug; the status is sent, so the body just ends
-        log.exception("%s %s: speech failed after %d frames", request.method, request.path,
-                      frames)
-    return response
