@@ -16,7 +16,10 @@ import asyncio
 import logging
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from aiohttp import web
 
 from moshi_mlx.cli.model_thread import load_on_model_thread, start_model_thread, stop_model_thread
 from moshi_mlx.cli.options import add_run_args, command_prog, positive_int
@@ -25,6 +28,7 @@ from moshi_mlx.loading.options import ModelOptions
 from moshi_mlx.web.address import DEFAULT_HOST, check_port_free, is_loopback, page_url, port
 from moshi_mlx.web.keys import DEFAULT_KEYS
 
+SPEECH_SERVICE = web.AppKey("speech_service", object)  # the app's SpeechService, when served
 SERVE_PORT = 8080  # the address Kyutai's scripts and Unmute use
 DEFAULT_MAX_STREAMS = 8
 
@@ -143,7 +147,9 @@ def build_app(loaded: Loaded, args: argparse.Namespace, executor: Any) -> Any:
     if loaded.speech is not None:
         from moshi_mlx.web.speech_service import SpeechService
 
-        speech = SpeechService(*loaded.speech, executor=executor, voices=args.voices)
+        voices = {} if args.voices is None else {"voices": Path(args.voices)}
+        speech = SpeechService(*loaded.speech, executor=executor, **voices)
+        app[SPEECH_SERVICE] = speech
     models = [ServedModel(source, family) for family, source in loaded.sources.items()]
     OpenAiRoutes(keys=keys, models=models, transcriber=service, speech=speech).add_routes(app)
     if loaded.moshi is not None:

@@ -142,18 +142,13 @@ def _max_frames(args: argparse.Namespace) -> int | None:
 def _load(args: argparse.Namespace, options: ModelOptions, needs_mimi: bool):
     """CSM, its tokenizer and (when needed) its Mimi: the files through
     moshi_mlx.loading.resolve (a weights_convert folder brings its own tokenizer and Mimi)."""
-    from moshi_mlx.loading.models import load_csm, load_mimi
     from moshi_mlx.loading.resolve import resolve
-    from moshi_mlx.speech.generate import load_tokenizer
+    from moshi_mlx.speech.loader import speech_parts_from_files
 
     files = resolve("moshi_mlx.tts", args.hf_repo, quantize=options.quantize,
                     weights=args.weights, config=args.config, tokenizer=args.tokenizer,
                     codec=args.mimi_weight, need_codec=needs_mimi)
-    model = load_csm(files.weight, config=files.config, **options.load_kwargs())
-    mimi = None
-    if needs_mimi:
-        mimi = load_mimi(files.codec, num_codebooks=model.cfg.num_codebooks)
-    return model, load_tokenizer(files.tokenizer), mimi
+    return speech_parts_from_files(files, options, needs_mimi)
 
 
 def _streamed_watermark_note(args: argparse.Namespace) -> None:

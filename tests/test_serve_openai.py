@@ -9,6 +9,7 @@ import logging
 import struct
 import urllib.error
 import urllib.request
+from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,6 @@ from moshi_mlx.web import limits
 from moshi_mlx.web.keys import ApiKeys
 from moshi_mlx.web.openai_api import OpenAiRoutes, ServedModel
 from moshi_mlx.web.speech_service import SpeechService
-from moshi_mlx.web.thread_transcriber import ThreadTranscriber
 
 CSM = Path(__file__).parent / "fixtures" / "csm"
 CSM_ARGS = ["--weights", str(CSM / "sesame"), "--tokenizer", str(CSM / "tokenizer.json")]
@@ -57,26 +57,32 @@ def voices(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(stt_dir, random_mimi_path, csm_library, mimi32, voices):
-    """Both families on one server, the models stepped on one model thread."""
-    from moshi_mlx.transcription.loader import load_transcriber
+    """Both families on one server as `serve` builds it (`serve.build_app`: the batched STT
+    streams and CSM on one model thread)."""
+    from moshi_mlx.loading.models import load_lm, load_mimi
+    from moshi_mlx.loading.text_tokenizer import load_sentencepiece
+    from moshi_mlx.serve import SPEECH_SERVICE, Loaded, build_app
+    from moshi_mlx.transcription.slots import SttSlots
 
     executor = start_model_thread()
-    transcriber = load_on_model_thread(executor, lambda: load_transcriber(
-        weights=stt_dir / "stt_pytorch.safetensors", config=stt_dir / "stt_config.json",
-        tokenizer=stt_dir / "stt_tokenizer.model", mimi_weight=random_mimi_path))
-    speech = SpeechService(*csm_library, mimi32, executor, voices)
+
+    def load_stt() -> SttSlots:
+        lm = load_lm(stt_dir / "stt_pytorch.safetensors", config=stt_dir / "stt_config.json")
+        return SttSlots(lm, load_sentencepiece(stt_dir / "stt_tokenizer.model"),
+                        load_mimi(random_mimi_path, num_codebooks=lm.cfg.n_q), 2)
+
+    loaded = Loaded(stt=load_on_model_thread(executor, load_stt),
+                    speech=(*csm_library, mimi32),
+                    sources={"stt": "kyutai/stt-fixture", "tts": str(CSM / "sesame")})
+    args = Namespace(api_key=[KEY], host="127.0.0.1", voices=str(voices))
+    apps = []
 
     def make_app() -> web.Application:
-        app = web.Application(client_max_size=limits.APP_MAX_REQUEST_BYTES)
-        OpenAiRoutes(keys=ApiKeys([KEY]),
-                     models=[ServedModel("kyutai/stt-fixture", "stt"),
-                             ServedModel(str(CSM / "sesame"), "tts")],
-                     transcriber=ThreadTranscriber(transcriber, executor),
-                     speech=speech).add_routes(app)
-        return app
+        apps.append(build_app(loaded, args, executor))
+        return apps[-1]
 
     with BackgroundServer(make_app) as running:
-        running.speech, running.executor = speech, executor
+        running.executor, running.speech = executor, apps[0][SPEECH_SERVICE]
         yield running
     stop_model_thread(executor)
 

@@ -28,7 +28,7 @@ import numpy as np
 from aiohttp import web
 
 from moshi_mlx.cli import options
-from moshi_mlx.errors import MoshiError
+from moshi_mlx.errors import MoshiError, NoFreeSlot
 from moshi_mlx.speech import defaults
 from moshi_mlx.transcription.formats import render, subtitle_cues
 from moshi_mlx.transcription.transcriber import Transcript
@@ -62,6 +62,10 @@ class ServedModel:
 
 
 class AsyncTranscriber(Protocol):
+    """web.stt_service.SttService: a whole clip through one slot of the batched streams."""
+
+    def has_room(self) -> bool: ...
+
     async def transcribe(self, pcm: np.ndarray,
                          on_text: Callable[[str], Awaitable[None]] | None = None
                          ) -> Transcript: ...
@@ -144,9 +148,14 @@ class OpenAiRoutes:
             raise bad("no audio: send the file as the multipart field 'file'", "file")
         name, data = form.file
         pcm = await _decode_upload(data, name)
+        if not self.transcriber.has_room():
+            raise _no_free_channels()
         if stream:
             return await self._stream_transcript(request, pcm)
-        transcript = await self.transcriber.transcribe(pcm)
+        try:
+            transcript = await self.transcriber.transcribe(pcm)
+        except NoFreeSlot:
+            raise _no_free_channels() from None
         if response_format == "verbose_json":
             return web.json_response(_verbose(transcript, form.get("language")))
         text = render(transcript, response_format)  # the stt command's text, json, srt, vtt
@@ -182,6 +191,11 @@ class OpenAiRoutes:
 
         try:
             transcript = await self.transcriber.transcribe(pcm, on_text)
+        except NoFreeSlot:  # taken while the response started: rare, and no bug of ours
+            log.info("%s %s: no free channels", request.method, request.path)
+            await send({"error": {"message": "no free channels", "type": "server_error",
+                                  "param": None, "code": "busy"}})
+            return response
         except Exception:  # the status is sent: the error goes out as an event (as OpenAI's)
             log.exception("%s %s: transcription failed", request.method, request.path)
             await send({"error": {"message": "internal server error (see the server's log)",
@@ -217,6 +231,11 @@ class OpenAiRoutes:
             return await send_speech(request, chunks, first, response_format)
         finally:
             await chunks.aclose()
+
+
+def _no_free_channels() -> ApiError:
+    return ApiError(503, "no free channels: every speech-to-text stream is in use; try again",
+                    None, "busy", "server_error")
 
 
 async def _decode_upload(data: bytes, name: str) -> np.ndarray:

@@ -43,6 +43,14 @@ class MarkerReached:
     id: int
 
 
+@dataclass(frozen=True)
+class TextSoFar:
+    """The decoded text of `stream` after a step that added to it (channels that ask)."""
+
+    stream: int
+    text: str
+
+
 Delivery = tuple["SttChannel", Any]  # an event for a channel
 Buffered = tuple["SttChannel", int]  # a channel's samples waiting for the model
 
@@ -64,6 +72,7 @@ class SttChannel:
         self.events: asyncio.Queue[Any] = asyncio.Queue()
         self.buffered_samples = 0  # audio queued or buffered, not yet stepped (approximate)
         self.closed = False
+        self.want_text = False  # also deliver TextSoFar after each step that adds text
         self._markers: list[tuple[int, int]] = []  # (step to reach, marker id), model thread
         self._drained = asyncio.Event()
         self._drained.set()
@@ -116,6 +125,9 @@ class SttService:
     @property
     def open_channels(self) -> int:
         return self._reserved
+
+    def has_room(self) -> bool:
+        return self._reserved < self.capacity
 
     # ---------------------------------------------------------------- channels
     def open(self) -> SttChannel:
@@ -212,10 +224,15 @@ class SttService:
         started = _now()
         events = slots.step()
         self.last_step_ms = 1000.0 * (_now() - started)
+        grown: set[int] = set()
         for event in events:
             channel = self._channels.get(event.stream)
             if channel is not None:
                 delivered.append((channel, event))
+                if isinstance(event, TextPiece) and channel.want_text:
+                    grown.add(event.stream)
+        for slot in sorted(grown):
+            delivered.append((self._channels[slot], TextSoFar(slot, slots.text(slot))))
         for channel in self._channels.values():
             if channel._markers:
                 reached = slots.steps_of(channel.slot)
@@ -231,9 +248,12 @@ class SttService:
     # ---------------------------------------------------------------- whole clips
     async def transcribe(self, pcm: np.ndarray,
                          on_text: Callable[[str], Awaitable[None]] | None = None) -> Transcript:
-        """A whole clip through a slot of the batch (float32 mono 24 kHz); on_text(piece) as
-        the text comes. Raises NoFreeSlot when every slot is taken."""
+        """A whole clip through a slot of the batch (float32 mono 24 kHz); on_text(delta) as
+        the text comes (the deltas add up to the transcript's text). Raises NoFreeSlot when
+        every slot is taken."""
         channel = self.open()
+        channel.want_text = on_text is not None
+        sent = ""
         try:
             channel.push(pcm)
             channel.end()
@@ -244,13 +264,19 @@ class SttService:
                     raise event
                 if isinstance(event, MarkerReached):
                     continue
+                if isinstance(event, TextSoFar):
+                    text = event.text.strip()
+                    if on_text is not None and text.startswith(sent) and text != sent:
+                        delta, sent = text[len(sent):], text
+                        await on_text(delta)
+                    continue
                 events.append(event)
-                if isinstance(event, TextPiece) and on_text is not None:
-                    await on_text(event.text)
                 if isinstance(event, Flushed):
                     break
             text = await asyncio.get_running_loop().run_in_executor(
                 self.executor, self.slots.text, channel.slot)
+            if on_text is not None and text.startswith(sent) and text != sent:
+                await on_text(text[len(sent):])
             return transcript_from_events(events, text, len(pcm) / SAMPLE_RATE,
                                           self.slots.timing.text_time)
         finally:

@@ -1,0 +1,23 @@
+"""Sesame CSM, its tokenizer and (when needed) Mimi from resolved files, loaded as
+`python -m moshi_mlx.tts` loads them (the server's --tts too)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moshi_mlx.loading.options import ModelOptions
+from moshi_mlx.loading.resolve import ResolvedFiles
+
+
+def speech_parts_from_files(files: ResolvedFiles, options: ModelOptions | None = None,
+                            needs_mimi: bool = True) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, mimi) of resolved CSM files (`loading.resolve.resolve(
+    "moshi_mlx.tts", ...)`; a weights_convert folder brings its own tokenizer and Mimi);
+    mimi is None unless `needs_mimi`."""
+    from moshi_mlx.loading.models import load_csm, load_mimi
+    from moshi_mlx.speech.generate import load_tokenizer
+
+    options = options or ModelOptions()
+    model = load_csm(files.weight, config=files.config, **options.load_kwargs())
+    mimi = load_mimi(files.codec, num_codebooks=model.cfg.num_codebooks) if needs_mimi else None
+    return model, load_tokenizer(files.tokenizer), mimi
