@@ -2,7 +2,7 @@
 
     python -m moshi_mlx.serve --stt                        # Kyutai STT, 127.0.0.1:8080
     python -m moshi_mlx.serve --stt --tts -q 8 --max-streams 4
-    python -m moshi_mlx.serve --moshi kyutai/moshiko-mlx-q4 --port 8998
+    python -m moshi_mlx.serve --moshi -q 4 --port 8998
 
 Routes: /api/asr-streaming (Kyutai's STT protocol, every stream one row of a batched step),
 /v1/audio/transcriptions, /v1/audio/speech and /v1/models (OpenAI's audio API), /api/chat
@@ -29,6 +29,7 @@ from moshi_mlx.web.address import DEFAULT_HOST, check_port_free, is_loopback, pa
 from moshi_mlx.web.keys import DEFAULT_KEYS
 
 SPEECH_SERVICE = web.AppKey("speech_service", object)  # the app's SpeechService, when served
+RELEASED = "released"  # a family flag given alone: the released model
 SERVE_PORT = 8080  # the address Kyutai's scripts and Unmute use
 DEFAULT_MAX_STREAMS = 8
 
@@ -45,9 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, family, what in (("--stt", "stt", "Kyutai speech-to-text"),
                                ("--tts", "csm", "Sesame CSM text-to-speech"),
                                ("--moshi", "moshi", "Moshi conversation")):
-        models.add_argument(flag, nargs="?", const=files_of(family).default_repo(),
-                            default=None, metavar="SRC",
-                            help=f"{what} (default {files_of(family).default_repo()})")
+        models.add_argument(flag, nargs="?", const=RELEASED, default=None, metavar="SRC",
+                            help=f"{what} (alone: the released {files_of(family).default_repo()}"
+                                 f", or its -q repo)")
     add_run_args(models, "quantized weights: 4 or 8 bits, for every model loaded")
     server = p.add_argument_group("server")
     server.add_argument("--host", default=DEFAULT_HOST,
@@ -85,6 +86,23 @@ def check_exposure(host: str, keys: list[str] | None) -> None:
 
 
 COMMANDS = {"stt": "moshi_mlx.stt", "tts": "moshi_mlx.tts", "moshi": "moshi_mlx.local"}
+REGISTRY_NAMES = {"stt": "stt", "tts": "csm", "moshi": "moshi"}  # loading.families names
+
+
+def source_of(args: argparse.Namespace, family: str) -> str | None:
+    """The source a family flag names; None: the released model (for -q)."""
+    value = getattr(args, family)
+    return None if value == RELEASED else value
+
+
+def served_name(args: argparse.Namespace, family: str) -> str:
+    """What /v1/models lists: the source as given, or the released repo it stands for."""
+    from moshi_mlx.loading.families import files_of
+
+    source = source_of(args, family)
+    if source is not None:
+        return source
+    return files_of(REGISTRY_NAMES[family]).default_repo(None, args.quantize)
 
 
 def resolve_models(args: argparse.Namespace) -> dict[str, Any]:
@@ -92,14 +110,14 @@ def resolve_models(args: argparse.Namespace) -> dict[str, Any]:
     header-checked before anything loads, as the other commands do."""
     from moshi_mlx.loading.resolve import resolve
 
-    return {family: resolve(COMMANDS[family], getattr(args, family), quantize=args.quantize)
+    return {family: resolve(COMMANDS[family], source_of(args, family), quantize=args.quantize)
             for family in COMMANDS if getattr(args, family)}
 
 
 def load_models(files: dict[str, Any], args: argparse.Namespace) -> Loaded:
     """Load the resolved families (on the model thread)."""
     options = ModelOptions.from_args(args)
-    loaded = Loaded(sources={family: str(getattr(args, family)) for family in files})
+    loaded = Loaded(sources={family: served_name(args, family) for family in files})
     if "stt" in files:
         from moshi_mlx.transcription.loader import stt_parts_from_files
         from moshi_mlx.transcription.slots import SttSlots
