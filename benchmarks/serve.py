@@ -158,8 +158,9 @@ async def bench_server(parts, frames: int) -> dict:
         round_trips, bare = [], []
         for i in range(frames + 3):
             frame = pcm[i * FRAME:(i + 1) * FRAME]
+            message = audio(frame)  # the client's packing is not the server's time
             started = time.perf_counter()
-            await ws.send_bytes(audio(frame))
+            await ws.send_bytes(message)
             while msgpack.unpackb((await ws.receive()).data)["type"] != "Step":
                 pass
             round_trip = time.perf_counter() - started
@@ -177,49 +178,60 @@ async def bench_server(parts, frames: int) -> dict:
 
 
 async def bench_latency(parts) -> dict:
-    """Real-time client: word latency from its last audio frame's send to its Word."""
+    """Real-time client: a word's latency is its Word message's arrival minus the send time of
+    the word's last audio frame. That frame: the one holding the word's end, the EndWord's
+    stop_time when it comes right after the word, else the time of the step that closed the
+    word (step / 12.5 - silence prefix - text delay; the step is the one after the last Step
+    message, as a step sends its words before its Step), as `Transcript` word ends are."""
     import aiohttp
     import msgpack
 
+    lm = parts[0]
+    config = lm.cfg.stt_config
+    lag = config.audio_silence_prefix_seconds + config.audio_delay_seconds
     pcm = speech()
     frames = len(pcm) // FRAME
+    messages = [audio(pcm[f * FRAME:(f + 1) * FRAME]) for f in range(frames)]
     sent_at: list[float] = []
-    words: list[tuple[float, dict]] = []
-    ends: list[float] = []
+    received: list[tuple[float, dict]] = []
     async with Server(parts, 1) as url, aiohttp.ClientSession() as session:
         ws = await session.ws_connect(url, headers={"kyutai-api-key": "public_token"})
         await ws.receive()
 
         async def send() -> None:
             t0 = time.perf_counter()
+            silence = audio(np.zeros(FRAME))
             for f in range(frames + 12):
-                await asyncio.sleep(max(0.0, t0 + f * FRAME_S - time.perf_counter()))
-                chunk = pcm[f * FRAME:(f + 1) * FRAME] if f < frames else np.zeros(FRAME)
-                await ws.send_bytes(audio(chunk))
+                await asyncio.sleep(max(0.0, t0 + (f + 1) * FRAME_S - time.perf_counter()))
+                await ws.send_bytes(messages[f] if f < frames else silence)
                 sent_at.append(time.perf_counter())
             await ws.send_bytes(packed({"type": "Marker", "id": 0}))
             for _ in range(20):
-                await ws.send_bytes(audio(np.zeros(FRAME)))
+                await ws.send_bytes(silence)
 
         sender = asyncio.create_task(send())
         while True:
             message = msgpack.unpackb((await ws.receive()).data)
-            if message["type"] == "Word":
-                words.append((time.perf_counter(), message))
-            elif message["type"] == "EndWord":
-                ends.append(message["stop_time"])
-            elif message["type"] == "Marker":
+            received.append((time.perf_counter(), message))
+            if message["type"] == "Marker":
                 break
         await sender
         await ws.close()
-    latencies = []
-    for (arrival, _), end in zip(words, ends, strict=False):
-        last_frame = min(len(sent_at) - 1, max(0, math.ceil(end / FRAME_S) - 1))
-        latencies.append(arrival - sent_at[last_frame])
+    latencies, last_step = [], 0
+    for i, (arrival, message) in enumerate(received):
+        if message["type"] == "Step":
+            last_step = message["step_idx"]
+        if message["type"] != "Word":
+            continue
+        following = received[i + 1][1] if i + 1 < len(received) else {}
+        end = (following["stop_time"] if following.get("type") == "EndWord"
+               else max(0.0, (last_step + 1) * FRAME_S - lag))
+        frame = min(len(sent_at) - 1, max(0, math.ceil(end / FRAME_S) - 1))
+        latencies.append(arrival - sent_at[frame])
     return {"words": len(latencies),
             "word_latency_ms_median": median_ms(latencies) if latencies else None,
             "word_latency_ms_max": round(1e3 * max(latencies), 1) if latencies else None,
-            "model_text_delay_ms": 500.0}
+            "model_text_delay_ms": 1e3 * config.audio_delay_seconds}
 
 
 # --------------------------------------------------------------------------- main

@@ -287,12 +287,16 @@ def _unpack(data: bytes) -> dict[str, Any]:
 
 
 def _float_pcm(pcm: Any) -> np.ndarray:
-    """Audio's `pcm`: a list of numbers (floats; ints accepted), finite."""
+    """Audio's `pcm`: a flat list of numbers (floats; ints accepted), finite."""
     if not isinstance(pcm, list):
         raise ProtocolError("malformed message: Audio needs pcm, a list of float samples")
-    if not all(isinstance(x, (float, int)) and not isinstance(x, bool) for x in pcm):
+    try:
+        samples = np.array(pcm)  # numbers -> a float or int array; anything else shows in it
+    except (ValueError, TypeError):
+        samples = np.array([], dtype=object)
+    if samples.size and (samples.dtype.kind not in "fiu" or samples.ndim != 1):
         raise ProtocolError("malformed message: Audio pcm holds something other than numbers")
-    samples = np.asarray(pcm, dtype=np.float32)
+    samples = samples.astype(np.float32)
     if not np.isfinite(samples).all():
         raise ProtocolError("malformed message: Audio pcm holds NaN or infinite samples")
     return samples
