@@ -7,7 +7,12 @@
   the most streams whose step stays under 80 ms here.
 - server: a client paced at real time sends one 80 ms frame and waits for that frame's `Step`
   message, through the running server (WebSocket, msgpack, the model thread) with one stream;
-  `added_ms` = that round trip minus the bare Transcriber's frame time, measured alternately.
+  `added_ms` = that round trip minus the bare Transcriber's frame time (fed the same frame on
+  the same model thread, alternately);
+  `transport_ms` = the round trip minus the server's own batched step (`slots_step_ms`): the
+  WebSocket, msgpack, event loop and thread hops. Timed on the last --steps frames of the
+  12.6 s speech clip (the frames before run unpaced), where Mimi's 10 s attention window is full
+  on both sides.
 - latency: a client streams tests/fixtures/speech.wav at real time; from the time a word's
   last audio frame was sent to its `Word` message.
 
@@ -113,7 +118,7 @@ class Server:
 
     async def __aenter__(self) -> str:
         from moshi_mlx.cli.model_thread import start_model_thread
-        from moshi_mlx.serve import Loaded, build_app
+        from moshi_mlx.serve import STT_SERVICE, Loaded, build_app
         from moshi_mlx.transcription.slots import SttSlots
         from moshi_mlx.web import http
 
@@ -122,6 +127,7 @@ class Server:
         slots = self.executor.submit(SttSlots, lm, tokenizer, mimi, self.capacity).result()
         app = build_app(Loaded(stt=slots, sources={"stt": "bench"}),
                         Namespace(api_key=None, host="127.0.0.1", voices=None), self.executor)
+        self.service = app[STT_SERVICE]
         self.runner = await http.start_site(app, "127.0.0.1", 0)
         return f"ws://127.0.0.1:{http.bound_port(self.runner)}/api/asr-streaming"
 
@@ -142,6 +148,13 @@ def audio(pcm: np.ndarray) -> bytes:
     return packed({"type": "Audio", "pcm": [float(x) for x in pcm]})
 
 
+def timed(fn, *args) -> float:
+    """Seconds `fn(*args)` takes (run on the server's model thread, as its steps are)."""
+    started = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - started
+
+
 async def bench_server(parts, frames: int) -> dict:
     """Round trip of one frame to its Step message, alternating with the bare Transcriber."""
     import aiohttp
@@ -152,11 +165,13 @@ async def bench_server(parts, frames: int) -> dict:
     lm, tokenizer, mimi = parts
     pcm = speech()
     transcriber = Transcriber(lm, tokenizer, mimi)
-    async with Server(parts, 1) as url, aiohttp.ClientSession() as session:
+    server = Server(parts, 1)
+    async with server as url, aiohttp.ClientSession() as session:
         ws = await session.ws_connect(url, headers={"kyutai-api-key": "public_token"})
         await ws.receive()  # Ready
-        round_trips, bare = [], []
-        for i in range(frames + 3):
+        round_trips, bare, slot_steps = [], [], []
+        start = len(pcm) // FRAME - frames  # the last frames: Mimi's window (10 s) is full
+        for i in range(start - 3, start + frames):
             frame = pcm[i * FRAME:(i + 1) * FRAME]
             message = audio(frame)  # the client's packing is not the server's time
             started = time.perf_counter()
@@ -164,17 +179,20 @@ async def bench_server(parts, frames: int) -> dict:
             while msgpack.unpackb((await ws.receive()).data)["type"] != "Step":
                 pass
             round_trip = time.perf_counter() - started
-            started = time.perf_counter()
-            transcriber.feed(frame)
-            alone = time.perf_counter() - started
-            if i >= 3:
+            alone = server.executor.submit(timed, transcriber.feed, frame).result()
+            if i >= start:
                 round_trips.append(round_trip)
                 bare.append(alone)
-            await asyncio.sleep(max(0.0, FRAME_S - round_trip - alone))
+                slot_steps.append(server.service.last_step_ms / 1e3)
+            if i >= start:
+                await asyncio.sleep(max(0.0, FRAME_S - round_trip - alone))
         await ws.close()
+    transport = [r - s for r, s in zip(round_trips, slot_steps, strict=True)]
     return {"server_round_trip_ms": median_ms(round_trips),
             "transcriber_frame_ms": median_ms(bare),
-            "added_ms": round(median_ms(round_trips) - median_ms(bare), 2)}
+            "slots_step_ms": median_ms(slot_steps),
+            "added_ms": round(median_ms(round_trips) - median_ms(bare), 2),
+            "transport_ms": median_ms(transport)}
 
 
 async def bench_latency(parts) -> dict:

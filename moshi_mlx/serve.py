@@ -29,6 +29,7 @@ from moshi_mlx.web.address import DEFAULT_HOST, check_port_free, is_loopback, pa
 from moshi_mlx.web.keys import DEFAULT_KEYS
 
 SPEECH_SERVICE = web.AppKey("speech_service", object)  # the app's SpeechService, when served
+STT_SERVICE = web.AppKey("stt_service", object)  # the app's SttService, when served
 RELEASED = "released"  # a family flag given alone: the released model
 SERVE_PORT = 8080  # the address Kyutai's scripts and Unmute use
 DEFAULT_MAX_STREAMS = 8
@@ -151,6 +152,7 @@ def build_app(loaded: Loaded, args: argparse.Namespace, executor: Any) -> Any:
         from moshi_mlx.web.stt_service import SttService
 
         service = SttService(loaded.stt, executor)
+        app[STT_SERVICE] = service
         AsrStreamingRoute(service, keys).add_routes(app)
 
         async def start_stt(app: Any) -> None:
