@@ -3,8 +3,9 @@
 - steps: wall time of one batched step (`SttSlots.step`: one Mimi encode + one LM step for
   every slot) with 1, 2, 4 and 8 streams, beside the bare `Transcriber` fed one frame; on the
   fixture STT (tests/fixtures/stt, converted by weights_convert) with the real-size random Mimi,
-  and on a random stt-1b-shaped q4 model (benchmarks/stt.py builds both). `realtime_streams`:
-  the most streams whose step stays under 80 ms here.
+  and on a random stt-1b-shaped q4 model (benchmarks/stt.py builds both), the latter also with
+  its linears dequantized to float32 (same values). `realtime_streams`: the most streams
+  whose step stays under 80 ms here.
 - server: a client paced at real time sends one 80 ms frame and waits for that frame's `Step`
   message, through the running server (WebSocket, msgpack, the model thread) with one stream;
   `added_ms` = that round trip minus the bare Transcriber's frame time (fed the same frame on
@@ -57,6 +58,22 @@ def load_parts(folder: Path):
     from moshi_mlx.transcription.loader import stt_parts
 
     return stt_parts(folder, ModelOptions())
+
+
+def as_float32(parts):
+    """The same model with every quantized linear dequantized to float32 (same values): on the
+    CPU backend the q4 kernel costs one pass per row, a float matmul is nearly flat in rows."""
+    import mlx.core as mx
+    from mlx.utils import tree_map
+
+    from moshi_mlx.loading.quantization import dequantize_linears
+
+    lm, tokenizer, mimi = parts
+    dequantize_linears(lm)
+    lm.update(tree_map(lambda a: a.astype(mx.float32) if a.dtype == mx.bfloat16 else a,
+                       lm.parameters()))
+    lm.load_weights([], strict=False)  # drops compiled graphs that hold the old layers
+    return lm, tokenizer, mimi
 
 
 def speech() -> np.ndarray:
@@ -283,6 +300,9 @@ def main() -> None:
                 result["latency"] = stt_bench.guarded(
                     lambda p: asyncio.run(bench_latency(p)), parts)
             report[name] = result
+            if name == "stt_1b_q4" and "steps" in only:
+                report["stt_1b_q4_as_float32"] = {"steps": stt_bench.guarded(
+                    bench_steps, as_float32(parts), streams, args.steps)}
             del parts
     print(json.dumps(report, indent=2))
 
