@@ -19,11 +19,9 @@ from moshi_mlx.web.address import (
     DEFAULT_HOST,
     DEFAULT_PORT,
     check_port_free,
-    is_loopback,
-    page_url,
     port,
 )
-from moshi_mlx.web.http import HostPolicy, bound_port, start_site
+from moshi_mlx.web.http import HostPolicy, serve_until_stopped
 from moshi_mlx.web.server import OUR_PAGE, ChatServer
 
 
@@ -62,21 +60,6 @@ def resolve_page(static: str | None) -> str | Path | None:
     return folder
 
 
-async def _serve_forever(server: ChatServer, host: str, port: int) -> None:
-    try:
-        runner = await start_site(server.make_app(HostPolicy(host)), host, port)
-    except OSError as exc:
-        raise MoshiError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    try:
-        url = page_url(host, bound_port(runner))
-        print(f"Moshi is ready: open {url} in your browser (Ctrl-C to stop)", flush=True)
-        if not is_loopback(host):
-            print(f"note: listening on {host}, reachable from other machines", flush=True)
-        await asyncio.Event().wait()
-    finally:
-        await runner.cleanup()
-
-
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -87,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         print("loading the model…", file=sys.stderr, flush=True)
         server.load_engine(lambda: build_engine(args))
         try:
-            asyncio.run(_serve_forever(server, args.host, args.port))
+            asyncio.run(serve_until_stopped(
+                server.make_app(HostPolicy(args.host)), args.host, args.port,
+                lambda url: f"Moshi is ready: open {url} in your browser (Ctrl-C to stop)"))
         except KeyboardInterrupt:
             pass
     finally:

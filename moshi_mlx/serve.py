@@ -25,7 +25,8 @@ from moshi_mlx.cli.model_thread import load_on_model_thread, start_model_thread,
 from moshi_mlx.cli.options import add_run_args, command_prog, positive_int
 from moshi_mlx.errors import MoshiError, cli_errors
 from moshi_mlx.loading.options import ModelOptions
-from moshi_mlx.web.address import DEFAULT_HOST, check_port_free, is_loopback, page_url, port
+from moshi_mlx.web import http
+from moshi_mlx.web.address import DEFAULT_HOST, check_port_free, is_loopback, port
 from moshi_mlx.web.keys import DEFAULT_KEYS
 
 SPEECH_SERVICE = web.AppKey("speech_service", object)  # the app's SpeechService, when served
@@ -140,7 +141,7 @@ def load_models(files: dict[str, Any], args: argparse.Namespace) -> Loaded:
 
 def build_app(loaded: Loaded, args: argparse.Namespace, executor: Any) -> Any:
     """The one aiohttp application of every loaded family's routes."""
-    from moshi_mlx.web import http, limits
+    from moshi_mlx.web import limits
     from moshi_mlx.web.keys import ApiKeys
     from moshi_mlx.web.openai_api import OpenAiRoutes, ServedModel
 
@@ -179,24 +180,6 @@ def build_app(loaded: Loaded, args: argparse.Namespace, executor: Any) -> Any:
     return app
 
 
-async def _serve_forever(app: Any, host: str, port_number: int, families: list[str]) -> None:
-    from moshi_mlx.web import http
-
-    try:
-        runner = await http.start_site(app, host, port_number)
-    except OSError as exc:
-        raise MoshiError(f"cannot listen on {host}:{port_number}: {exc.strerror or exc}"
-                         ) from None
-    try:
-        url = page_url(host, http.bound_port(runner))
-        print(f"serving {', '.join(families)} at {url} (Ctrl-C to stop)", flush=True)
-        if not is_loopback(host):
-            print(f"note: listening on {host}, reachable from other machines", flush=True)
-        await asyncio.Event().wait()
-    finally:
-        await runner.cleanup()
-
-
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
@@ -213,7 +196,10 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_on_model_thread(executor, lambda: load_models(files, args))
         app = build_app(loaded, args, executor)
         try:
-            asyncio.run(_serve_forever(app, args.host, args.port, list(loaded.sources)))
+            families = ", ".join(loaded.sources)
+            asyncio.run(http.serve_until_stopped(
+                app, args.host, args.port, lambda url: f"serving {families} at {url} (Ctrl-C "
+                                                       "to stop)"))
         except KeyboardInterrupt:
             pass
     finally:

@@ -8,6 +8,7 @@ line, and asyncio's `socket.accept() out of system resource` is rate-limited.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import time
@@ -235,3 +236,24 @@ def bound_port(runner: web.AppRunner) -> int:
     for address in runner.addresses:
         return int(address[1])
     raise RuntimeError("server is not listening")
+
+
+async def serve_until_stopped(app: web.Application, host: str, port: int,
+                              ready: Callable[[str], str]) -> None:
+    """Listen (an address that cannot be listened on is one MoshiError line), print
+    `ready(url)` and, off loopback, a note that other machines can reach it; serve until the
+    task is cancelled (Ctrl-C), then close every connection."""
+    from moshi_mlx.errors import MoshiError
+    from moshi_mlx.web.address import is_loopback, page_url
+
+    try:
+        runner = await start_site(app, host, port)
+    except OSError as exc:
+        raise MoshiError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    try:
+        print(ready(page_url(host, bound_port(runner))), flush=True)
+        if not is_loopback(host):
+            print(f"note: listening on {host}, reachable from other machines", flush=True)
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
