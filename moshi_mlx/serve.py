@@ -22,7 +22,13 @@ from typing import Any
 from aiohttp import web
 
 from moshi_mlx.cli.model_thread import load_on_model_thread, start_model_thread, stop_model_thread
-from moshi_mlx.cli.options import add_run_args, command_prog, positive_int
+from moshi_mlx.cli.options import (
+    SamplingOptions,
+    add_run_args,
+    add_sampling_args,
+    command_prog,
+    positive_int,
+)
 from moshi_mlx.errors import MoshiError, cli_errors
 from moshi_mlx.loading.options import ModelOptions
 from moshi_mlx.web import http
@@ -52,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                             help=f"{what} (alone: the released {files_of(family).default_repo()}"
                                  f", or its -q repo)")
     add_run_args(models, "quantized weights: 4 or 8 bits, for every model loaded")
+    add_sampling_args(p.add_argument_group(
+        "speech-to-text sampling (Kyutai's `temperature`; CSM and Moshi take theirs per "
+        "request)"), temp=0.0, top_k_default=50)
     server = p.add_argument_group("server")
     server.add_argument("--host", default=DEFAULT_HOST,
                         help=f"address to listen on (default {DEFAULT_HOST}, this machine "
@@ -125,7 +134,9 @@ def load_models(files: dict[str, Any], args: argparse.Namespace) -> Loaded:
         from moshi_mlx.transcription.slots import SttSlots
 
         lm, tokenizer, mimi = stt_parts_from_files(files["stt"], options)
-        loaded.stt = SttSlots(lm, tokenizer, mimi, args.max_streams, seed=options.seed)
+        sampling = SamplingOptions.from_args(args)
+        loaded.stt = SttSlots(lm, tokenizer, mimi, args.max_streams, temp=sampling.temp,
+                              top_k=sampling.top_k, seed=options.seed)
     if "tts" in files:
         from moshi_mlx.speech.loader import speech_parts_from_files
 
