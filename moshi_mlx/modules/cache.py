@@ -10,6 +10,8 @@ A query at position p sees key position s iff 0 <= p - s < context, in both cach
 `KVCache` is a ring buffer for one step at a time (the LMs); `WindowCache` keeps the window in
 position order for a few steps at a time (Mimi's transformers). `SlotCache` holds one independent
 stream per batch row (its `offset` is an array [B]): rows start again and pause on their own.
+`LeftPaddedCache` holds a batch of streams that advance together from left-padded prompts
+(batched CSM): every step writes one slot shared by all rows, each row's padding is masked.
 """
 
 from __future__ import annotations
@@ -257,3 +259,82 @@ class SlotCache:
         visible = (held >= 0) & (delta >= 0) & (delta < self.context)
         visible |= ~self.active[:, None, None]  # a paused row's output is dropped: any keys do
         return self.keys, self.values, mx.array(visible[:, None])
+
+
+class LeftPaddedCache:
+    """Keys/values of a batch of streams that all step together, their prompts left-padded:
+    row r's stream starts at slot `pads[r]`, so each update writes the same slots in every row
+    and the buffer is one [B, H, S, D] array per layer, no ring (the caller keeps every row
+    within its context). `offset` is an int32 array [B]: each row's position of the next step
+    (slot - pad), for RoPE. The mask [B, 1, T, S] hides each row's padding; a padding query
+    sees only its own slot, so no softmax runs over nothing (its output is never read).
+
+    `keep_rows(rows)` drops the other rows (finished streams cost nothing further) and the
+    leading slots that are padding in every row left.
+    """
+
+    def __init__(self, pads, grow_step: int = 256) -> None:
+        self.pads = np.asarray(pads, dtype=np.int64).reshape(-1)
+        if self.pads.size < 1 or (self.pads < 0).any():
+            raise ValueError(f"pads must be >= 0, one per row, got {pads!r}")
+        if grow_step < 1:
+            raise ValueError(f"grow_step must be >= 1, got {grow_step}")
+        self.grow_step = grow_step
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.slots = 0  # slots written (the next update writes slot `slots`)
+
+    @property
+    def rows(self) -> int:
+        return len(self.pads)
+
+    @property
+    def offset(self) -> mx.array:
+        return mx.array((self.slots - self.pads).astype(np.int32))
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.slots = 0
+
+    def update(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array, mx.array | None]:
+        """Store k, v [B, H, T, D] at slots `slots` .. `slots`+T-1 of every row; return (keys,
+        values, mask bool [B, 1, T, S], or None when no row has padding and T is 1)."""
+        batch, heads, steps, head_dim = k.shape
+        if batch != self.rows:
+            raise ValueError(f"LeftPaddedCache of {self.rows} rows, got k {tuple(k.shape)}")
+        end = self.slots + steps
+        have = 0 if self.keys is None else self.keys.shape[2]
+        if end > have:
+            grown = -(-end // self.grow_step) * self.grow_step - have
+            new_keys = mx.zeros((batch, heads, grown, head_dim), dtype=k.dtype)
+            new_values = mx.zeros((batch, heads, grown, head_dim), dtype=v.dtype)
+            if self.keys is None:
+                self.keys, self.values = new_keys, new_values
+            else:
+                self.keys = mx.concatenate([self.keys, new_keys], axis=2)
+                self.values = mx.concatenate([self.values, new_values], axis=2)
+        self.keys[:, :, self.slots : end] = k
+        self.values[:, :, self.slots : end] = v
+        start, self.slots = self.slots, end
+        keys, values = self.keys[:, :, :end], self.values[:, :, :end]
+        if steps == 1 and not self.pads.any():
+            return keys, values, None
+        query = np.arange(start, end)[None, :, None]  # [1, T, 1]
+        key = np.arange(end)[None, None, :]  # [1, 1, S]
+        visible = (key >= self.pads[:, None, None]) & (key <= query)
+        visible |= key == query
+        return keys, values, mx.array(visible[:, None])
+
+    def keep_rows(self, rows) -> None:
+        """Keep only these rows (indices, in the order given)."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if rows.size < 1:
+            raise ValueError("keep at least one row (drop the cache instead)")
+        self.pads = self.pads[rows]
+        drop = int(self.pads.min())  # slots that are padding in every row left
+        self.pads = self.pads - drop
+        self.slots -= drop
+        if self.keys is not None:
+            index = mx.array(rows.astype(np.int32))
+            self.keys = self.keys[index, :, drop:]
+            self.values = self.values[index, :, drop:]

@@ -330,12 +330,28 @@ def stream_speech(model: Csm, tokenizer: CsmTokenizer, text: str, speaker: int =
     its `stop_reason` tells why it ended. compiled=False runs every op eagerly (same results;
     for debugging and comparison)."""
     rules = StopRules.of(stop)
-    if not isinstance(text, str) or not text.strip():
-        raise MoshiError("nothing to say: the text is empty")
+    sampler = make_sampler(temperature, top_k)
+    tokens, mask, policy = prepare_request(model, tokenizer, text, speaker, context, max_frames,
+                                           mimi, rules)
+    return SpeechStream(model, tokens, mask, policy, sampler, seed, allow_non_codes,
+                        record_logits, cache, compiled)
+
+
+def make_sampler(temperature: float, top_k: int) -> Sampler:
     if temperature < 0:
         raise MoshiError(f"temperature must be >= 0, got {temperature}")
     if top_k < 0:
         raise MoshiError(f"top_k must be >= 0, got {top_k}")
+    return Sampler(temp=float(temperature), top_k=int(top_k))
+
+
+def prepare_request(model: Csm, tokenizer: CsmTokenizer, text: str, speaker: int,
+                    context: Sequence[Segment], max_frames: int | None, mimi,
+                    rules: StopRules) -> tuple[np.ndarray, np.ndarray, StopPolicy]:
+    """One request checked -> its prompt rows (tokens, mask) and the stop policy of its
+    generation (its frame limit within the 2048-position context)."""
+    if not isinstance(text, str) or not text.strip():
+        raise MoshiError("nothing to say: the text is empty")
     k = model.cfg.num_codebooks
     segments = []
     for seg in context:
@@ -354,9 +370,7 @@ def stream_speech(model: Csm, tokenizer: CsmTokenizer, text: str, speaker: int =
         raise MoshiError(f"text and context too long: the prompt takes {len(tokens)} positions, "
                          f"plus {max(max_frames, 1)} frames to generate must stay under "
                          f"{budget}; shorten the text or context")
-    sampler = Sampler(temp=float(temperature), top_k=int(top_k))
-    return SpeechStream(model, tokens, mask, rules.policy(max_frames, limit_reason), sampler,
-                        seed, allow_non_codes, record_logits, cache, compiled)
+    return tokens, mask, rules.policy(max_frames, limit_reason)
 
 
 def generate_speech(model: Csm, tokenizer: CsmTokenizer, text: str, speaker: int = 0,
