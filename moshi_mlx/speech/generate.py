@@ -226,9 +226,9 @@ class SpeechStream:
         if compiled:  # one graph for the whole frame: 32 heads and samplings, 31 depth steps
             self._run_frame = model.frame_graph(
                 ("frame", sampler, mask_non_codes),
-                lambda: _frame_function(model, sampler, mask_non_codes))
+                lambda: frame_function(model, sampler, mask_non_codes))
         else:
-            self._run_frame = _frame_function(model, sampler, mask_non_codes)
+            self._run_frame = frame_function(model, sampler, mask_non_codes)
         self.cache = cache if cache is not None else ContextCache(model)
         self._hidden = self.cache.prefill(tokens, mask)
 
@@ -238,7 +238,7 @@ class SpeechStream:
     def _frame(self, h: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """Hidden state [1, dim] -> (frame codes [1, K], codebook-0 logits, depth logits
         [1, K-1, V]); advances the PRNG key when sampling."""
-        key = self.key if self.key is not None else _GREEDY_KEY
+        key = self.key if self.key is not None else GREEDY_KEY
         codes, c0_logits, depth, next_key = self._run_frame(h, key)
         if self.key is not None:
             self.key = next_key
@@ -293,10 +293,10 @@ class SpeechStream:
         return codes
 
 
-_GREEDY_KEY = mx.random.key(0)  # a placeholder input: greedy picks read no key
+GREEDY_KEY = mx.random.key(0)  # a placeholder input: greedy picks read no key
 
 
-def _frame_function(model: Csm, sampler: Sampler, mask_non_codes: bool) -> Callable:
+def frame_function(model: Csm, sampler: Sampler, mask_non_codes: bool) -> Callable:
     """(hidden [1, dim], key) -> (codes, codebook-0 logits, depth logits, next key): one frame
     with its 32 samplings, free of host syncs and of references to the stream (the model is
     held weakly: the model keeps the compiled graph)."""
@@ -418,10 +418,10 @@ def stream_audio(mimi, frames) -> Iterator[np.ndarray]:
     a stream of its own: several may run on one Mimi."""
     state = mimi.new_decoder_state()
     for frame in frames:
-        yield _decode_frame(mimi, frame, state)
+        yield decode_frame(mimi, frame, state)
 
 
-def _decode_frame(mimi, frame: np.ndarray, state) -> np.ndarray:
+def decode_frame(mimi, frame: np.ndarray, state) -> np.ndarray:
     """One frame (np.int32 [K]) through Mimi's streaming decoder -> 1920 float32 samples."""
     pcm = mimi.decode_step(check_mimi_codes(np.asarray(frame)[None]), state)
     return np.asarray(pcm)[0, 0].astype(np.float32)
@@ -440,7 +440,7 @@ def stream_decoded(mimi, speech: Iterable[np.ndarray],
     hear = getattr(speech, "hear", None)
     held: list[tuple[np.ndarray, np.ndarray]] = []
     for frame in speech:
-        held.append((frame, _decode_frame(mimi, frame, state)))
+        held.append((frame, decode_frame(mimi, frame, state)))
         if on_audio is not None:
             on_audio(held[-1][1])
         keep = 0
