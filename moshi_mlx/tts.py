@@ -7,6 +7,7 @@
     python -m moshi_mlx.tts "Hello." --codes-out codes.npy        # no audio: Mimi not loaded
     python -m moshi_mlx.tts "Hello there." --play                 # to the speaker, as it comes
     python -m moshi_mlx.tts "Hello there." -o out.wav --stop eos  # Sesame's stop rule only
+    python -m moshi_mlx.tts --batch requests.jsonl -o wavs/ --codes-out codes/  # in batches
 
 A context file (--context) is a JSON list of turns {"speaker": 0, "text": "...", "audio":
 "turn.wav"} or {..., "codes": "turn.npy"} (paths relative to the JSON file). Long text is
@@ -15,6 +16,7 @@ spoken sentence by sentence, each conditioned on the context and the sentences b
 Each sentence stops on the first of moshi_mlx.speech.stopping's rules (eos, repeat, silence,
 budget, max, context); the reason is printed at the end. The silence rule hears the audio, so
 it applies when Mimi decodes (-o, --stream, --play), and its trimmed tail is not written.
+--batch: one JSON request a line, generated several at a time (moshi_mlx.cli.tts_batch).
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-device", default=None,
                    help="speaker for --play: index or name (see --list-devices)")
     add_list_devices_arg(p)
+    add_batch_args(p)
     model = p.add_argument_group("model")
     model.add_argument("--hf-repo", default=None,
                        help=f"Hugging Face repo of weights, config, tokenizer ({default_repo})")
@@ -109,6 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     ctx.add_argument("--context-speaker", action="append", default=[],
                      help="speaker of each --context-audio (default: --speaker)")
     return p
+
+
+def add_batch_args(p: argparse.ArgumentParser) -> None:
+    batch = p.add_argument_group("batch")
+    batch.add_argument("--batch", type=Path, default=None,
+                       help="JSONL file, one request a line: {\"text\", \"speaker\", "
+                            "\"context\" (turns as in --context), \"out\" (file name), "
+                            "\"max_frames\"}; -o and --codes-out name folders")
+    batch.add_argument("--batch-size", type=int, default=None,
+                       help=f"requests generated together (default {defaults.BATCH_SIZE})")
 
 
 def _context(args: argparse.Namespace, speaker: int) -> list[Segment]:
@@ -165,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         return show_devices()
     from moshi_mlx.speech.generate import frames_to_audio, stream_long_speech
 
-    if args.text is None:
+    if args.text is None and args.batch is None:
         raise MoshiError("nothing to say: give the text, e.g. moshi-tts \"Hello.\" -o out.wav")
     speaker = as_int(args.speaker, "--speaker")
     options = ModelOptions.from_args(args)
@@ -174,6 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.max_silence > 0:
         raise MoshiError(f"--max-silence must be > 0 seconds, got {args.max_silence}")
     stop = StopRules(args.stop, max_silence=args.max_silence)
+    if args.batch is not None:
+        from moshi_mlx.cli.tts_batch import run_batch
+
+        return run_batch(args, sampling, options.seed, stop, max_frames,
+                         lambda needs_mimi: _load(args, options, needs_mimi))
+    if args.batch_size is not None:
+        raise MoshiError("--batch-size goes with --batch")
     if args.output is None and args.codes_out is None and not args.play:
         raise MoshiError("nothing to do: give -o out.wav, --codes-out codes.npy and/or --play")
     if args.stream and args.output is None:

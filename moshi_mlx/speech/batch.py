@@ -35,8 +35,6 @@ from moshi_mlx.speech.generate import (
 )
 from moshi_mlx.speech.stopping import StopPolicy, StopRules
 
-DEFAULT_BATCH_SIZE = 8  # requests per batch in the CLI: 4 cost ~1.6x one on csm-1b
-
 
 @dataclass(frozen=True)
 class SpeechRequest:

@@ -1,4 +1,5 @@
-"""CSM's sampling defaults (Sesame's generate()): the tts command's and the server's."""
+"""CSM's defaults: sampling (Sesame's generate(); tts and the server), batch size."""
 
 TEMPERATURE = 0.9
 TOP_K = 50
+BATCH_SIZE = 8  # requests generated together by `moshi_mlx.tts --batch` (memory grows with it)
