@@ -48,6 +48,9 @@ _EXPORTS = {
     "stream_audio": "moshi_mlx.speech.generate",
     "stream_decoded": "moshi_mlx.speech.generate",
     "StopRules": "moshi_mlx.speech.stopping",
+    "SpeechRequest": "moshi_mlx.speech.batch",
+    "generate_batch": "moshi_mlx.speech.batch",
+    "stream_batch": "moshi_mlx.speech.batch",
 }
 
 __all__ = sorted(_EXPORTS)
