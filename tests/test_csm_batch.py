@@ -20,8 +20,15 @@ from csm_layouts import write_transformers_csm
 from moshi_mlx.errors import MoshiError
 from moshi_mlx.loading.models import load_csm
 from moshi_mlx.modules.cache import LeftPaddedCache
-from moshi_mlx.speech.batch import SpeechRequest, generate_batch, stream_batch
-from moshi_mlx.speech.generate import Segment, generate_speech, load_tokenizer
+from moshi_mlx.speech.batch import SpeechRequest, collect_batch, generate_batch, stream_batch
+from moshi_mlx.speech.generate import (
+    Segment,
+    generate_speech,
+    load_tokenizer,
+    stream_decoded,
+    stream_speech,
+)
+from moshi_mlx.speech.stopping import KEPT_PAUSE_FRAMES, StopRules
 from moshi_mlx.tts import main
 
 CSM = Path(__file__).parent / "fixtures" / "csm"
@@ -110,6 +117,40 @@ def test_batched_default_stop_rules_equal_single_runs(models, tokenizer, golden)
         assert (stop, len(frames)) == (single_stop, len(single))
         np.testing.assert_array_equal(frames, single)
         assert frames.max() < 2048
+
+
+class PlantedMimi:
+    """A stand-in decoder: the n-th stream it starts is loud (0.1) for loud[n] frames, then
+    silent; every frame decodes to 1920 samples."""
+
+    def __init__(self, loud: list[int]) -> None:
+        self.loud = list(loud)
+
+    def new_decoder_state(self) -> dict:
+        return {"loud": self.loud.pop(0), "frames": 0}
+
+    def decode_step(self, codes, state: dict) -> np.ndarray:
+        state["frames"] += 1
+        level = 0.1 if state["frames"] <= state["loud"] else 0.0
+        return np.full((1, 1, 1920), level, np.float32)
+
+
+def test_silence_stops_its_own_row_only(models, tokenizer, golden):
+    model, rules = models["sesame"], StopRules("all", max_silence=0.4)  # 5 quiet frames
+    requests = [request(golden, "b", 16), request(golden, "c", 16)]
+    stream = stream_batch(model, tokenizer, requests, temperature=0, stop=rules)
+    results = collect_batch(stream, PlantedMimi([2, 100]))
+    quiet = 5
+    assert [r.stop_reason for r in results] == ["silence", "max"]
+    assert results[0].trimmed_frames == quiet - KEPT_PAUSE_FRAMES
+    assert len(results[0].frames) == 2 + KEPT_PAUSE_FRAMES
+    assert results[0].audio.shape == (len(results[0].frames) * 1920,)
+    for req, result, loud in zip(requests, results, (2, 100), strict=True):
+        single = stream_speech(model, tokenizer, req.text, req.speaker, req.context,
+                               temperature=0, max_frames=16, stop=rules)
+        kept = [frame for frame, _ in stream_decoded(PlantedMimi([loud]), single)]
+        assert single.stop_reason == result.stop_reason
+        np.testing.assert_array_equal(np.stack(kept), result.frames)
 
 
 def test_bad_requests(models, tokenizer):
