@@ -23,6 +23,13 @@ medians over the runs:
 Prints one JSON object. Run it under the heavy-job lock:
 
     flock /tmp/moshi-heavy.lock python benchmarks/tts.py [--models fixture,1b] [-q 4]
+
+`--batches 1,2,4` instead times our batched generation alone (mlx-audio generates one request
+at a time): per_frame_s is one step of a batch of N requests (each a frame), median over the
+steps after the first and over the runs; per_request_frame_s divides it by N; `vs_batch_1` is
+per_frame_s over batch 1's. Requests alternate between TEXT after the context turn (as codes,
+the fixture's) and TEXT alone, so the prompts differ in length; sampling 0.9 / top-k 50, no
+Mimi.
 """
 
 from __future__ import annotations
@@ -55,6 +62,50 @@ CSM_1B = {"backbone": {"layers": 16, "dim": 2048, "heads": 32, "kv_heads": 8, "h
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def batch_per_frame(weights: Path, quantize: int, sizes: list[int], frames: int,
+                    runs: int) -> dict:
+    """Our batched CSM, per generated step, for each batch size (see the docstring)."""
+    from moshi_mlx.cli.blas import load_system_openblas
+
+    load_system_openblas()
+    import mlx.core as mx
+    import numpy as np
+
+    from moshi_mlx.loading.models import load_csm
+    from moshi_mlx.speech.batch import SpeechRequest, stream_batch
+    from moshi_mlx.speech.generate import Segment, load_tokenizer
+
+    model = load_csm(weights, quantize=quantize or None)
+    tokenizer = load_tokenizer(FIXTURES / "tokenizer.json")
+    with np.load(FIXTURES / "csm_golden.npz") as golden:
+        context = [Segment(1, CONTEXT_TEXT, codes=golden["context_codes"])]
+    out: dict = {}
+    for size in sizes:
+        requests = [SpeechRequest(TEXT, 1, context if i % 2 == 0 else (), frames)
+                    for i in range(size)]
+        steps: list[float] = []
+        for run in range(runs + 1):  # the first run compiles for this batch size
+            mx.random.seed(run)
+            stream = stream_batch(model, tokenizer, requests, seed=run, stop="eos")
+            t = time.perf_counter()
+            times = []
+            for _ in stream:
+                times.append(time.perf_counter() - t)
+                t = time.perf_counter()
+            if run:
+                steps += times[1:]
+        per_frame = _median(steps)
+        out[f"batch_{size}"] = {"per_frame_s": per_frame,
+                                "per_request_frame_s": per_frame / size if per_frame else None,
+                                "steps_timed": len(steps)}
+    base = out[f"batch_{sizes[0]}"]["per_frame_s"]
+    for size in sizes:
+        entry = out[f"batch_{size}"]
+        entry["vs_batch_1" if sizes[0] == 1 else f"vs_batch_{sizes[0]}"] = \
+            entry["per_frame_s"] / base if base else None
+    return out
 
 
 # ---------------------------------------------------------------- the random csm-1b checkpoint
@@ -361,6 +412,9 @@ def main() -> None:
                         "ours (LD_PRELOAD), so BLAS makes no difference; bundled: MLX's own")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/csm-bench"),
                         help="where the random csm-1b checkpoint and worker logs go")
+    parser.add_argument("--batches", default=None,
+                        help="comma-separated batch sizes (e.g. 1,2,4): time our batched "
+                             "generation per frame instead of the side-by-side comparison")
     # worker mode (internal)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for name in ("--weights", "--tokenizer", "--context-npy", "--context-text", "--text"):
@@ -370,6 +424,22 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     if args.worker:
         our_worker(args)
+        return
+    if args.batches:
+        sizes = [int(n) for n in args.batches.split(",")]
+        results = {"machine": platform.machine(), "cpu_count": os.cpu_count()}
+        for name in args.models.split(","):
+            if name == "fixture":
+                results["fixture_float32"] = batch_per_frame(
+                    FIXTURES / "sesame", 0, sizes, args.fixture_frames, args.fixture_runs)
+            elif name == "1b":
+                folder = write_random_1b(args.workdir / "csm1b-random")
+                label = f"csm1b_random_{'q' + str(args.quantize) if args.quantize else 'float32'}"
+                results[label] = batch_per_frame(folder, args.quantize, sizes, args.frames_1b,
+                                                 args.runs_1b)
+            else:
+                raise SystemExit(f"unknown model {name!r}")
+        print(json.dumps(results, indent=1))
         return
     if args.mimi is None:
         sys.path.insert(0, str(ROOT / "tests"))
