@@ -2,7 +2,8 @@
 the fixture's transformers-layout weights, float32, greedy.
 
 Run in a venv with CPU torch + transformers + numpy + safetensors (not ours: the package never
-imports torch), from the repository root:
+imports torch; made with torch 2.13.0+cpu and transformers 5.24.0, the fixture's versions),
+from the repository root:
 
     /work/tfvenv/bin/python tools/derive_csm_batch_golden.py \
         --fixtures /work/shared/fixtures/csm --out tests/fixtures/csm/csm_batch_golden.npz
@@ -23,8 +24,10 @@ first all-zero frame), `{name}_stop` ("eos" or "max"), `{name}_context_codes` in
 codes), `{name}_text`, `{name}_speaker`, `{name}_context_text`, `{name}_context_speaker`;
 `max_new_tokens`, `padded_lengths` (the prompt length of each row). Each conversation is also
 generated alone; the script stops if a batched row differs from its single run, or if the
-codec's codes of the whole clip's first 6 codebooks differ from the fixture's `context_codes`
-(later codebooks of this random codec flip on float noise: the report gives the share equal).
+codec's codes of the whole clip differ from the fixture's `context_codes` in the first 6
+codebooks. (The later codebooks differ from the fixture's: it made its codes by a route not
+recorded in its notes; the report gives the share equal per codebook. Every run here takes the
+codes written in this golden, so that does not matter.)
 
 Workaround: transformers 5.24's CsmProcessor passes `pad_to_multiple_of` to its
 EncodecFeatureExtractor, which refuses that keyword (TypeError): the script drops that one
@@ -165,7 +168,7 @@ def main() -> None:
                                 "context_frames": int(out[f"{name}_context_codes"].shape[1])}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(args.out, **out)
-    print(json.dumps(report, indent=1))
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":
