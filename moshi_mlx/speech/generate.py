@@ -297,7 +297,7 @@ GREEDY_KEY = mx.random.key(0)  # a placeholder input: greedy picks read no key
 
 
 def frame_function(model: Csm, sampler: Sampler, mask_non_codes: bool) -> Callable:
-    """(hidden [1, dim], key) -> (codes, codebook-0 logits, depth logits, next key): one frame
+    """(hidden [B, dim], key) -> (codes, codebook-0 logits, depth logits, next key): one frame
     with its 32 samplings, free of host syncs and of references to the stream (the model is
     held weakly: the model keeps the compiled graph)."""
     model_ref = weakref.ref(model)
