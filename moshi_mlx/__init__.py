@@ -48,6 +48,10 @@ _EXPORTS = {
     "stream_audio": "moshi_mlx.speech.generate",
     "stream_decoded": "moshi_mlx.speech.generate",
     "StopRules": "moshi_mlx.speech.stopping",
+    "voice_from_recording": "moshi_mlx.speech.recordings",
+    "save_voice": "moshi_mlx.speech.voices",
+    "load_voice": "moshi_mlx.speech.voices",
+    "list_voices": "moshi_mlx.speech.voices",
 }
 
 __all__ = sorted(_EXPORTS)
