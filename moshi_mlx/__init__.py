@@ -51,6 +51,10 @@ _EXPORTS = {
     "SpeechRequest": "moshi_mlx.speech.batch",
     "generate_batch": "moshi_mlx.speech.batch",
     "stream_batch": "moshi_mlx.speech.batch",
+    "voice_from_recording": "moshi_mlx.speech.recordings",
+    "save_voice": "moshi_mlx.speech.voices",
+    "load_voice": "moshi_mlx.speech.voices",
+    "list_voices": "moshi_mlx.speech.voices",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -8,6 +8,9 @@
     python -m moshi_mlx.tts "Hello there." --play                 # to the speaker, as it comes
     python -m moshi_mlx.tts "Hello there." -o out.wav --stop eos  # Sesame's stop rule only
     python -m moshi_mlx.tts --batch requests.jsonl -o wavs/ --codes-out codes/  # in batches
+    python -m moshi_mlx.tts "Go on." -o out.wav --context-audio me.wav   # transcribed by STT
+    python -m moshi_mlx.tts --context-audio me.wav --save-voice me       # a voice, encoded once
+    python -m moshi_mlx.tts "Hello there." -o out.wav --voice me
 
 A context file (--context) is a JSON list of turns {"speaker": 0, "text": "...", "audio":
 "turn.wav"} or {..., "codes": "turn.npy"} (paths relative to the JSON file). Long text is
@@ -17,6 +20,12 @@ Each sentence stops on the first of moshi_mlx.speech.stopping's rules (eos, repe
 budget, max, context); the reason is printed at the end. The silence rule hears the audio, so
 it applies when Mimi decodes (-o, --stream, --play), and its trimmed tail is not written.
 --batch: one JSON request a line, generated several at a time (moshi_mlx.cli.tts_batch).
+
+A --context-audio given without --context-text is transcribed by Kyutai STT (--stt; one line
+on stderr gives the text used); a recording without speech is refused (see
+moshi_mlx.speech.recordings). --save-voice stores the one context turn, Mimi-encoded, in the
+voices folder; --voice speaks as a saved voice's speaker with its turn as the whole context
+(so it is refused beside --speaker and the context options).
 """
 
 from __future__ import annotations
@@ -55,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     from moshi_mlx.loading.families import files_of
 
     default_repo, default_mimi = files_of("csm").default_repo(), files_of("mimi").default_repo()
+    default_stt = files_of("stt").default_repo()
     p = argparse.ArgumentParser(prog=command_prog("moshi_mlx.tts", "moshi-tts"),
                                 description="Speak text with Sesame CSM (MLX).")
     p.add_argument("text", nargs="?", help="what to say")
@@ -90,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                             f"own, in its folder or bundled in its file, else {default_mimi})")
     add_run_args(model, "quantize on load: 4 or 8 bits")
     gen = p.add_argument_group("generation")
-    gen.add_argument("--speaker", default="0", help="speaker id (int, default 0)")
+    gen.add_argument("--speaker", default=None, help="speaker id (int, default 0)")
     add_sampling_args(gen, temp=defaults.TEMPERATURE, top_k_default=defaults.TOP_K)
     gen.add_argument("--max-seconds", type=float, default=None,
                      help="longest audio per sentence (default: Sesame's 90 s within budget)")
@@ -106,11 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
     ctx = p.add_argument_group("conversation context")
     ctx.add_argument("--context", type=Path, default=None, help="JSON list of earlier turns")
     ctx.add_argument("--context-audio", action="append", default=[], type=Path,
-                     help="audio of an earlier turn (repeatable, with --context-text)")
+                     help="audio of an earlier turn (repeatable; a recording of speech)")
     ctx.add_argument("--context-text", action="append", default=[],
-                     help="transcript of each --context-audio")
+                     help="transcript of each --context-audio (none: each is transcribed "
+                          "with --stt)")
     ctx.add_argument("--context-speaker", action="append", default=[],
                      help="speaker of each --context-audio (default: --speaker)")
+    ctx.add_argument("--stt", default=None, metavar="SRC",
+                     help="Kyutai STT model (repo id or folder) that transcribes a "
+                          f"--context-audio given without text (default {default_stt}; "
+                          "-q, --dtype, --cpu-threads apply)")
+    add_voice_args(p)
     return p
 
 
@@ -124,20 +140,104 @@ def add_batch_args(p: argparse.ArgumentParser) -> None:
                        help=f"requests generated together (default {defaults.BATCH_SIZE})")
 
 
-def _context(args: argparse.Namespace, speaker: int) -> list[Segment]:
-    """--context's turns, then one per --context-audio (its text and speaker paired in order)."""
+def add_voice_args(parser: argparse.ArgumentParser) -> None:
+    from moshi_mlx.speech.voices import default_voices_folder
+
+    voices = parser.add_argument_group("saved voices")
+    voices.add_argument("--voice", default=None, metavar="NAME",
+                        help="speak in a saved voice: as its speaker, its turn the whole "
+                             "context (not with --speaker or the context options)")
+    voices.add_argument("--save-voice", default=None, metavar="NAME",
+                        help="save the one context turn (--context-audio, with or without "
+                             "--context-text) as voice NAME, Mimi-encoded; without text to "
+                             "say, only save it")
+    voices.add_argument("--voices", type=Path, default=None, metavar="DIR",
+                        help=f"the saved voices' folder (default {default_voices_folder()})")
+
+
+def _speaker_and_context(args: argparse.Namespace, options: ModelOptions
+                         ) -> tuple[int, list[Segment]]:
+    """--voice's speaker and turn; else --speaker and _context's turns."""
+    if args.voice is not None:
+        from moshi_mlx.speech.voices import load_voice
+
+        given = [flag for flag, value in (
+            ("--speaker", args.speaker), ("--context", args.context),
+            ("--context-audio", args.context_audio), ("--context-text", args.context_text),
+            ("--context-speaker", args.context_speaker), ("--save-voice", args.save_voice))
+            if value]
+        if given:
+            raise MoshiError(f"--voice is the whole context and its speaker: drop "
+                             f"{', '.join(given)} (or drop --voice)")
+        turn = load_voice(_voices_folder(args), args.voice)
+        return turn.speaker, [turn]
+    speaker = 0 if args.speaker is None else as_int(args.speaker, "--speaker")
+    return speaker, _context(args, speaker, options)
+
+
+def _voices_folder(args: argparse.Namespace) -> Path:
+    from moshi_mlx.speech.voices import default_voices_folder
+
+    return args.voices if args.voices is not None else default_voices_folder()
+
+
+def _context(args: argparse.Namespace, speaker: int, options: ModelOptions) -> list[Segment]:
+    """--context's turns, then one per --context-audio (its text and speaker paired in order;
+    without any --context-text, each recording is transcribed with --stt)."""
     from moshi_mlx.speech.context import audio_turns, read_context_file
 
     segments = read_context_file(args.context) if args.context else []
-    if len(args.context_text) != len(args.context_audio):
-        raise MoshiError("each --context-audio needs its --context-text (the transcript), "
-                         f"got {len(args.context_audio)} audio and {len(args.context_text)} "
-                         "texts")
+    texts = args.context_text
+    if texts and len(texts) != len(args.context_audio):
+        raise MoshiError("each --context-audio needs its --context-text (the transcript), or "
+                         f"none to have them transcribed: got {len(args.context_audio)} audio "
+                         f"and {len(texts)} texts")
     if args.context_speaker and len(args.context_speaker) != len(args.context_audio):
         raise MoshiError("give one --context-speaker per --context-audio (or none)")
     speakers = [as_int(spk, "--context-speaker") for spk in args.context_speaker] or \
         [speaker] * len(args.context_audio)
-    return segments + audio_turns(args.context_audio, args.context_text, speakers)
+    from moshi_mlx.audio.io import read_audio
+    from moshi_mlx.speech.recordings import check_speech
+
+    pcms = [check_speech(read_audio(path), str(path)) for path in args.context_audio]
+    if pcms and not texts:
+        texts = _transcribe(args, options, pcms)
+    return segments + audio_turns(pcms, texts, speakers)
+
+
+def _transcribe(args: argparse.Namespace, options: ModelOptions, pcms: list[np.ndarray]
+                ) -> list[str]:
+    """The --context-audio recordings' texts, transcribed by --stt (one line each on stderr);
+    the STT model is loaded here and freed before CSM loads."""
+    from moshi_mlx.speech.recordings import transcribe_recordings
+    from moshi_mlx.transcription.loader import load_transcriber
+
+    transcriber = load_transcriber(args.stt, quantize=options.quantize, dtype=options.dtype,
+                                   cpu_threads=options.cpu_threads, seed=options.seed)
+    names = [str(path) for path in args.context_audio]
+    texts = transcribe_recordings(transcriber, pcms, names)
+    for name, text in zip(names, texts, strict=True):
+        print(f"{name}: transcript: {text}", file=sys.stderr)
+    return texts
+
+
+def _check_one_recorded_turn(turns: int, recorded: bool = True) -> None:
+    if turns != 1 or not recorded:
+        got = f"{turns} turns" if turns != 1 else "a turn without audio"
+        raise MoshiError("--save-voice stores one recorded turn: give one --context-audio (or "
+                         f"a --context file of one turn with its audio), got {got}")
+
+
+def _save_voice(args: argparse.Namespace, turn: Segment, mimi, num_codebooks: int) -> Segment:
+    """The turn Mimi-encoded (once: generation reuses the codes), saved as --save-voice."""
+    from moshi_mlx.speech.generate import encode_context_audio
+    from moshi_mlx.speech.voices import save_voice
+
+    turn = encode_context_audio(mimi, turn, num_codebooks)
+    path = save_voice(_voices_folder(args), args.save_voice, turn)
+    print(f"saved voice {args.save_voice!r}: {path} ({turn.codes.shape[1]} frames, speaker "
+          f"{turn.speaker}, text {turn.text!r})", file=sys.stderr)
+    return turn
 
 
 def _max_frames(args: argparse.Namespace) -> int | None:
@@ -178,9 +278,14 @@ def main(argv: list[str] | None = None) -> int:
         return show_devices()
     from moshi_mlx.speech.generate import frames_to_audio, stream_long_speech
 
-    if args.text is None and args.batch is None:
+    if args.save_voice is not None:
+        from moshi_mlx.speech.voices import check_voice_name
+
+        check_voice_name(args.save_voice)
+    save_only = args.text is None and args.save_voice is not None
+    if args.text is None and args.batch is None and (
+            not save_only or args.output or args.codes_out or args.play):
         raise MoshiError("nothing to say: give the text, e.g. moshi-tts \"Hello.\" -o out.wav")
-    speaker = as_int(args.speaker, "--speaker")
     options = ModelOptions.from_args(args)
     sampling = SamplingOptions.from_args(args)
     max_frames = _max_frames(args)
@@ -188,13 +293,15 @@ def main(argv: list[str] | None = None) -> int:
         raise MoshiError(f"--max-silence must be > 0 seconds, got {args.max_silence}")
     stop = StopRules(args.stop, max_silence=args.max_silence)
     if args.batch is not None:
+        if args.voice is not None or args.save_voice is not None:
+            raise MoshiError("--voice / --save-voice apply to one text: not with --batch")
         from moshi_mlx.cli.tts_batch import run_batch
 
         return run_batch(args, sampling, options.seed, stop, max_frames,
                          lambda needs_mimi: _load(args, options, needs_mimi))
     if args.batch_size is not None:
         raise MoshiError("--batch-size goes with --batch")
-    if args.output is None and args.codes_out is None and not args.play:
+    if args.output is None and args.codes_out is None and not args.play and not save_only:
         raise MoshiError("nothing to do: give -o out.wav, --codes-out codes.npy and/or --play")
     if args.stream and args.output is None:
         raise MoshiError("--stream writes the WAV incrementally: give -o out.wav")
@@ -209,10 +316,19 @@ def main(argv: list[str] | None = None) -> int:
 
         args.output_device = parse_device(args.output_device)
         check_output_device(args.output_device)  # before loading the model
-    context = _context(args, speaker)
+    if args.save_voice is not None and args.voice is None:
+        _check_one_recorded_turn(len(args.context_audio) + (args.context is not None))
+    speaker, context = _speaker_and_context(args, options)
+    if args.save_voice is not None:
+        _check_one_recorded_turn(len(context), all(s.audio is not None or s.codes is not None
+                                                   for s in context))
     needs_mimi = args.output is not None or args.play or any(s.audio is not None
                                                               for s in context)
     model, tokenizer, mimi = _load(args, options, needs_mimi)
+    if args.save_voice is not None:
+        context = [_save_voice(args, context[0], mimi, model.cfg.num_codebooks)]
+        if save_only:
+            return 0
     print_blas_hint()
     frames = stream_long_speech(model, tokenizer, args.text, speaker, context,
                                 sampling.temp, sampling.top_k, max_frames, options.seed, mimi,

@@ -25,6 +25,8 @@ from readme_examples import Command, add_repo, blocks, commands
 
 from moshi_mlx.loading import hub
 from moshi_mlx.loading.families import files_of
+from moshi_mlx.speech.generate import Segment
+from moshi_mlx.speech.voices import default_voices_folder, save_voice
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -81,7 +83,7 @@ def fixture_hub(tmp_path_factory, official_mlx_files, official_stt_mlx_files,
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """A folder holding the inputs the README's examples name (a 2 s clip of the test speech
-    under each name, codes of 32 codebooks), with HOME inside it."""
+    under each name, codes of 32 codebooks, a saved voice), with HOME inside it."""
     work = tmp_path_factory.mktemp("readme")
     pcm, rate = soundfile.read(FIXTURES / "speech.wav", dtype="float32")
     clip = pcm[: int(CLIP_SECONDS * rate)]
@@ -91,6 +93,11 @@ def workdir(tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
     np.save(work / "codes.npy", rng.integers(0, 2048, (32, 20)).astype(np.int32))
     (work / "home").mkdir()
+    # The voice `--voice me` speaks in, in the voices folder the examples see.
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("XDG_CACHE_HOME", str(work / "home" / ".cache"))
+        voices = default_voices_folder()
+    save_voice(voices, "me", Segment(0, "What I said.", codes=np.load(work / "codes.npy")))
     return work
 
 
@@ -131,7 +138,7 @@ def test_command_runs_as_written(command: Command, fixture_hub: Path, workdir: P
     home = workdir / "home"
     argv = [str(home) + a[1:] if a.startswith("~") else a for a in argv]
     env = {**os.environ, "HF_HUB_CACHE": str(fixture_hub), "HF_HUB_OFFLINE": "1",
-           "HOME": str(home), "PYTHONPATH": str(ROOT)}
+           "HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache"), "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, "-m", command.module, *argv], cwd=workdir, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"{command.line}\n{result.stderr[-3000:]}"
@@ -168,7 +175,8 @@ def serving(argv: list[str], env: dict, cwd: Path):
 
 def hub_env(fixture_hub: Path, workdir: Path) -> dict:
     return {**os.environ, "HF_HUB_CACHE": str(fixture_hub), "HF_HUB_OFFLINE": "1",
-            "HOME": str(workdir / "home"), "PYTHONPATH": str(ROOT)}
+            "HOME": str(workdir / "home"), "XDG_CACHE_HOME": str(workdir / "home" / ".cache"),
+            "PYTHONPATH": str(ROOT)}
 
 
 @pytest.mark.parametrize("command", SERVE, ids=[c.line for c in SERVE])

@@ -88,7 +88,8 @@ def test_stream_writes_the_same_audio(random_mimi_path, tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--speaker", "alice"], "--speaker must be an int"),
     (["-q", "3"], "-q must be 4 or 8"),
-    (["--context-audio", str(CSM / "context_speech.wav")], "needs its --context-text"),
+    (["--context-audio", str(CSM / "context_speech.wav"), "--context-audio",
+      str(CSM / "context_speech.wav"), "--context-text", "Hi."], "needs its --context-text"),
     (["--max-frames", "2040"], "too long"),
     (["--play", "--prebuffer", "-1"], "--prebuffer must be >= 0 seconds"),
 ])

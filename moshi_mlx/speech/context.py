@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from moshi_mlx.errors import MoshiError
 
 if TYPE_CHECKING:
@@ -64,11 +66,13 @@ def read_turn(turn: object, folder: Path, where: str) -> Segment:
     return Segment(speaker, str(turn["text"]), audio=audio, codes=codes)
 
 
-def audio_turns(audio: Sequence[Path], texts: Sequence[str], speakers: Sequence[int]
-                ) -> list[Segment]:
-    """One turn per audio file, with its transcript and speaker (the three paired in order)."""
+def audio_turns(audio: Sequence[Path | np.ndarray], texts: Sequence[str],
+                speakers: Sequence[int]) -> list[Segment]:
+    """One turn per audio file (or 24 kHz mono samples already read), with its transcript and
+    speaker (the three paired in order)."""
     from moshi_mlx.audio.io import read_audio
     from moshi_mlx.speech.generate import Segment
 
-    return [Segment(speaker, text, audio=read_audio(path))
-            for path, text, speaker in zip(audio, texts, speakers, strict=True)]
+    return [Segment(speaker, text,
+                    audio=item if isinstance(item, np.ndarray) else read_audio(item))
+            for item, text, speaker in zip(audio, texts, speakers, strict=True)]
