@@ -171,7 +171,7 @@ def _speaker_and_context(args: argparse.Namespace, options: ModelOptions
                              f"{', '.join(given)} (or drop --voice)")
         turn = load_voice(_voices_folder(args), args.voice)
         return turn.speaker, [turn]
-    speaker = 0 if args.speaker is None else as_int(args.speaker, "--speaker")
+    speaker = defaults.SPEAKER if args.speaker is None else as_int(args.speaker, "--speaker")
     return speaker, _context(args, speaker, options)
 
 
@@ -278,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         return show_devices()
     from moshi_mlx.speech.generate import frames_to_audio, stream_long_speech
 
+    if args.speaker is not None:
+        as_int(args.speaker, "--speaker")  # checked before anything else is read
     if args.save_voice is not None:
         from moshi_mlx.speech.voices import check_voice_name
 

@@ -105,7 +105,7 @@ def run_batch(args, sampling, seed: int | None, stop, max_frames: int | None,
               load: Callable[[bool], tuple]) -> int:
     """The --batch command; `load(needs_mimi)` -> (model, tokenizer, mimi or None)."""
     from moshi_mlx.cli.outputs import output_folder
-    from moshi_mlx.speech.defaults import BATCH_SIZE
+    from moshi_mlx.speech import defaults
 
     if args.text is not None:
         raise MoshiError("--batch reads the texts from its file: give no text argument")
@@ -116,12 +116,12 @@ def run_batch(args, sampling, seed: int | None, stop, max_frames: int | None,
                          "its own 'context'")
     if args.output is None and args.codes_out is None:
         raise MoshiError("nothing to do: give -o OUTDIR/ and/or --codes-out OUTDIR/")
-    batch_size = BATCH_SIZE if args.batch_size is None else args.batch_size
+    batch_size = defaults.BATCH_SIZE if args.batch_size is None else args.batch_size
     if batch_size < 1:
         raise MoshiError(f"--batch-size must be >= 1, got {batch_size}")
     wav_dir = output_folder(args.output) if args.output is not None else None
     codes_dir = output_folder(args.codes_out) if args.codes_out is not None else None
-    speaker = as_int(args.speaker, "--speaker")
+    speaker = defaults.SPEAKER if args.speaker is None else as_int(args.speaker, "--speaker")
     lines, errors = read_batch_file(args.batch, speaker, max_frames)
     for error in errors:
         print(f"error: {error}", file=sys.stderr)

@@ -269,7 +269,7 @@ def _speech_request(body: dict[str, Any]) -> tuple[SpeechRequest, str]:
     if len(text) > limits.MAX_SPEECH_INPUT_CHARS:
         raise bad(f"input is {len(text)} characters, over the limit of "
                    f"{limits.MAX_SPEECH_INPUT_CHARS}", "input")
-    voice = body.get("voice", "0")
+    voice = body.get("voice", str(defaults.SPEAKER))
     if isinstance(voice, int) and not isinstance(voice, bool):
         voice = str(voice)
     if not isinstance(voice, str):

@@ -39,7 +39,7 @@ class SpeechBusy(Exception):
 @dataclass(frozen=True)
 class SpeechRequest:
     text: str
-    voice: str = "0"
+    voice: str = str(defaults.SPEAKER)
     temperature: float = defaults.TEMPERATURE
     top_k: int = defaults.TOP_K
     seed: int | None = None
