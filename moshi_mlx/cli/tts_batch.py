@@ -10,6 +10,7 @@ its line number and the others still run; the exit status is then 1 (0 when ever
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from moshi_mlx.audio.rates import FRAME_RATE
 from moshi_mlx.errors import MoshiError
+from moshi_mlx.speech import defaults
 from moshi_mlx.speech.context import as_int, read_turn
 
 LINE_KEYS = {"text", "speaker", "context", "out", "max_frames"}
@@ -105,7 +107,6 @@ def run_batch(args, sampling, seed: int | None, stop, max_frames: int | None,
               load: Callable[[bool], tuple]) -> int:
     """The --batch command; `load(needs_mimi)` -> (model, tokenizer, mimi or None)."""
     from moshi_mlx.cli.outputs import output_folder
-    from moshi_mlx.speech import defaults
 
     if args.text is not None:
         raise MoshiError("--batch reads the texts from its file: give no text argument")
@@ -193,3 +194,13 @@ class _Runner:
         print(f"[{self.done}/{self.total}] line {line.number} -> {', '.join(written)}: "
               f"{len(result.frames)} frames, {len(result.frames) / FRAME_RATE:.2f} s, "
               f"stopped: {result.stop_reason}{trimmed}", file=sys.stderr)
+
+
+def add_batch_args(p: argparse.ArgumentParser) -> None:
+    batch = p.add_argument_group("batch")
+    batch.add_argument("--batch", type=Path, default=None,
+                       help="JSONL file, one request a line: {\"text\", \"speaker\", "
+                            "\"context\" (turns as in --context), \"out\" (file name), "
+                            "\"max_frames\"}; -o and --codes-out name folders")
+    batch.add_argument("--batch-size", type=int, default=None,
+                       help=f"requests generated together (default {defaults.BATCH_SIZE})")
