@@ -426,6 +426,9 @@ def main() -> None:
         our_worker(args)
         return
     if args.batches:
+        from moshi_mlx.cli.blas import load_system_openblas
+
+        load_system_openblas()  # before write_random_1b imports MLX: else its reference BLAS
         sizes = [int(n) for n in args.batches.split(",")]
         results = {"machine": platform.machine(), "cpu_count": os.cpu_count()}
         for name in args.models.split(","):
