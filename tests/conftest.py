@@ -85,6 +85,15 @@ def mimi32(random_mimi_path):
 
 
 @pytest.fixture(scope="session")
+def stt_command_args(stt_dir: Path, random_mimi_path: Path) -> list[str]:
+    """The fixture STT model's files as `python -m moshi_mlx.stt` options."""
+    return ["--moshi-weight", str(stt_dir / "stt_pytorch.safetensors"),
+            "--config", str(stt_dir / "stt_config.json"),
+            "--tokenizer", str(stt_dir / "stt_tokenizer.model"),
+            "--mimi-weight", str(random_mimi_path)]
+
+
+@pytest.fixture(scope="session")
 def random_mimi_path() -> Path:
     """A calibrated random real-size Mimi checkpoint in the official layout (cached under
     tests/.cache/, keyed by the generator version; see tests/mimi_random.py)."""

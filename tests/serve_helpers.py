@@ -4,9 +4,15 @@ thread, so blocking clients (the `openai` SDK, urllib) can talk to it from a tes
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
+import subprocess
+import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 from aiohttp import web
 
@@ -52,3 +58,34 @@ class BackgroundServer:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=30)
         self.loop.close()
+
+
+@dataclass
+class ServeProcess:
+    process: subprocess.Popen
+    line: str  # the first line it printed ("serving ... at URL ...")
+    url: str  # http://127.0.0.1:PORT
+
+
+@contextmanager
+def serve_command(argv: list[str], env: dict, cwd: Path | None = None
+                  ) -> Iterator[ServeProcess]:
+    """`python -m moshi_mlx.serve ARGV` on a free port (an --port of ARGV replaced); yields
+    once it serves, then stops it with Ctrl-C and checks that it exits 0 without a traceback."""
+    argv = list(argv)
+    if "--port" in argv:
+        del argv[argv.index("--port"): argv.index("--port") + 2]
+    server = subprocess.Popen([sys.executable, "-m", "moshi_mlx.serve", *argv, "--port", "0"],
+                              cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        line = server.stdout.readline()
+        assert line.startswith("serving "), server.stderr.read()[-3000:]
+        url = line.split(" at ")[1].split()[0].replace("localhost", "127.0.0.1")
+        yield ServeProcess(server, line, url)
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=60) == 0
+        assert "Traceback" not in server.stderr.read()
+    finally:
+        if server.poll() is None:
+            server.kill()

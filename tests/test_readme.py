@@ -11,17 +11,17 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import urllib.request
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile
 from readme_examples import Command, add_repo, blocks, commands
+from serve_helpers import serve_command
 
 from moshi_mlx.loading import hub
 from moshi_mlx.loading.families import files_of
@@ -151,28 +151,6 @@ SERVE = [c for c in COMMANDS if c.module == "moshi_mlx.serve"]
 SERVER_ADDRESS = "127.0.0.1:8080"  # what the README's client examples connect to
 
 
-@contextmanager
-def serving(argv: list[str], env: dict, cwd: Path):
-    """`python -m moshi_mlx.serve ARGV` on a free port (the README's own --port replaced);
-    yields (process, address), stops it with Ctrl-C and checks that it exits cleanly."""
-    argv = list(argv)
-    if "--port" in argv:
-        del argv[argv.index("--port"): argv.index("--port") + 2]
-    server = subprocess.Popen([sys.executable, "-m", "moshi_mlx.serve", *argv, "--port", "0"],
-                              cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
-    try:
-        line = server.stdout.readline()
-        assert line.startswith("serving "), server.stderr.read()[-3000:]
-        yield server, line.split(" at http://")[1].split()[0].replace("localhost", "127.0.0.1")
-        server.send_signal(signal.SIGINT)
-        assert server.wait(timeout=60) == 0
-        assert "Traceback" not in server.stderr.read()
-    finally:
-        if server.poll() is None:
-            server.kill()
-
-
 def hub_env(fixture_hub: Path, workdir: Path) -> dict:
     return {**os.environ, "HF_HUB_CACHE": str(fixture_hub), "HF_HUB_OFFLINE": "1",
             "HOME": str(workdir / "home"), "XDG_CACHE_HOME": str(workdir / "home" / ".cache"),
@@ -182,8 +160,8 @@ def hub_env(fixture_hub: Path, workdir: Path) -> dict:
 @pytest.mark.parametrize("command", SERVE, ids=[c.line for c in SERVE])
 def test_server_command_serves_what_it_names(command: Command, fixture_hub: Path,
                                              workdir: Path):
-    with serving(command.argv, hub_env(fixture_hub, workdir), workdir) as (_, address):
-        request = urllib.request.Request(f"http://{address}/v1/models",
+    with serve_command(command.argv, hub_env(fixture_hub, workdir), workdir) as server:
+        request = urllib.request.Request(f"{server.url}/v1/models",
                                          headers={"Authorization": "Bearer public_token"})
         with urllib.request.urlopen(request, timeout=60) as response:
             listed = {m["owned_by"] for m in json.load(response)["data"]}
@@ -197,8 +175,8 @@ def test_python_block_runs(index: int, fixture_hub: Path, workdir: Path):
     env = hub_env(fixture_hub, workdir)
     with ExitStack() as stack:
         if SERVER_ADDRESS in code:  # a client example: against the README's first server
-            _, address = stack.enter_context(serving(SERVE[0].argv, env, workdir))
-            code = code.replace(SERVER_ADDRESS, address)
+            server = stack.enter_context(serve_command(SERVE[0].argv, env, workdir))
+            code = code.replace(SERVER_ADDRESS, server.url.removeprefix("http://"))
         result = subprocess.run([sys.executable, "-c", code], cwd=workdir, env=env,
                                 capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"README Python block {index}:\n{code}\n{result.stderr[-3000:]}"

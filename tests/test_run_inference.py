@@ -29,15 +29,6 @@ def kyutai_files(stt_dir: Path, random_mimi_path: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def stt_files(stt_dir: Path, random_mimi_path: Path) -> list[str]:
-    """The same files in moshi_mlx.stt's spellings."""
-    return ["--moshi-weight", str(stt_dir / "stt_pytorch.safetensors"),
-            "--config", str(stt_dir / "stt_config.json"),
-            "--tokenizer", str(stt_dir / "stt_tokenizer.model"),
-            "--mimi-weight", str(random_mimi_path)]
-
-
-@pytest.fixture(scope="module")
 def short_wav(tmp_path_factory, fixtures_dir: Path) -> Path:
     pcm, rate = soundfile.read(str(fixtures_dir / "speech.wav"), dtype="float32")
     path = tmp_path_factory.mktemp("audio") / "short.wav"
@@ -45,12 +36,12 @@ def short_wav(tmp_path_factory, fixtures_dir: Path) -> Path:
     return path
 
 
-def test_prints_the_transcript_stt_gives(fixtures_dir, kyutai_files, stt_files, capsys):
+def test_prints_the_transcript_stt_gives(fixtures_dir, kyutai_files, stt_command_args, capsys):
     speech = str(fixtures_dir / "speech.wav")
     code, out, err = run_main(run_inference.main, [*kyutai_files, speech, "--temp", "0"], capsys)
     assert code == 0, err
-    expected_code, expected, expected_err = run_main(stt.main, [*stt_files, speech, "--format",
-                                                           "text", "--temp", "0"], capsys)
+    expected_code, expected, expected_err = run_main(
+        stt.main, [*stt_command_args, speech, "--format", "text", "--temp", "0"], capsys)
     assert expected_code == 0, expected_err
     assert words(expected)  # the fixture model says something on this input
     assert words(out) == words(expected)

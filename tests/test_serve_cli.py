@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 from cli_run import run_main
+from serve_helpers import serve_command
 
 from moshi_mlx.serve import main
 
@@ -61,29 +60,16 @@ def test_the_command_serves_until_ctrl_c(tmp_path, stt_dir, random_mimi_path):
          str(random_mimi_path), "--out", str(folder)],
         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert converted.returncode == 0, converted.stderr
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moshi_mlx.serve", "--stt", str(folder), "--port", "0",
-         "--api-key", "k1", "--api-key", "k2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)})
-    try:
-        line = server.stdout.readline()
-        assert line.startswith("serving stt at http://localhost:"), line
-        url = line.split(" at ")[1].split()[0]
-        request = urllib.request.Request(url + "/v1/models",
+    with serve_command(["--stt", str(folder), "--api-key", "k1", "--api-key", "k2"],
+                       {**os.environ, "PYTHONPATH": str(ROOT)}) as server:
+        assert server.line.startswith("serving stt at http://localhost:"), server.line
+        request = urllib.request.Request(server.url + "/v1/models",
                                          headers={"Authorization": "Bearer k2"})
         with urllib.request.urlopen(request, timeout=30) as response:
             listed = json.load(response)
         assert [m["id"] for m in listed["data"]] == [str(folder)]
-        request = urllib.request.Request(url + "/v1/models",
+        request = urllib.request.Request(server.url + "/v1/models",
                                          headers={"Authorization": "Bearer public_token"})
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request, timeout=30)
         assert refused.value.code == 401  # given keys replace the default one
-        time.sleep(0.2)
-        server.send_signal(signal.SIGINT)
-        assert server.wait(timeout=30) == 0
-        assert "Traceback" not in server.stderr.read()
-    finally:
-        if server.poll() is None:
-            server.kill()

@@ -38,14 +38,6 @@ TEXT = "Hello from Sesame."
 
 
 @pytest.fixture(scope="module")
-def stt_args(stt_dir: Path, random_mimi_path: Path) -> list[str]:
-    return ["--moshi-weight", str(stt_dir / "stt_pytorch.safetensors"),
-            "--config", str(stt_dir / "stt_config.json"),
-            "--tokenizer", str(stt_dir / "stt_tokenizer.model"),
-            "--mimi-weight", str(random_mimi_path)]
-
-
-@pytest.fixture(scope="module")
 def voices(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("voices")
     clip, rate = soundfile.read(str(CSM / "context_speech.wav"), dtype="float32")
@@ -107,10 +99,10 @@ def upload(tmp_path_factory, fixtures_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def stt_json(upload, stt_args, tmp_path_factory) -> dict:
+def stt_json(upload, stt_command_args, tmp_path_factory) -> dict:
     """What `python -m moshi_mlx.stt FILE --format json` says about the upload."""
     out = tmp_path_factory.mktemp("stt") / "expected.json"
-    code = stt.main([*stt_args, str(upload), "--format", "json", "-o", str(out)])
+    code = stt.main([*stt_command_args, str(upload), "--format", "json", "-o", str(out)])
     assert code == 0
     result = json.loads(out.read_text())
     assert result["text"].strip()  # the fixture model says something about this clip
@@ -130,9 +122,10 @@ def test_json_and_text_equal_the_stt_command(client, upload, stt_json):
     assert text == stt_json["text"] + "\n"
 
 
-def test_subtitles_equal_the_stt_command(client, upload, stt_args, tmp_path, capsys):
+def test_subtitles_equal_the_stt_command(client, upload, stt_command_args, tmp_path, capsys):
     for fmt in ("srt", "vtt"):
-        code, out, err = run_main(stt.main, [*stt_args, str(upload), "--format", fmt], capsys)
+        code, out, err = run_main(stt.main, [*stt_command_args, str(upload), "--format", fmt],
+                                  capsys)
         assert code == 0, err
         with upload.open("rb") as f:
             got = client.audio.transcriptions.create(model="whisper-1", file=f,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -221,9 +222,9 @@ class SttService:
                 del self._channels[channel.slot]
         if not slots.has_work():
             return delivered, self._buffered(), False
-        started = _now()
+        started = time.perf_counter()
         events = slots.step()
-        self.last_step_ms = 1000.0 * (_now() - started)
+        self.last_step_ms = 1000.0 * (time.perf_counter() - started)
         grown: set[int] = set()
         for event in events:
             channel = self._channels.get(event.stream)
@@ -281,9 +282,3 @@ class SttService:
                                           self.slots.timing.text_time)
         finally:
             channel.close()
-
-
-def _now() -> float:
-    import time
-
-    return time.perf_counter()
