@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from moshi_mlx.audio.io import decode_audio_bytes
 from moshi_mlx.audio.rates import SAMPLE_RATE
 from moshi_mlx.errors import AudioError, NoFreeSlot
 from moshi_mlx.transcription.slots import StepInfo
@@ -33,6 +32,7 @@ from moshi_mlx.web import limits
 from moshi_mlx.web.http import websocket_max_msg_size
 from moshi_mlx.web.keys import ApiKeys
 from moshi_mlx.web.stt_service import MarkerReached, SttChannel, SttService
+from moshi_mlx.web.uploads import decode_upload
 
 log = logging.getLogger("moshi_mlx.serve")
 
@@ -78,7 +78,7 @@ class AsrStreamingRoute:
             raise web.HTTPUnauthorized(text="missing or wrong kyutai-api-key / auth_id")
         body = await request.read()
         try:
-            pcm = decode_audio_bytes(body, "the posted audio")
+            pcm = await decode_upload(body, "the posted audio")
         except AudioError as exc:
             log.info("asr-streaming POST refused (%s): %s", request.remote, exc)
             raise web.HTTPBadRequest(text=str(exc)) from None

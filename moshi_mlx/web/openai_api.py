@@ -16,7 +16,6 @@ tts command writes float WAVs too); pcm is raw s16le; flac is one 16-bit file at
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -45,6 +44,7 @@ from moshi_mlx.web.openai_requests import (
 )
 from moshi_mlx.web.speech_body import CONTENT_TYPES, send_speech
 from moshi_mlx.web.speech_service import SpeechBusy, SpeechRequest, SpeechService
+from moshi_mlx.web.uploads import decode_upload
 
 log = logging.getLogger("moshi_mlx.web")
 
@@ -239,13 +239,9 @@ def _no_free_channels() -> ApiError:
 
 
 async def _decode_upload(data: bytes, name: str) -> np.ndarray:
-    """The upload as 24 kHz mono float audio (400 when it is not audio); decoded on a worker
-    thread, not the event loop."""
-    from moshi_mlx.audio.io import decode_audio_bytes
-
+    """The upload as 24 kHz mono float audio (400 when it is not audio)."""
     try:
-        return await asyncio.get_running_loop().run_in_executor(
-            None, decode_audio_bytes, data, name)
+        return await decode_upload(data, name)
     except MoshiError as exc:
         raise bad(str(exc), "file", "invalid_audio") from None
 
