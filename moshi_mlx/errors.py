@@ -32,6 +32,11 @@ class NoFreeSlot(SlotError):
         super().__init__(message)
 
 
+class PromptError(MoshiError):
+    """A Moshi prompt cannot be used: a voice prompt that is not audio or is silent, a text
+    prompt longer than the context allows, a saved prompt state of another model."""
+
+
 F = TypeVar("F", bound=Callable[..., int | None])
 
 
