@@ -61,15 +61,22 @@ class TextGenerator:
         check_fits(self.context, len(prompt_tokens), max_tokens)
         caches = self.lm.make_cache()
         key = None if self.sampler.greedy else new_key(self.seed)
-        logits = self.lm.text_only(mx.array([prompt_tokens], dtype=mx.int32), caches)
-        for step in range(max_tokens):
+
+        def sample(logits: mx.array) -> mx.array:
+            nonlocal key
             draw = None
             if key is not None:
                 key, draw = mx.random.split(key)
-            token = self.sampler(logits, draw)
+            return self.sampler(logits, draw)
+
+        token = sample(self.lm.text_only(mx.array([prompt_tokens], dtype=mx.int32), caches))
+        for step in range(max_tokens):
+            following = None
+            if step + 1 < max_tokens:  # queued before the host waits for `token`
+                following = sample(self.lm.text_only(token[:, None], caches))
+                mx.async_eval(following)
             yield int(token.item())
-            if step + 1 < max_tokens:
-                logits = self.lm.text_only(token[:, None], caches)
+            token = following
 
     def piece(self, token: int) -> str | None:
         """What a generated token prints; None for PAD, EPAD and control ids."""
