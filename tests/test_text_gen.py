@@ -215,3 +215,15 @@ def test_an_stt_model_is_refused_with_its_command(stt_dir, capsys):
     assert (code, out) == (1, "")
     assert err.splitlines() == ["error: stt_pytorch.safetensors is a Kyutai STT checkpoint, not "
                                 "a Moshi checkpoint; use python -m moshi_mlx.stt"]
+
+
+def test_the_library_refuses_a_prompt_when_asked_not_when_iterated(tokenizer):
+    from moshi_mlx.errors import PromptError
+
+    lm = load_lm(FIXTURES / "lm_pytorch.safetensors", config=FIXTURES / "lm_config.json")
+    generator = TextGenerator(lm, tokenizer)
+    with pytest.raises(PromptError, match="context of 3000 tokens: at most 10 new tokens"):
+        generator.tokens([5] * 2990, 11)
+    with pytest.raises(PromptError, match="no tokens"):
+        generator.tokens([], 1)
+    assert isinstance(next(generator.tokens([5], 2999)), int)  # just fits

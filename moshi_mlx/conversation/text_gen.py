@@ -55,10 +55,14 @@ class TextGenerator:
         return self.lm.cfg.context
 
     def tokens(self, prompt_tokens: list[int], max_tokens: int) -> Iterator[int]:
-        """`max_tokens` tokens after the prompt, each yielded as soon as it is known."""
+        """`max_tokens` tokens after the prompt, each yielded as soon as it is known. A prompt
+        that is empty or does not fit is refused here (PromptError), not at the first token."""
         if not prompt_tokens:
             raise PromptError("the prompt has no tokens")
         check_fits(self.context, len(prompt_tokens), max_tokens)
+        return self._stream(prompt_tokens, max_tokens)
+
+    def _stream(self, prompt_tokens: list[int], max_tokens: int) -> Iterator[int]:
         caches = self.lm.make_cache()
         key = None if self.sampler.greedy else new_key(self.seed)
 
