@@ -27,6 +27,7 @@ _EXPORTS = {
     "Lm": "moshi_mlx.models.lm",
     "load_lm": "moshi_mlx.loading.models",
     "LmGen": "moshi_mlx.conversation.lm_gen",
+    "TextGenerator": "moshi_mlx.conversation.text_gen",
     "SttGen": "moshi_mlx.transcription.stt_gen",
     "Transcriber": "moshi_mlx.transcription.transcriber",
     "SttSlots": "moshi_mlx.transcription.slots",

@@ -32,10 +32,11 @@ ENTRY_POINTS = {
     "moshi_mlx.tts": "moshi-tts",
     "moshi_mlx.mimi": "moshi-mimi",
     "moshi_mlx.serve": "moshi-serve",
+    "moshi_mlx.text": "moshi-text",
     "weights_convert.__main__": "moshi-convert",
 }
 MODEL_COMMANDS = ("moshi_mlx.local", "moshi_mlx.local_web", "moshi_mlx.stt", "moshi_mlx.tts",
-                  "moshi_mlx.serve")
+                  "moshi_mlx.serve", "moshi_mlx.text")
 DEVICE_COMMANDS = ("moshi_mlx.local", "moshi_mlx.stt", "moshi_mlx.tts")
 SHARED = {  # dest -> the option strings every model-loading command spells it with
     "quantize": ["-q", "--quantize"],

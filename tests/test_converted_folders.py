@@ -134,6 +134,25 @@ def _moshi_commands(folder: Path, source: dict, wav: Path, tmp_path: Path) -> No
     codes = tmp_path / "codes.npy"
     assert mimi.main(["encode", str(wav), str(codes), "--weights", str(folder)]) == 0
     np.testing.assert_array_equal(np.load(codes), _encoded(source["codec"], wav))
+    _text_command(folder)
+
+
+def _text_command(folder: Path) -> None:
+    """`python -m moshi_mlx.text` from the folder alone: its tokenizer is the fixture's (the
+    prompt ids of the text golden) and needs no Mimi."""
+    import contextlib
+    import io
+
+    from moshi_mlx import text
+
+    with np.load(FIXTURES / "moshi_text_golden.npz") as golden:
+        prompt, prompt_ids = str(golden["0_text"]), golden["0_prompt_ids"].tolist()
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert text.main([prompt, "--hf-repo", str(folder), "-q", "4", "--temp", "0",
+                          "--max-tokens", "4", "--json"]) == 0
+    result = json.loads(printed.getvalue())
+    assert result["prompt_tokens"] == prompt_ids and len(result["tokens"]) == 4
 
 
 def _encoded(codec: Path, wav: Path) -> np.ndarray:

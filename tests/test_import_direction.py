@@ -74,7 +74,8 @@ LAYERS = (
     {"cli", "web"},
     {"entry"},
 )
-ENTRY_POINTS = {"local", "local_web", "stt", "tts", "mimi", "run_inference", "serve"}
+ENTRY_POINTS = {"local", "local_web", "stt", "tts", "mimi", "run_inference", "serve",
+                "text"}
 
 
 def _room(module: str) -> str | None:

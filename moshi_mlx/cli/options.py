@@ -196,8 +196,9 @@ def print_blas_hint() -> None:
 # ---------------------------------------------------------------------------- Moshi
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """Options that choose and load the Moshi model (terminal and web front ends)."""
+def add_model_args(parser: argparse.ArgumentParser, audio: bool = True) -> None:
+    """Options that choose and load the Moshi model (terminal and web front ends). audio=False
+    (text-only generation): no Mimi options and no text / audio sampling group."""
     from moshi_mlx.conversation.engine import MIMI_BACKENDS
     from moshi_mlx.loading.families import files_of
 
@@ -209,23 +210,29 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--voice", choices=voices, default=voices[0],
                    help="which released voice to use when --hf-repo is not given")
     g.add_argument("--moshi-weight", default=None, help="Moshi weight file (path or repo name)")
-    g.add_argument("--mimi-weight", default=None, help="Mimi weight file")
+    if audio:
+        g.add_argument("--mimi-weight", default=None, help="Mimi weight file")
     g.add_argument("--tokenizer", default=None, help="text tokenizer (SentencePiece .model)")
     g.add_argument("--config", default=None, help="Moshi config.json (default: the repo's)")
-    g.add_argument("--mimi-backend", choices=MIMI_BACKENDS, default="mlx",
-                   help="Mimi implementation (default: our MLX one)")
+    if audio:
+        g.add_argument("--mimi-backend", choices=MIMI_BACKENDS, default="mlx",
+                       help="Mimi implementation (default: our MLX one)")
     add_run_args(g, "quantized weights: 4 or 8 bits (default: bf16)")
-    add_moshi_sampling_args(parser.add_argument_group("sampling"))
+    if audio:
+        add_moshi_sampling_args(parser.add_argument_group("sampling"))
 
 
 def resolve_model_files(args: argparse.Namespace) -> ResolvedFiles:
     """The Moshi files the `add_model_args` options name (local paths, a folder or a hub repo,
-    through moshi_mlx.loading.resolve), checked from their header before anything is loaded."""
+    through moshi_mlx.loading.resolve), checked from their header before anything is loaded.
+    Without the Mimi options (`add_model_args(audio=False)`) no codec is looked for."""
     from moshi_mlx.loading.resolve import resolve
 
+    audio = hasattr(args, "mimi_weight")
     return resolve("moshi_mlx.local", args.hf_repo, variant=getattr(args, "voice", None),
                    quantize=getattr(args, "quantize", None), weights=args.moshi_weight,
-                   config=args.config, tokenizer=args.tokenizer, codec=args.mimi_weight)
+                   config=args.config, tokenizer=args.tokenizer,
+                   codec=getattr(args, "mimi_weight", None), need_codec=audio)
 
 
 def engine_options(args: argparse.Namespace) -> Any:

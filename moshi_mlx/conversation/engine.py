@@ -18,6 +18,7 @@ import numpy as np
 from moshi_mlx.audio.rates import FRAME_SIZE, SAMPLE_RATE
 from moshi_mlx.errors import MoshiError, WeightsError
 from moshi_mlx.loading.options import ModelOptions
+from moshi_mlx.loading.text_tokenizer import printable_piece
 
 if TYPE_CHECKING:  # (sampling imports MLX, which this module loads only when stepping)
     from moshi_mlx.modules.sampling import SamplingSettings
@@ -196,12 +197,7 @@ class Engine:
 
     def text_piece(self, token: int) -> str | None:
         """Printable text of a text token; None for padding, end-of-padding and control ids."""
-        if token < 0 or token in self.silent_text_ids:
-            return None
-        sp = self.text_tokenizer
-        if token >= sp.get_piece_size() or sp.is_control(token) or sp.is_unknown(token):
-            return None
-        return sp.id_to_piece(token).replace("\u2581", " ")
+        return printable_piece(self.text_tokenizer, token, self.silent_text_ids)
 
     def process(self, pcm: np.ndarray) -> FrameOutput:
         pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)

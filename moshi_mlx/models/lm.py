@@ -180,6 +180,13 @@ class Lm(nn.Module):
             x = mlp_block(x + layer.self_attn(layer.norm1(x), cache))
         return fast.head(x)
 
+    def text_only(self, tokens: mx.array, caches: list[KVCache]) -> mx.array:
+        """The temporal transformer as a text model (transformers' `MoshiForCausalLM`): text
+        tokens [B, T] alone, no audio stream -> the text logits [B, text_card] of the last
+        position. The caches advance by T (a prompt at once, then one token a step)."""
+        x = self.transformer(self.text_emb(tokens), caches)
+        return self.head(x[:, -1:, :])[1]
+
     def extra_head_probs(self, hidden: mx.array) -> mx.array:
         """Normed hidden [B, dim] -> softmax of every extra head [B, heads, classes] (float32).
         For Kyutai STT these are the semantic VAD heads: class 0 = no voice activity over the
