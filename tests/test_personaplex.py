@@ -1,0 +1,135 @@
+"""PersonaPlex (Moshi with dep_q 16) against NVIDIA's own generator: the golden
+tests/fixtures/personaplex_golden.npz (tools/derive_personaplex_golden.py) on the tiny random
+model of tests/personaplex_random.py, float32, greedy, token for token.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import personaplex_random
+import pytest
+
+from moshi_mlx import WeightsError, load_lm
+from moshi_mlx.conversation.lm_gen import LmGen
+from moshi_mlx.models.lm_config import LmConfig
+
+INITIAL = 2048
+
+
+@pytest.fixture(scope="module")
+def golden(fixtures_dir: Path) -> dict:
+    with np.load(fixtures_dir / "personaplex_golden.npz") as data:
+        return {k: data[k] for k in data.files}
+
+
+@pytest.fixture(scope="module")
+def personaplex_file(tmp_path_factory, golden) -> Path:
+    path = tmp_path_factory.mktemp("personaplex") / "model.safetensors"
+    assert personaplex_random.write(path) == str(golden["weights_sha256"])
+    return path
+
+
+def personaplex_config() -> dict:
+    """The tiny model's config.json as our converter writes it for PersonaPlex."""
+    return {**personaplex_random.CONFIG, "system_prompt_tags": True}
+
+
+def plain_moshi_config() -> dict:
+    """The tiny model's sizes as a plain Moshi config (dep_q 8), as a config.json that does
+    not know PersonaPlex would give them."""
+    return {**personaplex_random.CONFIG, "dep_q": 8, "depformer_context": 8}
+
+
+def run_greedy(lm, user_codes: np.ndarray) -> dict[str, list]:
+    gen = LmGen(lm, text_temp=0.0, audio_temp=0.0)
+    texts, raws, frames = [], [], []
+    for codes in user_codes:
+        text, frame = gen.step(mx.array(codes[None]))
+        texts.append(int(text[0]))
+        raws.append(np.array(gen.state.last_audio_tokens[0]))
+        frames.append(None if frame is None else np.array(frame[0]))
+    return {"text": texts, "raw": raws, "frames": frames}
+
+
+def expected_user_frame(golden: dict, step: int) -> np.ndarray:
+    """NVIDIA's user-slice tokens as our step `step` returns them: the prediction of the user
+    frame given at step - D, codebook j from their call step - D + d_j (call c + 1 = our step
+    c), the initial token before their first forward."""
+    user_delays = golden["delays"][9:]
+    largest = int(user_delays.max())
+    row = []
+    for j, d in enumerate(user_delays):
+        call = step - largest + int(d)
+        row.append(golden["audio"][call, 8 + j] if call >= 1 else INITIAL)
+    return np.array(row)
+
+
+def assert_matches_nvidia(result: dict, golden: dict) -> None:
+    steps = len(result["text"])
+    np.testing.assert_array_equal(result["text"], golden["text"][1 : steps + 1])
+    np.testing.assert_array_equal(np.stack(result["raw"]), golden["audio"][1 : steps + 1, :8])
+    assert result["frames"][0] is None
+    for step in range(1, steps):
+        frame = result["frames"][step]
+        assert frame.shape == (16,)
+        np.testing.assert_array_equal(frame[:8], golden["out"][step + 1, 1:9],
+                                      err_msg=f"Moshi's frame at step {step}")
+        np.testing.assert_array_equal(frame[8:], expected_user_frame(golden, step),
+                                      err_msg=f"predicted user frame at step {step}")
+
+
+@pytest.mark.parametrize("config", ["personaplex", "plain"])
+def test_float32_greedy_matches_nvidia(personaplex_file, golden, config):
+    # "plain": a Moshi config (dep_q 8) meets the 16-slice file: the tensors decide.
+    given = personaplex_config() if config == "personaplex" else plain_moshi_config()
+    lm = load_lm(personaplex_file, config=given, dtype=mx.float32)
+    assert lm.cfg.dep_q == 16 and lm.cfg.system_prompt_tags and lm.cfg.predicts_user
+    assert json.loads(str(golden["config"]))["dep_q"] == 16
+    user_codes = golden["user_codes"][:-1]  # their call c's frame is our step c's
+    assert_matches_nvidia(run_greedy(lm, user_codes), golden)
+
+
+def test_user_stream_is_input_not_feedback(personaplex_file, golden):
+    # Same given user frames -> same text and Moshi audio whether or not the model's user
+    # predictions were different: changing a later user frame changes nothing before it.
+    lm = load_lm(personaplex_file, config=personaplex_config(), dtype=mx.float32)
+    codes = golden["user_codes"][:-1].copy()
+    first = run_greedy(lm, codes)
+    codes[8:] = (codes[8:] + 1) % 2048
+    second = run_greedy(lm, codes)
+    assert first["text"][:8] == second["text"][:8]
+    assert first["text"] != second["text"]
+
+
+def test_plain_moshi_file_is_refused_as_personaplex(fixtures_dir):
+    config = {**json.loads((fixtures_dir / "lm_config.json").read_text())}
+    config = LmConfig.from_dict(config).as_personaplex()
+    with pytest.raises(WeightsError) as caught:
+        load_lm(fixtures_dir / "lm_pytorch.safetensors", config=config)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "depformer_emb.7 missing" in message and "not a PersonaPlex" in message
+
+
+def test_personaplex_config():
+    config = LmConfig.personaplex_7b()
+    assert (config.dep_q, config.n_q, config.own_audio_q, config.user_audio_q) == (16, 16, 8, 8)
+    assert config.depformer_context == 15 and config.system_prompt_tags
+    assert LmConfig.from_dict(config.to_dict()) == config
+    assert "system_prompt_tags" not in LmConfig.moshi_7b().to_dict()
+    plain = LmConfig.moshi_7b()
+    assert (plain.own_audio_q, plain.user_audio_q, plain.predicts_user) == (8, 8, False)
+
+
+def test_released_repo_line():
+    from moshi_mlx.loading.families import config_ignored, files_of
+
+    spec = files_of("moshi")
+    assert spec.default_repo("personaplex") == "nvidia/personaplex-7b-v1"
+    assert spec.default_repo("personaplex", 4) == "nvidia/personaplex-7b-v1"
+    assert config_ignored("nvidia/personaplex-7b-v1")
+    assert not config_ignored("kyutai/moshiko-mlx-q4")
