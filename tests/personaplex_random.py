@@ -18,17 +18,24 @@ import numpy as np
 SEED = 1619
 # Official config.json keys (LmConfig); NVIDIA's LMModel takes the same names (and ignores
 # depformer_context: 15 is what its depformer cache gives, see LmConfig.as_personaplex).
+# Every linear input is a multiple of 64, so that q4 (group 32) and q8 (group 64) apply.
 CONFIG: dict = {
     "dim": 64, "text_card": 100, "existing_text_padding_id": 3, "n_q": 16, "dep_q": 16,
-    "card": 2048, "num_heads": 4, "num_layers": 2, "hidden_scale": 4.125, "causal": True,
+    "card": 2048, "num_heads": 4, "num_layers": 2, "hidden_scale": 4.5, "causal": True,
     "layer_scale": None, "context": 3000, "max_period": 10000, "gating": "silu",
-    "norm": "rms_norm_f32", "positional_embedding": "rope", "depformer_dim": 32,
-    "depformer_dim_feedforward": 96, "depformer_num_heads": 2, "depformer_num_layers": 2,
+    "norm": "rms_norm_f32", "positional_embedding": "rope", "depformer_dim": 64,
+    "depformer_dim_feedforward": 192, "depformer_num_heads": 2, "depformer_num_layers": 2,
     "depformer_layer_scale": None, "depformer_multi_linear": True, "depformer_context": 15,
     "depformer_max_period": 10000, "depformer_gating": "silu", "depformer_pos_emb": "none",
     "depformer_weights_per_step": True,
     "delays": [0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1],
 }
+
+
+def plain_moshi_config() -> dict:
+    """The same sizes as a plain Moshi config.json (dep_q 8): what a config that does not know
+    PersonaPlex says (the loader finds dep_q 16 in the tensors)."""
+    return {**CONFIG, "dep_q": 8, "depformer_context": 8}
 
 
 def _gated_hidden(dim: int, feed_forward: int) -> int:

@@ -38,12 +38,6 @@ def personaplex_config() -> dict:
     return {**personaplex_random.CONFIG, "system_prompt_tags": True}
 
 
-def plain_moshi_config() -> dict:
-    """The tiny model's sizes as a plain Moshi config (dep_q 8), as a config.json that does
-    not know PersonaPlex would give them."""
-    return {**personaplex_random.CONFIG, "dep_q": 8, "depformer_context": 8}
-
-
 def run_greedy(lm, user_codes: np.ndarray) -> dict[str, list]:
     gen = LmGen(lm, text_temp=0.0, audio_temp=0.0)
     texts, raws, frames = [], [], []
@@ -55,7 +49,7 @@ def run_greedy(lm, user_codes: np.ndarray) -> dict[str, list]:
     return {"text": texts, "raw": raws, "frames": frames}
 
 
-def expected_user_frame(golden: dict, step: int) -> np.ndarray:
+def expected_user_frame(golden: dict, step: int, prefix: str = "") -> np.ndarray:
     """NVIDIA's user-slice tokens as our step `step` returns them: the prediction of the user
     frame given at step - D, codebook j from their call step - D + d_j (call c + 1 = our step
     c), the initial token before their first forward."""
@@ -64,33 +58,57 @@ def expected_user_frame(golden: dict, step: int) -> np.ndarray:
     row = []
     for j, d in enumerate(user_delays):
         call = step - largest + int(d)
-        row.append(golden["audio"][call, 8 + j] if call >= 1 else INITIAL)
+        row.append(golden[f"{prefix}audio"][call, 8 + j] if call >= 1 else INITIAL)
     return np.array(row)
 
 
-def assert_matches_nvidia(result: dict, golden: dict) -> None:
+def assert_matches_nvidia(result: dict, golden: dict, prefix: str = "") -> None:
+    """Our steps against their calls (their call c + 1 = our step c); `prefix`: the golden's
+    run ("" on the bf16 file, "q4_" / "q8_" on our converter's folders)."""
     steps = len(result["text"])
-    np.testing.assert_array_equal(result["text"], golden["text"][1 : steps + 1])
-    np.testing.assert_array_equal(np.stack(result["raw"]), golden["audio"][1 : steps + 1, :8])
+    text, audio, out = (golden[prefix + key] for key in ("text", "audio", "out"))
+    np.testing.assert_array_equal(result["text"], text[1 : steps + 1])
+    np.testing.assert_array_equal(np.stack(result["raw"]), audio[1 : steps + 1, :8])
     assert result["frames"][0] is None
     for step in range(1, steps):
         frame = result["frames"][step]
         assert frame.shape == (16,)
-        np.testing.assert_array_equal(frame[:8], golden["out"][step + 1, 1:9],
+        np.testing.assert_array_equal(frame[:8], out[step + 1, 1:9],
                                       err_msg=f"Moshi's frame at step {step}")
-        np.testing.assert_array_equal(frame[8:], expected_user_frame(golden, step),
+        np.testing.assert_array_equal(frame[8:], expected_user_frame(golden, step, prefix),
                                       err_msg=f"predicted user frame at step {step}")
 
 
 @pytest.mark.parametrize("config", ["personaplex", "plain"])
 def test_float32_greedy_matches_nvidia(personaplex_file, golden, config):
     # "plain": a Moshi config (dep_q 8) meets the 16-slice file: the tensors decide.
-    given = personaplex_config() if config == "personaplex" else plain_moshi_config()
+    given = (personaplex_config() if config == "personaplex"
+             else personaplex_random.plain_moshi_config())
     lm = load_lm(personaplex_file, config=given, dtype=mx.float32)
     assert lm.cfg.dep_q == 16 and lm.cfg.system_prompt_tags and lm.cfg.predicts_user
     assert json.loads(str(golden["config"]))["dep_q"] == 16
     user_codes = golden["user_codes"][:-1]  # their call c's frame is our step c's
     assert_matches_nvidia(run_greedy(lm, user_codes), golden)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_converted_quantized_folder_matches_nvidia_on_its_dequantized_weights(
+        personaplex_file, golden, tmp_path, bits):
+    # weights_convert, given the file with a plain Moshi config.json (as the golden tool did),
+    # writes a folder whose config.json says PersonaPlex; its float32 run (quantized layers,
+    # float32 scales) equals NVIDIA's run on the dequantized weights.
+    from weights_convert import convert
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(personaplex_random.plain_moshi_config()))
+    result = convert(tmp_path / f"q{bits}", input_path=personaplex_file, config=config,
+                     bits=bits)
+    assert personaplex_random.sha256(result.model_file) == str(golden[f"q{bits}_sha256"])
+    written = json.loads((tmp_path / f"q{bits}" / "config.json").read_text())
+    assert (written["dep_q"], written["system_prompt_tags"]) == (16, True)
+    lm = load_lm(tmp_path / f"q{bits}", dtype=mx.float32)
+    assert lm.cfg.predicts_user
+    assert_matches_nvidia(run_greedy(lm, golden["user_codes"][:-1]), golden, f"q{bits}_")
 
 
 def test_user_stream_is_input_not_feedback(personaplex_file, golden):

@@ -18,6 +18,10 @@ is our step c. Written per call c (row 0: call 0, nothing forwarded, -1):
 - `audio` [C, 16]: the 16 tokens their depformer sampled (Moshi's 8, then the user's 8,
   each user slice after the given code of the codebook before it);
 - `out` [C, 17]: the frame their `step` returned (-1 where None);
+- `q4_text`, `q4_audio`, `q4_out` and `q8_...`: the same on our converter's q4 / q8 folder
+  (made from the file with `weights_convert` and the plain Moshi config.json of the tiny sizes,
+  by tools/personaplex_quantized.py in our venv: --our-python), dequantized in float32 and
+  mapped back to their layout; `q4_sha256`, `q8_sha256`: those folders' model files;
 - `user_codes` [C, 8], `delays`, `config` (JSON), `weights_sha256`, `versions` (JSON).
 
 The depformer's tokens are read by wrapping their `LMGen.depformer_step` (called as it is;
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -42,15 +47,14 @@ CALLS = 17
 USER_SEED = 77
 
 
-def build_model(weights: Path):
+def build_model(state: dict[str, torch.Tensor]):
+    """Their LMModel with the tiny sizes, float32, holding `state` (their layout)."""
     from moshi.models.lm import LMModel
-    from safetensors.torch import load_file
 
-    config = dict(personaplex_random.CONFIG)
-    kwargs = {key: value for key, value in config.items()}
+    kwargs = dict(personaplex_random.CONFIG)
     kwargs["depformer_causal"] = True
     model = LMModel(device="cpu", dtype=torch.float32, **kwargs)
-    state = {k: v.to(torch.float32) for k, v in load_file(str(weights)).items()}
+    state = {k: v.to(torch.float32) for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise SystemExit(f"weights do not fit: missing {missing}, unexpected {unexpected}")
@@ -87,17 +91,94 @@ def run(model, user_codes: np.ndarray) -> dict[str, np.ndarray]:
     return {"text": text, "audio": audio, "out": out}
 
 
+def to_their_layout(ours: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Our (MLX) layout of the tiny model -> NVIDIA's: slices' depformer attention stacked
+    again, the shared depformer norms taken from slice 0, norm gains as (1, 1, dim)."""
+    config = personaplex_random.CONFIG
+    slices = config["dep_q"]
+    out: dict[str, np.ndarray] = {}
+    for name, value in ours.items():
+        parts = name.split(".")
+        if parts[0] == "audio_embs":
+            out[f"emb.{parts[1]}.weight"] = value
+        elif name in ("text_emb.weight", "text_linear.weight"):
+            out[name] = value
+        elif name == "out_norm.weight":
+            out["out_norm.alpha"] = value.reshape(1, 1, -1)
+        elif parts[0] == "transformer":
+            rest = ".".join(parts[3:])
+            prefix = f"transformer.layers.{parts[2]}."
+            if rest in ("norm1.weight", "norm2.weight"):
+                out[prefix + rest.replace("weight", "alpha")] = value.reshape(1, 1, -1)
+            elif rest == "self_attn.in_proj.weight":
+                out[prefix + "self_attn.in_proj_weight"] = value
+            else:
+                out[prefix + rest] = value
+        elif parts[:2] == ["depformer", "slices"]:
+            k, rest = int(parts[2]), ".".join(parts[3:])
+            if rest == "linear_in.weight":
+                out[f"depformer_in.{k}.weight"] = value
+            elif rest == "linear_out.weight":
+                out[f"linears.{k}.weight"] = value
+            elif rest == "emb.weight":
+                out["depformer_text_emb.weight" if k == 0
+                    else f"depformer_emb.{k - 1}.weight"] = value
+            else:  # transformer.layers.{l}.<part>
+                layer, part = parts[5], ".".join(parts[6:])
+                prefix = f"depformer.layers.{layer}."
+                if part in ("norm1.weight", "norm2.weight"):
+                    if k == 0:
+                        out[prefix + part.replace("weight", "alpha")] = value.reshape(1, 1, -1)
+                elif part.startswith("gating."):
+                    out[prefix + part.replace("gating.", f"gating.{k}.")] = value
+                else:
+                    stacked = prefix + {"self_attn.in_proj.weight": "self_attn.in_proj_weight",
+                                        "self_attn.out_proj.weight": "self_attn.out_proj.weight"
+                                        }[part]
+                    out.setdefault(stacked, [None] * slices)[k] = value
+        else:
+            raise SystemExit(f"unexpected tensor {name}")
+    return {k: torch.from_numpy(np.concatenate(v) if isinstance(v, list) else v)
+            for k, v in out.items()}
+
+
+def quantized_state(folder: Path, weights: Path, bits: int, our_python: str
+                    ) -> tuple[dict[str, torch.Tensor], str]:
+    """Our converter's q4 / q8 folder of the checkpoint, dequantized in float32 and mapped to
+    their layout (tools/personaplex_quantized.py, in our venv), and that file's sha256."""
+    config = folder / "config.json"
+    config.write_text(json.dumps(personaplex_random.plain_moshi_config()))
+    dump = folder / f"q{bits}.npz"
+    helper = Path(__file__).resolve().parent / "personaplex_quantized.py"
+    done = subprocess.run([our_python, str(helper), "--weights", str(weights), "--config",
+                           str(config), "--bits", str(bits), "--folder",
+                           str(folder / f"q{bits}"), "--dump", str(dump)],
+                          check=True, capture_output=True, text=True)
+    with np.load(dump) as data:
+        ours = {k: data[k] for k in data.files}
+    return to_their_layout(ours), done.stdout.split()[-1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--our-python", default="/work/main/.venv/bin/python",
+                        help="the python of a venv with this package (for the q4 / q8 files)")
     args = parser.parse_args()
+    from safetensors.torch import load_file
+
     torch.manual_seed(0)
     user_codes = np.random.default_rng(USER_SEED).integers(0, 2048, (CALLS, 8), dtype=np.int32)
+    result: dict[str, np.ndarray] = {}
     with tempfile.TemporaryDirectory() as folder:
         weights = Path(folder) / "model.safetensors"
         sha = personaplex_random.write(weights)
-        model = build_model(weights)
-    result = run(model, user_codes)
+        result.update(run(build_model(load_file(str(weights))), user_codes))
+        for bits in (4, 8):
+            state, result[f"q{bits}_sha256"] = quantized_state(Path(folder), weights, bits,
+                                                                args.our_python)
+            for key, value in run(build_model(state), user_codes).items():
+                result[f"q{bits}_{key}"] = value
     from importlib.metadata import version
 
     versions = {"torch": torch.__version__, "moshi-personaplex": version("moshi_personaplex"),

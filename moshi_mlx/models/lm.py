@@ -304,6 +304,16 @@ def fit_config(config: LmConfig, tensors: dict[str, mx.array]) -> LmConfig:
     return config.with_overrides(extra_heads_num_heads=len(rows), extra_heads_dim=rows[0])
 
 
+def layout_keys(config: LmConfig) -> dict:
+    """The config.json keys `fit_layout` decides from the tensors (PersonaPlex's), with this
+    config's values; none for any other model. The converter writes them over the source's
+    config.json, which may describe a plain Moshi."""
+    if not config.predicts_user:
+        return {}
+    return {"dep_q": config.dep_q, "depformer_context": config.depformer_context,
+            "system_prompt_tags": config.system_prompt_tags}
+
+
 def quant_predicate(path: str, module: nn.Module) -> bool:
     """Every Linear and Embedding, as in the official MLX files (norm gains stay bf16)."""
     return True
