@@ -151,3 +151,56 @@ def test_released_repo_line():
     assert spec.default_repo("personaplex", 4) == "nvidia/personaplex-7b-v1"
     assert config_ignored("nvidia/personaplex-7b-v1")
     assert not config_ignored("kyutai/moshiko-mlx-q4")
+
+
+@pytest.mark.parametrize(("argv", "weights"), [
+    (["--voice", "personaplex"], "model.safetensors"),
+    (["--voice", "personaplex", "-q", "4"], "model.safetensors"),  # quantized while loading
+    (["--hf-repo", "nvidia/personaplex-7b-v1"], "model.safetensors"),
+])
+def test_personaplex_repo_resolves_without_its_config(monkeypatch, tmp_path, argv, weights):
+    import argparse
+    from types import SimpleNamespace
+
+    import moshi_mlx.loading.hub
+    from moshi_mlx.cli.options import add_model_args, resolve_model_files
+
+    repo = "nvidia/personaplex-7b-v1"
+    fetched: list[tuple[str, str]] = []
+
+    def fake_download(repo_id: str, filename: str) -> Path:
+        assert filename != "config.json", "PersonaPlex's config.json is not ours to read"
+        fetched.append((repo_id, filename))
+        if filename != weights and filename.startswith("model"):
+            raise WeightsError("not there")
+        path = tmp_path / filename
+        path.write_bytes(b"")
+        return path
+
+    monkeypatch.setattr(moshi_mlx.loading.hub, "_hub_download", fake_download)
+    seen: list = []
+    monkeypatch.setattr("moshi_mlx.loading.checkpoint.inspect_checkpoint",
+                        lambda path, config, model_types: seen.append(config) or SimpleNamespace(
+                            model_type="moshi", files=SimpleNamespace(owner={})))
+    monkeypatch.setattr("moshi_mlx.loading.checkpoint.check_requested_bits",
+                        lambda checkpoint, bits: None)
+    parser = argparse.ArgumentParser()
+    add_model_args(parser)
+    files = resolve_model_files(parser.parse_args(argv))
+    assert (repo, weights) in fetched
+    assert (repo, "tokenizer_spm_32k_3.model") in fetched
+    assert (repo, "tokenizer-e351c8d8-checkpoint125.safetensors") in fetched
+    assert files.config is None and seen == [None]  # the config comes from the tensors
+
+
+def test_config_beside_a_cached_personaplex_file_is_not_read(tmp_path):
+    # huggingface_hub keeps a repo's files side by side; PersonaPlex's config.json (which its
+    # own loader never reads) must not describe the weights.
+    from moshi_mlx.loading.config import config_beside
+
+    for repo, read in (("nvidia--personaplex-7b-v1", False), ("kyutai--moshiko-mlx-q4", True)):
+        snapshot = tmp_path / f"models--{repo}" / "snapshots" / "0123"
+        snapshot.mkdir(parents=True)
+        (snapshot / "config.json").write_text('{"not": "ours"}')
+        weights = snapshot / "model.safetensors"
+        assert config_beside(weights) == (snapshot / "config.json" if read else None)
