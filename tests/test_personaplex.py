@@ -204,3 +204,92 @@ def test_config_beside_a_cached_personaplex_file_is_not_read(tmp_path):
         (snapshot / "config.json").write_text('{"not": "ours"}')
         weights = snapshot / "model.safetensors"
         assert config_beside(weights) == (snapshot / "config.json" if read else None)
+
+
+# --------------------------------------------------------------------------- saved voices
+
+SINE = np.array([430, 1268, 381, 1611, 1095, 1495, 56, 472], dtype=np.int32)  # NVIDIA's
+PAD = 3
+
+
+def test_torch_file_reader_reads_what_torch_wrote(fixtures_dir, golden):
+    from moshi_mlx.loading.torch_pickle import read_personaplex_voice, read_torch_file
+
+    embeddings, cache = read_personaplex_voice(fixtures_dir / "personaplex_voice.pt")
+    assert embeddings.dtype == np.float32 and cache.dtype == np.int64
+    np.testing.assert_array_equal(embeddings, golden["voice_embeddings"][:, 0, 0])
+    np.testing.assert_array_equal(cache, golden["voice_cache"][0])
+    odd = read_torch_file(fixtures_dir / "torch_tensors.pt")
+    assert odd["number"] == 7
+    for key in ("bf16", "half", "view"):
+        assert odd[key].dtype == golden[f"odd_{key}"].dtype, key
+        np.testing.assert_array_equal(odd[key], golden[f"odd_{key}"], err_msg=key)
+    np.testing.assert_array_equal(odd["list"][0], golden["odd_list"])
+
+
+def test_torch_file_reader_refuses_code(tmp_path):
+    import pickle
+    import zipfile
+
+    from moshi_mlx.loading.torch_pickle import read_torch_file
+
+    class Boom:
+        def __reduce__(self):
+            return (print, ("never printed",))
+
+    path = tmp_path / "evil.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("evil/data.pkl", pickle.dumps({"x": Boom()}))
+    with pytest.raises(WeightsError, match="builtins.print is not part of a plain tensor"):
+        read_torch_file(path)
+    (tmp_path / "plain.pt").write_bytes(b"not a zip")
+    with pytest.raises(WeightsError, match="not a readable PyTorch"):
+        read_torch_file(tmp_path / "plain.pt")
+
+
+def voice_phase(gen: LmGen, voice: np.ndarray, embeddings: np.ndarray | None) -> list:
+    """Our steps of NVIDIA's voice phase (text PAD, Moshi's stream = the voice, user = SINE),
+    forced in the delayed layout (step t forces codebook 0 of voice frame t + 1, the others
+    of frame t); with `embeddings`, each step reads the saved embedding instead of embedding
+    its tokens. Returns each step's text logits."""
+    logits = []
+    for t in range(voice.shape[1] - 1):
+        forced = np.concatenate([voice[:1, t + 1], voice[1:, t]])[None]
+        embedded = None if embeddings is None else mx.array(embeddings[t][None])
+        gen.step(mx.array(SINE[None]), force_text=mx.array([PAD]), force_audio=mx.array(forced),
+                 embedded=embedded)
+        logits.append(np.array(gen.state.text_logits[0]))
+    return logits
+
+
+def voice_column(voice: np.ndarray, t: int) -> np.ndarray:
+    """[1, 17] tokens NVIDIA's voice phase forwards at column t (their delays: codebooks 1..7
+    of both streams one frame late; column 0, and the late codebooks of column 1, initial)."""
+    if t == 0:
+        return np.array([[personaplex_random.CONFIG["text_card"]] + [INITIAL] * 16])
+    late = (lambda frame: frame[1:]) if t >= 2 else (lambda frame: [INITIAL] * 7)
+    moshi = [voice[0, t], *late(voice[:, t - 1])]
+    user = [SINE[0], *late(SINE)]
+    return np.array([[PAD, *moshi, *user]])
+
+
+def test_saved_voice_embeddings_replay_the_voice_phase(personaplex_file, golden):
+    # The .pt's embeddings are the summed input embeddings of our steps through the voice
+    # phase (NVIDIA's forward t + 1 = our step t), and stepping from them gives the state of
+    # stepping through the tokens.
+    from moshi_mlx.loading.torch_pickle import read_personaplex_voice
+
+    lm = load_lm(personaplex_file, config=personaplex_config(), dtype=mx.float32)
+    embeddings, _ = read_personaplex_voice(Path(__file__).parent / "fixtures"
+                                           / "personaplex_voice.pt")
+    voice = golden["voice_codes"]
+    for t, saved in enumerate(embeddings):
+        np.testing.assert_allclose(np.array(lm.embed(mx.array(voice_column(voice, t)))[0]),
+                                   saved, atol=1e-5, rtol=0, err_msg=f"column {t}")
+    by_tokens = LmGen(lm, text_temp=0.0, audio_temp=0.0)
+    token_logits = voice_phase(by_tokens, voice, None)
+    replay = LmGen(lm, text_temp=0.0, audio_temp=0.0)
+    replay_logits = voice_phase(replay, voice, embeddings)
+    for t, (a, b) in enumerate(zip(token_logits, replay_logits, strict=True)):
+        np.testing.assert_allclose(b, a, atol=1e-4, rtol=0, err_msg=f"step {t}")
+    assert replay.state.steps == by_tokens.state.steps == len(embeddings)

@@ -5,7 +5,8 @@ Run in NVIDIA's venv (their `moshi` package, CPU torch, numpy, safetensors; made
 2.13.0+cpu and moshi-personaplex 0.1.0), from the repository root:
 
     /work/ppvenv/bin/python tools/derive_personaplex_golden.py \
-        --out tests/fixtures/personaplex_golden.npz
+        --out tests/fixtures/personaplex_golden.npz \
+        --voice tests/fixtures/personaplex_voice.pt --odd tests/fixtures/torch_tensors.pt
 
 The weights come from tests/personaplex_random.py (seeded numpy, bf16 PyTorch layout: the
 golden stores the file's sha256, the tests rebuild it). Their `LMModel` is built with the
@@ -22,6 +23,12 @@ is our step c. Written per call c (row 0: call 0, nothing forwarded, -1):
   (made from the file with `weights_convert` and the plain Moshi config.json of the tiny sizes,
   by tools/personaplex_quantized.py in our venv: --our-python), dequantized in float32 and
   mapped back to their layout; `q4_sha256`, `q8_sha256`: those folders' model files;
+- `voice_codes` [8, 5]: random Mimi codes given to their voice phase (their
+  `_step_voice_prompt_core`, save_voice_prompt_embeddings=True, the Mimi encoding replaced by
+  these codes) on the bf16 file in float32; their code saved --voice (.pt), and
+  `voice_embeddings` [4, 1, 1, 64], `voice_cache` [1, 17, 4] are what torch.load reads in it;
+- --odd: a .pt of a bf16, a half, a strided int32 view, a list of a bool tensor and a number;
+  `odd_bf16` (as float32), `odd_half`, `odd_view`, `odd_list` are their values;
 - `user_codes` [C, 8], `delays`, `config` (JSON), `weights_sha256`, `versions` (JSON).
 
 The depformer's tokens are read by wrapping their `LMGen.depformer_step` (called as it is;
@@ -45,6 +52,8 @@ import personaplex_random  # noqa: E402
 
 CALLS = 17
 USER_SEED = 77
+VOICE_FRAMES = 5
+VOICE_SEED = 78
 
 
 def build_model(state: dict[str, torch.Tensor]):
@@ -159,9 +168,40 @@ def quantized_state(folder: Path, weights: Path, bits: int, our_python: str
     return to_their_layout(ours), done.stdout.split()[-1]
 
 
+def voice_prompt(model, voice_codes: np.ndarray, folder: Path) -> Path:
+    """Their voice phase on `voice_codes` [8, V] with save_voice_prompt_embeddings: their own
+    code writes the .pt (their Mimi encoding is replaced by these codes, one frame a step)."""
+    from moshi.models.lm import LMGen
+
+    gen = LMGen(model, device="cpu", use_sampling=False, sample_rate=24000, frame_rate=12.5,
+                save_voice_prompt_embeddings=True)
+    gen.voice_prompt = str(folder / "voice.wav")  # their code saves beside it, as voice.pt
+    gen.voice_prompt_audio = np.zeros((1, 1920 * voice_codes.shape[1]), dtype=np.float32)
+    frames = [torch.tensor(voice_codes[:, i], dtype=torch.long).view(1, 8, 1)
+              for i in range(voice_codes.shape[1])]
+    gen._encode_voice_prompt_frames = lambda mimi: iter(frames)
+    with torch.no_grad(), gen.streaming(1):
+        for _ in gen._step_voice_prompt_core(None):
+            pass
+    return folder / "voice.pt"
+
+
+def odd_tensors() -> dict:
+    """A .pt of the kinds a reader must get right besides the voices' (bf16, half, a strided
+    view with an offset, a list, a plain number)."""
+    generator = torch.Generator().manual_seed(5)
+    base = torch.arange(24, dtype=torch.int32).view(2, 3, 4)
+    return {"bf16": torch.randn(2, 3, generator=generator).to(torch.bfloat16),
+            "half": torch.randn(3, generator=generator).to(torch.float16),
+            "view": base.transpose(1, 2)[:, 1:], "list": [torch.ones(2, dtype=torch.bool)],
+            "number": 7}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--voice", type=Path, required=True, help="the saved voice (.pt)")
+    parser.add_argument("--odd", type=Path, required=True, help="the .pt of other tensors")
     parser.add_argument("--our-python", default="/work/main/.venv/bin/python",
                         help="the python of a venv with this package (for the q4 / q8 files)")
     args = parser.parse_args()
@@ -179,6 +219,17 @@ def main() -> None:
                                                                 args.our_python)
             for key, value in run(build_model(state), user_codes).items():
                 result[f"q{bits}_{key}"] = value
+        voice_codes = np.random.default_rng(VOICE_SEED).integers(0, 2048, (8, VOICE_FRAMES),
+                                                                 dtype=np.int32)
+        saved = voice_prompt(build_model(load_file(str(weights))), voice_codes, Path(folder))
+        voice = torch.load(saved)
+        args.voice.write_bytes(saved.read_bytes())
+        result.update(voice_codes=voice_codes, voice_embeddings=voice["embeddings"].numpy(),
+                      voice_cache=voice["cache"].numpy())
+    odd = odd_tensors()
+    torch.save(odd, args.odd)
+    result.update(odd_bf16=odd["bf16"].float().numpy(), odd_half=odd["half"].numpy(),
+                  odd_view=odd["view"].numpy(), odd_list=odd["list"][0].numpy())
     from importlib.metadata import version
 
     versions = {"torch": torch.__version__, "moshi-personaplex": version("moshi_personaplex"),
