@@ -20,7 +20,7 @@ SEED = 1619
 # depformer_context: 15 is what its depformer cache gives, see LmConfig.as_personaplex).
 # Every linear input is a multiple of 64, so that q4 (group 32) and q8 (group 64) apply.
 CONFIG: dict = {
-    "dim": 64, "text_card": 100, "existing_text_padding_id": 3, "n_q": 16, "dep_q": 16,
+    "dim": 64, "text_card": 1000, "existing_text_padding_id": 3, "n_q": 16, "dep_q": 16,
     "card": 2048, "num_heads": 4, "num_layers": 2, "hidden_scale": 4.5, "causal": True,
     "layer_scale": None, "context": 3000, "max_period": 10000, "gating": "silu",
     "norm": "rms_norm_f32", "positional_embedding": "rope", "depformer_dim": 64,

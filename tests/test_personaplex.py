@@ -39,7 +39,10 @@ def personaplex_config() -> dict:
 
 
 def run_greedy(lm, user_codes: np.ndarray) -> dict[str, list]:
-    gen = LmGen(lm, text_temp=0.0, audio_temp=0.0)
+    return run_greedy_from(LmGen(lm, text_temp=0.0, audio_temp=0.0), user_codes)
+
+
+def run_greedy_from(gen: LmGen, user_codes: np.ndarray) -> dict[str, list]:
     texts, raws, frames = [], [], []
     for codes in user_codes:
         text, frame = gen.step(mx.array(codes[None]))
@@ -293,3 +296,47 @@ def test_saved_voice_embeddings_replay_the_voice_phase(personaplex_file, golden)
     for t, (a, b) in enumerate(zip(token_logits, replay_logits, strict=True)):
         np.testing.assert_allclose(b, a, atol=1e-4, rtol=0, err_msg=f"step {t}")
     assert replay.state.steps == by_tokens.state.steps == len(embeddings)
+
+
+# --------------------------------------------------------------------------- prompt phases
+
+SILENCE = np.array([948, 243, 1178, 546, 1736, 1030, 1978, 2008], dtype=np.int32)  # NVIDIA's
+SILENCE_FRAMES = 6
+
+
+def test_text_prompt_forced_through_lm_gen_matches_nvidia(personaplex_file, golden):
+    # NVIDIA's text-prompt phases (6 silence frames, the prompt, 6 silence frames: text, Moshi
+    # = SILENCE, user = SINE) forced through our LmGen, then the conversation. Their frame f
+    # feeds position f (codebook 0) and f + 1 (the others); our step s forces position s + 1.
+    # The last prompt step forces only the late codebooks (-1: sampled), as theirs provides.
+    tokens = golden["prompt_tokens"]
+    prompt_frames = int(golden["prompt_calls"])
+    assert prompt_frames == 2 * SILENCE_FRAMES + len(tokens)
+    text = np.full(prompt_frames, PAD)
+    text[SILENCE_FRAMES : SILENCE_FRAMES + len(tokens)] = tokens
+    lm = load_lm(personaplex_file, config=personaplex_config(), dtype=mx.float32)
+    gen = LmGen(lm, text_temp=0.0, audio_temp=0.0)
+    texts, raws, frames = [], [], []
+    for s in range(prompt_frames):
+        inside = s + 1 < prompt_frames
+        force_text = int(text[s + 1]) if inside else -1
+        force_audio = np.concatenate([[SILENCE[0] if inside else -1], SILENCE[1:]])
+        out_text, frame = gen.step(mx.array(SINE[None]), force_text=mx.array([force_text]),
+                                   force_audio=mx.array(force_audio[None]))
+        texts.append(int(out_text[0]))
+        raws.append(np.array(gen.state.last_audio_tokens[0]))
+        frames.append(None if frame is None else np.array(frame[0]))
+    conversation = run_greedy_from(gen, golden["user_codes"][:-1])
+    texts += conversation["text"]
+    raws += conversation["raw"]
+    frames += conversation["frames"]
+    calls = golden["prompted_text"]
+    np.testing.assert_array_equal(texts, calls[1 : len(texts) + 1])
+    for step in range(prompt_frames, len(texts)):
+        np.testing.assert_array_equal(raws[step], golden["prompted_audio"][step + 1, :8],
+                                      err_msg=f"Moshi's tokens at step {step}")
+        np.testing.assert_array_equal(frames[step][:8], golden["prompted_out"][step + 1, 1:9],
+                                      err_msg=f"Moshi's frame at step {step}")
+        np.testing.assert_array_equal(frames[step][8:],
+                                      expected_user_frame(golden, step, "prompted_"),
+                                      err_msg=f"predicted user frame at step {step}")

@@ -23,6 +23,12 @@ is our step c. Written per call c (row 0: call 0, nothing forwarded, -1):
   (made from the file with `weights_convert` and the plain Moshi config.json of the tiny sizes,
   by tools/personaplex_quantized.py in our venv: --our-python), dequantized in float32 and
   mapped back to their layout; `q4_sha256`, `q8_sha256`: those folders' model files;
+- `prompted_text`, `prompted_audio`, `prompted_out` [P + C, ...]: the same conversation after
+  their `step_system_prompts` with a text prompt only (`prompt_text`, wrapped by their
+  `wrap_with_system_tags` into `prompt_wrapped`, encoded by the fixture's SentencePiece
+  tokenizer into `prompt_tokens`; no voice, 6 silence frames before and after it, as their
+  offline.py sets them): rows 0 .. P - 1 (`prompt_calls` = P) are the prompt's calls, row P + c
+  the call given user_codes[c]; text rows hold the forced token where one was forced;
 - `voice_codes` [8, 5]: random Mimi codes given to their voice phase (their
   `_step_voice_prompt_core`, save_voice_prompt_embeddings=True, the Mimi encoding replaced by
   these codes) on the bf16 file in float32; their code saved --voice (.pt), and
@@ -52,6 +58,7 @@ import personaplex_random  # noqa: E402
 
 CALLS = 17
 USER_SEED = 77
+PROMPT_TEXT = " You are a tiny test model. "
 VOICE_FRAMES = 5
 VOICE_SEED = 78
 
@@ -71,32 +78,42 @@ def build_model(state: dict[str, torch.Tensor]):
     return model
 
 
-def run(model, user_codes: np.ndarray) -> dict[str, np.ndarray]:
+def run(model, user_codes: np.ndarray, prompt_tokens: list[int] | None = None
+        ) -> dict[str, np.ndarray]:
+    """Their greedy generator on `user_codes` (one frame a call); with `prompt_tokens`, after
+    their `step_system_prompts` (text prompt only, 6 silence frames around it, as offline.py
+    sets them). Rows: every call, the prompt's first."""
     from moshi.models.lm import LMGen
 
-    gen = LMGen(model, device="cpu", use_sampling=False, sample_rate=24000, frame_rate=12.5)
-    recorded: list[tuple[int, list[int]]] = []
+    gen = LMGen(model, device="cpu", use_sampling=False, sample_rate=24000, frame_rate=12.5,
+                audio_silence_frame_cnt=int(0.5 * 12.5), text_prompt_tokens=prompt_tokens)
+    recorded: dict[int, tuple[int, list[int]]] = {}
     original = gen.depformer_step
 
     def depformer_step(text_token, transformer_out, audio_tokens, audio_provided):
         tokens = original(text_token, transformer_out, audio_tokens, audio_provided)
-        recorded.append((int(text_token[0]), [int(x) for x in tokens[0]]))
+        call = gen._streaming_state.offset  # advanced after this call's outputs
+        recorded[call] = (int(text_token[0]), [int(x) for x in tokens[0]])
         return tokens
 
     gen.depformer_step = depformer_step
-    calls = user_codes.shape[0]
+    outs: dict[int, np.ndarray] = {}
+    with torch.no_grad(), gen.streaming(1):
+        if prompt_tokens is not None:
+            gen.step_system_prompts(None)  # no voice prompt: their Mimi is never used
+        first = gen._streaming_state.offset
+        for index, codes in enumerate(user_codes):
+            frame = gen.step(input_tokens=torch.tensor(codes, dtype=torch.long).view(1, -1, 1))
+            if frame is not None:
+                outs[first + index] = frame[0, :, 0].numpy()
+    calls = first + len(user_codes)
     text = np.full(calls, -1, dtype=np.int32)
     audio = np.full((calls, model.dep_q), -1, dtype=np.int32)
     out = np.full((calls, model.num_codebooks), -1, dtype=np.int32)
-    with torch.no_grad(), gen.streaming(1):
-        for call in range(calls):
-            before = len(recorded)
-            frame = gen.step(input_tokens=torch.tensor(user_codes[call], dtype=torch.long)
-                             .view(1, -1, 1))
-            if len(recorded) > before:
-                text[call], audio[call] = recorded[-1][0], recorded[-1][1]
-            if frame is not None:
-                out[call] = frame[0, :, 0].numpy()
+    for call, (token, tokens) in recorded.items():
+        text[call], audio[call] = token, tokens
+    for call, frame in outs.items():
+        out[call] = frame
     return {"text": text, "audio": audio, "out": out}
 
 
@@ -204,7 +221,10 @@ def main() -> None:
     parser.add_argument("--odd", type=Path, required=True, help="the .pt of other tensors")
     parser.add_argument("--our-python", default="/work/main/.venv/bin/python",
                         help="the python of a venv with this package (for the q4 / q8 files)")
+    parser.add_argument("--tokenizer", type=Path, default=Path("tests/fixtures/tokenizer.model"))
     args = parser.parse_args()
+    import sentencepiece
+    from moshi.offline import wrap_with_system_tags
     from safetensors.torch import load_file
 
     torch.manual_seed(0)
@@ -219,6 +239,14 @@ def main() -> None:
                                                                 args.our_python)
             for key, value in run(build_model(state), user_codes).items():
                 result[f"q{bits}_{key}"] = value
+        prompt = wrap_with_system_tags(PROMPT_TEXT)
+        tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(args.tokenizer))
+        prompt_tokens = tokenizer.encode(prompt)
+        prompted = run(build_model(load_file(str(weights))), user_codes, prompt_tokens)
+        result.update({f"prompted_{key}": value for key, value in prompted.items()})
+        result.update(prompt_text=PROMPT_TEXT, prompt_wrapped=prompt,
+                      prompt_tokens=np.array(prompt_tokens, dtype=np.int32),
+                      prompt_calls=len(prompted["text"]) - CALLS)
         voice_codes = np.random.default_rng(VOICE_SEED).integers(0, 2048, (8, VOICE_FRAMES),
                                                                  dtype=np.int32)
         saved = voice_prompt(build_model(load_file(str(weights))), voice_codes, Path(folder))

@@ -29,6 +29,14 @@ from moshi_mlx.models.lm_state import LmStreamState
 from moshi_mlx.modules.sampling import Sampler, SamplingSettings
 
 
+def _with_forced(sampled: mx.array, forced: mx.array | None) -> mx.array:
+    """The forced tokens where they are >= 0, the sampled ones elsewhere."""
+    if forced is None:
+        return sampled
+    forced = mx.array(forced).astype(mx.int32)
+    return mx.where(forced >= 0, forced, sampled)
+
+
 class LmGen:
     """Streaming Moshi generator: user audio codes in, Moshi's text token and audio codes out.
 
@@ -170,7 +178,8 @@ class LmGen:
 
         Returns (text_token [B], audio_codes [B, dep_q] or None before max_delay steps).
         force_text [B] / force_audio [B, num_own] (teacher forcing, for evaluation and
-        prompts): use these tokens instead of the sampled ones; the logits are still those of
+        prompts): use these tokens instead of the sampled ones (a negative entry forces
+        nothing: that token is sampled); the logits are still those of
         the model (`state.text_logits`, `state.audio_logits`). embedded [B, dim]: the
         temporal transformer reads this summed input embedding instead of embedding this
         step's tokens (replaying a PersonaPlex voice prompt's saved embeddings; the tokens of
@@ -204,14 +213,11 @@ class LmGen:
         else:  # teacher forcing: eager, the forced tokens replace the sampled ones
             keys = mx.random.split(state.key, 2 + self.cfg.dep_q)
             state.key = keys[0]
-            text = self.text_sampler(text_logits, keys[1])
-            if force_text is not None:
-                text = mx.array(force_text).astype(mx.int32)
+            text = _with_forced(self.text_sampler(text_logits, keys[1]), force_text)
 
             def sample_audio(logits: mx.array, k: int) -> mx.array:
-                if force_audio is not None:
-                    return mx.array(force_audio)[:, k].astype(mx.int32)
-                return self.audio_sampler(logits, keys[2 + k])
+                forced = None if force_audio is None else mx.array(force_audio)[:, k]
+                return _with_forced(self.audio_sampler(logits, keys[2 + k]), forced)
 
             raw_audio, audio_logits = self.lm.depformer(hidden, text, sample_audio)
 
@@ -255,14 +261,11 @@ class LmGen:
         """dep_q 16: text and Moshi's slices -> (text, audio [B, num_own], logits, next key,
         this step's keys, the token the first user slice reads, the depformer cache arrays)."""
         keys = mx.random.split(key, 2 + self.cfg.dep_q)
-        text = self.text_sampler(text_logits, keys[1])
-        if force_text is not None:
-            text = mx.array(force_text).astype(mx.int32)
+        text = _with_forced(self.text_sampler(text_logits, keys[1]), force_text)
 
         def sample(logits: mx.array, k: int) -> mx.array:
-            if force_audio is not None:
-                return mx.array(force_audio)[:, k].astype(mx.int32)
-            return self.audio_sampler(logits, keys[2 + k])
+            forced = None if force_audio is None else mx.array(force_audio)[:, k]
+            return _with_forced(self.audio_sampler(logits, keys[2 + k]), forced)
 
         depformer = self.lm.depformer
         caches = depformer.new_caches()
