@@ -340,3 +340,36 @@ def test_text_prompt_forced_through_lm_gen_matches_nvidia(personaplex_file, gold
         np.testing.assert_array_equal(frames[step][8:],
                                       expected_user_frame(golden, step, "prompted_"),
                                       err_msg=f"predicted user frame at step {step}")
+
+
+def test_engine_decodes_moshi_frames_of_personaplex(personaplex_file, golden, fixtures_dir):
+    # The engine speaks the first 8 codebooks of the 16-wide frame: Moshi's, as NVIDIA's.
+    import sentencepiece
+
+    from moshi_mlx.conversation.engine import Engine
+
+    class StubCodec:
+        def __init__(self, codes: np.ndarray) -> None:
+            self.codes, self.t, self.decoded = codes, 0, []
+
+        def encode(self, pcm: np.ndarray) -> np.ndarray:
+            self.t += 1
+            return self.codes[self.t - 1]
+
+        def decode(self, codes: np.ndarray) -> np.ndarray:
+            self.decoded.append(np.array(codes))
+            return np.zeros(1920, dtype=np.float32)
+
+        def reset(self) -> None:
+            self.t = 0
+            self.decoded.clear()
+
+    lm = load_lm(personaplex_file, config=personaplex_config(), dtype=mx.float32)
+    codec = StubCodec(golden["user_codes"][:-1])
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(fixtures_dir / "tokenizer.model"))
+    engine = Engine(codec, LmGen(lm, text_temp=0.0, audio_temp=0.0), sp)
+    engine.warm_up()
+    steps = len(golden["user_codes"]) - 1
+    for _ in range(steps):
+        engine.process(np.zeros(1920, dtype=np.float32))
+    np.testing.assert_array_equal(np.stack(codec.decoded), golden["out"][2 : steps + 1, 1:9])

@@ -234,6 +234,8 @@ DESCRIPTION = "Kyutai LM"
 
 
 def describe(config: LmConfig) -> str:
+    if config.predicts_user:
+        return "PersonaPlex LM"
     return "Kyutai STT LM" if config.is_stt else "Moshi LM"
 
 
