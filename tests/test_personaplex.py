@@ -373,3 +373,50 @@ def test_engine_decodes_moshi_frames_of_personaplex(personaplex_file, golden, fi
     for _ in range(steps):
         engine.process(np.zeros(1920, dtype=np.float32))
     np.testing.assert_array_equal(np.stack(codec.decoded), golden["out"][2 : steps + 1, 1:9])
+
+
+def test_saved_voice_then_text_prompt_matches_nvidia(personaplex_file, golden, fixtures_dir):
+    # NVIDIA's replay of a saved voice (then its silence, text prompt, silence, conversation):
+    # our steps from the .pt's embeddings, the last tokens taken from its cache.
+    from moshi_mlx.loading.torch_pickle import read_personaplex_voice
+
+    embeddings, cache = read_personaplex_voice(fixtures_dir / "personaplex_voice.pt")
+    frames = len(embeddings) + 1
+    columns = cache.shape[1]
+    tokens = golden["prompt_tokens"]
+    prompt_frames = 2 * SILENCE_FRAMES + len(tokens)
+    assert int(golden["voiced_calls"]) == frames + prompt_frames
+    lm = load_lm(personaplex_file, config=personaplex_config(), dtype=mx.float32)
+    gen = LmGen(lm, text_temp=0.0, audio_temp=0.0)
+    texts = []
+    for saved in embeddings:
+        out_text, _ = gen.step(mx.array(SINE[None]), force_text=mx.array([PAD]),
+                               force_audio=mx.array(np.full((1, 8), INITIAL)),
+                               embedded=mx.array(saved[None]))
+        texts.append(int(out_text[0]))
+    gen.set_last_tokens(cache[0:1, (frames - 1) % columns],
+                        cache[1:9, (frames - 1) % columns][None])
+    late = cache[2:9, frames % columns]  # the voice's last frame, codebooks 1..7
+    text = np.full(prompt_frames, PAD)
+    text[SILENCE_FRAMES : SILENCE_FRAMES + len(tokens)] = tokens
+    # Our step frames - 1 + s targets prompt frame s (NVIDIA's position frames + s): its
+    # codebook 0 and text, and codebooks 1..7 of the frame before (the voice's last for s = 0);
+    # the step after the prompt forces only those late codebooks.
+    for s in range(prompt_frames + 1):
+        inside = s < prompt_frames
+        previous = late if s == 0 else SILENCE[1:]
+        force_audio = np.concatenate([[SILENCE[0] if inside else -1], previous])
+        force_text = int(text[s]) if inside else -1
+        out_text, _ = gen.step(mx.array(SINE[None]), force_text=mx.array([force_text]),
+                               force_audio=mx.array(force_audio[None]))
+        texts.append(int(out_text[0]))
+    conversation = run_greedy_from(gen, golden["user_codes"][:-1])
+    texts += conversation["text"]
+    np.testing.assert_array_equal(texts, golden["voiced_text"][1 : len(texts) + 1])
+    start = frames + prompt_frames
+    for index, frame in enumerate(conversation["frames"]):
+        step = start + index
+        np.testing.assert_array_equal(frame[:8], golden["voiced_out"][step + 1, 1:9],
+                                      err_msg=f"Moshi's frame at step {step}")
+        np.testing.assert_array_equal(frame[8:], expected_user_frame(golden, step, "voiced_"),
+                                      err_msg=f"predicted user frame at step {step}")

@@ -27,8 +27,10 @@ is our step c. Written per call c (row 0: call 0, nothing forwarded, -1):
   their `step_system_prompts` with a text prompt only (`prompt_text`, wrapped by their
   `wrap_with_system_tags` into `prompt_wrapped`, encoded by the fixture's SentencePiece
   tokenizer into `prompt_tokens`; no voice, 6 silence frames before and after it, as their
-  offline.py sets them): rows 0 .. P - 1 (`prompt_calls` = P) are the prompt's calls, row P + c
-  the call given user_codes[c]; text rows hold the forced token where one was forced;
+  offline.py sets them): rows 0 .. P - 1 (`prompted_calls` = P) are the prompt's calls, row
+  P + c the call given user_codes[c]; text rows hold the forced token where one was forced;
+- `voiced_text`, `voiced_audio`, `voiced_out`, `voiced_calls`: the same with the voice below
+  replayed first from its .pt (their `load_voice_prompt_embeddings`);
 - `voice_codes` [8, 5]: random Mimi codes given to their voice phase (their
   `_step_voice_prompt_core`, save_voice_prompt_embeddings=True, the Mimi encoding replaced by
   these codes) on the bf16 file in float32; their code saved --voice (.pt), and
@@ -78,11 +80,11 @@ def build_model(state: dict[str, torch.Tensor]):
     return model
 
 
-def run(model, user_codes: np.ndarray, prompt_tokens: list[int] | None = None
-        ) -> dict[str, np.ndarray]:
+def run(model, user_codes: np.ndarray, prompt_tokens: list[int] | None = None,
+        voice: Path | None = None) -> dict[str, np.ndarray]:
     """Their greedy generator on `user_codes` (one frame a call); with `prompt_tokens`, after
-    their `step_system_prompts` (text prompt only, 6 silence frames around it, as offline.py
-    sets them). Rows: every call, the prompt's first."""
+    their `step_system_prompts` (6 silence frames around the text prompt, as offline.py sets
+    them; with `voice`, a saved voice replayed first). Rows: every call, the prompt's first."""
     from moshi.models.lm import LMGen
 
     gen = LMGen(model, device="cpu", use_sampling=False, sample_rate=24000, frame_rate=12.5,
@@ -97,6 +99,8 @@ def run(model, user_codes: np.ndarray, prompt_tokens: list[int] | None = None
         return tokens
 
     gen.depformer_step = depformer_step
+    if voice is not None:
+        gen.load_voice_prompt_embeddings(str(voice))
     outs: dict[int, np.ndarray] = {}
     with torch.no_grad(), gen.streaming(1):
         if prompt_tokens is not None:
@@ -239,14 +243,6 @@ def main() -> None:
                                                                 args.our_python)
             for key, value in run(build_model(state), user_codes).items():
                 result[f"q{bits}_{key}"] = value
-        prompt = wrap_with_system_tags(PROMPT_TEXT)
-        tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(args.tokenizer))
-        prompt_tokens = tokenizer.encode(prompt)
-        prompted = run(build_model(load_file(str(weights))), user_codes, prompt_tokens)
-        result.update({f"prompted_{key}": value for key, value in prompted.items()})
-        result.update(prompt_text=PROMPT_TEXT, prompt_wrapped=prompt,
-                      prompt_tokens=np.array(prompt_tokens, dtype=np.int32),
-                      prompt_calls=len(prompted["text"]) - CALLS)
         voice_codes = np.random.default_rng(VOICE_SEED).integers(0, 2048, (8, VOICE_FRAMES),
                                                                  dtype=np.int32)
         saved = voice_prompt(build_model(load_file(str(weights))), voice_codes, Path(folder))
@@ -254,6 +250,16 @@ def main() -> None:
         args.voice.write_bytes(saved.read_bytes())
         result.update(voice_codes=voice_codes, voice_embeddings=voice["embeddings"].numpy(),
                       voice_cache=voice["cache"].numpy())
+        prompt = wrap_with_system_tags(PROMPT_TEXT)
+        tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(args.tokenizer))
+        prompt_tokens = tokenizer.encode(prompt)
+        result.update(prompt_text=PROMPT_TEXT, prompt_wrapped=prompt,
+                      prompt_tokens=np.array(prompt_tokens, dtype=np.int32))
+        for name, voice_file in (("prompted", None), ("voiced", saved)):
+            runs = run(build_model(load_file(str(weights))), user_codes, prompt_tokens,
+                       voice_file)
+            result.update({f"{name}_{key}": value for key, value in runs.items()})
+            result[f"{name}_calls"] = len(runs["text"]) - CALLS
     odd = odd_tensors()
     torch.save(odd, args.odd)
     result.update(odd_bf16=odd["bf16"].float().numpy(), odd_half=odd["half"].numpy(),

@@ -123,6 +123,17 @@ class LmGen:
         """The conversation's streaming state (read it; `step` and `reset` change it)."""
         return self._state
 
+    def set_last_tokens(self, text, audio) -> None:
+        """Make the next step read `text` [B] and Moshi's `audio` [B, num_own] as the last
+        step's own tokens (in the delayed layout: as that step forced or sampled them), and
+        return that audio where a frame does. After replaying a PersonaPlex voice's saved
+        embeddings, its token cache holds them (see `loading.torch_pickle`)."""
+        state = self._state
+        if state.steps == 0:
+            raise ValueError("set_last_tokens needs a step before it")
+        state.text = mx.array(text).astype(mx.int32)
+        state.audio_tokens = [*state.audio_tokens[:-1], mx.array(audio).astype(mx.int32)]
+
     # ------------------------------------------------------------------ inputs
     def _input_tokens(self, state: LmStreamState, batch: int) -> mx.array:
         """The 1 + n_q tokens [B, 1 + n_q] read by step `state.steps`."""

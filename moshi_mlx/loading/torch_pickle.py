@@ -116,7 +116,12 @@ def read_torch_file(path: str | os.PathLike) -> Any:
 def read_personaplex_voice(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """A PersonaPlex voice (voices.tgz's .pt) -> (embeddings float32 [N-1, dim]: the summed
     input embedding of each forward of its voice phase, cache int64 [17, C]: NVIDIA's token
-    ring after it (C = max delay + 3 columns; column p % C holds position p))."""
+    ring after it (C = max delay + 3 columns; column p % C holds position p)).
+
+    Replaying it with `LmGen` (N voice frames; NVIDIA's forward t + 1 is our step t): step
+    t = 0 .. N-2 with `embedded=embeddings[t]` (any forced tokens, user SINE_TOKENS), then
+    `set_last_tokens(cache[0, (N-1) % C], cache[1:9, (N-1) % C])`; the next step forces
+    codebooks 1..7 of Moshi's stream to cache[2:9, N % C] (the voice's last frame, delayed)."""
     data = read_torch_file(path)
     name = Path(path).name
     if not isinstance(data, dict) or not {"embeddings", "cache"} <= set(data):
