@@ -310,7 +310,7 @@ def test_text_prompt_forced_through_lm_gen_matches_nvidia(personaplex_file, gold
     # feeds position f (codebook 0) and f + 1 (the others); our step s forces position s + 1.
     # The last prompt step forces only the late codebooks (-1: sampled), as theirs provides.
     tokens = golden["prompt_tokens"]
-    prompt_frames = int(golden["prompt_calls"])
+    prompt_frames = int(golden["prompted_calls"])
     assert prompt_frames == 2 * SILENCE_FRAMES + len(tokens)
     text = np.full(prompt_frames, PAD)
     text[SILENCE_FRAMES : SILENCE_FRAMES + len(tokens)] = tokens
