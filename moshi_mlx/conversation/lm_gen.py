@@ -124,10 +124,10 @@ class LmGen:
         return self._state
 
     def set_last_tokens(self, text, audio) -> None:
-        """Make the next step read `text` [B] and Moshi's `audio` [B, num_own] as the last
-        step's own tokens (in the delayed layout: as that step forced or sampled them), and
-        return that audio where a frame does. After replaying a PersonaPlex voice's saved
-        embeddings, its token cache holds them (see `loading.torch_pickle`)."""
+        """Replace the last step's own tokens: the next step reads `text` [B] and Moshi's
+        `audio` [B, num_own] (in the delayed layout, as that step forced or sampled them), and
+        the frames that hold those codebooks return them. After replaying a PersonaPlex
+        voice's saved embeddings, its token cache holds them (`loading.torch_pickle`)."""
         state = self._state
         if state.steps == 0:
             raise ValueError("set_last_tokens needs a step before it")
