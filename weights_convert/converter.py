@@ -481,6 +481,8 @@ def _output_config(source: Path | None, checkpoint: Checkpoint) -> dict[str, Any
             data = checkpoint.family.complete_config(data, json_beside(source))
     else:  # none, or a transformers one: the official keys of what was read
         data = checkpoint.config.to_dict()
+    if hasattr(checkpoint.family, "layout_keys"):  # found in the tensors (PersonaPlex)
+        data.update(checkpoint.family.layout_keys(checkpoint.config))
     for key in (hub.WEIGHTS_NAME_KEY, hub.TOKENIZER_NAME_KEY, hub.CODEC_NAME_KEY,
                 hub.CODEC_CONFIG_KEY):
         data.pop(key, None)

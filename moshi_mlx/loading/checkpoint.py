@@ -28,6 +28,7 @@ from moshi_mlx.errors import WeightsError
 from moshi_mlx.loading import hub
 from moshi_mlx.loading.config import ResolvedConfig, resolve_config
 from moshi_mlx.loading.families import (
+    config_ignored,
     describe,
     files_of,
     model_type_of_tensors,
@@ -150,6 +151,8 @@ def inspect_checkpoint(path: str | os.PathLike | list[Path], config: Any = None,
     if not files.owner:
         raise WeightsError(f"{name} holds no tensors: not a {describe(family, cfg)} checkpoint")
     _check_family(files, resolved, model_types)
+    if hasattr(family, "fit_layout"):  # e.g. Moshi's depformer size (PersonaPlex) by name
+        cfg = family.fit_layout(cfg, list(files.owner), name)
     mapped: dict[str, mx.array] = {}
     origin: dict[str, str] = {}
     try:
@@ -215,7 +218,8 @@ def load_model(weights: str | os.PathLike, config: Any = None, quantize: int | N
     check_quantize(quantize)
     compute = resolve_dtype(dtype)
     files = hub.model_files(weights, quantize)
-    if config is None and not Path(weights).expanduser().exists():  # a repo: its config.json
+    if (config is None and not Path(weights).expanduser().exists()  # a repo: its config.json
+            and not config_ignored(str(weights))):
         config = hub.optional_file(weights, hub.CONFIG_NAME)
     checkpoint = inspect_checkpoint(files, config, model_types)
     check_requested_bits(checkpoint, quantize)

@@ -16,6 +16,7 @@ from moshi_mlx.loading.families import (
     DEFAULT_MODEL_TYPE,
     FAMILIES,
     MODEL_TYPE_ALIASES,
+    config_ignored,
     family_module,
     other_family_error,
 )
@@ -48,6 +49,15 @@ def json_beside(config_path: str | os.PathLike | None) -> Callable[[str], dict[s
     return read
 
 
+def config_beside(weights_path: Path) -> Path | None:
+    """The config.json beside a weight file, unless that file is a released repo's whose
+    config.json is not ours to read (PersonaPlex's, `families.config_ignored`)."""
+    beside = weights_path.parent / hub.CONFIG_NAME
+    if not beside.is_file() or config_ignored(hub.cached_repo(weights_path) or ""):
+        return None
+    return beside
+
+
 @dataclass
 class ResolvedConfig:
     model_type: str
@@ -77,7 +87,7 @@ def resolve_config(config: Any, weights_path: Path | None,
         data = dict(config)
     elif config is not None:
         path = Path(config)
-    elif weights_path is not None and (beside := weights_path.parent / hub.CONFIG_NAME).is_file():
+    elif weights_path is not None and (beside := config_beside(weights_path)) is not None:
         path = beside
     if path is not None:
         data, source = read_config_json(path), str(path)

@@ -61,9 +61,11 @@ class ModelFamily(Protocol):
       `STORED_DTYPE` (the safetensors float dtype its checkpoints must use, or None for any);
     - `FILES`: model_type -> FamilyFiles keyword arguments.
 
-    Optional hooks: `describe(config)`, `fit_config(config, tensors)` (the config fitted to
-    optional parts a checkpoint may or may not have), `complete_config(data, read_beside)`
-    (config.json data completed from the files beside it, read by `read_beside(name)`) and
+    Optional hooks: `describe(config)`, `fit_layout(config, tensor_names, source)` (the config
+    fitted to the checkpoint's tensor names before they are mapped), `fit_config(config,
+    tensors)` (the config fitted to optional parts a checkpoint may or may not have),
+    `complete_config(data, read_beside)` (config.json data completed from the files beside
+    it, read by `read_beside(name)`) and
     `CONFIG_MARKERS` (keys that identify its config.json when `model_type` is absent).
     """
 
@@ -106,6 +108,9 @@ class FamilyFiles:
     codec_in_repos: bool = True
     needs_config: bool = False  # no usable default config: a checkpoint needs its config.json
     bundled_prefixes: tuple[str, ...] = ()  # where other families' checkpoints carry this one
+    # Released repos whose config.json does not describe their weights (PersonaPlex's: its
+    # own loader never reads it): the config comes from the weights (`fit_layout`).
+    repos_without_config: tuple[str, ...] = ()
 
     @property
     def command(self) -> str:
@@ -151,6 +156,11 @@ def files_of(model_type: str) -> FamilyFiles:
 def families_for(command: str) -> tuple[str, ...]:
     """The model_types a command takes, in registry order (the first is its default)."""
     return tuple(t for t in FAMILIES if command in files_of(t).commands)
+
+
+def config_ignored(repo: str) -> bool:
+    """A released repo whose config.json is not read (FamilyFiles.repos_without_config)."""
+    return any(repo in files_of(t).repos_without_config for t in FAMILIES)
 
 
 def model_type_of_tensors(tensor_names: Any) -> str | None:

@@ -174,6 +174,15 @@ def model_files(weights: str | os.PathLike, quantize: int | None) -> list[Path]:
         return files
 
 
+def cached_repo(path: str | os.PathLike) -> str | None:
+    """The repo id whose huggingface_hub cache folder holds `path` (".../models--owner--name/
+    snapshots/..."), or None."""
+    for part in Path(path).parts:
+        if part.startswith("models--") and part.count("--") == 2:
+            return part[len("models--"):].replace("--", "/")
+    return None
+
+
 def optional_file(path_or_repo: str | os.PathLike, filename: str) -> Path | None:
     """`filename` from a folder or repo when it has one (or can have it now), else None."""
     path = Path(path_or_repo).expanduser()

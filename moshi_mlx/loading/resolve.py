@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 from moshi_mlx.errors import WeightsError
 from moshi_mlx.loading import hub
-from moshi_mlx.loading.config import read_config_json
+from moshi_mlx.loading.config import config_beside, read_config_json
 from moshi_mlx.loading.families import (
     FamilyFiles,
+    config_ignored,
     families_for,
     files_of,
     model_type_of_tensors,
@@ -76,11 +77,12 @@ def resolve(command: str, source: PathLike | None = None, *, variant: str | None
     if own.model_type == "mimi":
         return _resolve_mimi(own, weights or home)
     from_home = weights is None or source is not None  # the source's config, else the weights'
-    config_path = _config(config, home if from_home else None, own.needs_config and required)
+    no_config = config is None and home is not None and config_ignored(str(home))
+    config_path = None if no_config else _config(config, home if from_home else None,
+                                                 own.needs_config and required)
     weight_files = _weight_files(weights, home, quantize, config_path)
-    if config_path is None and config is None:
-        beside = weight_files[0].parent / hub.CONFIG_NAME
-        config_path = beside if beside.is_file() else None
+    if config_path is None and config is None and not no_config:
+        config_path = config_beside(weight_files[0])
     if config_path is None and all(files_of(t).needs_config for t in accepted):
         _refuse_other_family(weight_files, accepted)  # the config would not be the issue
         raise WeightsError(f"a {own.name} model needs its {hub.CONFIG_NAME}: there is none with "

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
+from moshi_mlx.errors import WeightsError
 from moshi_mlx.models import lm_layouts
 from moshi_mlx.models.lm_config import LmConfig
 from moshi_mlx.modules.norm import RmsNorm
@@ -97,18 +98,33 @@ class Depformer(nn.Module):
                  sample: Callable[[mx.array, int], mx.array]) -> tuple[mx.array, list[mx.array]]:
         """hidden [B, dim] (normed temporal output), text_token [B] -> audio tokens [B, dep_q]
         and the logits [B, card] of each slice. `sample(logits, k)` picks slice k's token."""
-        num_layers = len(self.slices[0].transformer.layers)
-        caches = [KVCache(self.context) for _ in range(num_layers)]  # shared by all slices
-        previous = text_token
+        tokens, all_logits = self.run(hidden, text_token, sample, self.new_caches(),
+                                      range(len(self.slices)))
+        return mx.stack(tokens, axis=1), all_logits
+
+    def new_caches(self) -> list[KVCache]:
+        """Empty caches for one frame, shared by all its slices."""
+        return [KVCache(self.context) for _ in self.slices[0].transformer.layers]
+
+    def run(self, hidden: mx.array, previous: mx.array,
+            sample: Callable[[mx.array, int], mx.array], caches: list[KVCache],
+            steps: range, feed: Callable[[int, mx.array], mx.array] | None = None
+            ) -> tuple[list[mx.array], list[mx.array]]:
+        """Slices `steps` of one frame (a frame may run in parts: `caches` carry the earlier
+        slices), starting from the token `previous` [B] that the first of them reads ->
+        (their tokens [B], their logits [B, card]). `feed(k, token)`: the token slice k + 1
+        reads instead of slice k's own (teacher forcing); default: its own."""
         tokens, all_logits = [], []
-        for k, part in enumerate(self.slices):
+        for k in steps:
+            part = self.slices[k]
             x = part.linear_in(hidden) + part.emb(previous)
             x = part.transformer(x[:, None, :], caches)
             logits = part.linear_out(x[:, 0, :])
-            previous = sample(logits, k)
-            tokens.append(previous)
+            token = sample(logits, k)
+            previous = token if feed is None else feed(k, token)
+            tokens.append(token)
             all_logits.append(logits)
-        return mx.stack(tokens, axis=1), all_logits
+        return tokens, all_logits
 
 
 class Lm(nn.Module):
@@ -161,20 +177,22 @@ class Lm(nn.Module):
             total = total + self.audio_embs[k](tokens[:, k + 1])
         return total + self.text_emb(tokens[:, 0])
 
-    def temporal(self, tokens: mx.array, caches: list[KVCache], compiled: bool = False
-                 ) -> tuple[mx.array, mx.array]:
+    def temporal(self, tokens: mx.array | None, caches: list[KVCache], compiled: bool = False,
+                 embedded: mx.array | None = None) -> tuple[mx.array, mx.array]:
         """One temporal step: tokens [B, 1 + n_q] -> (normed hidden [B, dim], text logits).
 
-        compiled: run the fixed-shape pieces through `mx.compile` (same results, fewer
-        separately dispatched ops); compiled graphs are built on first use, so compile only
-        once the weights are loaded."""
+        embedded: the summed input embedding [B, dim] to read instead of embedding `tokens`
+        (a replayed PersonaPlex voice prompt holds these). compiled: run the fixed-shape
+        pieces through `mx.compile` (same results, fewer separately dispatched ops);
+        compiled graphs are built on first use, so compile only once the weights are
+        loaded."""
         if not compiled:
-            x = self.embed(tokens)[:, None, :]
+            x = (self.embed(tokens) if embedded is None else embedded)[:, None, :]
             return self.head(self.transformer(x, caches))
         if self._compiled is None:
             self._compiled = _CompiledTemporal(self)
         fast = self._compiled
-        x = fast.embed(tokens)[:, None, :]
+        x = (fast.embed(tokens) if embedded is None else embedded)[:, None, :]
         for layer, cache, mlp_block in zip(self.transformer.layers, caches, fast.mlp_blocks,
                                            strict=True):
             x = mlp_block(x + layer.self_attn(layer.norm1(x), cache))
@@ -223,6 +241,8 @@ DESCRIPTION = "Kyutai LM"
 
 
 def describe(config: LmConfig) -> str:
+    if config.predicts_user:
+        return "PersonaPlex LM"
     return "Kyutai STT LM" if config.is_stt else "Moshi LM"
 
 
@@ -232,6 +252,10 @@ CONFIG_MARKERS = ("text_card", "dep_q", "n_q")  # official config.json keys (no 
 # Files and released repos, by model_type (moshi_mlx.loading.families.FamilyFiles).
 _MOSHI_REPOS = {voice: {4: f"kyutai/{voice}-mlx-q4", 8: f"kyutai/{voice}-mlx-q8",
                         None: f"kyutai/{voice}-mlx-bf16"} for voice in ("moshiko", "moshika")}
+# NVIDIA's PersonaPlex (PyTorch layout, bf16, dep_q 16; -q quantizes it while loading): the
+# file names of Kyutai's repos (model.safetensors, tokenizer_spm_32k_3.model, Mimi's).
+PERSONAPLEX_REPO = "nvidia/personaplex-7b-v1"
+_MOSHI_REPOS["personaplex"] = {None: PERSONAPLEX_REPO}
 FILES = {
     "moshi": dict(name="Moshi", repos=_MOSHI_REPOS,
                   commands=("moshi_mlx.local", "moshi_mlx.local_web", "weights_convert"),
@@ -239,7 +263,7 @@ FILES = {
                            "pytorch": ("depformer_in.", "linears.", "depformer."),
                            "transformers": ("depth_decoder.layers.", "decoder.model.layers.")},
                   tokenizer="sentencepiece", tokenizer_name="tokenizer_spm_32k_3.model",
-                  codec="mimi"),
+                  codec="mimi", repos_without_config=(PERSONAPLEX_REPO,)),
     "stt": dict(name="Kyutai STT",
                 commands=("moshi_mlx.stt", "moshi_mlx.run_inference", "weights_convert"),
                 repos={"1b": {None: "kyutai/stt-1b-en_fr-mlx"},
@@ -250,6 +274,32 @@ FILES = {
 }
 
 EXTRA_HEAD_KEY = re.compile(r"extra_heads\.(\d+)\.weight")
+# The first weight of each depformer slice: PyTorch layout, ours (either may be quantized).
+_SLICE_KEY = re.compile(r"depformer_in\.(\d+)\.weight|depformer\.slices\.(\d+)\.linear_in\.weight")
+
+
+def fit_layout(config: LmConfig, tensor_names, source: str) -> LmConfig:
+    """The config fitted to the depformer the checkpoint holds, from its tensor names alone
+    (before they are mapped). PersonaPlex ships no usable config.json: a Moshi config meets a
+    file with a slice per audio stream (n_q), and becomes PersonaPlex's (`as_personaplex`).
+    A PersonaPlex config given a plain Moshi file (its own codebooks only) is one line: the
+    user's slices cannot be made up (NVIDIA's loader copies slices 0..7 to 8..15, which has
+    no source for depformer_emb.7)."""
+    if config.dep_q == 0:
+        return config
+    found = [int(m[1] or m[2]) for name in tensor_names if (m := _SLICE_KEY.fullmatch(name))]
+    slices = max(found) + 1 if found else None
+    if slices is None or slices == config.dep_q:
+        return config
+    if config.predicts_user and slices == config.own_audio_q:
+        pytorch = any(name.startswith("depformer_in.") for name in tensor_names)
+        missing = (f"depformer_emb.{slices - 1}" if pytorch
+                   else f"depformer.slices.{slices}.emb.weight")
+        raise WeightsError(f"{source} is a plain Moshi checkpoint ({slices} depformer slices, "
+                           f"{missing} missing), not a PersonaPlex one (dep_q {config.dep_q})")
+    if not config.predicts_user and slices == config.n_q:
+        return config.as_personaplex()
+    return config
 
 
 def fit_config(config: LmConfig, tensors: dict[str, mx.array]) -> LmConfig:
@@ -261,6 +311,16 @@ def fit_config(config: LmConfig, tensors: dict[str, mx.array]) -> LmConfig:
     if not rows:
         return config.with_overrides(extra_heads_num_heads=0)
     return config.with_overrides(extra_heads_num_heads=len(rows), extra_heads_dim=rows[0])
+
+
+def layout_keys(config: LmConfig) -> dict:
+    """The config.json keys `fit_layout` decides from the tensors (PersonaPlex's), with this
+    config's values; none for any other model. The converter writes them over the source's
+    config.json, which may describe a plain Moshi."""
+    if not config.predicts_user:
+        return {}
+    return {"dep_q": config.dep_q, "depformer_context": config.depformer_context,
+            "system_prompt_tags": config.system_prompt_tags}
 
 
 def quant_predicate(path: str, module: nn.Module) -> bool:

@@ -2,7 +2,8 @@
 (temporal transformer only, `dep_q` 0, optional `extra_heads` = semantic VAD).
 
 `LmConfig` mirrors the keys of the official lm `config.json`; `LmConfig.moshi_7b()` is the
-released Moshiko/Moshika v0.1 model.
+released Moshiko/Moshika v0.1 model, `LmConfig.personaplex_7b()` NVIDIA's PersonaPlex-7B (the
+same model with `dep_q` 16: its depformer predicts Moshi's 8 codebooks, then the user's 8).
 """
 
 from __future__ import annotations
@@ -101,6 +102,8 @@ class LmConfig:
     extra_heads_num_heads: int = 0
     extra_heads_dim: int = 6
     stt_config: SttConfig | None = None
+    # PersonaPlex: a text prompt is wrapped in "<system>" tags (conversation.prompts).
+    system_prompt_tags: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "delays", tuple(int(d) for d in self.delays))
@@ -117,6 +120,24 @@ class LmConfig:
     def model_type(self) -> str:
         """The loader's family name (config.json `model_type`)."""
         return "stt" if self.is_stt else "moshi"
+
+    # ----------------------------------------------------------------- streams
+    @property
+    def predicts_user(self) -> bool:
+        """The depformer predicts every audio stream, the user's too (PersonaPlex, dep_q =
+        n_q): Moshi's codebooks first, then the user's."""
+        return self.dep_q == self.n_q and self.dep_q > 0
+
+    @property
+    def own_audio_q(self) -> int:
+        """Moshi's own audio codebooks (its output stream)."""
+        return self.n_q // 2 if self.predicts_user else self.dep_q
+
+    @property
+    def user_audio_q(self) -> int:
+        """The user's audio codebooks, always an input (0 for STT, which reads all n_q as
+        input; see is_stt)."""
+        return self.n_q - self.own_audio_q if self.dep_q else 0
 
     # ----------------------------------------------------------------- derived sizes
     @property
@@ -153,6 +174,23 @@ class LmConfig:
     def moshi_7b(cls) -> LmConfig:
         """Moshiko / Moshika v0.1 (7B)."""
         return cls()
+
+    @classmethod
+    def personaplex_7b(cls) -> LmConfig:
+        """NVIDIA PersonaPlex-7B v1: Moshi 7B whose depformer has 16 slices (its own loader
+        hard-codes these sizes; its depformer attends over all 16 steps of a frame)."""
+        return cls.moshi_7b().as_personaplex()
+
+    def as_personaplex(self) -> LmConfig:
+        """This Moshi config with a depformer for both audio streams (dep_q = n_q) and system
+        tags around text prompts, as PersonaPlex's loader builds it from Moshi's sizes.
+
+        Its depformer window is n_q - 1 steps: NVIDIA's depformer cache holds the 16 steps of
+        a frame, but its ring (their fork's transformer.py) labels the oldest entry as the
+        newest once it is exactly full, so the 16th slice never sees the 1st. A window of 15
+        gives the same attention (only the user's last codebook prediction depends on it)."""
+        return replace(self, dep_q=self.n_q, depformer_context=self.n_q - 1,
+                       system_prompt_tags=True)
 
     @classmethod
     def default(cls) -> LmConfig:
@@ -195,6 +233,8 @@ class LmConfig:
             del data["stt_config"]
         if self.extra_heads_num_heads == 0:
             del data["extra_heads_num_heads"], data["extra_heads_dim"]
+        if not self.system_prompt_tags:
+            del data["system_prompt_tags"]
         return data
 
     def with_overrides(self, **changes: Any) -> LmConfig:
@@ -215,8 +255,12 @@ class LmConfig:
         need(self.dim % self.num_heads == 0, f"dim {self.dim} not divisible by num_heads")
         need(self.depformer_dim % self.depformer_num_heads == 0,
              f"depformer_dim {self.depformer_dim} not divisible by depformer_num_heads")
-        need(self.context >= 1 and self.depformer_context >= self.dep_q,
-             "context must be >= 1 and depformer_context >= dep_q")
+        need(not self.predicts_user or self.n_q % 2 == 0,
+             "a depformer over every audio stream (dep_q = n_q) needs an even n_q")
+        # PersonaPlex: one step less (see as_personaplex)
+        least_window = self.dep_q - 1 if self.predicts_user else self.dep_q
+        need(self.context >= 1 and self.depformer_context >= least_window,
+             f"context must be >= 1 and depformer_context >= {least_window}")
         need(self.causal, "only causal LMs are supported (causal: true)")
         need(self.gating == "silu" and self.depformer_gating == "silu",
              "only SiLU gating is supported")

@@ -36,6 +36,13 @@ class LmStreamState:
     audio_tokens: list[mx.array] = field(default_factory=list)
     user_codes: list[mx.array] = field(default_factory=list)
     audio_logits: list[mx.array] | None = None
+    # dep_q 16 (PersonaPlex) only: the model's predictions of the user's codebooks [B,
+    # num_user], newest max_delay + 1 steps, oldest first (before the delays are undone), and
+    # what the last step leaves for its user slices, which run at the next step (they read
+    # that step's user frame): (hidden, the token the first one reads, the depformer's cache
+    # arrays, the step's PRNG keys).
+    user_predicted: list[mx.array] = field(default_factory=list)
+    user_slices_pending: tuple | None = None
 
     @classmethod
     def start(cls, lm: Lm, seed: int | None) -> LmStreamState:
