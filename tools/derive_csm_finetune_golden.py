@@ -194,10 +194,9 @@ def main() -> None:
     attention = torch.from_numpy(np.arange(steps)[None, :] < np.array(lengths)[:, None]).long()
     embeds = embeds * attention[..., None]
 
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         param.requires_grad_(False)
     leaves = {}
-    modules = {}
     for path in TARGETS:
         target = hf_module(model, path)
         first = target[0] if isinstance(target, tuple) else target
@@ -210,7 +209,6 @@ def main() -> None:
                          requires_grad=True)
         attach_lora(model, path, a, b)
         leaves[path] = (a, b)
-        modules[path] = target
 
     result = model(inputs_embeds=embeds, attention_mask=attention,
                    labels=torch.from_numpy(label_array))
