@@ -75,7 +75,7 @@ LAYERS = (
     {"entry"},
 )
 ENTRY_POINTS = {"local", "local_web", "stt", "tts", "mimi", "run_inference", "serve",
-                "text"}
+                "text", "finetune"}
 
 
 def _room(module: str) -> str | None:

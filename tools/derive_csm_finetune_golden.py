@@ -32,10 +32,12 @@ transformers' q_proj, k_proj and v_proj, the q and k columns reordered to transf
 halves (permute_for_rope). After backward, the gradients of A and B are written.
 
 Written: `tokens`, `mask` int32/bool [B, S, 33] (our frame rows), `labels` int32 [B, S, 32],
-`depth_dropped` bool [B, S], `lengths`, the conversations (`conv{i}_turn{j}_{speaker,text,
-codes}`), `loss`, `backbone_loss`, `depth_decoder_loss`, `lora_rank`, `lora_scale`,
-`lora_paths`, and per path `{path}.lora_a`, `.lora_b`, `.grad_lora_a`, `.grad_lora_b`;
-`versions` and the sha256 of hf/model.safetensors.
+`depth_dropped` bool [B, S], `lengths`, `full_loss`, `full_backbone_loss`,
+`full_depth_decoder_loss` (the same batch and LoRA with every frame in the depth loss), the
+conversations (`conv{i}_turn{j}_{speaker,text,codes}`), `loss`, `backbone_loss`,
+`depth_decoder_loss`, `lora_rank`, `lora_scale`, `lora_paths`, and per path
+`{path}.lora_a`, `.lora_b`, `.grad_lora_a`, `.grad_lora_b`; `versions` and the sha256 of
+hf/model.safetensors.
 """
 
 from __future__ import annotations
@@ -183,6 +185,7 @@ def main() -> None:
     depth_dropped = np.zeros((batch, steps), bool)
     for b, s in frame_index[drawn]:
         depth_dropped[b, s] = True
+    every_frame = label_array.copy()  # depth_decoder_labels_ratio 1.0: no frame left out
     label_array[depth_dropped, 1:] = -100
 
     with torch.no_grad():
@@ -213,13 +216,20 @@ def main() -> None:
     result = model(inputs_embeds=embeds, attention_mask=attention,
                    labels=torch.from_numpy(label_array))
     result.loss.backward()
+    with torch.no_grad():
+        full = model(inputs_embeds=embeds, attention_mask=attention,
+                     labels=torch.from_numpy(every_frame))
     out.update(
         tokens=tokens, mask=mask, labels=label_array.astype(np.int32),
         depth_dropped=depth_dropped, lengths=np.array(lengths, np.int32),
         loss=np.float32(result.loss.item()),
         backbone_loss=np.float32(result.backbone_loss.item()),
         depth_decoder_loss=np.float32(result.depth_decoder_loss.item()),
-        depth_ratio=np.float32(DEPTH_RATIO), lora_rank=np.int32(RANK),
+        depth_ratio=np.float32(DEPTH_RATIO),
+        full_loss=np.float32(full.loss.item()),
+        full_backbone_loss=np.float32(full.backbone_loss.item()),
+        full_depth_decoder_loss=np.float32(full.depth_decoder_loss.item()),
+        lora_rank=np.int32(RANK),
         lora_scale=np.float32(SCALE), lora_paths=np.array(TARGETS),
         versions=np.str_(json.dumps({"torch": torch.__version__,
                                      "transformers": transformers.__version__})),

@@ -1,0 +1,141 @@
+"""python -m moshi_mlx.finetune csm: overfitting one sample, --test --json against transformers'
+loss, adapters for another model, Ctrl-C saving the adapter."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from moshi_mlx.finetune import main
+from moshi_mlx.training.lora import LoraSettings, apply_lora, save_adapter
+
+CSM = Path(__file__).parent / "fixtures" / "csm"
+MODEL_ARGS = ["--model", str(CSM / "sesame"), "--tokenizer", str(CSM / "tokenizer.json")]
+
+
+def _base():
+    from moshi_mlx.loading.models import load_csm
+
+    return load_csm(CSM / "sesame", dtype=mx.float32)
+
+
+def test_a_tiny_model_trained_on_one_sample_speaks_it_back(tmp_path, csm_library, capsys):
+    from moshi_mlx.speech.generate import generate_speech
+    from moshi_mlx.training.lora import load_adapter
+
+    _, tokenizer = csm_library
+    with np.load(CSM / "csm_golden.npz") as golden:
+        # frames the fixture model itself speaks for another prompt (its heads can reach
+        # them), ending on the all-zero frame
+        target = golden["hf_a_frames"][:3].astype(np.int32)
+    np.save(tmp_path / "target.npy", target.T)
+    text, speaker = "Numbers like seven.", 1
+    (tmp_path / "one.json").write_text(json.dumps(
+        [[{"speaker": speaker, "text": text, "codes": "target.npy"}]]))
+    before = generate_speech(_base(), tokenizer, text, speaker, temperature=0, max_frames=8,
+                             stop="eos")
+    assert not np.array_equal(before[:3], target)
+
+    adapters = tmp_path / "adapters"
+    assert main(["csm", *MODEL_ARGS, "--data", str(tmp_path / "one.json"), "--adapter-path",
+                 str(adapters), "--iters", "200", "--batch-size", "1", "--learning-rate",
+                 "1e-3", "--num-layers", "-1", "--steps-per-report", "100",
+                 "--save-every", "150"]) == 0
+    out = capsys.readouterr().out
+    assert "iter 200: train loss" in out and "frames/s" in out and "peak memory" in out
+    assert (adapters / "0000150_adapters.safetensors").is_file()
+    config = json.loads((adapters / "adapter_config.json").read_text())
+    assert config["family"] == "csm" and config["lora_parameters"]["rank"] == 8
+    assert len(config["lora_paths"]) == 20  # 5 linears x (2 backbone + 2 decoder layers)
+
+    tuned = _base()
+    load_adapter(tuned, adapters, family="csm")
+    after, stop = generate_speech(tuned, tokenizer, text, speaker, temperature=0, max_frames=8,
+                                  stop="eos", return_stop=True)
+    np.testing.assert_array_equal(after, target)
+    assert stop == "eos"
+
+
+@pytest.fixture()
+def golden_adapter(tmp_path) -> Path:
+    """The golden's LoRA (tools/derive_csm_finetune_golden.py) as an adapter folder, and its
+    conversations as data."""
+    from test_csm_finetune import write_golden_data
+
+    with np.load(CSM / "csm_finetune_golden.npz") as data:
+        golden = {k: data[k] for k in data.files}
+    model = _base()
+    paths = [str(p) for p in golden["lora_paths"]]
+    apply_lora(model, paths, int(golden["lora_rank"]), float(golden["lora_scale"]))
+    modules = dict(model.named_modules())
+    for path in paths:
+        modules[path].lora_a = mx.array(golden[f"{path}.lora_a"])
+        modules[path].lora_b = mx.array(golden[f"{path}.lora_b"])
+    save_adapter(model, tmp_path / "adapter", LoraSettings(
+        int(golden["lora_rank"]), float(golden["lora_scale"]), paths=tuple(paths),
+        family="csm"))
+    write_golden_data(golden, tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_test_json_is_transformers_loss_over_all_the_data(golden_adapter, capsys, batch_size):
+    with np.load(CSM / "csm_finetune_golden.npz") as golden:
+        expected = {k: float(golden[f"full_{k}"])
+                    for k in ("loss", "backbone_loss", "depth_decoder_loss")}
+        frames = int((golden["labels"][..., 0] != -100).sum())
+    assert main(["csm", *MODEL_ARGS, "--data", str(golden_adapter / "train.jsonl"),
+                 "--adapter-path", str(golden_adapter / "adapter"), "--test", "--json",
+                 "--batch-size", str(batch_size)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key, value in expected.items():
+        assert result[key] == pytest.approx(value, rel=1e-4), key
+    assert result["targets"] == frames
+
+
+def test_an_adapter_for_another_model_is_one_line(golden_adapter, capsys):
+    folder = golden_adapter / "adapter"
+    tensors = mx.load(str(folder / "adapters.safetensors"))
+    name = "backbone.layers.0.attn.qkv_proj.lora_a"
+    tensors[name] = mx.zeros((48, 4))
+    mx.save_safetensors(str(folder / "adapters.safetensors"), tensors)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["csm", *MODEL_ARGS, "--data", str(golden_adapter / "train.jsonl"),
+              "--adapter-path", str(folder), "--test"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert f"tensor {name} has shape (48, 4), this model needs (32, 4)" in err
+
+
+def test_ctrl_c_saves_the_adapter_and_says_so():
+    import mlx.nn as nn
+
+    from moshi_mlx.training.trainer import TrainingSettings, train
+
+    model = nn.Linear(4, 2)
+    saved = []
+
+    def batches():
+        yield mx.ones((1, 4))
+        yield mx.ones((1, 4))
+        raise KeyboardInterrupt
+
+    def loss_fn(m, batch):
+        loss = (m(batch) ** 2).mean()
+        return loss, mx.array(1), {}
+
+    result = train(model, loss_fn, batches(), TrainingSettings(iters=10, learning_rate=0.1),
+                   saved.append, report=lambda line: None)
+    assert result.interrupted and result.steps == 2 and saved == [None]
+
+
+def test_moshi_and_annotate_say_not_yet(capsys):
+    for command in ("moshi", "annotate"):
+        with pytest.raises(SystemExit):
+            main([command])
+        assert "not available yet" in capsys.readouterr().err
