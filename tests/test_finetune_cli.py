@@ -139,3 +139,52 @@ def test_moshi_and_annotate_say_not_yet(capsys):
         with pytest.raises(SystemExit):
             main([command])
         assert "not available yet" in capsys.readouterr().err
+
+
+def test_tts_with_the_adapter_equals_the_fused_folder(golden_adapter, csm_library, tmp_path):
+    from moshi_mlx.speech.generate import generate_speech
+    from moshi_mlx.training.lora import load_adapter
+    from moshi_mlx.tts import main as tts
+    from weights_convert.__main__ import main as convert
+
+    text, speaker = "Numbers like seven.", 1
+    adapter = golden_adapter / "adapter"
+    generation = ["--speaker", str(speaker), "--temperature", "0", "--max-frames", "6",
+                  "--stop", "eos"]
+    kept = tmp_path / "kept.npy"
+    assert tts([text, "--codes-out", str(kept), "--weights", str(CSM / "sesame"),
+                "--tokenizer", str(CSM / "tokenizer.json"), "--adapter-path", str(adapter),
+                *generation]) == 0
+    assert convert(["--input", str(CSM / "sesame" / "model.safetensors"), "--config",
+                    str(CSM / "sesame" / "config.json"), "--tokenizer",
+                    str(CSM / "tokenizer.json"), "--adapter-path", str(adapter), "--out",
+                    str(tmp_path / "fused")]) == 0
+    manifest = json.loads((tmp_path / "fused" / "manifest.json").read_text())
+    assert manifest["adapter"]["path"] == str(adapter)
+    fused = tmp_path / "fused.npy"
+    assert tts([text, "--codes-out", str(fused), "--weights", str(tmp_path / "fused"),
+                *generation]) == 0
+    model, tokenizer = _base(), csm_library[1]
+    base = generate_speech(model, tokenizer, text, speaker, temperature=0, max_frames=6,
+                           stop="eos")
+    load_adapter(model, adapter, family="csm")
+    library = generate_speech(model, tokenizer, text, speaker, temperature=0, max_frames=6,
+                              stop="eos")
+    assert len(library) > 0 and not np.array_equal(library, base[: len(library)])
+    np.testing.assert_array_equal(np.load(kept).T, library)
+    np.testing.assert_array_equal(np.load(fused).T, library)
+
+
+def test_convert_refuses_an_adapter_for_another_model(golden_adapter, tmp_path, capsys):
+    from weights_convert.__main__ import main as convert
+
+    config = json.loads((golden_adapter / "adapter" / "adapter_config.json").read_text())
+    config["lora_paths"].append("backbone.layers.7.mlp.up_proj")
+    (golden_adapter / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit):
+        convert(["--input", str(CSM / "sesame" / "model.safetensors"), "--config",
+                 str(CSM / "sesame" / "config.json"), "--adapter-path",
+                 str(golden_adapter / "adapter"), "--out", str(tmp_path / "fused")])
+    assert "adapts backbone.layers.7.mlp.up_proj, which this model lacks" in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "fused").exists()

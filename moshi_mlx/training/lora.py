@@ -150,7 +150,15 @@ def apply_lora(model: nn.Module, paths: Iterable[str], rank: int = DEFAULT_RANK,
                                "not a linear layer")
         wrapped.append((path, LoRALinear(module, rank, scale, dropout)))
     model.update_modules(tree_unflatten(wrapped))
+    _forget_compiled(model)
     return paths
+
+
+def _forget_compiled(model: nn.Module) -> None:
+    """A model that keeps compiled graphs (CSM) would go on running its old layers."""
+    forget = getattr(model, "forget_compiled", None)
+    if callable(forget):
+        forget()
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
@@ -211,6 +219,7 @@ def load_adapter_weights(model: nn.Module, weights_file: str | os.PathLike) -> N
         raise WeightsError(f"{weights_file}: tensor {missing[0]} is missing (an adapter made "
                            "for another model?)")
     model.update(tree_unflatten([(k, v.astype(expected[k].dtype)) for k, v in tensors.items()]))
+    _forget_compiled(model)
     mx.eval(model.parameters())
 
 
@@ -231,11 +240,47 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, family: str | None
     return settings
 
 
+def adapter_deltas(folder: str | os.PathLike, weight_shapes: dict[str, tuple[int, ...]],
+                   family: str | None = None) -> tuple[LoraSettings, dict[str, mx.array]]:
+    """What fusing the adapter of `folder` adds to each adapted weight: {"<path>.weight":
+    scale * (lora_b.T @ lora_a.T)} (float32), checked against the base's (out, in) weight
+    shapes `weight_shapes`; the first tensor that does not fit is named."""
+    settings = read_adapter_settings(folder)
+    if family and settings.family and settings.family != family:
+        raise WeightsError(f"{folder}: the adapter is for {settings.family}, not {family}")
+    weights_file = Path(folder) / ADAPTER_WEIGHTS_NAME
+    try:
+        tensors = mx.load(str(weights_file))
+    except Exception as exc:  # MLX raises plain RuntimeError / ValueError for bad files
+        raise WeightsError(f"{weights_file}: cannot read the adapter ({exc})") from None
+    deltas = {}
+    for path in settings.paths:
+        shape = weight_shapes.get(f"{path}.weight")
+        if shape is None:
+            raise WeightsError(f"{folder}: the adapter adapts {path}, which this model lacks "
+                               "(an adapter made for another model?)")
+        out_dim, in_dim = shape
+        for leaf, wanted in (("lora_a", (in_dim, settings.rank)),
+                             ("lora_b", (settings.rank, out_dim))):
+            name = f"{path}.{leaf}"
+            if name not in tensors:
+                raise WeightsError(f"{weights_file}: tensor {name} is missing")
+            if tuple(tensors[name].shape) != wanted:
+                raise WeightsError(f"{weights_file}: tensor {name} has shape "
+                                   f"{tuple(tensors[name].shape)}, this model needs {wanted} "
+                                   "(an adapter made for another model?)")
+        a = tensors[f"{path}.lora_a"].astype(mx.float32)
+        b = tensors[f"{path}.lora_b"].astype(mx.float32)
+        deltas[f"{path}.weight"] = settings.scale * (b.T @ a.T)
+    return settings, deltas
+
+
 def fuse_lora(model: nn.Module) -> int:
     """Replace every LoRALinear of `model` by its fused linear; returns how many."""
     fused = [(path, layer.fused()) for path, layer in lora_layers(model)]
     if fused:
         model.update_modules(tree_unflatten(fused))
+        _forget_compiled(model)
         mx.eval(model.parameters())
     return len(fused)
 
