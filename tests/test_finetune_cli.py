@@ -188,3 +188,54 @@ def test_convert_refuses_an_adapter_for_another_model(golden_adapter, tmp_path, 
     assert "adapts backbone.layers.7.mlp.up_proj, which this model lacks" in (
         capsys.readouterr().err)
     assert not (tmp_path / "fused").exists()
+
+
+def test_a_data_folder_validates_on_valid_jsonl(golden_adapter, capsys):
+    import shutil
+
+    data = golden_adapter / "folder"
+    data.mkdir()
+    for name in golden_adapter.glob("*.npy"):
+        shutil.copy(name, data / name.name)
+    lines = (golden_adapter / "train.jsonl").read_text().splitlines()
+    (data / "train.jsonl").write_text(lines[0] + "\n")
+    (data / "valid.jsonl").write_text(lines[1] + "\n")
+    (data / "test.jsonl").write_text(lines[1] + "\n")
+    adapters = golden_adapter / "trained"
+    assert main(["csm", *MODEL_ARGS, "--data", str(data), "--adapter-path", str(adapters),
+                 "--iters", "2", "--batch-size", "1", "--learning-rate", "1e-3",
+                 "--steps-per-eval", "2", "--num-layers", "1"]) == 0
+    val_line = [line for line in capsys.readouterr().out.splitlines() if "val loss" in line]
+    assert len(val_line) == 1 and val_line[0].startswith("iter 2: val loss ")
+    # the validation loss is the test loss of the saved adapter on the same conversation
+    assert main(["csm", *MODEL_ARGS, "--data", str(data), "--adapter-path", str(adapters),
+                 "--test", "--json"]) == 0
+    tested = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert val_line[0].split("val loss ")[1].split(",")[0] == f"{tested['loss']:.3f}"
+    config = json.loads((adapters / "adapter_config.json").read_text())
+    assert all(".layers.1." in path for path in config["lora_paths"])  # the last layer only
+
+
+def test_resume_adapter_file_starts_from_its_weights(golden_adapter, capsys):
+    resumed = golden_adapter / "resumed"
+    common = [*MODEL_ARGS, "--data", str(golden_adapter / "train.jsonl"), "--iters", "1",
+              "--batch-size", "1", "--num-layers", "-1", "--learning-rate", "1e-12"]
+    # the golden's adapter has rank 4 on 7 linears; this run puts rank 8 on 20
+    with pytest.raises(SystemExit):
+        main(["csm", *common, "--adapter-path", str(resumed), "--resume-adapter-file",
+              str(golden_adapter / "adapter" / "adapters.safetensors")])
+    assert "this model needs" in capsys.readouterr().err
+    assert main(["csm", *common, "--adapter-path", str(resumed), "--seed", "1"]) == 0
+    first = mx.load(str(resumed / "adapters.safetensors"))
+    # another seed draws other lora_a: equal leaves prove the resumed ones were used
+    assert main(["csm", *common, "--adapter-path", str(golden_adapter / "again"), "--seed", "2",
+                 "--resume-adapter-file", str(resumed / "adapters.safetensors")]) == 0
+    again = mx.load(str(golden_adapter / "again" / "adapters.safetensors"))
+    assert sorted(again) == sorted(first) and len(first) == 40
+    for name, value in first.items():
+        np.testing.assert_allclose(np.array(again[name]), np.array(value), atol=1e-9)
+    assert main(["csm", *common, "--adapter-path", str(golden_adapter / "fresh"),
+                 "--seed", "2"]) == 0
+    fresh = mx.load(str(golden_adapter / "fresh" / "adapters.safetensors"))
+    name = "backbone.layers.0.attn.qkv_proj.lora_a"
+    assert not np.allclose(np.array(fresh[name]), np.array(first[name]))

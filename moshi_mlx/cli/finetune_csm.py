@@ -179,6 +179,9 @@ def run_csm(args: argparse.Namespace) -> int:
     if args.test:
         if (args.adapter_path / ADAPTER_CONFIG_NAME).is_file():
             load_adapter(model, args.adapter_path, family=FAMILY)
+        else:
+            print(f"note: no adapter in {args.adapter_path}: the base model's loss",
+                  file=sys.stderr)
         result = evaluate(model, loss_fn, evaluation_batches(examples["test"], args.batch_size,
                                                              ratio, args.seed))
         if args.json:
