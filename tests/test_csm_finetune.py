@@ -189,3 +189,55 @@ def test_audio_is_encoded_once_and_cached_beside_the_data(tmp_path):
     read_conversations(path, other.of)
     assert calls == [12000, 12000]  # another Mimi encodes anew
     np.testing.assert_array_equal(conversation.turns[0].codes, np.full((32, 6), 7))
+
+
+@pytest.mark.parametrize("kernel", ["quantized_matmul", "dequantized"])
+@pytest.mark.parametrize("bits, group_size", [(4, 32), (8, 64)])
+def test_qlora_loss_and_gradients_equal_lora_on_the_dequantized_weights(
+        golden_examples, bits, group_size, kernel, monkeypatch):
+    """QLoRA on a q4 / q8 base (MLX's quantized matmul, or the dequantized product the CPU
+    uses for long inputs) computes what float LoRA computes on the same, dequantized,
+    weights."""
+    import moshi_mlx.models.csm as csm_module
+
+    if kernel == "quantized_matmul":
+        monkeypatch.setattr(csm_module, "DEQUANTIZED_ROWS", 1 << 30)
+    from moshi_mlx.loading.quantization import dequantize_linears
+    from moshi_mlx.models.csm import Csm, CsmConfig, LlamaConfig, quant_predicate
+    from moshi_mlx.training.csm_lora import csm_lora_paths
+
+    def llama(layers: int, seq: int) -> LlamaConfig:
+        return LlamaConfig(num_layers=layers, dim=64, num_heads=2, num_kv_heads=1,
+                           head_dim=32, hidden_dim=128, max_seq_len=seq)
+
+    cfg = CsmConfig(llama(2, 256), llama(1, 32), text_vocab_size=1024)
+    mx.random.seed(0)
+    quantized = Csm(cfg)
+    nn.quantize(quantized, group_size=group_size, bits=bits, class_predicate=quant_predicate)
+    mx.eval(quantized.parameters())
+    assert sum(isinstance(m, nn.QuantizedLinear) for _, m in quantized.named_modules()) == 15
+    floating = Csm(cfg)
+    nn.quantize(floating, group_size=group_size, bits=bits, class_predicate=quant_predicate)
+    floating.update(quantized.parameters())
+    dequantize_linears(floating)
+    batch = make_batch(golden_examples, depth_ratio=1.0)
+    results = []
+    for model in (quantized, floating):
+        mx.random.seed(1)  # the same lora_a draws
+        paths = apply_lora(model, csm_lora_paths(model), rank=4, scale=2.0)
+        rng = np.random.default_rng(2)
+        for path in paths:
+            layer = dict(model.named_modules())[path]
+            layer.lora_b = mx.array(rng.normal(0, 0.05, layer.lora_b.shape).astype(np.float32))
+
+        def loss_fn(m):
+            return csm_loss(m, batch)[0]
+
+        loss, grads = nn.value_and_grad(model, loss_fn)(model)
+        results.append((loss.item(), dict(tree_flatten(grads))))
+    (q_loss, q_grads), (f_loss, f_grads) = results
+    np.testing.assert_allclose(q_loss, f_loss, rtol=1e-5)
+    assert sorted(q_grads) == sorted(f_grads) and len(q_grads) == 30
+    for name, value in q_grads.items():
+        reference = np.array(f_grads[name])
+        assert np.abs(np.array(value) - reference).max() <= 1e-4 * np.abs(reference).max(), name
