@@ -207,3 +207,19 @@ def test_adapter_for_another_model_names_the_first_mismatched_tensor(tmp_path):
         save_adapter(model, tmp_path, LoraSettings(rank=3, scale=1.0, paths=("layers.0.up",),
                                                    family="csm"))
         load_adapter(_tiny(), tmp_path, family="moshi")
+
+
+def test_dropout_acts_in_training_only(tmp_path):
+    model = _tiny()
+    apply_lora(model, ["layers.0.up"], rank=4, scale=1.0, dropout=0.5)
+    _randomize_b(model)
+    x = mx.array(np.random.default_rng(7).normal(size=(2, 3, 64)).astype(np.float32))
+    model.train()
+    assert not np.allclose(np.array(model(x)), np.array(model(x)))
+    save_adapter(model, tmp_path, LoraSettings(rank=4, scale=1.0, dropout=0.5,
+                                               paths=("layers.0.up",)))
+    loaded = _tiny()
+    load_adapter(loaded, tmp_path)  # to run: the same output every call
+    np.testing.assert_array_equal(np.array(loaded(x)), np.array(loaded(x)))
+    model.eval()
+    np.testing.assert_allclose(np.array(loaded(x)), np.array(model(x)), rtol=1e-6)

@@ -237,6 +237,7 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, family: str | None
                                "(an adapter made for another model?)")
     apply_lora(model, settings.paths, settings.rank, settings.scale, settings.dropout)
     load_adapter_weights(model, Path(folder) / ADAPTER_WEIGHTS_NAME)
+    model.eval()  # to run it: no LoRA dropout
     return settings
 
 

@@ -80,7 +80,8 @@ def evaluate(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any],
              max_batches: int = -1) -> dict[str, float]:
     """The loss and its parts over `batches` (at most `max_batches`; -1 all), combined as one
     batch would weigh them (see the module's docstring), and "targets"."""
-    totals, seen = Totals(), 0
+    totals, seen, training = Totals(), 0, model.training
+    model.eval()  # no dropout while evaluating
     for batch in batches:
         if seen == max_batches:
             break
@@ -88,6 +89,7 @@ def evaluate(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any],
         mx.eval(loss, targets, parts)
         totals.add(loss, targets, parts)
         seen += 1
+    model.train(training)
     if not seen:
         raise MoshiError("nothing to evaluate: no batches")
     result = totals.means()
@@ -120,6 +122,7 @@ def train(model: nn.Module, loss_fn: LossFn, batches: Iterator[Any],
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     result = TrainingResult(0, False, None)
     window, started, frames = Totals(), time.perf_counter(), 0
+    model.train()
     try:
         for step in range(1, settings.iters + 1):
             batch = next(batches)
