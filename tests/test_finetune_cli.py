@@ -239,3 +239,21 @@ def test_resume_adapter_file_starts_from_its_weights(golden_adapter, capsys):
     fresh = mx.load(str(golden_adapter / "fresh" / "adapters.safetensors"))
     name = "backbone.layers.0.attn.qkv_proj.lora_a"
     assert not np.allclose(np.array(fresh[name]), np.array(first[name]))
+
+
+def test_ctrl_c_during_csm_training_saves_the_adapter(golden_adapter, monkeypatch, capsys):
+    import moshi_mlx.training.csm_data as csm_data
+
+    real = csm_data.training_batches
+
+    def interrupted(*args, **kwargs):
+        batches = real(*args, **kwargs)
+        yield next(batches)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(csm_data, "training_batches", interrupted)
+    adapters = golden_adapter / "interrupted"
+    assert main(["csm", *MODEL_ARGS, "--data", str(golden_adapter / "train.jsonl"),
+                 "--adapter-path", str(adapters), "--iters", "50", "--batch-size", "1"]) == 130
+    assert "interrupted after 1 steps: adapter saved to" in capsys.readouterr().err
+    assert len(mx.load(str(adapters / "adapters.safetensors"))) == 40
