@@ -152,11 +152,13 @@ def run_csm(args: argparse.Namespace) -> int:
                      dtype=args.dtype, cpu_threads=1, float_decoder_on_cpu=False)
     tokenizer = load_tokenizer(files.tokenizer)
     k = model.cfg.num_codebooks
-    mimi = load_mimi(files.codec, num_codebooks=k) if needs_mimi else None
     mimi_id = f"{files.codec.name}:{files.codec.stat().st_size}" if needs_mimi else ""
+    mimi = []  # loaded at the first audio the cache does not hold
 
     def encode(pcm: np.ndarray) -> np.ndarray:
-        return np.asarray(mimi.encode(mx.array(pcm[None, None])))[0]
+        if not mimi:
+            mimi.append(load_mimi(files.codec, num_codebooks=k))
+        return np.asarray(mimi[0].encode(mx.array(pcm[None, None])))[0]
 
     examples = {}
     for name in wanted:
