@@ -241,3 +241,22 @@ def test_qlora_loss_and_gradients_equal_lora_on_the_dequantized_weights(
     for name, value in q_grads.items():
         reference = np.array(f_grads[name])
         assert np.abs(np.array(value) - reference).max() <= 1e-4 * np.abs(reference).max(), name
+
+
+def test_too_long_conversations_and_too_large_batches_are_refused(golden, golden_examples,
+                                                                  csm_library, tmp_path):
+    from moshi_mlx.training.csm_data import training_batches
+
+    _, tokenizer = csm_library
+    path = write_golden_data(golden, tmp_path)
+    first = read_conversations(path, None)[0]
+    rows = len(example_of(tokenizer, first).tokens)
+    assert len(example_of(tokenizer, first, max_rows=rows).tokens) == rows
+    with pytest.raises(MoshiError, match=f"conversation 0: {rows} rows, more than the "
+                                         f"model's context of {rows - 1}"):
+        example_of(tokenizer, first, max_rows=rows - 1)
+    with pytest.raises(MoshiError, match="--batch-size 3 is more than the 2 training"):
+        next(training_batches(golden_examples, 3, np.random.default_rng(0)))
+    batches = training_batches(golden_examples, 2, np.random.default_rng(0))
+    for _ in range(3):  # every pass holds both conversations
+        assert np.array(next(batches).tokens).shape[0] == 2
