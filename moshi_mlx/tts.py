@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--mimi-weight", default=None,
                        help="Mimi checkpoint: file, folder or repo (default: the model's "
                             f"own, in its folder or bundled in its file, else {default_mimi})")
+    model.add_argument("--adapter-path", default=None, type=Path,
+                       help="LoRA adapter folder (python -m moshi_mlx.finetune csm) applied "
+                            "over the model")
     add_run_args(model, "quantize on load: 4 or 8 bits")
     gen = p.add_argument_group("generation")
     gen.add_argument("--speaker", default=None, help="speaker id (int, default 0)")
@@ -158,7 +161,7 @@ def _load(args: argparse.Namespace, options: ModelOptions, needs_mimi: bool):
     files = resolve("moshi_mlx.tts", args.hf_repo, quantize=options.quantize,
                     weights=args.weights, config=args.config, tokenizer=args.tokenizer,
                     codec=args.mimi_weight, need_codec=needs_mimi)
-    return speech_parts_from_files(files, options, needs_mimi)
+    return speech_parts_from_files(files, options, needs_mimi, args.adapter_path)
 
 
 def _streamed_watermark_note(args: argparse.Namespace) -> None:

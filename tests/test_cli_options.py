@@ -33,6 +33,7 @@ ENTRY_POINTS = {
     "moshi_mlx.mimi": "moshi-mimi",
     "moshi_mlx.serve": "moshi-serve",
     "moshi_mlx.text": "moshi-text",
+    "moshi_mlx.finetune": "moshi-finetune",
     "weights_convert.__main__": "moshi-convert",
 }
 MODEL_COMMANDS = ("moshi_mlx.local", "moshi_mlx.local_web", "moshi_mlx.stt", "moshi_mlx.tts",

@@ -70,12 +70,12 @@ LAYERS = (
     {"modules"},
     {"models"},
     {"loading"},
-    {"conversation", "transcription", "speech"},
+    {"conversation", "transcription", "speech", "training"},
     {"cli", "web"},
     {"entry"},
 )
 ENTRY_POINTS = {"local", "local_web", "stt", "tts", "mimi", "run_inference", "serve",
-                "text"}
+                "text", "finetune"}
 
 
 def _room(module: str) -> str | None:

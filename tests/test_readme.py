@@ -98,7 +98,25 @@ def workdir(tmp_path_factory) -> Path:
         env.setenv("XDG_CACHE_HOME", str(work / "home" / ".cache"))
         voices = default_voices_folder()
     save_voice(voices, "me", Segment(0, "What I said.", codes=np.load(work / "codes.npy")))
+    write_finetune_inputs(work)
     return work
+
+
+def write_finetune_inputs(work: Path) -> None:
+    """The fine-tuning examples' data (a conversation of me.wav and of codes.npy) and an
+    adapter of the fixture CSM, so each example runs alone."""
+    import mlx.core as mx
+
+    from moshi_mlx.loading.models import load_csm
+    from moshi_mlx.training.csm_lora import csm_lora_paths
+    from moshi_mlx.training.lora import LoraSettings, apply_lora, save_adapter
+
+    turns = [{"speaker": 0, "text": "What I said.", "audio": "me.wav"},
+             {"speaker": 1, "text": "And the answer.", "codes": "codes.npy"}]
+    (work / "convs.jsonl").write_text(json.dumps(turns) + "\n")
+    model = load_csm(FIXTURES / "csm" / "sesame", dtype=mx.float32)
+    paths = apply_lora(model, csm_lora_paths(model))
+    save_adapter(model, work / "adapters", LoraSettings(paths=tuple(paths), family="csm"))
 
 
 def written_paths(command: Command, cwd: Path) -> list[Path]:

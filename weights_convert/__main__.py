@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mimi-weight", help="Mimi weights to put in the folder (default: the "
                         "config's mimi_name beside the weights, or the Mimi a transformers "
                         "checkpoint bundles)")
+    parser.add_argument("--adapter-path", help="a LoRA adapter folder (adapters.safetensors + "
+                        "adapter_config.json, python -m moshi_mlx.finetune) to fuse into the "
+                        "weights: W + scale * B A, before -q quantizes")
     add_quantize_arg(parser, "quantize to 4 or 8 bits (default: keep bf16)")
     parser.add_argument("--out", required=True, help="output folder (must be empty or new)")
     parser.add_argument("--force", action="store_true",
@@ -48,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         mimi_weight=args.mimi_weight,
         bits=args.quantize,
         force=args.force,
+        adapter_path=args.adapter_path,
     )
     for name, info in result.manifest["files"].items():
         print(f"{result.out_dir / name}  {info['bytes']} bytes  sha256 {info['sha256'][:16]}")

@@ -190,9 +190,12 @@ class _Mapping:
     memory holds one group at a time (a source tensor that fans out to several outputs, e.g.
     a stacked depformer matrix, is read again for outputs written apart)."""
 
-    def __init__(self, checkpoint: Checkpoint, quantization: Quantization | None) -> None:
+    def __init__(self, checkpoint: Checkpoint, quantization: Quantization | None,
+                 adapter_path: str | os.PathLike | None = None) -> None:
         self.checkpoint = checkpoint
         self.quantization = quantization
+        self.deltas: dict[str, mx.array] = {}  # LoRA fused into these weights
+        self.shapes: dict[str, tuple[int, ...]] = {}  # every output's shape before quantizing
         self.quantizable = (quantizable_weights(checkpoint.family, checkpoint.config)
                             if quantization is not None else frozenset())
         files = checkpoint.files
@@ -209,6 +212,10 @@ class _Mapping:
                 self.group_of[key] = group
                 self.plan.append(planned(key, array))
         self.plan.sort(key=lambda entry: entry.name)
+        if adapter_path is not None:
+            from moshi_mlx.training.lora import adapter_deltas
+
+            _, self.deltas = adapter_deltas(adapter_path, self.shapes, checkpoint.model_type)
 
     def outputs(self, group: tuple[str, ...], arrays: dict[str, mx.array]
                 ) -> dict[str, mx.array]:
@@ -217,6 +224,9 @@ class _Mapping:
         pairs = ((name, arrays[name]) for name in group)
         for key, array, _ in sanitized(checkpoint.family, checkpoint.config, pairs,
                                        checkpoint.name):
+            self.shapes[key] = tuple(array.shape)
+            if key in self.deltas:  # base + scale * B A, in float32, then stored as the base
+                array = (array.astype(mx.float32) + self.deltas[key]).astype(array.dtype)
             if key in self.quantizable:
                 out.update(quantize_tensor(key, array, self.quantization))
             else:
@@ -369,12 +379,14 @@ def convert(
     mimi_weight: str | os.PathLike | None = None,
     bits: int | None = None,
     force: bool = False,
+    adapter_path: str | os.PathLike | None = None,
 ) -> ConversionResult:
     """Convert a Moshi, STT or CSM checkpoint into the model folder `out_dir` (see module
     docstring).
 
-    bits: None for bf16, 4 (group 32) or 8 (group 64). All input problems raise WeightsError
-    before anything is written.
+    bits: None for bf16, 4 (group 32) or 8 (group 64). adapter_path: a LoRA adapter folder
+    (adapters.safetensors + adapter_config.json) fused into the weights before quantization.
+    All input problems raise WeightsError before anything is written.
     """
     if bits is not None and bits not in QUANTIZATIONS:
         raise WeightsError(f"-q must be 4 or 8 (or absent for bf16), got {bits}")
@@ -394,7 +406,7 @@ def convert(
     _refuse_overwriting_sources(out, [*sources.weights, *([sources.config] if sources.config
                                                           else []),
                                       *(extra.source for extra in extras.values())])
-    mapping = _Mapping(checkpoint, quantization)
+    mapping = _Mapping(checkpoint, quantization, adapter_path)
     plan = plan_weights(mapping)
     prepare_out_dir(out, force)
     _check_free_space(out, sum(entry.nbytes for entry in plan)
@@ -439,6 +451,8 @@ def convert(
                 "config": str(sources.config) if sources.config else "built-in default",
             },
             "quantization": config_data["quantization"],
+            **({"adapter": {"path": str(adapter_path), "sha256": sha256_file(
+                Path(adapter_path) / "adapters.safetensors")}} if adapter_path else {}),
             "files": {name: {"sha256": hashes[name], "bytes": path.stat().st_size}
                       for name, path in sorted(files.items())},
         }

@@ -339,10 +339,15 @@ class Csm(nn.Module):
         return self.audio_embeddings(codes + offsets).sum(axis=-2)[:, None, :]
 
     def load_weights(self, *args, **kwargs):
+        self.forget_compiled()
+        return super().load_weights(*args, **kwargs)
+
+    def forget_compiled(self) -> None:
+        """Drop the compiled graphs: they keep the arrays and layers they were traced with
+        (new weights, LoRA layers put in)."""
         self.backbone.forget_compiled()
         self.decoder.forget_compiled()
         self._frame_graphs = FrameGraphs()
-        return super().load_weights(*args, **kwargs)
 
     def frame_graph(self, key: Hashable, build: Callable[[], Callable]) -> Callable:
         """The `mx.compile`d `build()` kept under `key` (e.g. the sampling settings), so the

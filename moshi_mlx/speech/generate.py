@@ -112,39 +112,54 @@ def build_prompt(tokenizer: CsmTokenizer, context: Sequence[Segment], speaker: i
     codebooks, column K text)."""
     rows: list[np.ndarray] = []
     masks: list[np.ndarray] = []
-    width = num_codebooks + 1
-
-    def text_rows(spk: int, words: str) -> None:
-        ids = np.asarray(tokenizer.encode_turn(spk, words), dtype=np.int32)
-        t = np.zeros((len(ids), width), np.int32)
-        t[:, -1] = ids
-        m = np.zeros((len(ids), width), bool)
-        m[:, -1] = True
-        rows.append(t)
-        masks.append(m)
-
     for seg in context:
-        if not isinstance(seg, Segment):
-            raise MoshiError(f"context items must be Segments, got {type(seg).__name__}")
-        if seg.audio is not None:
-            raise MoshiError("encode context audio first (encode_context_audio, or pass mimi=)")
-        text_rows(seg.speaker, seg.text)
-        if seg.codes is None:
-            continue
-        codes = np.asarray(seg.codes)
-        if codes.ndim != 2 or codes.shape[0] != num_codebooks:
-            raise MoshiError(f"context codes must be [{num_codebooks}, frames], got "
-                             f"{codes.shape}")
-        if codes.size and (codes.min() < 0 or codes.max() >= MIMI_CODES):
-            raise MoshiError(f"context codes must be Mimi codes 0..{MIMI_CODES - 1}")
-        audio = np.zeros((codes.shape[1] + 1, width), np.int32)  # + the all-zero EOS row
-        audio[:-1, :-1] = codes.T
-        m = np.zeros_like(audio, dtype=bool)
-        m[:, :-1] = True
-        rows.append(audio)
-        masks.append(m)
-    text_rows(check_speaker(speaker), text)
+        for part, mask in segment_rows(tokenizer, seg, num_codebooks):
+            rows.append(part)
+            masks.append(mask)
+    rows.append(text_rows(tokenizer, check_speaker(speaker), text, num_codebooks))
+    masks.append(text_mask(len(rows[-1]), num_codebooks))
     return np.concatenate(rows), np.concatenate(masks)
+
+
+def text_rows(tokenizer: CsmTokenizer, speaker: int, text: str, num_codebooks: int = 32
+              ) -> np.ndarray:
+    """The rows of one turn's text: its token ids in column K, zeros elsewhere."""
+    ids = np.asarray(tokenizer.encode_turn(speaker, text), dtype=np.int32)
+    rows = np.zeros((len(ids), num_codebooks + 1), np.int32)
+    rows[:, -1] = ids
+    return rows
+
+
+def text_mask(length: int, num_codebooks: int = 32) -> np.ndarray:
+    mask = np.zeros((length, num_codebooks + 1), bool)
+    mask[:, -1] = True
+    return mask
+
+
+def segment_rows(tokenizer: CsmTokenizer, seg: Segment, num_codebooks: int = 32
+                 ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One context turn as (rows, mask) parts: its text rows, then (with codes) one row per
+    audio frame and the all-zero end-of-audio row."""
+    if not isinstance(seg, Segment):
+        raise MoshiError(f"context items must be Segments, got {type(seg).__name__}")
+    if seg.audio is not None:
+        raise MoshiError("encode context audio first (encode_context_audio, or pass mimi=)")
+    text = text_rows(tokenizer, seg.speaker, seg.text, num_codebooks)
+    parts = [(text, text_mask(len(text), num_codebooks))]
+    if seg.codes is None:
+        return parts
+    codes = np.asarray(seg.codes)
+    if codes.ndim != 2 or codes.shape[0] != num_codebooks:
+        raise MoshiError(f"context codes must be [{num_codebooks}, frames], got "
+                         f"{codes.shape}")
+    if codes.size and (codes.min() < 0 or codes.max() >= MIMI_CODES):
+        raise MoshiError(f"context codes must be Mimi codes 0..{MIMI_CODES - 1}")
+    audio = np.zeros((codes.shape[1] + 1, num_codebooks + 1), np.int32)  # + the EOS row
+    audio[:-1, :-1] = codes.T
+    mask = np.zeros_like(audio, dtype=bool)
+    mask[:, :-1] = True
+    parts.append((audio, mask))
+    return parts
 
 
 class ContextCache:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from moshi_mlx.loading.options import ModelOptions
@@ -10,14 +11,21 @@ from moshi_mlx.loading.resolve import ResolvedFiles
 
 
 def speech_parts_from_files(files: ResolvedFiles, options: ModelOptions | None = None,
-                            needs_mimi: bool = True) -> tuple[Any, Any, Any]:
+                            needs_mimi: bool = True,
+                            adapter_path: str | os.PathLike | None = None
+                            ) -> tuple[Any, Any, Any]:
     """(model, tokenizer, mimi) of resolved CSM files (`loading.resolve.resolve(
     "moshi_mlx.tts", ...)`; a weights_convert folder brings its own tokenizer and Mimi);
-    mimi is None unless `needs_mimi`."""
+    mimi is None unless `needs_mimi`. adapter_path: a LoRA adapter folder (python -m
+    moshi_mlx.finetune csm) applied over the model, kept apart from its weights."""
     from moshi_mlx.loading.models import load_csm, load_mimi
     from moshi_mlx.speech.generate import load_tokenizer
 
     options = options or ModelOptions()
     model = load_csm(files.weight, config=files.config, **options.load_kwargs())
+    if adapter_path is not None:
+        from moshi_mlx.training.lora import load_adapter
+
+        load_adapter(model, adapter_path, family="csm")
     mimi = load_mimi(files.codec, num_codebooks=model.cfg.num_codebooks) if needs_mimi else None
     return model, load_tokenizer(files.tokenizer), mimi
