@@ -70,7 +70,7 @@ LAYERS = (
     {"modules"},
     {"models"},
     {"loading"},
-    {"conversation", "transcription", "speech"},
+    {"conversation", "transcription", "speech", "training"},
     {"cli", "web"},
     {"entry"},
 )

@@ -23,10 +23,11 @@ What it records (everything float32 on the PyTorch side):
   fixture's tokenizer.model, for the alignment cases of `INTERLEAVER_CASES` (the fixture's
   tokenizer has no newline piece, which moshi-finetune's `tokenize` reads first: the script
   answers that one query with <unk>; no word here contains a newline).
-- chunks: `sphn.dataset_jsonl(duration_sec, pad_last_segment=True)` on WAVs of the sizes of
-  `WAV_SPECS` (start times, unpadded lengths) and the text stream that moshi-finetune's
-  `InterleavedTokenizer` makes of each chunk (a stand-in Mimi that returns ceil(n / 1920)
-  frames of zeros: only the frame count matters for the text; `.cuda()` is made a no-op).
+- chunks: `sphn.dataset_jsonl(duration_sec, pad_last_segment=True)` on silent WAVs of the
+  sizes of `WAV_SPECS`, for each of `CHUNK_RUNS` (start times, unpadded lengths) and the text
+  stream that moshi-finetune's `InterleavedTokenizer` makes of each chunk (a stand-in Mimi
+  that returns ceil(n / 1920) frames of zeros: only the frame count matters for the text;
+  `.cuda()` is made a no-op).
 - lora: the fixture wrapped by `moshi.models.loaders.get_moshi_lm(lora=True)` (Kyutai's
   `LoRALinear` on every Linear, not fused) with the seeded LoRA of `lora_tensors` (rank
   `LORA_RANK`, scaling `LORA_SCALING`); its loss parts at the default weights and some logit
@@ -85,7 +86,6 @@ INTERLEAVER_CASES = [
                                ["past", [1.9, 2.5], "SPEAKER_MAIN"]], 12),
     ("empty", [], 8),
 ]
-CHUNK_DURATION_SEC = 0.7
 # (name, sample rate, samples, alignments of the left channel)
 WAV_SPECS = [
     ("a", 24000, 24000 * 2 + 5000, [["one", [0.1, 0.5], "SPEAKER_MAIN"],
@@ -95,7 +95,11 @@ WAV_SPECS = [
                                      ["after", [2.5, 2.9], "SPEAKER_MAIN"]]),
     ("b", 24000, 24000 + 1000, [["solo", [0.2, 0.6], "SPEAKER_MAIN"],
                                 ["other", [0.3, 0.5], "SPEAKER_OTHER"]]),
+    # A last chunk of one frame in a long chunk: moshi-finetune's text turns -1 after 13 frames.
+    ("c", 24000, 24000 * 2 + 1000, [["early", [0.3, 0.6], "SPEAKER_MAIN"],
+                                    ["late", [2.6, 2.9], "SPEAKER_MAIN"]]),
 ]
+CHUNK_RUNS = [(0.7, ("a", "b")), (2.0, ("c",))]  # (duration_sec, files of the .jsonl)
 
 
 def lora_names(cfg: dict) -> list[tuple[str, int, int]]:
@@ -292,32 +296,35 @@ def derive_chunks(fixtures: Path, out: dict) -> None:
     from finetune.data.interleaver import InterleavedTokenizer
 
     torch.Tensor.cuda = lambda self, *a, **k: self  # CPU only: the tokenizer calls .cuda()
-    tokenizer = InterleavedTokenizer(_FrameCountMimi(), make_interleaver(fixtures),
-                                     duration_sec=CHUNK_DURATION_SEC)
+    specs = {name: (rate, samples, alignments) for name, rate, samples, alignments in WAV_SPECS}
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        jsonl = Path(tmp) / "data.jsonl"
-        lines = []
-        for name, rate, samples, alignments in WAV_SPECS:
+        for name, (rate, samples, alignments) in specs.items():
             with wave.open(str(Path(tmp) / f"{name}.wav"), "wb") as f:
                 f.setnchannels(2)
                 f.setsampwidth(2)
                 f.setframerate(rate)
                 f.writeframes(np.zeros((samples, 2), "<i2").tobytes())
             (Path(tmp) / f"{name}.json").write_text(json.dumps({"alignments": alignments}))
-            lines.append(json.dumps({"path": f"{name}.wav", "duration": samples / rate}))
-        jsonl.write_text("\n".join(lines) + "\n")
-        dataset = sphn.dataset_jsonl(str(jsonl), duration_sec=CHUNK_DURATION_SEC, num_threads=1,
-                                     sample_rate=24000, pad_last_segment=True)
-        rows = []
-        for sample in dataset.seq(skip=0, step_by=1):
-            wav = sample["data"][..., : sample["unpadded_len"]]
-            codes = tokenizer(wav, sample["start_time_sec"], sample["path"]).codes
-            name = Path(sample["path"]).stem
-            rows.append((name, sample["start_time_sec"], sample["unpadded_len"]))
-            out[f"chunk{len(rows) - 1}_text"] = codes[0, 0].numpy().astype(np.int32)
-            out[f"chunk{len(rows) - 1}_audio_pad"] = (codes[0, 1:] == -1).numpy().all(0)
+        for run, (duration_sec, names) in enumerate(CHUNK_RUNS):
+            tokenizer = InterleavedTokenizer(_FrameCountMimi(), make_interleaver(fixtures),
+                                             duration_sec=duration_sec)
+            jsonl = Path(tmp) / f"run{run}.jsonl"
+            jsonl.write_text("".join(json.dumps({"path": f"{name}.wav",
+                                                 "duration": specs[name][1] / specs[name][0]})
+                                     + "\n" for name in names))
+            dataset = sphn.dataset_jsonl(str(jsonl), duration_sec=duration_sec, num_threads=1,
+                                         sample_rate=24000, pad_last_segment=True)
+            for sample in dataset.seq(skip=0, step_by=1):
+                wav = sample["data"][..., : sample["unpadded_len"]]
+                codes = tokenizer(wav, sample["start_time_sec"], sample["path"]).codes
+                index = len(rows)
+                rows.append((run, Path(sample["path"]).stem, sample["start_time_sec"],
+                             sample["unpadded_len"]))
+                out[f"chunk{index}_text"] = codes[0, 0].numpy().astype(np.int32)
+                out[f"chunk{index}_audio_pad"] = (codes[0, 1:] == -1).numpy().all(0)
     out["chunks"] = np.array(json.dumps(rows))
-    out["chunk_duration_sec"] = np.float64(CHUNK_DURATION_SEC)
+    out["chunk_runs"] = np.array(json.dumps(CHUNK_RUNS))
     out["wav_specs"] = np.array(json.dumps(WAV_SPECS))
 
 
