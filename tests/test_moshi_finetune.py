@@ -202,3 +202,159 @@ def test_bad_data_is_refused_naming_the_file(tokenizer, tmp_path, damage, messag
         jsonl.write_text('{"path": "x.wav"}\n')
     with pytest.raises(TrainingDataError, match=re.escape(message)):
         MoshiDataset(jsonl, tokenizer, frame_count_encoder, 1.0, notice=print)
+
+
+# --------------------------------------------------------------------------- Kyutai LoRA files
+
+def kyutai_lora_modules(cfg: dict) -> list[tuple[str, int, int]]:
+    """Every Linear of Kyutai's LMModel that its LoRA wraps, in the golden tool's order:
+    (PyTorch module name, in, out)."""
+    dim, dep_dim = cfg["dim"], cfg["depformer_dim"]
+    hidden, dep_hidden = 704, 2 * cfg["depformer_dim_feedforward"] // 3  # FIXTURES.md
+    modules = []
+    for layer in range(cfg["num_layers"]):
+        base = f"transformer.layers.{layer}"
+        modules += [(f"{base}.self_attn.in_projs.0", dim, 3 * dim),
+                    (f"{base}.self_attn.out_projs.0", dim, dim),
+                    (f"{base}.gating.linear_in", dim, 2 * hidden),
+                    (f"{base}.gating.linear_out", hidden, dim)]
+    modules.append(("text_linear", dim, cfg["text_card"]))
+    for k in range(cfg["dep_q"]):
+        modules += [(f"depformer_in.{k}", dim, dep_dim), (f"linears.{k}", dep_dim, cfg["card"])]
+    for layer in range(cfg["depformer_num_layers"]):
+        base = f"depformer.layers.{layer}"
+        for k in range(cfg["dep_q"]):
+            modules += [(f"{base}.self_attn.in_projs.{k}", dep_dim, 3 * dep_dim),
+                        (f"{base}.self_attn.out_projs.{k}", dep_dim, dep_dim),
+                        (f"{base}.gating.{k}.linear_in", dep_dim, 2 * dep_hidden),
+                        (f"{base}.gating.{k}.linear_out", dep_hidden, dep_dim)]
+    return modules
+
+
+def seeded_kyutai_lora(cfg: dict, rank: int) -> dict[str, np.ndarray]:
+    """The golden's LoRA: for each module in order, A then B, 0.1 x Gaussian (seed 7)."""
+    rng = np.random.default_rng(7)
+    tensors = {}
+    for name, fan_in, fan_out in kyutai_lora_modules(cfg):
+        tensors[f"{name}.lora_A.weight"] = (0.1 * rng.standard_normal((rank, fan_in))
+                                            ).astype(np.float32)
+        tensors[f"{name}.lora_B.weight"] = (0.1 * rng.standard_normal((fan_out, rank))
+                                            ).astype(np.float32)
+    return tensors
+
+
+def tensors_digest(tensors: dict[str, np.ndarray]) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        value = np.ascontiguousarray(tensors[name], dtype=np.float32)
+        digest.update(f"{name}{value.shape}".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def kyutai_lora_dir(golden, fixtures_dir, tmp_path_factory) -> Path:
+    """moshi-finetune's checkpoint folder shape: lora.safetensors + config.json."""
+    cfg = json.loads((fixtures_dir / "lm_config.json").read_text())
+    tensors = seeded_kyutai_lora(cfg, int(golden["lora_rank"]))
+    assert tensors_digest(tensors) == str(golden["lora_digest"])  # the golden's very LoRA
+    folder = tmp_path_factory.mktemp("consolidated")
+    mx.save_safetensors(str(folder / "lora.safetensors"),
+                        {k: mx.array(v) for k, v in tensors.items()})
+    (folder / "config.json").write_text(json.dumps(dict(
+        cfg, lora=True, lora_rank=int(golden["lora_rank"]),
+        lora_scaling=float(golden["lora_scaling"]))))
+    return folder
+
+
+def test_kyutai_lora_fused_equals_kyutai_lora_model(golden, fixtures_dir, kyutai_lora_dir):
+    from moshi_mlx.training.kyutai_lora import read_kyutai_lora
+    from moshi_mlx.training.moshi_loss import forward_logits
+
+    lora = read_kyutai_lora(kyutai_lora_dir / "lora.safetensors")
+    assert (lora.rank, lora.scaling) == (int(golden["lora_rank"]), float(golden["lora_scaling"]))
+    lm = load_lm(fixtures_dir / "lm_pytorch.safetensors",
+                 config=fixtures_dir / "lm_config.json", dtype=mx.float32)
+    weights = dict(tree_flatten(lm.parameters()))
+    linears = {name for name, module in lm.named_modules() if isinstance(module, nn.Linear)}
+    assert set(lora.pairs) == linears  # every Linear of our LM, named as ours
+    lm.load_weights(list(lora.fuse(weights).items()))
+    codes = mx.array(golden["codes"])
+    _, _, parts = moshi_loss(lm, codes)
+    assert_relative(parts["text_loss"].item(), float(golden["lora_text_loss"]), "text")
+    assert_relative(parts["audio_loss"].item(), float(golden["lora_audio_loss"]), "audio")
+    text_logits, audio_logits = (np.array(x) for x in forward_logits(lm, codes))
+    books = golden["lora_logit_codebooks"]
+    for row, (b, t) in enumerate(golden["lora_logit_rows"]):
+        for got, want in ((text_logits[b, t], golden["lora_text_logits"][row]),
+                          (audio_logits[b, books, t], golden["lora_audio_logits"][row])):
+            assert np.abs(got - want).max() <= RELATIVE * np.abs(want).max()
+
+
+def test_kyutai_lora_as_adapter_tensors(kyutai_lora_dir):
+    """mlx-lm's layer, y = x W.T + scale * (x @ lora_a @ lora_b), on the converted tensors
+    equals Kyutai's y = W x + scaling * B (A x) on the file's tensors."""
+    from moshi_mlx.training.kyutai_lora import read_kyutai_lora
+
+    lora = read_kyutai_lora(kyutai_lora_dir / "lora.safetensors")
+    adapters = lora.adapter_tensors()
+    raw = mx.load(str(kyutai_lora_dir / "lora.safetensors"))
+    x = mx.array(np.random.default_rng(3).standard_normal((5, 64)).astype(np.float32))
+    ours = "depformer.slices.3.transformer.layers.1.self_attn.in_proj"
+    kyutai = "depformer.layers.1.self_attn.in_projs.3"
+    a, b = raw[f"{kyutai}.lora_A.weight"], raw[f"{kyutai}.lora_B.weight"]
+    want = lora.scaling * ((x @ a.T) @ b.T)
+    got = lora.scaling * (x @ adapters[f"{ours}.lora_a"] @ adapters[f"{ours}.lora_b"])
+    assert adapters[f"{ours}.lora_a"].shape == (64, 4)
+    assert adapters[f"{ours}.lora_b"].shape == (4, 192)
+    assert np.allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-6)
+
+
+def test_stacked_depformer_lora_names_split_per_step(kyutai_lora_dir, tmp_path):
+    """Kyutai's loader also takes `self_attn.in_proj.lora_A.weight` holding every step's
+    matrix stacked on dim 0; it maps to the same per-slice modules."""
+    from moshi_mlx.training.kyutai_lora import read_kyutai_lora
+
+    raw = mx.load(str(kyutai_lora_dir / "lora.safetensors"))
+    stacked = {k: v for k, v in raw.items() if not k.startswith("depformer.layers.0.self_attn")}
+    for proj in ("in", "out"):
+        for part in ("A", "B"):
+            stacked[f"depformer.layers.0.self_attn.{proj}_proj.lora_{part}.weight"] = \
+                mx.concatenate([raw[f"depformer.layers.0.self_attn.{proj}_projs.{k}.lora_{part}"
+                                    ".weight"] for k in range(8)])
+    mx.save_safetensors(str(tmp_path / "lora.safetensors"), stacked)
+    (tmp_path / "config.json").write_text((kyutai_lora_dir / "config.json").read_text())
+    split = read_kyutai_lora(tmp_path / "lora.safetensors")
+    per_step = read_kyutai_lora(kyutai_lora_dir / "lora.safetensors")
+    assert set(split.pairs) == set(per_step.pairs)
+    for module, (a, b) in per_step.pairs.items():
+        assert mx.array_equal(split.pairs[module][0], a) and mx.array_equal(
+            split.pairs[module][1], b), module
+
+
+def test_bad_kyutai_lora_files_are_one_line_errors(kyutai_lora_dir, tmp_path):
+    from moshi_mlx.errors import WeightsError
+    from moshi_mlx.training.kyutai_lora import read_kyutai_lora
+
+    lora_file = kyutai_lora_dir / "lora.safetensors"
+    with pytest.raises(WeightsError, match="no such LoRA config"):
+        read_kyutai_lora(lora_file, tmp_path / "config.json")
+    mx.save_safetensors(str(tmp_path / "odd.safetensors"),
+                        {"decoder.thing.lora_A.weight": mx.zeros((4, 8)),
+                         "decoder.thing.lora_B.weight": mx.zeros((8, 4))})
+    with pytest.raises(WeightsError, match="decoder.thing is not a module of a Moshi LM"):
+        read_kyutai_lora(tmp_path / "odd.safetensors", kyutai_lora_dir / "config.json")
+    mx.save_safetensors(str(tmp_path / "half.safetensors"),
+                        {"text_linear.lora_A.weight": mx.zeros((4, 256))})
+    with pytest.raises(WeightsError, match="text_linear has no lora_B"):
+        read_kyutai_lora(tmp_path / "half.safetensors", kyutai_lora_dir / "config.json")
+    lora = read_kyutai_lora(lora_file)
+    shapes = {f"{m}.weight": mx.zeros((b.shape[0], a.shape[1])) for m, (a, b) in lora.pairs.items()}
+    with pytest.raises(WeightsError, match=re.escape(
+            "the LoRA of text_linear makes (1000, 256), the model's weight is (500, 256)")):
+        lora.fuse(shapes | {"text_linear.weight": mx.zeros((500, 256))})
+    del shapes["depformer.slices.3.linear_out.weight"]
+    with pytest.raises(WeightsError, match="adapts depformer.slices.3.linear_out, which this"):
+        lora.fuse(shapes)
