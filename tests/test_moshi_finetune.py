@@ -7,6 +7,7 @@ Goldens: tests/fixtures/moshi_finetune_golden.npz, made by tools/derive_moshi_fi
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from pathlib import Path
@@ -358,3 +359,116 @@ def test_bad_kyutai_lora_files_are_one_line_errors(kyutai_lora_dir, tmp_path):
     del shapes["depformer.slices.3.linear_out.weight"]
     with pytest.raises(WeightsError, match="adapts depformer.slices.3.linear_out, which this"):
         lora.fuse(shapes)
+
+
+# --------------------------------------------------------------------------- evaluation, CLI
+
+def test_evaluate_weights_batches_as_one(lm32, golden):
+    """Two batches of one row each, evaluated together, give moshi-finetune's loss of the
+    batch of both rows."""
+    from moshi_mlx.training.moshi_loss import evaluate
+
+    rows = [golden["codes"][:1], golden["codes"][1:]]
+    result = evaluate(lm32, rows, 0.5, 100.0)
+    assert_relative(result["loss"], float(golden["7b_loss"]), "loss")
+    assert_relative(result["text_loss"], float(golden["7b_text_loss"]), "text")
+    assert_relative(result["audio_loss"], float(golden["7b_audio_loss"]), "audio")
+    assert (result["n_targets"], result["batches"]) == (int(golden["7b_n_targets"]), 2)
+
+
+@pytest.fixture(scope="module")
+def stereo_set(fixtures_dir, tmp_path_factory) -> Path:
+    """A .jsonl of two stereo files cut from the fixture speech (left: speech, right: the
+    speech reversed), with hand-made alignments."""
+    import soundfile
+
+    from moshi_mlx.audio.io import read_audio
+
+    folder = tmp_path_factory.mktemp("stereo_set")
+    speech = read_audio(fixtures_dir / "speech.wav")
+    lines = []
+    for name, start, seconds in (("one", 0.0, 2.3), ("two", 3.0, 1.5)):
+        left = speech[int(start * 24000): int((start + seconds) * 24000)]
+        soundfile.write(str(folder / f"{name}.wav"), np.stack([left, left[::-1]], axis=1),
+                        24000, subtype="FLOAT")
+        words = [["hello", [0.2, 0.5], "SPEAKER_MAIN"], ["there", [0.6, 0.9], "SPEAKER_OTHER"],
+                 ["again", [1.1, 1.4], "SPEAKER_MAIN"]]
+        (folder / f"{name}.json").write_text(json.dumps({"alignments": words}))
+        lines.append(json.dumps({"path": f"{name}.wav", "duration": seconds}))
+    (folder / "data.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "data.jsonl"
+
+
+def test_moshi_test_run_prints_the_loss_of_all_chunks(fixtures_dir, random_mimi_path,
+                                                     stereo_set, lm32, capsys):
+    from moshi_mlx.cli.finetune_moshi import add_moshi_args, run_moshi
+    from moshi_mlx.cli.options import add_run_args
+    from moshi_mlx.loading.models import load_mimi
+    from moshi_mlx.loading.text_tokenizer import load_sentencepiece
+    from moshi_mlx.training.moshi_data import MoshiDataset, mimi_encoder
+
+    parser = argparse.ArgumentParser()
+    add_moshi_args(parser)
+    add_run_args(parser, "bits")
+    args = parser.parse_args(["--duration-sec", "1.0", "--text-padding-weight", "0.3",
+                              "--dtype", "f32"])
+    args.model = str(fixtures_dir / "lm_pytorch.safetensors")
+    args.config = str(fixtures_dir / "lm_config.json")
+    args.tokenizer = str(fixtures_dir / "tokenizer.model")
+    args.mimi_weight = str(random_mimi_path)
+    args.data, args.batch_size, args.test, args.json = str(stereo_set), 2, True, True
+    assert run_moshi(args) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # The reference: every chunk (3 of the first file, 2 of the second) in ONE batch.
+    data = MoshiDataset(stereo_set, load_sentencepiece(fixtures_dir / "tokenizer.model"),
+                        mimi_encoder(load_mimi(random_mimi_path)), 1.0, notice=print)
+    everything = mx.array(np.stack([data[i] for i in range(len(data))]))
+    loss, n_targets, parts = moshi_loss(lm32, everything, 0.3, 1.0)
+    assert len(data) == 5
+    assert_relative(printed["loss"], loss.item(), "loss")
+    assert_relative(printed["text_loss"], parts["text_loss"].item(), "text")
+    assert printed["n_targets"] == n_targets.item() and printed["batches"] == 3
+
+
+def test_annotate_writes_both_channels_in_moshi_finetune_format(stt_dir, random_mimi_path,
+                                                               stereo_set, tmp_path):
+    """Each channel's words as the STT finds them alone, left as SPEAKER_MAIN, right as
+    SPEAKER_OTHER, in start order; an existing file is kept unless --overwrite."""
+    from moshi_mlx.audio.io import read_audio_channels
+    from moshi_mlx.cli.finetune_moshi import add_annotate_args, run_annotate
+    from moshi_mlx.loading.models import load_lm, load_mimi
+    from moshi_mlx.loading.text_tokenizer import load_sentencepiece
+    from moshi_mlx.training.moshi_data import read_alignments
+    from moshi_mlx.transcription.transcriber import Transcriber
+
+    jsonl = tmp_path / "data.jsonl"
+    first = json.loads(stereo_set.read_text().splitlines()[0])
+    (tmp_path / "one.wav").write_bytes((stereo_set.parent / "one.wav").read_bytes())
+    jsonl.write_text(json.dumps(first) + "\n")
+    parser = argparse.ArgumentParser()
+    add_annotate_args(parser)
+    args = parser.parse_args([str(jsonl), "--moshi-weight",
+                              str(stt_dir / "stt_pytorch.safetensors"), "--config",
+                              str(stt_dir / "stt_config.json"), "--tokenizer",
+                              str(stt_dir / "stt_tokenizer.model"), "--mimi-weight",
+                              str(random_mimi_path), "--dtype", "f32"])
+    assert run_annotate(args) == 0
+    words = read_alignments(tmp_path / "one.json")
+
+    lm = load_lm(stt_dir / "stt_pytorch.safetensors", config=stt_dir / "stt_config.json",
+                 dtype="f32")
+    alone = Transcriber(lm, load_sentencepiece(stt_dir / "stt_tokenizer.model"),
+                        load_mimi(random_mimi_path, num_codebooks=lm.cfg.n_q))
+    pcm, _ = read_audio_channels(tmp_path / "one.wav")
+    expected = []
+    for channel, speaker in ((0, "SPEAKER_MAIN"), (1, "SPEAKER_OTHER")):
+        transcript = alone.transcribe_pcm([pcm[:, channel].copy()])[0]
+        expected += [(w.word, round(w.start, 3), round(w.end, 3), speaker)
+                     for w in transcript.words]
+    assert expected and {w.speaker for w in words} == {"SPEAKER_MAIN", "SPEAKER_OTHER"}
+    assert sorted(tuple(w) for w in words) == sorted(expected)
+    assert [w.start for w in words] == sorted(w.start for w in words)
+
+    (tmp_path / "one.json").write_text('{"alignments": []}')
+    assert run_annotate(args) == 0
+    assert read_alignments(tmp_path / "one.json") == []

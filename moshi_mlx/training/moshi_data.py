@@ -299,10 +299,11 @@ class MoshiDataset:
                           self.tokenizer, self.pad_id, self.epad_id, self.mask_text_past_audio)
         return np.concatenate([text[None], audio], axis=0)
 
-    def batches(self, batch_size: int, order: Sequence[int] | None = None
-                ) -> Iterator[np.ndarray]:
-        """Codes [batch_size, 1 + 2K, N] of the chunks in `order` (default: file order), as
-        moshi-finetune batches them: an incomplete last batch is dropped."""
+    def batches(self, batch_size: int, order: Sequence[int] | None = None,
+                drop_last: bool = True) -> Iterator[np.ndarray]:
+        """Codes [batch_size, 1 + 2K, N] of the chunks in `order` (default: file order). As
+        moshi-finetune batches them, an incomplete last batch is dropped, unless not
+        `drop_last` (evaluation: every chunk counts)."""
         order = range(len(self)) if order is None else order
         batch = []
         for item in order:
@@ -310,3 +311,5 @@ class MoshiDataset:
             if len(batch) == batch_size:
                 yield np.stack(batch)
                 batch = []
+        if batch and not drop_last:
+            yield np.stack(batch)

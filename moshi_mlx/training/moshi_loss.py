@@ -16,6 +16,8 @@ loss = text_loss + audio_loss (both float32).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import mlx.core as mx
 
 from moshi_mlx.models.lm import Lm
@@ -76,21 +78,22 @@ def audio_target_mask(lm: Lm, codes: mx.array) -> mx.array:
     return inside[None] & (codes[:, 1 : 1 + dep_q] != -1)
 
 
-def weighted_cross_entropy(logits: mx.array, targets: mx.array, weights: mx.array) -> mx.array:
-    """sum(w * CE) / sum(w) in float32; targets where w == 0 are ignored (may be -1)."""
+def weighted_cross_entropy(logits: mx.array, targets: mx.array, weights: mx.array
+                           ) -> tuple[mx.array, mx.array]:
+    """(sum(w * CE), sum(w)) in float32; targets where w == 0 are ignored (may be -1)."""
     logits = logits.astype(mx.float32)
     safe = mx.maximum(targets, 0)
     picked = mx.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
     ce = mx.logsumexp(logits, axis=-1) - picked
-    return mx.sum(mx.where(weights > 0, ce * weights, 0.0)) / mx.sum(weights)
+    return mx.sum(mx.where(weights > 0, ce * weights, 0.0)), mx.sum(weights)
 
 
-def moshi_loss(lm: Lm, batch: mx.array, text_padding_weight: float = TEXT_PADDING_WEIGHT,
-               first_codebook_weight_multiplier: float = FIRST_CODEBOOK_WEIGHT_MULTIPLIER
-               ) -> tuple[mx.array, mx.array, dict[str, mx.array]]:
-    """moshi-finetune's loss of one batch of codes [B, 1 + n_q, T] ->
-    (loss, n_targets, {"text_loss", "audio_loss"}); n_targets counts the valid text and audio
-    targets (moshi-finetune's "real tokens"), the weight of this batch among others."""
+def loss_sums(lm: Lm, batch: mx.array, text_padding_weight: float = TEXT_PADDING_WEIGHT,
+              first_codebook_weight_multiplier: float = FIRST_CODEBOOK_WEIGHT_MULTIPLIER
+              ) -> dict[str, mx.array]:
+    """The sums the loss of a batch of codes [B, 1 + n_q, T] is made of: `text_sum`,
+    `text_weight`, `audio_sum`, `audio_weight` (sum(w * CE), sum(w) of each part) and
+    `n_targets` (the valid text and audio targets: moshi-finetune's "real tokens")."""
     codes = batch.astype(mx.int32)
     text_logits, audio_logits = forward_logits(lm, codes)
     text_targets = codes[:, 0]
@@ -102,8 +105,45 @@ def moshi_loss(lm: Lm, batch: mx.array, text_padding_weight: float = TEXT_PADDIN
     audio_mask = audio_target_mask(lm, codes)
     first = (mx.arange(lm.cfg.dep_q) == 0)[None, :, None]
     audio_weights = audio_mask * mx.where(first, first_codebook_weight_multiplier, 1.0)
-    text_loss = weighted_cross_entropy(text_logits, text_targets, text_weights.astype(mx.float32))
-    audio_loss = weighted_cross_entropy(audio_logits, audio_targets,
-                                        audio_weights.astype(mx.float32))
-    n_targets = text_mask.sum() + audio_mask.sum()
-    return text_loss + audio_loss, n_targets, {"text_loss": text_loss, "audio_loss": audio_loss}
+    text_sum, text_weight = weighted_cross_entropy(text_logits, text_targets,
+                                                   text_weights.astype(mx.float32))
+    audio_sum, audio_weight = weighted_cross_entropy(audio_logits, audio_targets,
+                                                     audio_weights.astype(mx.float32))
+    return {"text_sum": text_sum, "text_weight": text_weight, "audio_sum": audio_sum,
+            "audio_weight": audio_weight, "n_targets": text_mask.sum() + audio_mask.sum()}
+
+
+def moshi_loss(lm: Lm, batch: mx.array, text_padding_weight: float = TEXT_PADDING_WEIGHT,
+               first_codebook_weight_multiplier: float = FIRST_CODEBOOK_WEIGHT_MULTIPLIER
+               ) -> tuple[mx.array, mx.array, dict[str, mx.array]]:
+    """moshi-finetune's loss of one batch of codes [B, 1 + n_q, T] ->
+    (loss, n_targets, {"text_loss", "audio_loss"}); n_targets counts the valid text and audio
+    targets (moshi-finetune's "real tokens"), the weight of this batch among others."""
+    sums = loss_sums(lm, batch, text_padding_weight, first_codebook_weight_multiplier)
+    text_loss = sums["text_sum"] / sums["text_weight"]
+    audio_loss = sums["audio_sum"] / sums["audio_weight"]
+    return (text_loss + audio_loss, sums["n_targets"],
+            {"text_loss": text_loss, "audio_loss": audio_loss})
+
+
+def evaluate(lm: Lm, batches: Iterable[mx.array], text_padding_weight: float = TEXT_PADDING_WEIGHT,
+             first_codebook_weight_multiplier: float = FIRST_CODEBOOK_WEIGHT_MULTIPLIER
+             ) -> dict[str, float]:
+    """The loss of all `batches` weighted as one batch holding them all would weight them:
+    {"loss", "text_loss", "audio_loss", "n_targets", "batches"}."""
+    totals = dict.fromkeys(("text_sum", "text_weight", "audio_sum", "audio_weight",
+                            "n_targets"), 0.0)
+    count = 0
+    for batch in batches:
+        sums = loss_sums(lm, mx.array(batch), text_padding_weight,
+                         first_codebook_weight_multiplier)
+        mx.eval(sums)
+        for key, value in sums.items():
+            totals[key] += value.item()
+        count += 1
+    if not count:
+        raise ValueError("no batch to evaluate")
+    text = totals["text_sum"] / totals["text_weight"]
+    audio = totals["audio_sum"] / totals["audio_weight"]
+    return {"loss": text + audio, "text_loss": text, "audio_loss": audio,
+            "n_targets": int(totals["n_targets"]), "batches": count}
