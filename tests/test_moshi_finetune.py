@@ -472,3 +472,49 @@ def test_annotate_writes_both_channels_in_moshi_finetune_format(stt_dir, random_
     (tmp_path / "one.json").write_text('{"alignments": []}')
     assert run_annotate(args) == 0
     assert read_alignments(tmp_path / "one.json") == []
+
+
+def test_overfit_sample_is_then_generated_greedily(fixtures_dir, golden):
+    """Training and generation agree on which step predicts which token: after fitting one
+    sample with this loss (all weights, Adam), streaming greedy generation (LmGen, fed the
+    user's frame j at step j + 1) reproduces its text, codebook 0 and the delayed codebooks."""
+    import mlx.optimizers as optim
+
+    from moshi_mlx.conversation.lm_gen import LmGen
+    from moshi_mlx.training.moshi_loss import forward_logits
+
+    lm = load_lm(fixtures_dir / "lm_pytorch.safetensors",
+                 config=fixtures_dir / "lm_config.json", dtype=mx.float32)
+    steps = 16
+    rng = np.random.default_rng(0)
+    text = rng.integers(4, 1000, steps)
+    text[[0, 3, 4, 9]], text[5] = 3, 0  # PAD, EPAD
+    audio = rng.integers(0, 2048, (8, steps))
+    user = golden["codes"][0, 9:, :steps].astype(np.int64)
+    codes = mx.array(np.concatenate([text[None], audio, user])[None].astype(np.int32))
+    optimizer = optim.Adam(learning_rate=3e-3)
+    loss_and_grad = nn.value_and_grad(lm, lambda model: moshi_loss(model, codes)[0])
+    for _ in range(150):
+        _, grads = loss_and_grad(lm)
+        optimizer.update(lm, grads)
+        mx.eval(lm.parameters(), optimizer.state)
+        text_logits, audio_logits = forward_logits(lm, codes)
+        picked = np.array(audio_logits.argmax(-1))[0]
+        if ((np.array(text_logits.argmax(-1))[0] == text).all()
+                and (picked[0] == audio[0]).all()
+                and (picked[1:, : steps - 1] == audio[1:, : steps - 1]).all()):
+            break
+    else:
+        pytest.fail("the sample was not fitted in 150 steps")
+
+    gen = LmGen(lm, text_temp=0.0, audio_temp=0.0)
+    texts, raw = [], []
+    for t in range(steps):
+        frame = user[:, t - 1] if t else np.zeros(8, np.int64)  # step 0 reads initial tokens
+        token, _ = gen.step(mx.array(frame[None].astype(np.int32)))
+        texts.append(int(token[0]))
+        raw.append(np.array(gen.state.last_audio_tokens[0]))
+    raw = np.array(raw)  # step t: codebook 0 of frame t, codebooks 1..7 of frame t - 1
+    assert texts == text.tolist()
+    assert (raw[:, 0] == audio[0]).all()
+    assert (raw[1:, 1:].T == audio[1:, : steps - 1]).all()
