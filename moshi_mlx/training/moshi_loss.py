@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import mlx.core as mx
+import numpy as np
 
 from moshi_mlx.models.lm import Lm
 
@@ -28,6 +29,8 @@ END_OF_TEXT_PADDING_ID = 0
 # moshi-finetune's defaults (finetune/args.py); its 7B example uses a multiplier of 100.
 TEXT_PADDING_WEIGHT = 0.5
 FIRST_CODEBOOK_WEIGHT_MULTIPLIER = 1.0
+
+Codes = mx.array | np.ndarray  # int codes [B, 1 + n_q, T]
 
 
 def delayed_inputs(lm: Lm, codes: mx.array) -> mx.array:
@@ -88,13 +91,13 @@ def weighted_cross_entropy(logits: mx.array, targets: mx.array, weights: mx.arra
     return mx.sum(mx.where(weights > 0, ce * weights, 0.0)), mx.sum(weights)
 
 
-def loss_sums(lm: Lm, batch: mx.array, text_padding_weight: float = TEXT_PADDING_WEIGHT,
+def loss_sums(lm: Lm, batch: Codes, text_padding_weight: float = TEXT_PADDING_WEIGHT,
               first_codebook_weight_multiplier: float = FIRST_CODEBOOK_WEIGHT_MULTIPLIER
               ) -> dict[str, mx.array]:
     """The sums the loss of a batch of codes [B, 1 + n_q, T] is made of: `text_sum`,
     `text_weight`, `audio_sum`, `audio_weight` (sum(w * CE), sum(w) of each part) and
     `n_targets` (the valid text and audio targets: moshi-finetune's "real tokens")."""
-    codes = batch.astype(mx.int32)
+    codes = (batch if isinstance(batch, mx.array) else mx.array(batch)).astype(mx.int32)
     text_logits, audio_logits = forward_logits(lm, codes)
     text_targets = codes[:, 0]
     text_mask = text_targets != -1
@@ -113,7 +116,7 @@ def loss_sums(lm: Lm, batch: mx.array, text_padding_weight: float = TEXT_PADDING
             "audio_weight": audio_weight, "n_targets": text_mask.sum() + audio_mask.sum()}
 
 
-def moshi_loss(lm: Lm, batch: mx.array, text_padding_weight: float = TEXT_PADDING_WEIGHT,
+def moshi_loss(lm: Lm, batch: Codes, text_padding_weight: float = TEXT_PADDING_WEIGHT,
                first_codebook_weight_multiplier: float = FIRST_CODEBOOK_WEIGHT_MULTIPLIER
                ) -> tuple[mx.array, mx.array, dict[str, mx.array]]:
     """moshi-finetune's loss of one batch of codes [B, 1 + n_q, T] ->
@@ -126,7 +129,7 @@ def moshi_loss(lm: Lm, batch: mx.array, text_padding_weight: float = TEXT_PADDIN
             {"text_loss": text_loss, "audio_loss": audio_loss})
 
 
-def evaluate(lm: Lm, batches: Iterable[mx.array], text_padding_weight: float = TEXT_PADDING_WEIGHT,
+def evaluate(lm: Lm, batches: Iterable[Codes], text_padding_weight: float = TEXT_PADDING_WEIGHT,
              first_codebook_weight_multiplier: float = FIRST_CODEBOOK_WEIGHT_MULTIPLIER
              ) -> dict[str, float]:
     """The loss of all `batches` weighted as one batch holding them all would weight them:
@@ -135,7 +138,7 @@ def evaluate(lm: Lm, batches: Iterable[mx.array], text_padding_weight: float = T
                             "n_targets"), 0.0)
     count = 0
     for batch in batches:
-        sums = loss_sums(lm, mx.array(batch), text_padding_weight,
+        sums = loss_sums(lm, batch, text_padding_weight,
                          first_codebook_weight_multiplier)
         mx.eval(sums)
         for key, value in sums.items():
