@@ -110,7 +110,6 @@ class Depformer(nn.Module):
             all_logits.append(logits)
         return mx.stack(tokens, axis=1), all_logits
 
-
     def teacher_forced(self, hidden: mx.array, inputs: mx.array) -> mx.array:
         """All slices at once for training: hidden [N, dim] (normed temporal output of N
         positions), inputs [N, dep_q] (slice k's input token: the text token for k = 0, audio
