@@ -85,6 +85,9 @@ INTERLEAVER_CASES = [
                                ["first", [0.08, 0.16], "SPEAKER_MAIN"],
                                ["past", [1.9, 2.5], "SPEAKER_MAIN"]], 12),
     ("empty", [], 8),
+    ("empty_words", [["extraordinarily", [0.0, 0.5], "SPEAKER_MAIN"],
+                     ["", [0.2, 0.3], "SPEAKER_MAIN"], [" ", [0.5, 0.6], "SPEAKER_MAIN"],
+                     ["ok", [0.7, 0.8], "SPEAKER_MAIN"]], 15),
 ]
 # (name, sample rate, samples, alignments of the left channel)
 WAV_SPECS = [
@@ -276,6 +279,7 @@ def derive_interleaver(fixtures: Path, out: dict) -> None:
             frames / 12.5)
         stream_via_item = interleaver.prepare_item(aligned, frames / 12.5)
         assert torch.equal(stream, stream_via_item)
+        assert stream.numel() == frames, (name, stream.numel())  # frames / 12.5 * 12.5 exact
         out[f"interleave_{name}"] = stream.view(-1).numpy().astype(np.int32)
     out["interleave_cases"] = np.array(json.dumps(INTERLEAVER_CASES))
 
