@@ -33,15 +33,14 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from moshi_mlx.audio.rates import SAMPLE_RATE
+from moshi_mlx.audio.rates import FRAME_RATE, SAMPLE_RATE
 from moshi_mlx.errors import AudioError, TrainingDataError
+from moshi_mlx.models.lm_config import LmConfig
 from moshi_mlx.training.moshi_loss import END_OF_TEXT_PADDING_ID
 
-FRAME_RATE = 12.5
-SAMPLES_PER_FRAME = 1920
 MAIN_SPEAKER = "SPEAKER_MAIN"  # moshi-finetune's label of Moshi's (left) channel
 OTHER_SPEAKER = "SPEAKER_OTHER"  # what our annotate calls the user's channel
-TEXT_PADDING_ID = 3  # Moshi's `existing_text_padding_id`
+TEXT_PADDING_ID = LmConfig.existing_text_padding_id  # Moshi's PAD (the config's default)
 DURATION_SEC = 10.0  # moshi-finetune's default chunk
 
 
