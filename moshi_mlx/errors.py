@@ -20,6 +20,11 @@ class AudioError(MoshiError):
     """An audio file or device cannot be used."""
 
 
+class TrainingDataError(MoshiError):
+    """Fine-tuning data cannot be used: a missing or unreadable audio file, a data list or
+    alignment file that does not parse, a data set with nothing to train on."""
+
+
 class SlotError(MoshiError):
     """A stream of a fixed pool (batched transcription) is used wrongly: a closed slot, an
     ended stream."""

@@ -25,10 +25,11 @@ from moshi_mlx.cli.options import (
     ModelOptions,
     SamplingOptions,
     add_list_devices_arg,
-    add_run_args,
     add_sampling_args,
+    add_stt_model_args,
     command_prog,
     print_blas_hint,
+    resolve_stt_files,
     show_devices,
 )
 from moshi_mlx.cli.outputs import names_folder, output_file, output_folder
@@ -40,9 +41,6 @@ if TYPE_CHECKING:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from moshi_mlx.loading.families import files_of
-
-    releases = files_of("stt")
     parser = argparse.ArgumentParser(
         prog=command_prog("moshi_mlx.stt", "moshi-stt"),
         description="Transcribe speech with Kyutai STT (streaming, word timestamps, end of turn).")
@@ -59,19 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--duration", type=float, default=None,
                         help="with --mic: stop after this many seconds of audio")
     add_list_devices_arg(parser)
-    g = parser.add_argument_group("model")
-    g.add_argument("--model", choices=sorted(releases.repos), default="1b",
-                   help="released model when --hf-repo is not given (default 1b)")
-    g.add_argument("--hf-repo", default=None,
-                   help=f"Hugging Face repo id or local folder (default {releases.default_repo()})")
-    g.add_argument("--moshi-weight", default=None, help="STT LM weights (either layout)")
-    g.add_argument("--config", default=None, help="the model's config.json")
-    g.add_argument("--mimi-weight", default=None, help="Mimi weights")
-    g.add_argument("--tokenizer", default=None, help="text tokenizer (SentencePiece .model)")
-    g.add_argument("--vad-weights", default=None,
-                   help="checkpoint with the VAD heads (e.g. kyutai/stt-1b-en_fr-candle) when "
-                        "the weights have none")
-    add_run_args(g, "4 or 8 bits (a bf16 file is quantized on load)")
+    add_stt_model_args(parser)
     add_sampling_args(parser.add_argument_group("sampling"), temp=0.0, top_k_default=50)
     o = parser.add_argument_group("output")
     o.add_argument("--format", choices=FORMATS, default="text")
@@ -81,20 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--eot-threshold", type=float, default=0.5,
                    help="end of turn when the no-voice probability exceeds this (default 0.5)")
     return parser
-
-
-# --------------------------------------------------------------------------- files
-
-
-def resolve_stt_files(args: argparse.Namespace, need_mimi: bool) -> ResolvedFiles:
-    """The STT files the options name, through moshi_mlx.loading.resolve (a checkpoint of
-    another family is refused there). Kyutai's STT repos hold bf16 weights only: -q then
-    quantizes them on load."""
-    from moshi_mlx.loading.resolve import resolve
-
-    return resolve("moshi_mlx.stt", args.hf_repo, variant=args.model, quantize=args.quantize,
-                   weights=args.moshi_weight, config=args.config, tokenizer=args.tokenizer,
-                   codec=args.mimi_weight, need_codec=need_mimi)
 
 
 # --------------------------------------------------------------------------- output

@@ -46,6 +46,24 @@ def decode_audio_bytes(data: bytes, name: str, sample_rate: int = SAMPLE_RATE) -
 def decode_audio(source: str | BinaryIO, name: str, sample_rate: int = SAMPLE_RATE
                  ) -> np.ndarray:
     """A path or a binary file object decoded as float32 mono (T,) at `sample_rate`."""
+    data, rate = _decode_channels(source, name)
+    mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
+    return resample(mono, rate, sample_rate)
+
+
+def read_audio_channels(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE
+                        ) -> tuple[np.ndarray, int]:
+    """Read an audio file keeping its channels: (float32 (T, C) at `sample_rate`, the file's
+    own rate). Raises AudioError as `read_audio` does."""
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(f"{path}: no such audio file")
+    data, rate = _decode_channels(str(path), str(path))
+    return resample(data, rate, sample_rate), rate
+
+
+def _decode_channels(source: str | BinaryIO, name: str) -> tuple[np.ndarray, int]:
+    """float32 (T, C) and the rate of a path or binary file object, checked."""
     import soundfile
 
     try:
@@ -59,8 +77,7 @@ def decode_audio(source: str | BinaryIO, name: str, sample_rate: int = SAMPLE_RA
         raise AudioError(f"{name}: the audio file holds no samples")
     if not np.isfinite(data).all():
         raise AudioError(f"{name}: the audio holds NaN or infinite samples")
-    mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
-    return resample(mono, int(rate), sample_rate)
+    return data, int(rate)
 
 
 def write_audio(

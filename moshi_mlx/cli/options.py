@@ -235,6 +235,38 @@ def resolve_model_files(args: argparse.Namespace) -> ResolvedFiles:
                    codec=getattr(args, "mimi_weight", None), need_codec=audio)
 
 
+def add_stt_model_args(parser: argparse.ArgumentParser) -> None:
+    """Options that choose and load a Kyutai STT model (`moshi_mlx.stt`, the fine-tuning
+    annotator); `resolve_stt_files` reads them back."""
+    from moshi_mlx.loading.families import files_of
+
+    releases = files_of("stt")
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", choices=sorted(releases.repos), default="1b",
+                   help="released model when --hf-repo is not given (default 1b)")
+    g.add_argument("--hf-repo", default=None,
+                   help=f"Hugging Face repo id or local folder (default {releases.default_repo()})")
+    g.add_argument("--moshi-weight", default=None, help="STT LM weights (either layout)")
+    g.add_argument("--config", default=None, help="the model's config.json")
+    g.add_argument("--mimi-weight", default=None, help="Mimi weights")
+    g.add_argument("--tokenizer", default=None, help="text tokenizer (SentencePiece .model)")
+    g.add_argument("--vad-weights", default=None,
+                   help="checkpoint with the VAD heads (e.g. kyutai/stt-1b-en_fr-candle) when "
+                        "the weights have none")
+    add_run_args(g, "4 or 8 bits (a bf16 file is quantized on load)")
+
+
+def resolve_stt_files(args: argparse.Namespace, need_mimi: bool) -> ResolvedFiles:
+    """The STT files the `add_stt_model_args` options name, through moshi_mlx.loading.resolve
+    (a checkpoint of another family is refused there). Kyutai's STT repos hold bf16 weights
+    only: -q then quantizes them on load."""
+    from moshi_mlx.loading.resolve import resolve
+
+    return resolve("moshi_mlx.stt", args.hf_repo, variant=args.model, quantize=args.quantize,
+                   weights=args.moshi_weight, config=args.config, tokenizer=args.tokenizer,
+                   codec=args.mimi_weight, need_codec=need_mimi)
+
+
 def engine_options(args: argparse.Namespace) -> Any:
     """The parsed `add_model_args` options as the engine's one options object."""
     from moshi_mlx.conversation.engine import EngineOptions

@@ -126,6 +126,26 @@ class Depformer(nn.Module):
             all_logits.append(logits)
         return tokens, all_logits
 
+    def teacher_forced(self, hidden: mx.array, inputs: mx.array) -> mx.array:
+        """All slices at once for training: hidden [N, dim] (normed temporal output of N
+        positions), inputs [N, dep_q] (slice k's input token: the text token for k = 0, audio
+        token k-1 after; -1 embeds to 0) -> logits [N, dep_q, card]."""
+        num_layers = len(self.slices[0].transformer.layers)
+        caches = [KVCache(self.context) for _ in range(num_layers)]  # shared by all slices
+        all_logits = []
+        for k, part in enumerate(self.slices):
+            x = part.linear_in(hidden) + embed_or_zero(part.emb, inputs[:, k])
+            x = part.transformer(x[:, None, :], caches)
+            all_logits.append(part.linear_out(x[:, 0, :]))
+        return mx.stack(all_logits, axis=1)
+
+
+def embed_or_zero(table: nn.Module, tokens: mx.array) -> mx.array:
+    """Embeddings of `tokens`, exactly 0 where a token is -1 (the official "no input" id, as
+    padding of a training batch)."""
+    vectors = table(mx.maximum(tokens, 0))
+    return mx.where((tokens >= 0)[..., None], vectors, mx.zeros((), vectors.dtype))
+
 
 class Lm(nn.Module):
     """Moshi LM: per 80 ms frame, one `temporal` step over the 1 + n_q token streams, then the
@@ -197,6 +217,17 @@ class Lm(nn.Module):
                                            strict=True):
             x = mlp_block(x + layer.self_attn(layer.norm1(x), cache))
         return fast.head(x)
+
+    def sequence(self, tokens: mx.array) -> tuple[mx.array, mx.array]:
+        """The temporal transformer over whole sequences at once (training, teacher forced):
+        tokens [B, 1 + n_q, T] (-1 embeds to 0) -> (normed hidden [B, T, dim], text logits
+        [B, T, text_card]). Fresh caches: a causal mask over the T positions."""
+        x = embed_or_zero(self.audio_embs[0], tokens[:, 1])
+        for k in range(1, len(self.audio_embs)):
+            x = x + embed_or_zero(self.audio_embs[k], tokens[:, k + 1])
+        x = x + embed_or_zero(self.text_emb, tokens[:, 0])
+        x = self.out_norm(self.transformer(x, self.make_cache()))
+        return x, self.text_linear(x)
 
     def text_only(self, tokens: mx.array, caches: list[KVCache]) -> mx.array:
         """The temporal transformer as a text model (transformers' `MoshiForCausalLM`): text

@@ -1,0 +1,1 @@
+"""Fine-tuning: losses equal to the references, training data, LoRA adapters."""
