@@ -153,9 +153,10 @@ class LmGen:
         """One 80 ms frame. user_codes [B, n_q - dep_q] ints: the user's newest Mimi codes.
 
         Returns (text_token [B], audio_codes [B, dep_q] or None before max_delay steps).
-        force_text [B] / force_audio [B, dep_q] (teacher forcing, for evaluation): use these
-        tokens instead of the sampled ones; the logits are still those of the model
-        (`state.text_logits`, `state.audio_logits`).
+        force_text [B] / force_audio [B, dep_q] (teacher forcing: evaluation, prompts): use
+        these tokens instead of the sampled ones, except where an entry is negative (that
+        token is sampled); the logits are still those of the model (`state.text_logits`,
+        `state.audio_logits`).
         """
         start_time = time.perf_counter() if self.timings is not None else 0.0
         state = self._state
@@ -181,14 +182,12 @@ class LmGen:
         else:  # teacher forcing: eager, the forced tokens replace the sampled ones
             keys = mx.random.split(state.key, 2 + self.cfg.dep_q)
             state.key = keys[0]
-            text = self.text_sampler(text_logits, keys[1])
-            if force_text is not None:
-                text = mx.array(force_text).astype(mx.int32)
+            text = _forced(force_text, self.text_sampler(text_logits, keys[1]))
 
             def sample_audio(logits: mx.array, k: int) -> mx.array:
-                if force_audio is not None:
-                    return mx.array(force_audio)[:, k].astype(mx.int32)
-                return self.audio_sampler(logits, keys[2 + k])
+                sampled = self.audio_sampler(logits, keys[2 + k])
+                return sampled if force_audio is None else _forced(
+                    mx.array(force_audio)[:, k], sampled)
 
             raw_audio, audio_logits = self.lm.depformer(hidden, text, sample_audio)
 
@@ -206,3 +205,11 @@ class LmGen:
             self.timings["depformer_s"] = time.perf_counter() - half_time
         state.steps += 1
         return text, frame
+
+
+def _forced(forced, sampled: mx.array) -> mx.array:
+    """`forced` tokens where they are >= 0, `sampled` ones elsewhere (forced None: sampled)."""
+    if forced is None:
+        return sampled
+    forced = mx.array(forced).astype(mx.int32)
+    return mx.where(forced >= 0, forced, sampled.astype(mx.int32))
