@@ -11,6 +11,7 @@ on the tiny Moshi fixture):
 
 from __future__ import annotations
 
+import hashlib
 import wave
 from pathlib import Path
 
@@ -104,6 +105,24 @@ def test_text_prompt_ids_as_nvidia_encodes_them(golden, tokenizer):
 # ------------------------------------------------------------------ the references
 
 
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def test_the_goldens_ran_on_these_files(golden, fixtures_dir):
+    """The tool's model files are the tests' (the transformers folder is rebuilt from
+    lm_pytorch.safetensors and checked against its manifest by transformers_layout)."""
+    from transformers_layout import ensure_transformers_moshi
+
+    assert sha256(fixtures_dir / "lm_pytorch.safetensors") == str(golden["nv_lm_sha256"])
+    folder = ensure_transformers_moshi(Path(__file__).parent / ".cache")
+    assert sha256(folder / "model.safetensors") == str(golden["trfs_weights_sha256"])
+
+
 def test_prompted_generate_matches_transformers(golden, lm):
     gen = LmGen(lm, text_temp=0.0, audio_temp=0.0)
     result = generate_prompted(gen, golden["trfs_input_ids"], golden["trfs_moshi_audio_codes"],
@@ -162,6 +181,7 @@ def test_our_mimi_codes_of_the_voice(golden, fixtures_dir, random_mimi_path):
     from moshi_mlx.conversation.engine import make_codec
     from moshi_mlx.conversation.prompts import encode_voice
 
+    assert sha256(random_mimi_path) == str(golden["nv_mimi_sha256"])
     codes = encode_voice(loudness_signals(fixtures_dir)["voice"], make_codec(random_mimi_path))
     expected = golden["nv_voice_codes"]
     assert codes.shape == expected.shape

@@ -72,6 +72,16 @@ def transformers_prompt(text_card: int, card: int) -> dict[str, np.ndarray]:
     }
 
 
+def sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def save(results: dict[str, np.ndarray]) -> None:
     prefix = next(iter(results)).split("_")[0] + "_"
     kept = {}
@@ -110,6 +120,7 @@ def derive_transformers() -> None:
         "trfs_sequences": out.sequences.numpy().astype(np.int64),
         "trfs_audio_codes": out.audio_codes.numpy().astype(np.int64),
         "trfs_new_tokens": np.array(NEW_TOKENS),
+        "trfs_weights_sha256": np.array(sha256(folder / "model.safetensors")),
         "trfs_versions": np.array(json.dumps({"torch": torch.__version__,
                                               "transformers": transformers.__version__})),
     }
@@ -190,7 +201,8 @@ def derive_nvidia(as_released: bool = False) -> None:
     model = LMModel(device="cpu", dtype=torch.float32, **lm_kwargs).eval()
     weights = safetensors.torch.load_file(str(FIXTURES / "lm_pytorch.safetensors"))
     model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=True)
-    mimi = loaders.get_mimi(ensure_random_mimi(CACHE, FIXTURES), device="cpu")
+    mimi_path = ensure_random_mimi(CACHE, FIXTURES)
+    mimi = loaders.get_mimi(mimi_path, device="cpu")
 
     gen = LMGen(model, device="cpu", use_sampling=False, sample_rate=24000, frame_rate=12.5,
                 audio_silence_frame_cnt=int(0.5 * 12.5))
@@ -254,6 +266,8 @@ def derive_nvidia(as_released: bool = False) -> None:
         "nv_text_argmax": np.array(text_argmax, np.int64),
         "nv_audio_argmax": np.array(audio_argmax, np.int64),
         "nv_out": np.stack(outs),
+        "nv_lm_sha256": np.array(sha256(FIXTURES / "lm_pytorch.safetensors")),
+        "nv_mimi_sha256": np.array(sha256(mimi_path)),
         "nv_wrap_cases": np.array(WRAP_CASES),
         "nv_wrap_results": np.array([wrap_with_system_tags(c) for c in WRAP_CASES]),
         "nv_versions": np.array(json.dumps({
