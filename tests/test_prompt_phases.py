@@ -177,7 +177,7 @@ def test_prompt_phases_match_nvidia(golden, lm):
 
 def test_our_mimi_codes_of_the_voice(golden, fixtures_dir, random_mimi_path):
     """The same 2 s of speech, normalized and encoded by our streaming Mimi: the codes of
-    NVIDIA's Mimi (PyTorch) within float rounding: all semantic codes, nearly all codes."""
+    NVIDIA's Mimi (PyTorch) within float rounding: all semantic codes, 99% of all."""
     from moshi_mlx.conversation.engine import make_codec
     from moshi_mlx.conversation.prompts import encode_voice
 
@@ -186,7 +186,7 @@ def test_our_mimi_codes_of_the_voice(golden, fixtures_dir, random_mimi_path):
     expected = golden["nv_voice_codes"]
     assert codes.shape == expected.shape
     np.testing.assert_array_equal(codes[0], expected[0])
-    assert (codes == expected).mean() >= 0.95
+    assert (codes == expected).mean() >= 0.99  # (all 200 equal when derived)
 
 
 # ------------------------------------------------------------------ the engine
