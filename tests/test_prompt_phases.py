@@ -293,7 +293,8 @@ def test_bad_voice_prompts_are_prompt_errors(fixtures_dir):
     assert frames[5, : 10000 - 5 * 1920].any()
 
 
-def test_engine_refuses_bad_prompts_before_changing_anything(golden, lm, tokenizer, tmp_path):
+def test_engine_refuses_bad_prompts_before_changing_anything(golden, lm, tokenizer, tmp_path,
+                                                             fixtures_dir):
     user = golden["nv_user_codes"]
     engine = make_engine(lm, tokenizer, user)
     engine.set_prompt(MoshiPrompt(text="Talk about boats."))
@@ -302,6 +303,10 @@ def test_engine_refuses_bad_prompts_before_changing_anything(golden, lm, tokeniz
     assert limit == lm.cfg.context - 2 * SILENCE_FRAMES
     with pytest.raises(PromptError, match=f"leaves {limit}$"):
         engine.set_prompt(MoshiPrompt(text=" ".join(["boat"] * (limit + 1))))
+    voice = loudness_signals(fixtures_dir)["voice"]  # 25 frames
+    with pytest.raises(PromptError, match=f"leaves {limit - 25} beside 25 frames of voice"):
+        engine.set_prompt(MoshiPrompt(text=" ".join(["boat"] * (limit - 20)), voice_pcm=voice))
+    assert engine.codec.encoded == 6  # the codec was not touched (no encode, no reset)
     with pytest.raises(PromptError, match="silent"):
         engine.set_prompt(MoshiPrompt(text="hi", voice_pcm=np.zeros(48000, np.float32)))
     with pytest.raises(PromptError, match="voice codes"):

@@ -201,10 +201,11 @@ class Engine:
         from moshi_mlx.conversation.prompt_state import copy_state
         from moshi_mlx.conversation.prompts import (
             DEFAULT_TEXT_PAD,
-            encode_voice,
+            encode_frames,
             phase_frames,
             prompt_text_tokens,
             run_phases,
+            voice_frames,
         )
 
         if prompt.empty:
@@ -214,18 +215,22 @@ class Engine:
         cfg = self.lm_gen.cfg
         tokens = prompt_text_tokens(prompt.text, self.text_tokenizer,
                                     bool(getattr(cfg, "system_prompt_tags", False)))
+        voice, voice_pcm_frames = None, None
         if prompt.voice_codes is not None:
             voice = _checked_voice_codes(prompt.voice_codes, int(cfg.card))
+            voice_count = voice.shape[1]
         elif prompt.voice_pcm is not None:
-            voice = encode_voice(prompt.voice_pcm, self.codec)
+            voice_pcm_frames = voice_frames(prompt.voice_pcm)  # checked, normalized
+            voice_count = voice_pcm_frames.shape[0]
         else:
-            voice = None
-        voice_count = 0 if voice is None else voice.shape[1]
+            voice_count = 0
         limit = self.max_prompt_tokens - voice_count
         if len(tokens) > limit:
             beside = f" beside {voice_count} frames of voice" if voice_count else ""
             raise PromptError(f"the text prompt is {len(tokens)} tokens; the model's context "
                               f"({cfg.context} frames) leaves {max(limit, 0)}{beside}")
+        if voice_pcm_frames is not None:
+            voice = encode_frames(voice_pcm_frames, self.codec)
         pad = getattr(cfg, "existing_text_padding_id", None)
         frames = phase_frames(tokens, voice, DEFAULT_TEXT_PAD if pad is None else int(pad))
         self.lm_gen.reset()

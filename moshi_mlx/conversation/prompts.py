@@ -97,9 +97,13 @@ def voice_frames(pcm: np.ndarray) -> np.ndarray:
 
 
 def encode_voice(pcm: np.ndarray, codec: Any) -> np.ndarray:
-    """Voice codes [8, T]: `voice_frames(pcm)` through the streaming Mimi `codec` (the
-    engine's `Codec`: encode one frame at a time), from a fresh state, reset again after."""
-    frames = voice_frames(pcm)
+    """Voice codes [8, T]: `voice_frames(pcm)` through the streaming Mimi `codec`."""
+    return encode_frames(voice_frames(pcm), codec)
+
+
+def encode_frames(frames: np.ndarray, codec: Any) -> np.ndarray:
+    """Codes [8, n] of frames [n, FRAME_SIZE] through the streaming Mimi `codec` (the
+    engine's `Codec`: one frame at a time), from a fresh state, reset again after."""
     codec.reset()
     try:
         codes = [np.asarray(codec.encode(frame)).reshape(-1)[:NUM_OWN_CODEBOOKS]
