@@ -1,7 +1,7 @@
 """Prompt phases before a Moshi conversation (issue 19): a voice prompt, a text prompt.
 
-CONTRACT SKELETON (lead, 2026-12-07): the names and signatures below are what the front ends
-(local, local_web, /api/chat) call; the phases helper fills in the bodies. Change a signature
+The contract (lead, 2026-12-07): the names and signatures below and the Engine methods listed
+at the end are what the front ends (local, local_web, /api/chat) call. Change a signature
 only with the lead.
 
 The phases (NVIDIA PersonaPlex's `LMGen.step_system_prompts`, our own code), every stream
@@ -12,6 +12,8 @@ forced, one LM step per 80 ms frame:
   3. the text prompt, one token per frame (wrapped in system tags when the model uses them);
      Moshi's stream SILENCE, user SINE;
   4. PROMPT_SILENCE_S of silence again.
+Frame 0 (the voice's first, else the first silence frame) is never seen: as in NVIDIA's code,
+the first step reads the initial tokens (see `force_frames`).
 """
 
 from __future__ import annotations
@@ -208,5 +210,5 @@ def run_phases(gen: Any, frames: PromptFrames,
 #       reset() starts the conversation from that state. An empty prompt clears it.
 #   Engine.save_prompt_state(path: str | Path) -> None     (safetensors, after set_prompt)
 #   Engine.load_prompt_state(path: str | Path) -> None     (instead of set_prompt; a file of
-#       another model or shape: PromptStateError, one line, before anything changes)
+#       another model or shape: PromptError, one line, before anything changes)
 #   Engine.max_prompt_tokens -> int     (how many text tokens the context leaves a prompt)
