@@ -338,6 +338,11 @@ def test_prompt_state_of_another_model_is_refused(golden, lm, tokenizer, fixture
     bigger.cfg = bigger.cfg.with_overrides(context=100)
     with pytest.raises(PromptError, match="another shape.*context"):
         make_engine(bigger, tokenizer, user).load_prompt_state(tmp_path / "f32.safetensors")
+    tuned = load_lm(fixtures_dir / "lm_pytorch.safetensors",
+                    config=fixtures_dir / "lm_config.json", dtype=mx.float32)
+    tuned.out_norm.weight = tuned.out_norm.weight * 1.01  # same shape, other weights
+    with pytest.raises(PromptError, match="saved with other weights"):
+        make_engine(tuned, tokenizer, user).load_prompt_state(tmp_path / "f32.safetensors")
 
 
 def test_phase_frames_hold_the_hard_coded_tokens():
@@ -345,3 +350,19 @@ def test_phase_frames_hold_the_hard_coded_tokens():
     assert frames.phases == (("silence", 6), ("text", 2), ("silence", 6))
     assert frames.text.tolist() == [3] * 6 + [11, 12] + [3] * 6
     assert (frames.user == np.array(SINE_TOKENS)[:, None]).all()
+
+
+def test_quantized_prompt_state_resumes_and_is_refused_elsewhere(golden, lm, tokenizer,
+                                                                 fixtures_dir, tmp_path):
+    user = golden["nv_user_codes"]
+    q4 = load_lm(fixtures_dir / "lm_pytorch.safetensors", config=fixtures_dir / "lm_config.json",
+                 dtype=mx.float32, quantize=4)
+    engine = make_engine(q4, tokenizer, user)
+    engine.set_prompt(MoshiPrompt(text="Talk about boats.", voice_codes=golden["nv_voice_codes"]))
+    first = converse(engine, 8)
+    engine.save_prompt_state(tmp_path / "q4.safetensors")
+    restored = make_engine(q4, tokenizer, user)
+    restored.load_prompt_state(tmp_path / "q4.safetensors")
+    assert converse(restored, 8) == first
+    with pytest.raises(PromptError, match="another quantization"):
+        make_engine(lm, tokenizer, user).load_prompt_state(tmp_path / "q4.safetensors")

@@ -122,10 +122,10 @@ def _differences(saved: dict[str, Any], ours: dict[str, Any]) -> str:
         keys = sorted(k for k in set(saved["config"]) | set(ours["config"])
                       if saved["config"].get(k) != ours["config"].get(k))
         return "a model of another shape (config " + ", ".join(keys[:4]) + " differ)"
-    for key, what in (("dtype", "compute dtype"), ("quantization", "quantization"),
-                      ("weights", "weights")):
+    for key, what in (("dtype", "another compute dtype"), ("quantization", "another quantization"),
+                      ("weights", "other weights")):
         if saved[key] != ours[key]:
-            return f"another {what} ({saved[key]} there, {ours[key]} here)"
+            return f"{what} ({saved[key]} there, {ours[key]} here)"
     return ""
 
 
