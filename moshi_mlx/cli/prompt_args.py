@@ -86,8 +86,9 @@ class PromptPlan:
         return PromptPlan(dataclasses.replace(self.prompt, text=text))
 
     def apply(self, engine: Any) -> str | None:
-        """Put the prompt in `engine` (on its model thread) and save the state when asked.
-        Returns a line of what ran and how long it took; None when the plan is empty."""
+        """Put the prompt in `engine` (on its model thread) and save the state when asked;
+        the caller resets the engine before a conversation. Returns a line of what ran and how
+        long it took; None when the plan is empty."""
         if self.empty:
             return None
         started = time.perf_counter()
@@ -97,7 +98,6 @@ class PromptPlan:
         else:
             engine.set_prompt(self.prompt)
             what = f"prompt phases ran ({describe_prompt(self.prompt)})"
-        engine.reset()  # the conversation starts from the prompted state, whatever ran
         line = f"{what} in {time.perf_counter() - started:.2f} s"
         if self.save is not None:
             started = time.perf_counter()
@@ -171,6 +171,8 @@ def _text_prompt(args: argparse.Namespace) -> str | None:
     if args.text_prompt_file is None:
         return None
     path = Path(args.text_prompt_file).expanduser()
+    if path.is_dir():
+        raise PromptError(f"--text-prompt-file {path} is a folder, not a text file")
     if not path.is_file():
         raise PromptError(f"--text-prompt-file {path}: no such file")
     try:
@@ -214,8 +216,10 @@ def _checked_state(given: str) -> Path:
 
 
 def apply_prompt(engine: Any, plan: PromptPlan) -> Any:
-    """`plan.apply(engine)` with its line on stderr; returns the engine (for load lambdas)."""
+    """`plan.apply(engine)` with its line on stderr, then a reset (the conversation starts
+    from the prompted state, whichever way it came); returns the engine (for load lambdas)."""
     line = plan.apply(engine)
     if line:
+        engine.reset()
         print(line, file=sys.stderr, flush=True)
     return engine
