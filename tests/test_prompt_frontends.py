@@ -552,3 +552,4 @@ def test_e2e_api_chat_client_prompt_is_the_librarys_prompted_conversation(random
         server.close()
     for got, want in ((with_prompt, prompted), (without, plain)):
         np.testing.assert_array_equal(np.stack(got), np.stack(want))
+    assert not np.array_equal(np.stack(prompted), np.stack(plain))  # the prompt told
