@@ -353,6 +353,23 @@ def test_a_clients_text_prompt_runs_before_its_handshake_and_the_servers_comes_b
     assert len(engine.threads) == 1 and threading.get_ident() not in engine.threads
 
 
+def test_the_query_personaplex_web_client_builds_gives_its_text_prompt():
+    """Every parameter NVIDIA PersonaPlex's client puts in the URL (client/src/pages/
+    Conversation/Conversation.tsx, buildURL): only the text prompt is a prompt."""
+    engine = PromptedFakeEngine()
+    query = {"text_temperature": "0.7", "text_topk": "25", "audio_temperature": "0.8",
+             "audio_topk": "250", "pad_mult": "0", "text_seed": "1234", "audio_seed": "5678",
+             "repetition_penalty_context": "64", "repetition_penalty": "1",
+             "text_prompt": ROLE, "voice_prompt": "NATF2.pt"}
+
+    async def scenario(url):
+        return await converse(url, query)
+
+    answers = run_server(engine, PromptPlan(), scenario)
+    assert engine.prompts() == [("set_prompt", MoshiPrompt(text=ROLE))]
+    np.testing.assert_allclose(answers[0], -0.5 * frame_int16(0) / 32768, atol=1 / 32768)
+
+
 def test_the_servers_saved_state_restores_it_without_running_phases(tmp_path):
     saved = tmp_path / "server.safetensors"
     plan = PromptPlan(MoshiPrompt(text="the server's role"), save=saved)
