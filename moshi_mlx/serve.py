@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(p.add_argument_group(
         "speech-to-text sampling (Kyutai's `temperature`; CSM and Moshi take theirs per "
         "request)"), temp=0.0, top_k_default=50)
-    add_prompt_args(p)  # Moshi's (--moshi)
+    add_prompt_args(p, "Moshi's prompt (with --moshi: run before every /api/chat conversation "
+                       "whose client sends no text_prompt)")
     server = p.add_argument_group("server")
     server.add_argument("--host", default=DEFAULT_HOST,
                         help=f"address to listen on (default {DEFAULT_HOST}, this machine "

@@ -34,9 +34,11 @@ PROMPT_FLAGS = (*TEXT_FLAGS, "--voice-prompt")
 STATE_FLAGS = ("--save-prompt-state", "--prompt-state")
 
 
-def add_prompt_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group(
-        "prompt (run before every conversation: a voice, then a text such as a role)")
+PROMPT_GROUP = "prompt (run before every conversation: a voice, then a text such as a role)"
+
+
+def add_prompt_args(parser: argparse.ArgumentParser, title: str = PROMPT_GROUP) -> None:
+    g = parser.add_argument_group(title)
     g.add_argument("--text-prompt", default=None, metavar="TEXT",
                    help="a text prompt, e.g. a role (in the model's system tags when it uses "
                         "them)")
