@@ -79,5 +79,8 @@ def _archive_voice(archive: Path, name: str) -> tuple[bytes, str]:
             if handle is None:
                 raise WeightsError(f"{archive}: cannot read {wanted[0].name}")
             return handle.read(), wanted[0].name
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise WeightsError(f"{archive} is not a readable tar archive ({exc})") from None
+    except (tarfile.TarError, EOFError):
+        raise WeightsError(f"{archive} is not a readable tar archive") from None
+    except OSError as exc:  # (a damaged gzip stream too)
+        reason = " ".join(str(exc.strerror or exc).split())
+        raise WeightsError(f"cannot read {archive}: {reason}") from None
