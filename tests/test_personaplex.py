@@ -562,3 +562,23 @@ def test_saved_voice_of_another_model_is_one_line(personaplex_file, golden, fixt
         engine.set_prompt(MoshiPrompt(saved_voice=SavedVoice(voice.embeddings, voice.cache[:9])))
     with pytest.raises(PromptError, match="one voice prompt"):
         engine.set_prompt(MoshiPrompt(saved_voice=voice, voice_codes=golden["voice_codes"]))
+
+
+def test_saved_voice_tokens_outside_the_vocabularies_are_one_line(personaplex_file, golden,
+                                                                 fixtures_dir):
+    # Only the tokens the phases read count: the position after the replay (text and Moshi's
+    # 8) and the last frame's late codebooks; NVIDIA's ring may hold unwritten marks elsewhere.
+    from moshi_mlx.conversation.prompts import MoshiPrompt, SavedVoice
+    from moshi_mlx.errors import PromptError
+
+    engine = saved_voice_engine(personaplex_file, golden, fixtures_dir)
+    voice = saved_voice(fixtures_dir)
+    columns = voice.cache.shape[1]
+    unread = voice.cache.copy()
+    unread[:, (voice.frames - 2) % columns] = -2  # a position the phases never read
+    engine.set_prompt(MoshiPrompt(saved_voice=SavedVoice(voice.embeddings, unread)))
+    for row, position in ((0, voice.frames - 1), (3, voice.frames)):
+        bad = voice.cache.copy()
+        bad[row, position % columns] = 5000
+        with pytest.raises(PromptError, match="outside this model's vocabularies"):
+            engine.set_prompt(MoshiPrompt(saved_voice=SavedVoice(voice.embeddings, bad)))

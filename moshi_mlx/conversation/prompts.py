@@ -111,8 +111,12 @@ def check_saved_voice_fits(voice: SavedVoice, cfg: Any) -> SavedVoice:
     if voice.dim != int(cfg.dim):
         raise PromptError(f"{voice.name} was saved for a model of dim {voice.dim}; this model's "
                           f"dim is {cfg.dim}")
-    text, audio = voice.last_tokens()[0], voice.cache[1: 1 + NUM_OWN_CODEBOOKS]
-    if not (0 <= text <= int(cfg.text_card) and 0 <= audio.min() and audio.max() <= int(cfg.card)):
+    # The tokens the phases read (the others may be NVIDIA's "ungenerated" marks).
+    last = voice.last_tokens()
+    text = last[:1] if voice.frames >= 2 else np.zeros(1, np.int64)
+    audio = np.concatenate([last[1:] if voice.frames >= 2 else [], voice.codes()[1:, -1]])
+    if not ((0 <= text).all() and (text <= int(cfg.text_card)).all()
+            and (0 <= audio).all() and (audio <= int(cfg.card)).all()):
         raise PromptError(f"{voice.name}: its tokens lie outside this model's vocabularies")
     return voice
 
