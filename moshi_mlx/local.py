@@ -94,8 +94,7 @@ def _run(args: argparse.Namespace) -> int:
         raise MoshiError("--input-file needs --output-file and/or --transcript")
     _resolve_outputs(args)
     from moshi_mlx.audio.display import TextDisplay
-    from moshi_mlx.cli.options import build_engine
-    from moshi_mlx.cli.prompt_args import apply_prompt, prompt_plan
+    from moshi_mlx.cli.prompt_args import load_prompted_engine, prompt_plan
 
     prompt = prompt_plan(args)  # bad prompt input fails before the model loads
 
@@ -105,7 +104,7 @@ def _run(args: argparse.Namespace) -> int:
         from moshi_mlx.audio.io import read_audio
 
         read_audio(args.input_file)  # a bad input file fails before the model loads
-        engine = apply_prompt(build_engine(args), prompt)
+        engine = load_prompted_engine(args, prompt)
         stats = run_file(engine, args.input_file, args.output_file, args.transcript,
                          stereo=args.stereo, display=display)
     else:
@@ -119,8 +118,7 @@ def _run(args: argparse.Namespace) -> int:
         # One model thread: MLX state is created, and used, on the same thread.
         model = start_model_thread()
         try:
-            engine = load_on_model_thread(model,
-                                          lambda: apply_prompt(build_engine(args), prompt))
+            engine = load_on_model_thread(model, lambda: load_prompted_engine(args, prompt))
             record = WavWriter(args.record, channels=2) if args.record else None
             loop = DuplexLoop(
                 engine, display=display,

@@ -13,8 +13,8 @@ import logging
 import sys
 from pathlib import Path
 
-from moshi_mlx.cli.options import add_model_args, build_engine, command_prog
-from moshi_mlx.cli.prompt_args import add_prompt_args, apply_prompt, prompt_plan
+from moshi_mlx.cli.options import add_model_args, command_prog
+from moshi_mlx.cli.prompt_args import add_prompt_args, load_prompted_engine, prompt_plan
 from moshi_mlx.errors import MoshiError, cli_errors
 from moshi_mlx.web.address import (
     DEFAULT_HOST,
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_port_free(args.host, args.port)
         print("loading the model…", file=sys.stderr, flush=True)
-        server.load_engine(lambda: apply_prompt(build_engine(args), prompt))
+        server.load_engine(lambda: load_prompted_engine(args, prompt))
         try:
             asyncio.run(serve_until_stopped(
                 server.make_app(HostPolicy(args.host)), args.host, args.port,

@@ -34,6 +34,7 @@ from moshi_mlx.cli.prompt_args import (
     PromptPlan,
     add_prompt_args,
     apply_prompt,
+    check_before_load,
     given_prompt_flags,
     prompt_plan,
 )
@@ -219,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     check_port_free(args.host, args.port)
     files = resolve_models(args)
+    if "moshi" in files:  # the prompt against Moshi's config, before any weights load
+        check_before_load(moshi_prompt, files["moshi"], ModelOptions.from_args(args))
     executor = start_model_thread()
     try:
         print("loading…", file=sys.stderr, flush=True)

@@ -447,3 +447,138 @@ def test_library_prompt_phases_on_personaplex_match_nvidia(personaplex_file, gol
         np.testing.assert_array_equal(conversation["frames"][i][8:],
                                       expected_user_frame(golden, step, "prompted_"),
                                       err_msg=f"predicted user frame at step {step}")
+
+
+# ------------------------------------------------------------ saved voices as voice prompts
+
+
+class ScriptedCodec:
+    """The engine's codec with fixed user codes (one row per encoded frame, from a reset);
+    records the Moshi frames it is asked to decode."""
+
+    def __init__(self, codes: np.ndarray) -> None:
+        self.codes = codes
+        self.reset()
+
+    def encode(self, pcm: np.ndarray) -> np.ndarray:
+        self.t += 1
+        return self.codes[self.t - 1]
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        self.decoded.append(np.array(codes))
+        return np.zeros(1920, dtype=np.float32)
+
+    def reset(self) -> None:
+        self.t = 0
+        self.decoded: list[np.ndarray] = []
+
+
+def saved_voice_engine(personaplex_file: Path, golden: dict, fixtures_dir: Path):
+    import sentencepiece
+
+    from moshi_mlx.conversation.engine import Engine
+
+    lm = load_lm(personaplex_file, config=personaplex_config(), dtype=mx.float32)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(fixtures_dir / "tokenizer.model"))
+    return Engine(ScriptedCodec(golden["user_codes"][:-1]),
+                  LmGen(lm, text_temp=0.0, audio_temp=0.0), sp)
+
+
+def saved_voice(fixtures_dir: Path):
+    from moshi_mlx.conversation.prompts import SavedVoice
+    from moshi_mlx.loading.torch_pickle import read_personaplex_voice
+
+    return SavedVoice(*read_personaplex_voice(fixtures_dir / "personaplex_voice.pt"))
+
+
+def engine_conversation(engine) -> tuple[list[int], list[np.ndarray]]:
+    """The conversation from `engine.reset()` on the golden's user codes: text tokens and the
+    Moshi frames decoded."""
+    engine.reset()
+    texts = []
+    for _ in range(len(engine.codec.codes)):
+        engine.process(np.zeros(1920, dtype=np.float32))
+        texts.append(int(engine.lm_gen.state.text[0]))
+    return texts, list(engine.codec.decoded)
+
+
+def test_engine_saved_voice_and_text_prompt_match_nvidia(personaplex_file, golden, fixtures_dir):
+    # NVIDIA's run: the .pt voice replayed, 6 silence frames, the text prompt (in system tags),
+    # 6 silence frames, then the conversation on the golden's user codes.
+    from moshi_mlx.conversation.prompts import MoshiPrompt
+
+    engine = saved_voice_engine(personaplex_file, golden, fixtures_dir)
+    engine.set_prompt(MoshiPrompt(text=str(golden["prompt_text"]),
+                                  saved_voice=saved_voice(fixtures_dir)))
+    start = int(golden["voiced_calls"])  # the prompt's steps: the voice's 5 frames, 6 + 25 + 6
+    assert engine.lm_gen.state.steps == start == 5 + 2 * SILENCE_FRAMES + 25
+    assert engine.prompt_description["phases"] == [["voice", 5], ["silence", 6], ["text", 25],
+                                                   ["silence", 6]]
+    texts, decoded = engine_conversation(engine)
+    steps = len(texts)
+    np.testing.assert_array_equal(texts, golden["voiced_text"][start + 1: start + steps + 1])
+    assert len(decoded) == steps
+    np.testing.assert_array_equal(np.stack(decoded),
+                                  golden["voiced_out"][start + 1: start + steps + 1, 1:9])
+    # The text prompt alone is NVIDIA's other run: the voice told.
+    engine.set_prompt(MoshiPrompt(text=str(golden["prompt_text"])))
+    plain, _ = engine_conversation(engine)
+    start = int(golden["prompted_calls"])
+    np.testing.assert_array_equal(plain, golden["prompted_text"][start + 1: start + steps + 1])
+    assert plain != texts
+
+
+def test_engine_saved_voice_alone_and_its_prompt_state(personaplex_file, golden, fixtures_dir,
+                                                        tmp_path):
+    # A saved voice without text, saved as a prompt state and resumed: the same conversation.
+    from moshi_mlx.conversation.prompts import MoshiPrompt
+
+    engine = saved_voice_engine(personaplex_file, golden, fixtures_dir)
+    engine.set_prompt(MoshiPrompt(saved_voice=saved_voice(fixtures_dir)))
+    assert engine.lm_gen.state.steps == 5 + 2 * SILENCE_FRAMES
+    first = engine_conversation(engine)
+    engine.save_prompt_state(tmp_path / "voice.safetensors")
+    restored = saved_voice_engine(personaplex_file, golden, fixtures_dir)
+    restored.load_prompt_state(tmp_path / "voice.safetensors")
+    again = engine_conversation(restored)
+    assert again[0] == first[0]
+    np.testing.assert_array_equal(np.stack(again[1]), np.stack(first[1]))
+    assert restored.prompt_description["voice_frames"] == 5
+
+
+def test_saved_voice_of_another_model_is_one_line(personaplex_file, golden, fixtures_dir):
+    from moshi_mlx.conversation.prompts import MoshiPrompt, SavedVoice
+    from moshi_mlx.errors import PromptError
+
+    engine = saved_voice_engine(personaplex_file, golden, fixtures_dir)
+    voice = saved_voice(fixtures_dir)
+    wide = SavedVoice(np.zeros((4, 128), np.float32), voice.cache, "NATF0.pt")
+    with pytest.raises(PromptError) as caught:
+        engine.set_prompt(MoshiPrompt(saved_voice=wide))
+    assert str(caught.value) == ("NATF0.pt was saved for a model of dim 128; this model's dim "
+                                 "is 64")
+    assert engine.prompt_description is None and engine.lm_gen.state.steps == 0
+    with pytest.raises(PromptError, match="token cache must be integers"):
+        engine.set_prompt(MoshiPrompt(saved_voice=SavedVoice(voice.embeddings, voice.cache[:9])))
+    with pytest.raises(PromptError, match="one voice prompt"):
+        engine.set_prompt(MoshiPrompt(saved_voice=voice, voice_codes=golden["voice_codes"]))
+
+
+def test_saved_voice_tokens_outside_the_vocabularies_are_one_line(personaplex_file, golden,
+                                                                 fixtures_dir):
+    # Only the tokens the phases read count: the position after the replay (text and Moshi's
+    # 8) and the last frame's late codebooks; NVIDIA's ring may hold unwritten marks elsewhere.
+    from moshi_mlx.conversation.prompts import MoshiPrompt, SavedVoice
+    from moshi_mlx.errors import PromptError
+
+    engine = saved_voice_engine(personaplex_file, golden, fixtures_dir)
+    voice = saved_voice(fixtures_dir)
+    columns = voice.cache.shape[1]
+    unread = voice.cache.copy()
+    unread[:, (voice.frames - 2) % columns] = -2  # a position the phases never read
+    engine.set_prompt(MoshiPrompt(saved_voice=SavedVoice(voice.embeddings, unread)))
+    for row, position in ((0, voice.frames - 1), (3, voice.frames)):
+        bad = voice.cache.copy()
+        bad[row, position % columns] = 5000
+        with pytest.raises(PromptError, match="outside this model's vocabularies"):
+            engine.set_prompt(MoshiPrompt(saved_voice=SavedVoice(voice.embeddings, bad)))

@@ -241,7 +241,7 @@ def test_local_file_mode_applies_the_plan_to_the_loaded_engine(inputs, tmp_path,
     engine = PromptedFakeEngine()
     order: list[str] = []
 
-    def build_engine(args):
+    def build_engine(args, before_load=None):
         order.append("load")
         return engine
 

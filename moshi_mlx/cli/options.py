@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -276,11 +277,15 @@ def engine_options(args: argparse.Namespace) -> Any:
     return EngineOptions(ModelOptions.from_args(args), sampling, args.mimi_backend)
 
 
-def build_engine(args: argparse.Namespace) -> Any:
-    """Resolve the files named by `add_model_args` options and load the engine."""
+def build_engine(args: argparse.Namespace,
+                 before_load: Callable[[ResolvedFiles], None] | None = None) -> Any:
+    """Resolve the files named by `add_model_args` options and load the engine;
+    `before_load(files)` runs between the two (checks that need the resolved files)."""
     from moshi_mlx.conversation.engine import Engine
 
     files = resolve_model_files(args)
+    if before_load is not None:
+        before_load(files)
     engine = Engine.from_files(files.weight, files.codec, files.tokenizer,
                                config=files.config, options=engine_options(args))
     print_blas_hint()

@@ -2,10 +2,13 @@
 --text-prompt / --text-prompt-file, --voice-prompt, --save-prompt-state, --prompt-state.
 
 `add_prompt_args` adds them; `prompt_plan` reads and checks everything they name (the text
-file, the voice recording, the state file, the output path) into a `PromptPlan` BEFORE the
-model loads, so that bad input costs one line and no load; `apply_prompt` applies the plan to
-the loaded engine (on the model thread) and prints one line of what ran and how long it took.
-The phases themselves are the engine's (`moshi_mlx.conversation.prompts`).
+file, the voice recording or PersonaPlex saved voice, the state file, the output path) into a
+`PromptPlan` BEFORE the model loads, so that bad input costs one line and no load;
+`check_before_load` then checks the plan against the resolved model files (the text's length
+against the context, a saved voice's width, a state file's model) before the weights load;
+`apply_prompt` applies the plan to the loaded engine (on the model thread) and prints one line
+of what ran and how long it took. `load_prompted_engine` does the three in order. The phases
+themselves are the engine's (`moshi_mlx.conversation.prompts`).
 """
 
 from __future__ import annotations
@@ -16,13 +19,25 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from moshi_mlx.audio.rates import SAMPLE_RATE
-from moshi_mlx.conversation.prompts import MoshiPrompt, voice_frames
+from moshi_mlx.conversation.prompts import (
+    MoshiPrompt,
+    SavedVoice,
+    check_prompt_fits,
+    check_saved_voice,
+    check_saved_voice_fits,
+    prompt_text_tokens,
+    voice_frames,
+)
 from moshi_mlx.errors import MoshiError, PromptError
+
+if TYPE_CHECKING:
+    from moshi_mlx.loading.options import ModelOptions
+    from moshi_mlx.loading.resolve import ResolvedFiles
 
 DEFAULT_STATE_NAME = "prompt-state.safetensors"  # --save-prompt-state given a folder
 
@@ -41,9 +56,10 @@ def add_prompt_args(parser: argparse.ArgumentParser, title: str = PROMPT_GROUP) 
                         "them)")
     g.add_argument("--text-prompt-file", default=None, metavar="FILE",
                    help="the text prompt from a UTF-8 text file")
-    g.add_argument("--voice-prompt", default=None, metavar="WAV",
+    g.add_argument("--voice-prompt", default=None, metavar="WAV|PT",
                    help="a recording of the voice Moshi should speak in (any rate; "
-                        "loudness-normalized)")
+                        "loudness-normalized), or a PersonaPlex saved voice: FILE.pt, or "
+                        "voices.tgz:NAME (read from the archive)")
     g.add_argument("--save-prompt-state", default=None, metavar="FILE",
                    help="after the prompt phases, save the model's state here (safetensors; "
                         f"a folder gets {DEFAULT_STATE_NAME}) for --prompt-state")
@@ -123,6 +139,9 @@ def describe_prompt(prompt: MoshiPrompt) -> str:
         parts.append(f"voice {len(prompt.voice_pcm) / SAMPLE_RATE:.1f} s")
     if prompt.voice_codes is not None:
         parts.append(f"voice {np.shape(prompt.voice_codes)[-1]} frames")
+    if prompt.saved_voice is not None:
+        parts.append(f"saved voice {prompt.saved_voice.name}, {prompt.saved_voice.frames} "
+                     "frames")
     if prompt.text:
         parts.append(f"text {len(prompt.text)} characters")
     return ", ".join(parts) or "empty"
@@ -144,7 +163,11 @@ def prompt_plan(args: argparse.Namespace) -> PromptPlan:
     if args.prompt_state is not None:
         return PromptPlan(state=_checked_state(args.prompt_state))
     text = _text_prompt(args)
-    voice = None if args.voice_prompt is None else read_voice_prompt(args.voice_prompt)
+    given = args.voice_prompt
+    if given is not None and is_saved_voice_spec(given):
+        return PromptPlan(MoshiPrompt(text=text, saved_voice=read_saved_voice_prompt(given)),
+                          save=save)
+    voice = None if given is None else read_voice_prompt(given)
     return PromptPlan(MoshiPrompt(text=text, voice_pcm=voice), save=save)
 
 
@@ -205,6 +228,26 @@ def read_voice_prompt(given: str) -> np.ndarray:
     return pcm
 
 
+def is_saved_voice_spec(given: str) -> bool:
+    """Whether `--voice-prompt given` names a PersonaPlex saved voice (the suffix decides: .pt,
+    or a voice in a .tgz / .tar.gz / .tar) rather than a recording."""
+    from moshi_mlx.loading.saved_voices import is_saved_voice
+
+    return is_saved_voice(given)
+
+
+def read_saved_voice_prompt(given: str) -> SavedVoice:
+    """The PersonaPlex saved voice `given` names (FILE.pt, voices.tgz:NAME, voices.tgz/NAME.pt),
+    checked as far as it can be without the model; else a PromptError line."""
+    from moshi_mlx.loading.saved_voices import read_saved_voice
+
+    try:
+        embeddings, cache, name = read_saved_voice(given)
+        return check_saved_voice(SavedVoice(embeddings, cache, name))
+    except MoshiError as exc:
+        raise PromptError(f"--voice-prompt {exc}") from None
+
+
 def _checked_state(given: str) -> Path:
     from moshi_mlx.loading.safetensors import read_safetensors_header
 
@@ -224,3 +267,53 @@ def apply_prompt(engine: Any, plan: PromptPlan) -> Any:
         engine.reset()
         print(line, file=sys.stderr, flush=True)
     return engine
+
+
+def check_before_load(plan: PromptPlan, files: ResolvedFiles, options: ModelOptions) -> None:
+    """What the plan asks of the model, checked from the resolved files (the header-checked
+    config, the tokenizer) and the load options before the weights load, one PromptError line
+    each: a text longer than the context leaves (the engine's own rule), a saved voice of
+    another width, a prompt state saved with another config, dtype or quantization (the
+    weights' fingerprint is compared once they are loaded)."""
+    checkpoint = files.checkpoint
+    if checkpoint is None or plan.empty:
+        return
+    cfg = checkpoint.config
+    if plan.state is not None:
+        from moshi_mlx.conversation.prompt_state import check_state_model, planned_identity
+        from moshi_mlx.loading.checkpoint import loaded_quantization
+        from moshi_mlx.loading.quantization import resolve_dtype
+
+        identity = planned_identity(cfg, resolve_dtype(options.dtype),
+                                    loaded_quantization(checkpoint, options.quantize))
+        try:
+            check_state_model(plan.state, identity)
+        except PromptError as exc:
+            raise PromptError(f"--prompt-state {exc}") from None
+    prompt = plan.prompt
+    voice_count = 0
+    if prompt.saved_voice is not None:
+        try:
+            voice_count = check_saved_voice_fits(prompt.saved_voice, cfg).frames
+        except PromptError as exc:
+            raise PromptError(f"--voice-prompt {exc}") from None
+    elif prompt.voice_pcm is not None:
+        voice_count = voice_frames(prompt.voice_pcm).shape[0]
+    if prompt.text and files.tokenizer is not None:
+        from moshi_mlx.loading.text_tokenizer import load_sentencepiece
+
+        tokens = prompt_text_tokens(prompt.text, load_sentencepiece(files.tokenizer),
+                                    bool(getattr(cfg, "system_prompt_tags", False)))
+        check_prompt_fits(len(tokens), cfg.context, voice_count)
+
+
+def load_prompted_engine(args: argparse.Namespace, plan: PromptPlan) -> Any:
+    """The engine the model options name, `plan` checked against its files before the weights
+    load (`check_before_load`) and applied after (`apply_prompt`)."""
+    from moshi_mlx.cli.options import build_engine
+    from moshi_mlx.loading.options import ModelOptions
+
+    options = ModelOptions.from_args(args)
+    engine = build_engine(args, before_load=lambda files: check_before_load(plan, files,
+                                                                            options))
+    return apply_prompt(engine, plan)

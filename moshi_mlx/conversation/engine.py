@@ -191,17 +191,20 @@ class Engine:
     def max_prompt_tokens(self) -> int:
         """How many text prompt tokens the context leaves (less the frames of a voice
         prompt): every prompt phase must stay within the context."""
-        from moshi_mlx.conversation.prompts import SILENCE_FRAMES
+        from moshi_mlx.conversation.prompts import prompt_token_limit
 
-        return int(self.lm_gen.cfg.context) - 2 * SILENCE_FRAMES
+        return prompt_token_limit(self.lm_gen.cfg.context)
 
     def set_prompt(self, prompt: MoshiPrompt) -> None:
         """Run the prompt phases now and start every later conversation (`reset`) from the
         state after them; an empty prompt clears it. PromptError (nothing changed) for a
-        voice that is not audio or is silent, or a text longer than the context allows."""
+        voice that is not audio or is silent, a saved voice of another model, or a text longer
+        than the context allows."""
         from moshi_mlx.conversation.prompt_state import copy_state
         from moshi_mlx.conversation.prompts import (
             DEFAULT_TEXT_PAD,
+            check_prompt_fits,
+            check_saved_voice_fits,
             encode_frames,
             phase_frames,
             prompt_text_tokens,
@@ -216,8 +219,12 @@ class Engine:
         cfg = self.lm_gen.cfg
         tokens = prompt_text_tokens(prompt.text, self.text_tokenizer,
                                     bool(getattr(cfg, "system_prompt_tags", False)))
-        voice, voice_pcm_frames = None, None
-        if prompt.voice_codes is not None:
+        voice, voice_pcm_frames, saved = None, None, prompt.saved_voice
+        if saved is not None:
+            if prompt.voice_codes is not None or prompt.voice_pcm is not None:
+                raise PromptError("give one voice prompt: a saved voice or a recording (codes)")
+            voice_count = check_saved_voice_fits(saved, cfg).frames
+        elif prompt.voice_codes is not None:
             voice = _checked_voice_codes(prompt.voice_codes, int(cfg.card))
             voice_count = voice.shape[1]
         elif prompt.voice_pcm is not None:
@@ -225,15 +232,12 @@ class Engine:
             voice_count = voice_pcm_frames.shape[0]
         else:
             voice_count = 0
-        limit = self.max_prompt_tokens - voice_count
-        if len(tokens) > limit:
-            beside = f" beside {voice_count} frames of voice" if voice_count else ""
-            raise PromptError(f"the text prompt is {len(tokens)} tokens; the model's context "
-                              f"({cfg.context} frames) leaves {max(limit, 0)}{beside}")
+        check_prompt_fits(len(tokens), cfg.context, voice_count)
         if voice_pcm_frames is not None:
             voice = encode_frames(voice_pcm_frames, self.codec)
         pad = getattr(cfg, "existing_text_padding_id", None)
-        frames = phase_frames(tokens, voice, DEFAULT_TEXT_PAD if pad is None else int(pad))
+        frames = phase_frames(tokens, voice, DEFAULT_TEXT_PAD if pad is None else int(pad),
+                              saved_voice=saved)
         self.lm_gen.reset()
         run_phases(self.lm_gen, frames)
         self._prompt_state = copy_state(self.lm_gen.state)

@@ -28,16 +28,22 @@ VERSION = 1
 
 
 def model_identity(lm: Any) -> dict[str, Any]:
-    """What a prompt state depends on: the config, compute dtype and quantization, and a
-    fingerprint of the weights (the output norm's gains: fine-tunes of one architecture,
-    e.g. Moshiko and Moshika, differ there)."""
+    """What a prompt state depends on: the config, compute dtype and quantization (see
+    `planned_identity`), and a fingerprint of the weights (the output norm's gains:
+    fine-tunes of one architecture, e.g. Moshiko and Moshika, differ there)."""
     quantized = [m for _, m in lm.named_modules() if isinstance(m, nn.QuantizedLinear)]
-    quantization = None if not quantized else {"bits": quantized[0].bits,
-                                               "group_size": quantized[0].group_size}
     gains = np.asarray(lm.out_norm.weight.astype(mx.float32))
-    return {"config": lm.cfg.to_dict(), "dtype": str(lm.out_norm.weight.dtype),
-            "quantization": quantization,
+    return {**planned_identity(lm.cfg, lm.out_norm.weight.dtype,
+                               quantized[0] if quantized else None),
             "weights": hashlib.sha256(gains.tobytes()).hexdigest()[:16]}
+
+
+def planned_identity(config: Any, dtype: mx.Dtype, quantization: Any) -> dict[str, Any]:
+    """The part of `model_identity` known before the weights load: the LmConfig, the compute
+    dtype and the quantization (anything with `bits` and `group_size`, or None)."""
+    return {"config": config.to_dict(), "dtype": str(dtype),
+            "quantization": None if quantization is None else {
+                "bits": int(quantization.bits), "group_size": int(quantization.group_size)}}
 
 
 def copy_state(state: LmStreamState) -> LmStreamState:
@@ -117,6 +123,19 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
                           "--save-prompt-state)") from None
 
 
+def check_state_model(path: str | Path, identity: dict[str, Any]) -> dict[str, Any]:
+    """The metadata of the state file `path` (see `read_metadata`); PromptError (one line)
+    when it was saved with another model than `identity` describes (`model_identity`, or
+    `planned_identity` before the weights load: no weight fingerprint to compare then)."""
+    path = Path(path)
+    meta = read_metadata(path)
+    mismatch = _differences(meta["model"], identity)
+    if mismatch:
+        raise PromptError(f"{path.name} was saved with {mismatch}; run the prompt again "
+                          "(--save-prompt-state) with this model")
+    return meta
+
+
 def _differences(saved: dict[str, Any], ours: dict[str, Any]) -> str:
     if saved["config"] != ours["config"]:
         keys = sorted(k for k in set(saved["config"]) | set(ours["config"])
@@ -124,7 +143,7 @@ def _differences(saved: dict[str, Any], ours: dict[str, Any]) -> str:
         return "a model of another shape (config " + ", ".join(keys[:4]) + " differ)"
     for key, what in (("dtype", "another compute dtype"), ("quantization", "another quantization"),
                       ("weights", "other weights")):
-        if saved[key] != ours[key]:
+        if key in ours and saved.get(key) != ours[key]:
             return f"{what} ({saved[key]} there, {ours[key]} here)"
     return ""
 
@@ -133,11 +152,7 @@ def load_state(path: str | Path, identity: dict[str, Any]) -> tuple[LmStreamStat
     """The state saved in `path` and its prompt description; PromptError (one line) when it
     was saved with another model (see `model_identity`) or is damaged."""
     path = Path(path)
-    meta = read_metadata(path)
-    mismatch = _differences(meta["model"], identity)
-    if mismatch:
-        raise PromptError(f"{path.name} was saved with {mismatch}; run the prompt again "
-                          "(--save-prompt-state) with this model")
+    meta = check_state_model(path, identity)
     layout = meta["state"]
     try:
         arrays = mx.load(str(path))

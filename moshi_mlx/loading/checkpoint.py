@@ -204,6 +204,14 @@ def check_requested_bits(checkpoint: Checkpoint, quantize: int | None) -> None:
                            f"was asked; use -q {found.bits} (or the matching repo/file)")
 
 
+def loaded_quantization(checkpoint: Checkpoint, quantize: int | None) -> Quantization | None:
+    """The quantization the loaded model will have: a pre-quantized file's own, else `-q`'s
+    (a bf16 file quantized while loading), else none."""
+    if checkpoint.quantization is not None or quantize is None:
+        return checkpoint.quantization
+    return QUANTIZATIONS[quantize]
+
+
 # ---------------------------------------------------------------------------- loading
 
 
@@ -225,9 +233,8 @@ def load_model(weights: str | os.PathLike, config: Any = None, quantize: int | N
     check_requested_bits(checkpoint, quantize)
     family, cfg = checkpoint.family, checkpoint.config
     tensors = checkpoint.read()
-    target = checkpoint.quantization
-    if target is None and quantize is not None:
-        target = QUANTIZATIONS[quantize]
+    target = loaded_quantization(checkpoint, quantize)
+    if checkpoint.quantization is None and target is not None:
         tensors = quantize_tensors(tensors, quantizable_weights(family, cfg), target)
     model = family.Model(cfg)
     if target is not None:

@@ -16,7 +16,7 @@ import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -88,32 +88,42 @@ class _Unpickler(pickle.Unpickler):
         return self.storages[key]
 
 
-def read_torch_file(path: str | os.PathLike) -> Any:
+def _label(path: str | os.PathLike | BinaryIO, name: str | None) -> str:
+    if name:
+        return name
+    return Path(path).name if isinstance(path, (str, os.PathLike)) else "the .pt file"
+
+
+def read_torch_file(path: str | os.PathLike | BinaryIO, name: str | None = None) -> Any:
     """The object a `torch.save` file holds (dicts, lists, numbers, strings), each tensor as a
-    numpy array. A file that is not one, or that pickles anything else: WeightsError."""
-    path = Path(path)
+    numpy array. A file that is not one, or that pickles anything else: WeightsError. `path`
+    may be an open binary file (e.g. a member of a tar archive); `name` names it in messages
+    (default: the path's file name)."""
+    label = _label(path, name)
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
             pickles = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
             if len(pickles) != 1:
-                raise WeightsError(f"{path.name} is not a PyTorch .pt file (no data.pkl)")
+                raise WeightsError(f"{label} is not a PyTorch .pt file (no data.pkl)")
             prefix = pickles[0][: -len("data.pkl")]
             if f"{prefix}byteorder" in names and archive.read(f"{prefix}byteorder") != b"little":
-                raise WeightsError(f"{path.name}: big-endian tensors are not supported")
+                raise WeightsError(f"{label}: big-endian tensors are not supported")
             unpickler = _Unpickler(io.BytesIO(archive.read(pickles[0])), archive, prefix)
             return unpickler.load()
     except WeightsError:
         raise
     except OSError as exc:
-        raise WeightsError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise WeightsError(f"cannot read {label if name else path}: {exc.strerror or exc}"
+                           ) from None
     except (zipfile.BadZipFile, pickle.UnpicklingError, KeyError, ValueError, TypeError,
             EOFError) as exc:
-        raise WeightsError(f"{path.name} is not a readable PyTorch .pt tensor file: {exc}"
+        raise WeightsError(f"{label} is not a readable PyTorch .pt tensor file: {exc}"
                            ) from None
 
 
-def read_personaplex_voice(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+def read_personaplex_voice(path: str | os.PathLike | BinaryIO, name: str | None = None
+                           ) -> tuple[np.ndarray, np.ndarray]:
     """A PersonaPlex voice (voices.tgz's .pt) -> (embeddings float32 [N-1, dim]: the summed
     input embedding of each forward of its voice phase, cache int64 [17, C]: NVIDIA's token
     ring after it (C = max delay + 3 columns; column p % C holds position p)).
@@ -122,8 +132,8 @@ def read_personaplex_voice(path: str | os.PathLike) -> tuple[np.ndarray, np.ndar
     t = 0 .. N-2 with `embedded=embeddings[t]` (any forced tokens, user SINE_TOKENS), then
     `set_last_tokens(cache[0, (N-1) % C], cache[1:9, (N-1) % C])`; the next step forces
     codebooks 1..7 of Moshi's stream to cache[2:9, N % C] (the voice's last frame, delayed)."""
-    data = read_torch_file(path)
-    name = Path(path).name
+    data = read_torch_file(path, name)
+    name = _label(path, name)
     if not isinstance(data, dict) or not {"embeddings", "cache"} <= set(data):
         raise WeightsError(f"{name} is not a PersonaPlex voice (expected embeddings and cache)")
     embeddings, cache = data["embeddings"], data["cache"]
