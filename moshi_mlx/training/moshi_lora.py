@@ -130,6 +130,8 @@ class LmAdapterOptions:
             raise MoshiError("give --adapter-path or --lora-weight, not both")
         if self.lora_config is not None and self.lora_weight is None:
             raise MoshiError("--lora-config goes with --lora-weight")
+        if not self.fuse and self.lora_weight is None:
+            raise MoshiError("--no-fuse-lora goes with --lora-weight")
 
     @property
     def active(self) -> bool:
