@@ -186,6 +186,11 @@ class Lm(nn.Module):
         self._compiled = None  # compiled graphs hold the old weights
         return super().load_weights(*args, **kwargs)
 
+    def forget_compiled(self) -> None:
+        """Drop the compiled graphs: they hold the layers they were built with (call after
+        replacing layers, e.g. putting LoRA on them)."""
+        self._compiled = None
+
     def use_cpu_threads(self, threads: int, min_weights: int = DEFAULT_MIN_WEIGHTS) -> int:
         """Split the large linear layers into `threads` row blocks computed at the same time
         on as many CPU streams (bit-identical for quantized layers, float32 rounding for
