@@ -324,3 +324,26 @@ def test_local_and_serve_options_make_the_adapter(trained, kyutai_lora, capsys):
         with pytest.raises(SystemExit):
             serve(argv)
         assert message in capsys.readouterr().err
+
+
+def test_qlora_on_a_4_bit_base_lowers_its_test_loss(sample, random_mimi_path, tmp_path, capsys):
+    """-q 4: the base is quantized on load, LoRA trains over its QuantizedLinear layers, and
+    the adapter then lowers the loss of that same 4-bit base."""
+    from moshi_mlx.training.moshi_lora import LmAdapterOptions
+
+    common = [*model_args(random_mimi_path), "-q", "4", "--data", str(sample),
+              "--duration-sec", "1.28", "--adapter-path", str(tmp_path / "qlora")]
+    assert main(["moshi", *common, "--test", "--json"]) == 0
+    base = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["moshi", *common, "--iters", "20", "--batch-size", "1", "--learning-rate",
+                 "1e-4", "--steps-per-report", "20"]) == 0
+    assert "iter 20: train loss" in capsys.readouterr().out
+    assert main(["moshi", *common, "--test", "--json"]) == 0
+    tuned = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert tuned["n_targets"] == base["n_targets"]
+    assert tuned["loss"] < 0.5 * base["loss"], (base, tuned)
+    lm = load_lm(FIXTURES / "lm_pytorch.safetensors", config=FIXTURES / "lm_config.json",
+                 quantize=4, dtype=mx.float32)
+    LmAdapterOptions(adapter_path=str(tmp_path / "qlora")).apply(lm)
+    bases = [m.linear for _, m in lm.named_modules() if hasattr(m, "lora_a")]
+    assert len(bases) == 89 and all(isinstance(b, nn.QuantizedLinear) for b in bases)
