@@ -210,18 +210,23 @@ def load_adapter_weights(model: nn.Module, weights_file: str | os.PathLike) -> N
         tensors = mx.load(str(weights_file))
     except Exception as exc:  # MLX raises plain RuntimeError / ValueError for bad files
         raise WeightsError(f"{weights_file}: cannot read the adapter ({exc})") from None
+    set_adapter_tensors(model, tensors, str(weights_file))
+
+
+def set_adapter_tensors(model: nn.Module, tensors: dict[str, mx.array], source: str) -> None:
+    """`load_adapter_weights` of tensors already read (`source` names them in errors)."""
     expected = adapter_weights(model)
     for name, tensor in tensors.items():
         if name not in expected:
-            raise WeightsError(f"{weights_file}: tensor {name} has no place in this model "
+            raise WeightsError(f"{source}: tensor {name} has no place in this model "
                                "(an adapter made for another model?)")
         if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise WeightsError(f"{weights_file}: tensor {name} has shape {tuple(tensor.shape)},"
+            raise WeightsError(f"{source}: tensor {name} has shape {tuple(tensor.shape)},"
                                f" this model needs {tuple(expected[name].shape)} (an adapter "
                                "made for another model?)")
     missing = [name for name in expected if name not in tensors]
     if missing:
-        raise WeightsError(f"{weights_file}: tensor {missing[0]} is missing (an adapter made "
+        raise WeightsError(f"{source}: tensor {missing[0]} is missing (an adapter made "
                            "for another model?)")
     model.update(tree_unflatten([(k, v.astype(expected[k].dtype)) for k, v in tensors.items()]))
     _forget_compiled(model)

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_unflatten
 
 from moshi_mlx.errors import MoshiError, WeightsError
 from moshi_mlx.models.lm import Lm
@@ -24,6 +23,7 @@ from moshi_mlx.training.lora import (
     fuse_lora,
     load_adapter,
     select_linears,
+    set_adapter_tensors,
 )
 
 FAMILY = "moshi"  # adapter_config.json's family, the checkpoint's model_type
@@ -97,18 +97,7 @@ def apply_kyutai_lora(lm: Lm, lora_weight: str | os.PathLike,
             raise WeightsError(f"{lora_weight}: the LoRA adapts {path}, which this model lacks "
                                "(a LoRA made for another model?)")
     apply_lora(lm, settings.paths, settings.rank, settings.scale)
-    layers = dict(lm.named_modules())
-    tensors = lora.adapter_tensors()
-    for path in settings.paths:
-        for leaf in ("lora_a", "lora_b"):
-            want = getattr(layers[path], leaf).shape
-            got = tensors[f"{path}.{leaf}"].shape
-            if tuple(got) != tuple(want):
-                raise WeightsError(f"{lora_weight}: the LoRA of {path} gives {leaf} "
-                                   f"{tuple(got)}, this model needs {tuple(want)} (a LoRA "
-                                   "made for another model?)")
-    lm.update(tree_unflatten([(k, v.astype(mx.float32)) for k, v in tensors.items()]))
-    mx.eval(lm.parameters())
+    set_adapter_tensors(lm, lora.adapter_tensors(), str(lora_weight))
     lm.eval()
     return lora
 
