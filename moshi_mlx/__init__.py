@@ -56,6 +56,10 @@ _EXPORTS = {
     "save_voice": "moshi_mlx.speech.voices",
     "load_voice": "moshi_mlx.speech.voices",
     "list_voices": "moshi_mlx.speech.voices",
+    "PromptError": "moshi_mlx.errors",
+    "MoshiPrompt": "moshi_mlx.conversation.prompts",
+    "generate_prompted": "moshi_mlx.conversation.prompted",
+    "PromptedGeneration": "moshi_mlx.conversation.prompted",
 }
 
 __all__ = sorted(_EXPORTS)

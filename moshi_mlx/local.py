@@ -3,6 +3,7 @@
     python -m moshi_mlx.local -q 4                       # microphone + speaker
     python -m moshi_mlx.local -q 4 --voice moshika --record talk.wav
     python -m moshi_mlx.local --input-file user.wav --output-file out.wav --transcript out.txt
+    python -m moshi_mlx.local -q 4 --text-prompt "You are a ship's cook." --voice-prompt me.wav
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from moshi_mlx.errors import MoshiError, cli_errors
 
 def build_parser() -> argparse.ArgumentParser:
     from moshi_mlx.cli.options import add_list_devices_arg, add_model_args, command_prog
+    from moshi_mlx.cli.prompt_args import add_prompt_args
 
     parser = argparse.ArgumentParser(
         prog=command_prog("moshi_mlx.local", "moshi-local"),
         description="Full-duplex conversation with Moshi on this machine (MLX).",
     )
     add_model_args(parser)
+    add_prompt_args(parser)
     dev = parser.add_argument_group("sound devices")
     add_list_devices_arg(dev)
     dev.add_argument("--input-device", default=None, help="microphone (index or name)")
@@ -92,6 +95,9 @@ def _run(args: argparse.Namespace) -> int:
     _resolve_outputs(args)
     from moshi_mlx.audio.display import TextDisplay
     from moshi_mlx.cli.options import build_engine
+    from moshi_mlx.cli.prompt_args import apply_prompt, prompt_plan
+
+    prompt = prompt_plan(args)  # bad prompt input fails before the model loads
 
     display = TextDisplay()
     if args.input_file:
@@ -99,7 +105,7 @@ def _run(args: argparse.Namespace) -> int:
         from moshi_mlx.audio.io import read_audio
 
         read_audio(args.input_file)  # a bad input file fails before the model loads
-        engine = build_engine(args)
+        engine = apply_prompt(build_engine(args), prompt)
         stats = run_file(engine, args.input_file, args.output_file, args.transcript,
                          stereo=args.stereo, display=display)
     else:
@@ -113,7 +119,8 @@ def _run(args: argparse.Namespace) -> int:
         # One model thread: MLX state is created, and used, on the same thread.
         model = start_model_thread()
         try:
-            engine = load_on_model_thread(model, lambda: build_engine(args))
+            engine = load_on_model_thread(model,
+                                          lambda: apply_prompt(build_engine(args), prompt))
             record = WavWriter(args.record, channels=2) if args.record else None
             loop = DuplexLoop(
                 engine, display=display,

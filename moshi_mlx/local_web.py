@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from moshi_mlx.cli.options import add_model_args, build_engine, command_prog
+from moshi_mlx.cli.prompt_args import add_prompt_args, apply_prompt, prompt_plan
 from moshi_mlx.errors import MoshiError, cli_errors
 from moshi_mlx.web.address import (
     DEFAULT_HOST,
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a web page to talk with Moshi through the browser's microphone.",
     )
     add_model_args(parser)
+    add_prompt_args(parser)
     web_group = parser.add_argument_group("web server")
     web_group.add_argument(
         "--host",
@@ -64,11 +66,12 @@ def resolve_page(static: str | None) -> str | Path | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    server = ChatServer(page=resolve_page(args.static))
+    prompt = prompt_plan(args)  # the server's own prompt; a client may send its text prompt
+    server = ChatServer(page=resolve_page(args.static), prompt=prompt)
     try:
         check_port_free(args.host, args.port)
         print("loading the model…", file=sys.stderr, flush=True)
-        server.load_engine(lambda: build_engine(args))
+        server.load_engine(lambda: apply_prompt(build_engine(args), prompt))
         try:
             asyncio.run(serve_until_stopped(
                 server.make_app(HostPolicy(args.host)), args.host, args.port,

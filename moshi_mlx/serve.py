@@ -3,6 +3,7 @@
     python -m moshi_mlx.serve --stt                        # Kyutai STT, 127.0.0.1:8080
     python -m moshi_mlx.serve --stt --tts -q 8 --max-streams 4
     python -m moshi_mlx.serve --moshi -q 4 --port 8998
+    python -m moshi_mlx.serve --moshi -q 4 --text-prompt "You are a ship's cook."
 
 Routes: /api/asr-streaming (Kyutai's STT protocol, every stream one row of a batched step),
 /v1/audio/transcriptions, /v1/audio/speech and /v1/models (OpenAI's audio API), /api/chat
@@ -30,6 +31,13 @@ from moshi_mlx.cli.options import (
     add_sampling_args,
     command_prog,
     positive_int,
+)
+from moshi_mlx.cli.prompt_args import (
+    PromptPlan,
+    add_prompt_args,
+    apply_prompt,
+    given_prompt_flags,
+    prompt_plan,
 )
 from moshi_mlx.errors import MoshiError, cli_errors
 from moshi_mlx.loading.options import ModelOptions
@@ -69,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(p.add_argument_group(
         "speech-to-text sampling (Kyutai's `temperature`; CSM and Moshi take theirs per "
         "request)"), temp=0.0, top_k_default=50)
+    add_prompt_args(p, "Moshi's prompt (with --moshi: run before every /api/chat conversation "
+                       "whose client sends no text_prompt)")
     server = p.add_argument_group("server")
     server.add_argument("--host", default=DEFAULT_HOST,
                         help=f"address to listen on (default {DEFAULT_HOST}, this machine "
@@ -94,6 +104,7 @@ class Loaded:
     stt: Any = None  # SttSlots
     speech: Any = None  # SpeechService's model parts
     moshi: Any = None  # Engine
+    moshi_prompt: PromptPlan = PromptPlan()  # the server's own prompt (flags) for /api/chat
     sources: dict[str, str] = field(default_factory=dict)  # family -> source
 
 
@@ -141,8 +152,9 @@ def resolve_models(args: argparse.Namespace) -> dict[str, Any]:
             for family in COMMANDS if getattr(args, family)}
 
 
-def load_models(files: dict[str, Any], args: argparse.Namespace) -> Loaded:
-    """Load the resolved families (on the model thread)."""
+def load_models(files: dict[str, Any], args: argparse.Namespace,
+                moshi_prompt: PromptPlan | None = None) -> Loaded:
+    """Load the resolved families (on the model thread); Moshi gets `moshi_prompt`."""
     options = ModelOptions.from_args(args)
     loaded = Loaded(sources={family: served_name(args, family) for family in files})
     if "stt" in files:
@@ -165,6 +177,8 @@ def load_models(files: dict[str, Any], args: argparse.Namespace) -> Loaded:
         loaded.moshi = Engine.from_files(moshi.weight, moshi.codec, moshi.tokenizer,
                                          config=moshi.config, options=EngineOptions(
                                              options, adapter=adapter_options(args, "moshi-")))
+        loaded.moshi_prompt = moshi_prompt or PromptPlan()
+        apply_prompt(loaded.moshi, loaded.moshi_prompt)
     return loaded
 
 
@@ -205,7 +219,8 @@ def build_app(loaded: Loaded, args: argparse.Namespace, executor: Any) -> Any:
     if loaded.moshi is not None:
         from moshi_mlx.web.server import ChatServer
 
-        ChatServer(loaded.moshi, page=None, executor=executor).add_routes(app)
+        ChatServer(loaded.moshi, page=None, executor=executor,
+                   prompt=loaded.moshi_prompt).add_routes(app)
     return app
 
 
@@ -217,13 +232,17 @@ def main(argv: list[str] | None = None) -> int:
         raise MoshiError("nothing to serve: give --stt, --tts and/or --moshi")
     check_adapters(args)
     check_exposure(args.host, args.api_key)
+    if not args.moshi and given_prompt_flags(args):
+        raise MoshiError(f"{' and '.join(given_prompt_flags(args))}: Moshi's prompt needs --moshi")
+    moshi_prompt = prompt_plan(args)  # bad prompt input fails before any model loads
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     check_port_free(args.host, args.port)
     files = resolve_models(args)
     executor = start_model_thread()
     try:
         print("loading…", file=sys.stderr, flush=True)
-        loaded = load_on_model_thread(executor, lambda: load_models(files, args))
+        loaded = load_on_model_thread(executor,
+                                      lambda: load_models(files, args, moshi_prompt))
         app = build_app(loaded, args, executor)
         try:
             families = ", ".join(loaded.sources)

@@ -420,3 +420,30 @@ def test_saved_voice_then_text_prompt_matches_nvidia(personaplex_file, golden, f
                                       err_msg=f"Moshi's frame at step {step}")
         np.testing.assert_array_equal(frame[8:], expected_user_frame(golden, step, "voiced_"),
                                       err_msg=f"predicted user frame at step {step}")
+
+
+def test_library_prompt_phases_on_personaplex_match_nvidia(personaplex_file, golden):
+    # The conversation engine's own phases (conversation.prompts: phase_frames + run_phases,
+    # what Engine.set_prompt runs) on the dep_q 16 model give NVIDIA's prompted conversation.
+    from moshi_mlx.conversation.prompts import phase_frames, run_phases
+
+    frames_in = phase_frames(golden["prompt_tokens"].tolist(), None)
+    assert frames_in.count == int(golden["prompted_calls"])
+    lm = load_lm(personaplex_file, config=personaplex_config(), dtype=mx.float32)
+    gen = LmGen(lm, text_temp=0.0, audio_temp=0.0)
+    texts: list[int] = []
+    run_phases(gen, frames_in, observe=lambda t: texts.append(int(gen.state.text[0])))
+    conversation = run_greedy_from(gen, golden["user_codes"][:-1])
+    texts += conversation["text"]
+    np.testing.assert_array_equal(texts, golden["prompted_text"][1: len(texts) + 1])
+    prompt_frames = frames_in.count
+    for i, step in enumerate(range(prompt_frames, len(texts))):
+        np.testing.assert_array_equal(conversation["raw"][i],
+                                      golden["prompted_audio"][step + 1, :8],
+                                      err_msg=f"Moshi's tokens at step {step}")
+        np.testing.assert_array_equal(conversation["frames"][i][:8],
+                                      golden["prompted_out"][step + 1, 1:9],
+                                      err_msg=f"Moshi's frame at step {step}")
+        np.testing.assert_array_equal(conversation["frames"][i][8:],
+                                      expected_user_frame(golden, step, "prompted_"),
+                                      err_msg=f"predicted user frame at step {step}")

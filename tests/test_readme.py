@@ -33,7 +33,8 @@ FIXTURES = ROOT / "tests" / "fixtures"
 # Flags that open a sound device, serve, or only list devices: parsed, not run here (the
 # device and browser tests run those paths on a virtual sound card).
 LIVE_FLAGS = {"--mic", "--play", "--list-devices"}
-OUTPUT_FLAGS = {"-o", "--output-file", "--transcript", "--codes-out", "--out", "--record"}
+OUTPUT_FLAGS = {"-o", "--output-file", "--transcript", "--codes-out", "--out", "--record",
+                "--save-prompt-state"}
 # The fixture CSM is random: it rarely draws the all-zero end frame, so runs get a short limit.
 CSM_FRAME_LIMIT = ["--max-frames", "6"]
 CLIP_SECONDS = 2.0

@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from moshi_mlx.audio.rates import FRAME_SIZE, SAMPLE_RATE
-from moshi_mlx.errors import MoshiError, WeightsError
+from moshi_mlx.errors import MoshiError, PromptError, WeightsError
 from moshi_mlx.loading.options import ModelOptions
 from moshi_mlx.loading.text_tokenizer import printable_piece
 
 if TYPE_CHECKING:  # (sampling imports MLX, which this module loads only when stepping)
+    from moshi_mlx.conversation.prompts import MoshiPrompt
     from moshi_mlx.modules.sampling import SamplingSettings
 
 NUM_CODEBOOKS = 8  # Moshi's codebooks per stream
@@ -127,6 +128,8 @@ class Engine:
         self.text_tokenizer = text_tokenizer
         self.silent_text_ids = frozenset(int(i) for i in silent_text_ids)
         self.frames = 0
+        self._prompt_state: Any = None  # the LmStreamState after the prompt phases, if any
+        self.prompt_description: dict[str, Any] | None = None  # what that prompt was
 
     @classmethod
     def from_files(
@@ -177,9 +180,90 @@ class Engine:
         return engine
 
     def reset(self) -> None:
+        """A fresh conversation: from the state after the prompt phases when a prompt is set
+        (a copy: conversations never change it), else from silence."""
         self.codec.reset()
-        self.lm_gen.reset()
+        if self._prompt_state is None:
+            self.lm_gen.reset()
+        else:
+            from moshi_mlx.conversation.prompt_state import copy_state
+
+            self.lm_gen.reset(copy_state(self._prompt_state))
         self.frames = 0
+
+    # ------------------------------------------------------------------ prompts (issue 19)
+    @property
+    def max_prompt_tokens(self) -> int:
+        """How many text prompt tokens the context leaves (less the frames of a voice
+        prompt): every prompt phase must stay within the context."""
+        from moshi_mlx.conversation.prompts import SILENCE_FRAMES
+
+        return int(self.lm_gen.cfg.context) - 2 * SILENCE_FRAMES
+
+    def set_prompt(self, prompt: MoshiPrompt) -> None:
+        """Run the prompt phases now and start every later conversation (`reset`) from the
+        state after them; an empty prompt clears it. PromptError (nothing changed) for a
+        voice that is not audio or is silent, or a text longer than the context allows."""
+        from moshi_mlx.conversation.prompt_state import copy_state
+        from moshi_mlx.conversation.prompts import (
+            DEFAULT_TEXT_PAD,
+            encode_frames,
+            phase_frames,
+            prompt_text_tokens,
+            run_phases,
+            voice_frames,
+        )
+
+        if prompt.empty:
+            self._prompt_state, self.prompt_description = None, None
+            self.reset()
+            return
+        cfg = self.lm_gen.cfg
+        tokens = prompt_text_tokens(prompt.text, self.text_tokenizer,
+                                    bool(getattr(cfg, "system_prompt_tags", False)))
+        voice, voice_pcm_frames = None, None
+        if prompt.voice_codes is not None:
+            voice = _checked_voice_codes(prompt.voice_codes, int(cfg.card))
+            voice_count = voice.shape[1]
+        elif prompt.voice_pcm is not None:
+            voice_pcm_frames = voice_frames(prompt.voice_pcm)  # checked, normalized
+            voice_count = voice_pcm_frames.shape[0]
+        else:
+            voice_count = 0
+        limit = self.max_prompt_tokens - voice_count
+        if len(tokens) > limit:
+            beside = f" beside {voice_count} frames of voice" if voice_count else ""
+            raise PromptError(f"the text prompt is {len(tokens)} tokens; the model's context "
+                              f"({cfg.context} frames) leaves {max(limit, 0)}{beside}")
+        if voice_pcm_frames is not None:
+            voice = encode_frames(voice_pcm_frames, self.codec)
+        pad = getattr(cfg, "existing_text_padding_id", None)
+        frames = phase_frames(tokens, voice, DEFAULT_TEXT_PAD if pad is None else int(pad))
+        self.lm_gen.reset()
+        run_phases(self.lm_gen, frames)
+        self._prompt_state = copy_state(self.lm_gen.state)
+        self.prompt_description = {"text": prompt.text or "", "text_tokens": len(tokens),
+                                   "voice_frames": voice_count,
+                                   "phases": [list(p) for p in frames.phases]}
+        self.reset()
+
+    def save_prompt_state(self, path: str | Path) -> None:
+        """Save the state after the prompt phases (safetensors), for `load_prompt_state`."""
+        from moshi_mlx.conversation.prompt_state import model_identity, save_state
+
+        if self._prompt_state is None:
+            raise PromptError("no prompt to save: give a text or voice prompt first")
+        save_state(path, self._prompt_state, model_identity(self.lm_gen.lm),
+                   self.prompt_description or {})
+
+    def load_prompt_state(self, path: str | Path) -> None:
+        """Start conversations from a saved prompt state instead of running the phases.
+        PromptError (one line, nothing changed) for a file of another model or shape."""
+        from moshi_mlx.conversation.prompt_state import load_state, model_identity
+
+        state, description = load_state(path, model_identity(self.lm_gen.lm))
+        self._prompt_state, self.prompt_description = state, description
+        self.reset()
 
     @property
     def sampling(self) -> SamplingSettings:
@@ -234,6 +318,18 @@ class Engine:
         if (audio_np < 0).any():  # a delayed codebook not known yet
             return token, None
         return token, audio_np
+
+
+def _checked_voice_codes(codes: np.ndarray, card: int) -> np.ndarray:
+    """Voice codes [8, T] as given in a MoshiPrompt; PromptError when they are not."""
+    array = np.asarray(codes)
+    if array.ndim != 2 or array.shape[0] != NUM_CODEBOOKS or array.shape[1] == 0 \
+            or not np.issubdtype(array.dtype, np.integer):
+        raise PromptError(f"voice codes must be integers [{NUM_CODEBOOKS}, frames], got "
+                          f"{array.dtype} {array.shape}")
+    if array.min() < 0 or array.max() >= card:
+        raise PromptError(f"voice codes must lie in 0..{card - 1}")
+    return array.astype(np.int64)
 
 
 def make_codec(mimi_weight: str | Path, backend: str = "mlx") -> Codec:

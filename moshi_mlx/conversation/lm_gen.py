@@ -113,9 +113,10 @@ class LmGen:
         self._compiled_sample_all = self._compiled_for(samplers)
         return True
 
-    def reset(self) -> None:
-        """Start a new conversation (same seed -> same samples again)."""
-        self._state = LmStreamState.start(self.lm, self.seed)
+    def reset(self, state: LmStreamState | None = None) -> None:
+        """Start a new conversation (same seed -> same samples again), or continue from
+        `state` (taken as it is: pass a copy to keep the original, e.g. a prompt's state)."""
+        self._state = LmStreamState.start(self.lm, self.seed) if state is None else state
         self.timings: dict[str, float] | None = None  # set to {} to time the two halves
 
     @property

@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from moshi_mlx.web.limits import MAX_REQUEST_LINE_BYTES
+
 log = logging.getLogger("moshi_mlx.web")
 
 # An idle keep-alive connection, or one whose request headers are still incomplete, is closed
@@ -221,7 +223,7 @@ async def start_site(app: web.Application, host: str, port: int, *,
     raise_open_files_limit()
     install_quiet_logging()
     runner = web.AppRunner(app, access_log=None, keepalive_timeout=idle_timeout_s,
-                           lingering_time=LINGERING_TIME_S)
+                           lingering_time=LINGERING_TIME_S, max_line_size=MAX_REQUEST_LINE_BYTES)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()

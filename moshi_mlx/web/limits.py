@@ -16,3 +16,10 @@ MAX_ASR_MESSAGE_BYTES = 4 * 1024 * 1024  # one msgpack message (~35 s of Audio f
 ASR_MAX_BUFFERED_SAMPLES = 60 * 24000  # audio waiting per stream before its socket is not read
 ASR_PING_SECONDS = 10.0  # ping period; a peer that does not answer is dropped (Kyutai's 10 s)
 ASR_IDLE_SECONDS = 120.0  # a stream that sends no message for this long is closed (Kyutai's)
+
+# Moshi's /api/chat
+# A client's own text prompt (`text_prompt`), in characters: PersonaPlex's web client's limit.
+MAX_TEXT_PROMPT_CHARS = 1000
+# aiohttp's limit on a request line (its default: 8190 bytes), raised so that a URL holding
+# the longest text prompt, percent-encoded (up to 12 bytes a character), is read.
+MAX_REQUEST_LINE_BYTES = 12 * MAX_TEXT_PROMPT_CHARS + 4096

@@ -1,15 +1,20 @@
-"""Sampling settings a client asks for in the `/api/chat` URL, as Kyutai's web client sends
-them (`?text_temperature=0.7&text_topk=25&audio_temperature=0.8&audio_topk=250&...`).
+"""What a client asks for in the `/api/chat` URL: sampling settings, as Kyutai's web client
+sends them (`?text_temperature=0.7&text_topk=25&audio_temperature=0.8&audio_topk=250&...`), and
+a text prompt, as NVIDIA PersonaPlex's web client sends it (`&text_prompt=...`).
 
 Only the parameters our sampler has are read; the others Kyutai's client sends (`pad_mult`,
-`repetition_penalty`, `repetition_penalty_context`, `text_seed`, `audio_seed`, ...) and any
-unknown ones are ignored.
+`repetition_penalty`, `repetition_penalty_context`, `text_seed`, `audio_seed`, ...), the
+`voice_prompt` file name PersonaPlex's client sends, and any unknown ones are ignored.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+
+from moshi_mlx.web.limits import MAX_TEXT_PROMPT_CHARS
+
+TEXT_PROMPT_PARAMETER = "text_prompt"
 
 
 class QueryError(ValueError):
@@ -56,3 +61,19 @@ def sampling_overrides(query: Mapping[str, str]) -> dict[str, float | int]:
         if raw is not None:
             overrides[field] = parse(name, raw)
     return overrides
+
+
+def text_prompt(query: Mapping[str, str]) -> str | None:
+    """The client's own text prompt, stripped; None when absent or blank (PersonaPlex's client
+    always sends the parameter, empty for none): the server's prompt then applies.
+
+    Raises QueryError over MAX_TEXT_PROMPT_CHARS characters.
+    """
+    raw = query.get(TEXT_PROMPT_PARAMETER)
+    if raw is None or not raw.strip():
+        return None
+    text = raw.strip()
+    if len(text) > MAX_TEXT_PROMPT_CHARS:
+        raise QueryError(f"{TEXT_PROMPT_PARAMETER} of {len(text)} characters: at most "
+                         f"{MAX_TEXT_PROMPT_CHARS}")
+    return text

@@ -5,8 +5,12 @@ that ask for the WebSocket subprotocol `protocol.SUBPROTOCOL` (our page does), K
 (Ogg/Opus, kyutai.py) for all others, so that Kyutai's unmodified clients work. Only the
 framing differs (a "wire"); the conversation (model thread, bounded queue, lag) is one code.
 
-All model work (loading, `reset`, `process`) runs on one dedicated worker thread, so the
-event loop never waits on MLX and frames are processed strictly in arrival order.
+All model work (loading, prompts, `reset`, `process`) runs on one dedicated worker thread, so
+the event loop never waits on MLX and frames are processed strictly in arrival order.
+
+Prompts (issue 19): every conversation starts from the server's own prompt (its command line's,
+a `PromptPlan`) unless its client sends a text prompt of its own (`?text_prompt=...`, as NVIDIA
+PersonaPlex's web client does); the phases then run on the model thread before the handshake.
 """
 
 from __future__ import annotations
@@ -24,12 +28,15 @@ import numpy as np
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from moshi_mlx.cli.model_thread import load_on_model_thread, start_model_thread, stop_model_thread
+from moshi_mlx.cli.prompt_args import PromptPlan
+from moshi_mlx.errors import PromptError
 from moshi_mlx.web import kyutai, protocol
 from moshi_mlx.web.address import DEFAULT_HOST
 from moshi_mlx.web.http import HostPolicy, start_site, websocket_max_msg_size
 from moshi_mlx.web.http import bound_port as bound_port  # re-exported for serve()'s callers
 from moshi_mlx.web.http import make_app as make_http_app
-from moshi_mlx.web.query import QueryError, sampling_overrides
+from moshi_mlx.web.limits import MAX_TEXT_PROMPT_CHARS
+from moshi_mlx.web.query import QueryError, sampling_overrides, text_prompt
 
 log = logging.getLogger("moshi_mlx.web")
 
@@ -45,13 +52,16 @@ IDLE_CONVERSATION_TIMEOUT_S = 30.0
 TEARDOWN_WAIT_S = 5.0
 # /api/chat and the pages take no request bodies.
 MAX_REQUEST_BODY_BYTES = 64 * 1024
+_UNKNOWN_PROMPT = object()  # the engine's prompt after a prompt failed half-way
 
 
 class ConversationEngine(Protocol):
     """What the server needs from `moshi_mlx.conversation.engine.Engine`.
 
     Optional: `sampling` and `set_sampling(settings)` (moshi_mlx.modules.sampling.SamplingSettings),
-    through which a client's sampling query parameters apply to its conversation only.
+    through which a client's sampling query parameters apply to its conversation only;
+    `set_prompt` / `load_prompt_state` (moshi_mlx.conversation.prompts), through which a client's
+    text prompt does.
     """
 
     def reset(self) -> None: ...
@@ -89,6 +99,10 @@ class ChatServer:
     idle_timeout_s: a conversation whose client sends no audio for this long ends.
     teardown_wait_s: how long a client arriving while the previous conversation tears down
     waits for the model instead of being told busy.
+
+    prompt: the server's own prompt, already in the engine when it is given (the entry points
+    apply it right after loading); a conversation whose client sends its own text prompt runs
+    that one (with the server's voice prompt), and the next one without gets this one back.
     """
 
     def __init__(
@@ -101,6 +115,7 @@ class ChatServer:
         idle_timeout_s: float = IDLE_CONVERSATION_TIMEOUT_S,
         teardown_wait_s: float = TEARDOWN_WAIT_S,
         executor: ThreadPoolExecutor | None = None,
+        prompt: PromptPlan | None = None,
     ) -> None:
         """executor: the model thread to run on, when the caller owns one (the `serve`
         command shares its thread between families); by default the server starts its own
@@ -113,6 +128,9 @@ class ChatServer:
         self.page = page
         self.idle_timeout_s = idle_timeout_s
         self.teardown_wait_s = teardown_wait_s
+        self.prompt = prompt or PromptPlan()
+        # The client text prompt the engine holds now (model thread only); None: the server's.
+        self._prompt_in_engine: object = None
         self._owns_executor = executor is None
         self._executor = executor or start_model_thread()
         self._busy = False
@@ -131,6 +149,24 @@ class ChatServer:
 
     async def run_on_model_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def use_prompt(self, engine: ConversationEngine, client_text: str | None) -> None:
+        """On the model thread: put in `engine` the prompt a conversation starts from (the
+        client's text prompt, else the server's own), running it only when the engine does not
+        hold it already. Raises PromptError (e.g. a text longer than the context allows)."""
+        if client_text == self._prompt_in_engine:
+            return
+        if client_text is not None and not hasattr(engine, "set_prompt"):
+            log.info("this engine takes no prompt; ignoring the client's text_prompt")
+            return
+        self._prompt_in_engine = _UNKNOWN_PROMPT
+        if client_text is None:
+            line = self.prompt.restore(engine)
+            log.info("the server's prompt is back: %s", line)
+        else:
+            line = self.prompt.with_text(client_text).apply(engine)
+            log.info("the client's prompt: %s", line)
+        self._prompt_in_engine = client_text
 
     def close(self) -> None:
         if self._owns_executor:
@@ -173,6 +209,7 @@ class ChatServer:
         page = page.replace("{sample_rate}", str(protocol.SAMPLE_RATE))
         page = page.replace("{frame_size}", str(protocol.FRAME_SIZE))
         page = page.replace("{subprotocol}", protocol.SUBPROTOCOL)
+        page = page.replace("{max_text_prompt_chars}", str(MAX_TEXT_PROMPT_CHARS))
         return web.Response(text=page, content_type="text/html")
 
     async def _close_sockets(self, app: web.Application) -> None:
@@ -232,7 +269,9 @@ class ChatServer:
         wire: Wire | None = protocol.PcmWire() if ours else None
         try:
             overrides = sampling_overrides(request.query)
+            client_prompt = text_prompt(request.query)
         except QueryError as exc:
+            log.info("conversation refused (%s): bad query parameter: %s", request.remote, exc)
             await _refuse(ws, wire, "error", f"bad query parameter: {exc}",
                           WSCloseCode.POLICY_VIOLATION)
             return ws
@@ -256,10 +295,11 @@ class ChatServer:
             return ws
         self._sockets.add(ws)
         peer = request.remote
-        log.info("conversation started (%s, %s protocol%s)", peer, wire.name,
-                 f", sampling {overrides}" if overrides else "")
+        log.info("conversation started (%s, %s protocol%s%s)", peer, wire.name,
+                 f", sampling {overrides}" if overrides else "",
+                 f", text prompt of {len(client_prompt)} characters" if client_prompt else "")
         try:
-            conversation = _Conversation(self, self.engine, ws, wire, overrides)
+            conversation = _Conversation(self, self.engine, ws, wire, overrides, client_prompt)
             await conversation.run()
             log.info(
                 "conversation ended (%s): %d frames in, %d out, %d dropped",
@@ -282,12 +322,14 @@ class _Conversation:
     """
 
     def __init__(self, server: ChatServer, engine: ConversationEngine, ws: web.WebSocketResponse,
-                 wire: Wire, sampling: dict[str, float | int] | None = None):
+                 wire: Wire, sampling: dict[str, float | int] | None = None,
+                 text_prompt: str | None = None):
         self.server = server
         self.engine = engine
         self.ws = ws
         self.wire = wire
         self.sampling = sampling or {}
+        self.text_prompt = text_prompt
         self.queue: asyncio.Queue[np.ndarray] = asyncio.Queue(maxsize=server.max_queued_frames)
         self.frames_in = 0
         self.frames_out = 0
@@ -298,8 +340,10 @@ class _Conversation:
         self._last_step_ms = 0.0
 
     def _start(self) -> Any:
-        """On the model thread: this client's sampling settings, then a fresh state. Returns
-        the settings to restore afterwards (None: nothing changed)."""
+        """On the model thread: this client's prompt (or the server's), its sampling settings,
+        then a fresh state. Returns the settings to restore afterwards (None: nothing
+        changed)."""
+        self.server.use_prompt(self.engine, self.text_prompt)
         previous = None
         if self.sampling:
             previous = getattr(self.engine, "sampling", None)
@@ -314,6 +358,15 @@ class _Conversation:
     async def run(self) -> None:
         try:
             previous = await self.server.run_on_model_thread(self._start)
+        except PromptError as exc:
+            if self.text_prompt is None:
+                log.error("the server's prompt could not be restored: %s", exc)
+                await self._fail("the model could not start a conversation",
+                                 WSCloseCode.INTERNAL_ERROR)
+            else:
+                log.info("conversation refused: text_prompt: %s", exc)
+                await self._fail(f"bad text_prompt: {exc}", WSCloseCode.POLICY_VIOLATION)
+            return
         except Exception:
             log.exception("engine.reset failed")
             await self._fail("the model could not start a conversation", WSCloseCode.INTERNAL_ERROR)

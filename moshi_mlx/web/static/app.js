@@ -23,6 +23,7 @@ const ui = {
   connectionText: el("connection-text"),
   button: el("connect"),
   mic: el("mic"),
+  textPrompt: el("text-prompt"),
   micLevel: el("mic-level"),
   lagLevel: el("lag-level"),
   lagText: el("lag-text"),
@@ -87,6 +88,7 @@ function render() {
   ui.button.textContent = active ? "Disconnect" : "Connect";
   ui.button.classList.toggle("stop", active);
   ui.mic.disabled = active;
+  ui.textPrompt.disabled = active;
   ui.message.hidden = !moshi.message;
   ui.message.textContent = moshi.message;
 
@@ -291,7 +293,7 @@ async function connect() {
     ctx = opened.ctx;
     const node = opened.node;
     const scheme = location.protocol === "https:" ? "wss" : "ws";
-    const ws = new WebSocket(`${scheme}://${location.host}/api/chat`, [SUBPROTOCOL]);
+    const ws = new WebSocket(chatUrl(scheme), [SUBPROTOCOL]);
     ws.binaryType = "arraybuffer";
     session = { ws, ctx, stream, node };
     node.port.onmessage = (event) => onWorkletMessage(event.data);
@@ -313,6 +315,15 @@ async function connect() {
     teardown();
     setState("error", `microphone or audio unavailable: ${err.message || err}`);
   }
+}
+
+// The conversation's address: the text prompt, when one is typed, goes as `text_prompt` (the
+// server runs it before its handshake; without it the server's own prompt applies).
+function chatUrl(scheme) {
+  const url = new URL(`${scheme}://${location.host}/api/chat`);
+  const prompt = ui.textPrompt.value.trim();
+  if (prompt) url.searchParams.set("text_prompt", prompt);
+  return url.toString();
 }
 
 function teardown() {
