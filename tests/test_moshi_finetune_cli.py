@@ -347,3 +347,25 @@ def test_qlora_on_a_4_bit_base_lowers_its_test_loss(sample, random_mimi_path, tm
     LmAdapterOptions(adapter_path=str(tmp_path / "qlora")).apply(lm)
     bases = [m.linear for _, m in lm.named_modules() if hasattr(m, "lora_a")]
     assert len(bases) == 89 and all(isinstance(b, nn.QuantizedLinear) for b in bases)
+
+
+def test_a_data_folder_validates_on_valid_jsonl(sample, random_mimi_path, tmp_path, capsys):
+    """A folder with train.jsonl and valid.jsonl: validation runs every --steps-per-eval and
+    its loss is the --test loss of the saved adapter on the same file."""
+    import shutil
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("one.wav", "one.json"):
+        shutil.copy(sample.parent / name, data / name)
+    for split in ("train", "valid", "test"):
+        shutil.copy(sample, data / f"{split}.jsonl")
+    common = [*model_args(random_mimi_path), "--data", str(data), "--duration-sec", "0.5",
+              "--adapter-path", str(tmp_path / "adapters"), "--batch-size", "2"]
+    assert main(["moshi", *common, "--iters", "2", "--learning-rate", "1e-4",
+                 "--steps-per-eval", "2", "--num-layers", "1"]) == 0
+    val_line = [line for line in capsys.readouterr().out.splitlines() if "val loss" in line]
+    assert len(val_line) == 1 and val_line[0].startswith("iter 2: val loss ")
+    assert main(["moshi", *common, "--test", "--json"]) == 0
+    tested = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert val_line[0].split("val loss ")[1].split(",")[0] == f"{tested['loss']:.3f}"
