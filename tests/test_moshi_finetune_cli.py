@@ -296,6 +296,10 @@ def test_an_adapter_for_another_model_is_one_line(trained, tmp_path, capsys):
     (broken / "adapter_config.json").write_text(json.dumps(csm_adapter | {"family": "csm"}))
     with pytest.raises(WeightsError, match="the adapter is for csm, not moshi"):
         LmAdapterOptions(adapter_path=str(broken)).apply(base_lm())
+    with pytest.raises(WeightsError, match="missing.safetensors: no such LoRA file"):
+        LmAdapterOptions(lora_weight=str(tmp_path / "missing.safetensors")).apply(base_lm())
+    with pytest.raises(WeightsError, match="no adapter_config.json"):
+        LmAdapterOptions(adapter_path=str(tmp_path)).apply(base_lm())
 
 
 def test_local_and_serve_options_make_the_adapter(trained, kyutai_lora, capsys):

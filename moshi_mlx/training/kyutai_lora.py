@@ -100,6 +100,9 @@ def read_kyutai_lora(lora_path: str | Path, config_path: str | Path | None = Non
                      dep_q: int = 8) -> KyutaiLora:
     """moshi-finetune's lora.safetensors (+ its config.json, by default the one beside it)."""
     lora_path = Path(lora_path)
+    if not lora_path.is_file():
+        raise WeightsError(f"{lora_path}: no such LoRA file (moshi-finetune's "
+                           "checkpoint_N/consolidated/lora.safetensors)")
     rank, scaling = read_lora_config(config_path or lora_path.parent / "config.json")
     try:
         tensors = mx.load(str(lora_path))
