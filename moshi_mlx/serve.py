@@ -25,6 +25,8 @@ from aiohttp import web
 from moshi_mlx.cli.model_thread import load_on_model_thread, start_model_thread, stop_model_thread
 from moshi_mlx.cli.options import (
     SamplingOptions,
+    adapter_options,
+    add_adapter_args,
     add_run_args,
     add_sampling_args,
     command_prog,
@@ -67,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
                             help=f"{what} (alone: the released {files_of(family).default_repo()}"
                                  f", or its -q repo)")
     add_run_args(models, "quantized weights: 4 or 8 bits, for every model loaded")
+    tuned = p.add_argument_group("fine-tuned models (LoRA): a command's options, prefixed by "
+                                 "the model's flag")
+    tuned.add_argument("--tts-adapter-path", default=None, metavar="DIR",
+                       help="CSM LoRA adapter folder (python -m moshi_mlx.finetune csm), as "
+                            "tts --adapter-path")
+    add_adapter_args(tuned, prefix="moshi-")
     add_sampling_args(p.add_argument_group(
         "speech-to-text sampling (Kyutai's `temperature`; CSM and Moshi take theirs per "
         "request)"), temp=0.0, top_k_default=50)
@@ -99,6 +107,14 @@ class Loaded:
     moshi: Any = None  # Engine
     moshi_prompt: PromptPlan = PromptPlan()  # the server's own prompt (flags) for /api/chat
     sources: dict[str, str] = field(default_factory=dict)  # family -> source
+
+
+def check_adapters(args: argparse.Namespace) -> None:
+    """A fine-tuning option goes with its model's flag (checked before anything loads)."""
+    if args.tts_adapter_path is not None and not args.tts:
+        raise MoshiError("--tts-adapter-path goes with --tts")
+    if adapter_options(args, "moshi-") is not None and not args.moshi:
+        raise MoshiError("--moshi-adapter-path / --moshi-lora-weight go with --moshi")
 
 
 def check_exposure(host: str, keys: list[str] | None) -> None:
@@ -153,13 +169,15 @@ def load_models(files: dict[str, Any], args: argparse.Namespace,
     if "tts" in files:
         from moshi_mlx.speech.loader import speech_parts_from_files
 
-        loaded.speech = speech_parts_from_files(files["tts"], options)
+        loaded.speech = speech_parts_from_files(files["tts"], options,
+                                                adapter_path=args.tts_adapter_path)
     if "moshi" in files:
         from moshi_mlx.conversation.engine import Engine, EngineOptions
 
         moshi = files["moshi"]
         loaded.moshi = Engine.from_files(moshi.weight, moshi.codec, moshi.tokenizer,
-                                         config=moshi.config, options=EngineOptions(options))
+                                         config=moshi.config, options=EngineOptions(
+                                             options, adapter=adapter_options(args, "moshi-")))
         loaded.moshi_prompt = moshi_prompt or PromptPlan()
         apply_prompt(loaded.moshi, loaded.moshi_prompt)
     return loaded
@@ -213,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not (args.stt or args.tts or args.moshi):
         raise MoshiError("nothing to serve: give --stt, --tts and/or --moshi")
+    check_adapters(args)
     check_exposure(args.host, args.api_key)
     if not args.moshi and given_prompt_flags(args):
         raise MoshiError(f"{' and '.join(given_prompt_flags(args))}: Moshi's prompt needs --moshi")

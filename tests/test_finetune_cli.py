@@ -134,11 +134,14 @@ def test_ctrl_c_saves_the_adapter_and_says_so():
     assert result.interrupted and result.steps == 2 and saved == [None]
 
 
-def test_moshi_and_annotate_say_not_yet(capsys):
-    for command in ("moshi", "annotate"):
-        with pytest.raises(SystemExit):
-            main([command])
-        assert "not available yet" in capsys.readouterr().err
+def test_moshi_and_annotate_are_wired_and_refuse_missing_data_in_one_line(tmp_path, capsys):
+    missing = tmp_path / "missing.jsonl"
+    for argv in (["moshi", "--data", str(missing)], ["annotate", str(missing)]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 1, argv
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "missing.jsonl" in err, err
 
 
 def test_tts_with_the_adapter_equals_the_fused_folder(golden_adapter, csm_library, tmp_path):

@@ -270,18 +270,25 @@ def kyutai_lora_dir(golden, fixtures_dir, tmp_path_factory) -> Path:
     return folder
 
 
-def test_kyutai_lora_fused_equals_kyutai_lora_model(golden, fixtures_dir, kyutai_lora_dir):
+@pytest.mark.parametrize("fuse", [True, False])
+def test_kyutai_lora_fused_equals_kyutai_lora_model(golden, fixtures_dir, kyutai_lora_dir, fuse):
+    """Kept apart (LoRA layers) or fused (training.lora's fuse), the LM with moshi-finetune's
+    LoRA gives the official LoRA model's loss and logits."""
     from moshi_mlx.training.kyutai_lora import read_kyutai_lora
+    from moshi_mlx.training.lora import fuse_lora
+    from moshi_mlx.training.moshi_lora import apply_kyutai_lora, moshi_lora_paths
     from moshi_mlx.training.moshi_loss import forward_logits
 
     lora = read_kyutai_lora(kyutai_lora_dir / "lora.safetensors")
     assert (lora.rank, lora.scaling) == (int(golden["lora_rank"]), float(golden["lora_scaling"]))
     lm = load_lm(fixtures_dir / "lm_pytorch.safetensors",
                  config=fixtures_dir / "lm_config.json", dtype=mx.float32)
-    weights = dict(tree_flatten(lm.parameters()))
     linears = {name for name, module in lm.named_modules() if isinstance(module, nn.Linear)}
     assert set(lora.pairs) == linears  # every Linear of our LM, named as ours
-    lm.load_weights(list(lora.fuse(weights).items()))
+    assert set(moshi_lora_paths(lm)) == linears  # what training adapts by default: the same
+    apply_kyutai_lora(lm, kyutai_lora_dir / "lora.safetensors")
+    if fuse:
+        assert fuse_lora(lm) == len(linears)
     codes = mx.array(golden["codes"])
     _, _, parts = moshi_loss(lm, codes)
     assert_relative(parts["text_loss"].item(), float(golden["lora_text_loss"]), "text")
@@ -352,13 +359,13 @@ def test_bad_kyutai_lora_files_are_one_line_errors(kyutai_lora_dir, tmp_path):
     with pytest.raises(WeightsError, match="text_linear has no lora_B"):
         read_kyutai_lora(tmp_path / "half.safetensors", kyutai_lora_dir / "config.json")
     lora = read_kyutai_lora(lora_file)
-    shapes = {f"{m}.weight": mx.zeros((b.shape[0], a.shape[1])) for m, (a, b) in lora.pairs.items()}
+    shapes = {f"{m}.weight": (b.shape[0], a.shape[1]) for m, (a, b) in lora.pairs.items()}
     with pytest.raises(WeightsError, match=re.escape(
-            "the LoRA of text_linear makes (1000, 256), the model's weight is (500, 256)")):
-        lora.fuse(shapes | {"text_linear.weight": mx.zeros((500, 256))})
+            "tensor text_linear.lora_b has shape (4, 1000), this model needs (4, 500)")):
+        lora.deltas(shapes | {"text_linear.weight": (500, 256)})
     del shapes["depformer.slices.3.linear_out.weight"]
     with pytest.raises(WeightsError, match="adapts depformer.slices.3.linear_out, which this"):
-        lora.fuse(shapes)
+        lora.deltas(shapes)
 
 
 # --------------------------------------------------------------------------- evaluation, CLI
@@ -401,23 +408,17 @@ def stereo_set(fixtures_dir, tmp_path_factory) -> Path:
 
 def test_moshi_test_run_prints_the_loss_of_all_chunks(fixtures_dir, random_mimi_path,
                                                      stereo_set, lm32, capsys):
-    from moshi_mlx.cli.finetune_moshi import add_moshi_args, run_moshi
-    from moshi_mlx.cli.options import add_run_args
+    from moshi_mlx.finetune import main
     from moshi_mlx.loading.models import load_mimi
     from moshi_mlx.loading.text_tokenizer import load_sentencepiece
     from moshi_mlx.training.moshi_data import MoshiDataset, mimi_encoder
 
-    parser = argparse.ArgumentParser()
-    add_moshi_args(parser)
-    add_run_args(parser, "bits")
-    args = parser.parse_args(["--duration-sec", "1.0", "--text-padding-weight", "0.3",
-                              "--dtype", "f32"])
-    args.model = str(fixtures_dir / "lm_pytorch.safetensors")
-    args.config = str(fixtures_dir / "lm_config.json")
-    args.tokenizer = str(fixtures_dir / "tokenizer.model")
-    args.mimi_weight = str(random_mimi_path)
-    args.data, args.batch_size, args.test, args.json = str(stereo_set), 2, True, True
-    assert run_moshi(args) == 0
+    assert main(["moshi", "--duration-sec", "1.0", "--text-padding-weight", "0.3",
+                 "--dtype", "f32", "--model", str(fixtures_dir / "lm_pytorch.safetensors"),
+                 "--config", str(fixtures_dir / "lm_config.json"), "--tokenizer",
+                 str(fixtures_dir / "tokenizer.model"), "--mimi-weight", str(random_mimi_path),
+                 "--data", str(stereo_set), "--batch-size", "2", "--test", "--json",
+                 "--adapter-path", str(stereo_set.parent / "none")]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     # The reference: every chunk (3 of the first file, 2 of the second) in ONE batch.
     data = MoshiDataset(stereo_set, load_sentencepiece(fixtures_dir / "tokenizer.model"),

@@ -118,6 +118,46 @@ def write_finetune_inputs(work: Path) -> None:
     model = load_csm(FIXTURES / "csm" / "sesame", dtype=mx.float32)
     paths = apply_lora(model, csm_lora_paths(model))
     save_adapter(model, work / "adapters", LoraSettings(paths=tuple(paths), family="csm"))
+    write_moshi_finetune_inputs(work)
+
+
+def write_moshi_finetune_inputs(work: Path) -> None:
+    """Moshi's examples: talks.jsonl (a stereo clip with its alignments), an adapter of the
+    fixture Moshi (moshi-adapters/) and the same LoRA as moshi-finetune saves it
+    (consolidated/lora.safetensors + config.json)."""
+    import re
+
+    import mlx.core as mx
+
+    from moshi_mlx.loading.models import load_lm
+    from moshi_mlx.training.lora import LoraSettings, apply_lora, save_adapter
+    from moshi_mlx.training.moshi_lora import FAMILY, moshi_lora_paths
+
+    pcm, rate = soundfile.read(FIXTURES / "speech.wav", dtype="float32")
+    clip = pcm[: int(CLIP_SECONDS * rate)]
+    soundfile.write(work / "talk_stereo.wav", np.stack([clip, clip[::-1]], axis=1), rate)
+    words = [["hello", [0.2, 0.5], "SPEAKER_MAIN"], ["there", [0.6, 0.9], "SPEAKER_OTHER"]]
+    (work / "talk_stereo.json").write_text(json.dumps({"alignments": words}))
+    (work / "talks.jsonl").write_text(json.dumps({"path": "talk_stereo.wav",
+                                                  "duration": CLIP_SECONDS}) + "\n")
+    lm = load_lm(FIXTURES / "lm_pytorch.safetensors", config=FIXTURES / "lm_config.json",
+                 dtype=mx.float32)
+    paths = apply_lora(lm, moshi_lora_paths(lm))
+    save_adapter(lm, work / "moshi-adapters", LoraSettings(paths=tuple(paths), family=FAMILY))
+    kyutai = {}
+    for path, leaves in mx.load(str(work / "moshi-adapters" / "adapters.safetensors")).items():
+        module, leaf = path.rsplit(".", 1)
+        module = re.sub(r"depformer\.slices\.(\d+)\.linear_in", r"depformer_in.\1", module)
+        module = re.sub(r"depformer\.slices\.(\d+)\.linear_out", r"linears.\1", module)
+        module = re.sub(r"depformer\.slices\.(\d+)\.transformer\.layers\.(\d+)\.self_attn\."
+                        r"(in|out)_proj", r"depformer.layers.\2.self_attn.\3_projs.\1", module)
+        module = re.sub(r"depformer\.slices\.(\d+)\.transformer\.layers\.(\d+)\.gating",
+                        r"depformer.layers.\2.gating.\1", module)
+        kyutai[f"{module}.lora_{'A' if leaf == 'lora_a' else 'B'}.weight"] = leaves.T
+    (work / "consolidated").mkdir()
+    mx.save_safetensors(str(work / "consolidated" / "lora.safetensors"), kyutai)
+    (work / "consolidated" / "config.json").write_text(
+        json.dumps({"lora": True, "lora_rank": 8, "lora_scaling": 20.0}))
 
 
 def written_paths(command: Command, cwd: Path) -> list[Path]:

@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoint bundles)")
     parser.add_argument("--adapter-path", help="a LoRA adapter folder (adapters.safetensors + "
                         "adapter_config.json, python -m moshi_mlx.finetune) to fuse into the "
-                        "weights: W + scale * B A, before -q quantizes")
+                        "weights: W + scale * B A, before -q quantizes; for Moshi also "
+                        "moshi-finetune's lora.safetensors (config.json beside it)")
     add_quantize_arg(parser, "quantize to 4 or 8 bits (default: keep bf16)")
     parser.add_argument("--out", required=True, help="output folder (must be empty or new)")
     parser.add_argument("--force", action="store_true",

@@ -136,6 +136,12 @@ def atomic_file(final: Path) -> Iterator[BinaryIO]:
         raise
 
 
+def _adapter_record(adapter_path: str | os.PathLike) -> dict[str, str]:
+    from moshi_mlx.training.moshi_lora import adapter_weights_file
+
+    return {"path": str(adapter_path), "sha256": sha256_file(adapter_weights_file(adapter_path))}
+
+
 def sha256_file(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -213,9 +219,9 @@ class _Mapping:
                 self.plan.append(planned(key, array))
         self.plan.sort(key=lambda entry: entry.name)
         if adapter_path is not None:
-            from moshi_mlx.training.lora import adapter_deltas
+            from moshi_mlx.training.moshi_lora import fuse_deltas
 
-            _, self.deltas = adapter_deltas(adapter_path, self.shapes, checkpoint.model_type)
+            self.deltas = fuse_deltas(adapter_path, self.shapes, checkpoint.model_type)
 
     def outputs(self, group: tuple[str, ...], arrays: dict[str, mx.array]
                 ) -> dict[str, mx.array]:
@@ -385,7 +391,8 @@ def convert(
     docstring).
 
     bits: None for bf16, 4 (group 32) or 8 (group 64). adapter_path: a LoRA adapter folder
-    (adapters.safetensors + adapter_config.json) fused into the weights before quantization.
+    (adapters.safetensors + adapter_config.json) fused into the weights before quantization,
+    or for Moshi moshi-finetune's lora.safetensors (or its folder, with config.json).
     All input problems raise WeightsError before anything is written.
     """
     if bits is not None and bits not in QUANTIZATIONS:
@@ -451,8 +458,7 @@ def convert(
                 "config": str(sources.config) if sources.config else "built-in default",
             },
             "quantization": config_data["quantization"],
-            **({"adapter": {"path": str(adapter_path), "sha256": sha256_file(
-                Path(adapter_path) / "adapters.safetensors")}} if adapter_path else {}),
+            **({"adapter": _adapter_record(adapter_path)} if adapter_path else {}),
             "files": {name: {"sha256": hashes[name], "bytes": path.stat().st_size}
                       for name, path in sorted(files.items())},
         }

@@ -220,7 +220,39 @@ def add_model_args(parser: argparse.ArgumentParser, audio: bool = True) -> None:
                        help="Mimi implementation (default: our MLX one)")
     add_run_args(g, "quantized weights: 4 or 8 bits (default: bf16)")
     if audio:
+        add_adapter_args(parser.add_argument_group("fine-tuned (LoRA)"))
         add_moshi_sampling_args(parser.add_argument_group("sampling"))
+
+
+def add_adapter_args(group: Any, prefix: str = "") -> None:
+    """A LoRA to run Moshi with: --adapter-path (ours), or --lora-weight / --lora-config /
+    --no-fuse-lora (moshi-finetune's files, as moshi.server spells them). prefix: the same
+    options for one model of several (serve: "moshi-"); `adapter_options` reads them."""
+    group.add_argument(f"--{prefix}adapter-path", default=None, metavar="DIR",
+                       help="LoRA adapter folder (python -m moshi_mlx.finetune moshi), kept "
+                            "apart from the weights")
+    group.add_argument(f"--{prefix}lora-weight", default=None, metavar="FILE",
+                       help="moshi-finetune's lora.safetensors, fused into the weights "
+                            "(unless --no-fuse-lora)")
+    group.add_argument(f"--{prefix}lora-config", default=None, metavar="FILE",
+                       help="its config.json (lora_rank, lora_scaling; default: beside it)")
+    group.add_argument(f"--{prefix}no-fuse-lora", action="store_true",
+                       help="keep --lora-weight apart from the weights (LoRA layers)")
+
+
+def adapter_options(args: argparse.Namespace, prefix: str = "") -> Any:
+    """The `add_adapter_args` options as LmAdapterOptions (None when no adapter is given)."""
+    from moshi_mlx.training.moshi_lora import LmAdapterOptions
+
+    name = prefix.replace("-", "_")
+    try:
+        adapter = LmAdapterOptions(getattr(args, f"{name}adapter_path"),
+                                   getattr(args, f"{name}lora_weight"),
+                                   getattr(args, f"{name}lora_config"),
+                                   fuse=not getattr(args, f"{name}no_fuse_lora"))
+    except MoshiError as exc:  # said in this command's spelling of the options
+        raise MoshiError(str(exc).replace("--", f"--{prefix}")) from None
+    return adapter if adapter.active else None
 
 
 def resolve_model_files(args: argparse.Namespace) -> ResolvedFiles:
@@ -274,7 +306,8 @@ def engine_options(args: argparse.Namespace) -> Any:
     from moshi_mlx.modules.sampling import SamplingSettings
 
     sampling = SamplingSettings(args.text_temp, args.text_topk, args.audio_temp, args.audio_topk)
-    return EngineOptions(ModelOptions.from_args(args), sampling, args.mimi_backend)
+    return EngineOptions(ModelOptions.from_args(args), sampling, args.mimi_backend,
+                         adapter_options(args))
 
 
 def build_engine(args: argparse.Namespace,

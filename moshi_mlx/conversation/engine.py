@@ -37,6 +37,9 @@ class EngineOptions:
     model: ModelOptions = ModelOptions()
     sampling: SamplingSettings | None = None
     mimi_backend: str = "mlx"
+    # A LoRA to run Moshi with (moshi_mlx.training.moshi_lora.LmAdapterOptions): its
+    # apply(lm, cpu_threads) puts it on the loaded LM before generation starts.
+    adapter: Any = None
 
 
 @dataclass
@@ -151,6 +154,8 @@ class Engine:
                 raise WeightsError(f"{what} not found: {path}")
         try:
             lm = load_lm(str(moshi_weight), config=config, **model.load_kwargs())
+            if options.adapter is not None:
+                options.adapter.apply(lm, model.cpu_threads)
             codec = make_codec(mimi_weight, options.mimi_backend)
         except MemoryError:
             raise MoshiError(

@@ -140,6 +140,16 @@ class Depformer(nn.Module):
         return mx.stack(all_logits, axis=1)
 
 
+def _recomputed(layer: TransformerLayer, x: mx.array, context: int) -> mx.array:
+    """layer(x) over a whole sequence whose activations the backward pass recomputes (the
+    cache is made inside, so the recomputation starts from an empty one too)."""
+    def forward(params: dict, x: mx.array) -> mx.array:
+        layer.update(params)
+        return layer(x, KVCache(context))
+
+    return mx.checkpoint(forward)(layer.trainable_parameters(), x)
+
+
 def embed_or_zero(table: nn.Module, tokens: mx.array) -> mx.array:
     """Embeddings of `tokens`, exactly 0 where a token is -1 (the official "no input" id, as
     padding of a training batch)."""
@@ -175,6 +185,11 @@ class Lm(nn.Module):
     def load_weights(self, *args, **kwargs):
         self._compiled = None  # compiled graphs hold the old weights
         return super().load_weights(*args, **kwargs)
+
+    def forget_compiled(self) -> None:
+        """Drop the compiled graphs: they hold the layers they were built with (call after
+        replacing layers, e.g. putting LoRA on them)."""
+        self._compiled = None
 
     def use_cpu_threads(self, threads: int, min_weights: int = DEFAULT_MIN_WEIGHTS) -> int:
         """Split the large linear layers into `threads` row blocks computed at the same time
@@ -218,15 +233,22 @@ class Lm(nn.Module):
             x = mlp_block(x + layer.self_attn(layer.norm1(x), cache))
         return fast.head(x)
 
-    def sequence(self, tokens: mx.array) -> tuple[mx.array, mx.array]:
+    def sequence(self, tokens: mx.array, checkpoint: bool = False
+                 ) -> tuple[mx.array, mx.array]:
         """The temporal transformer over whole sequences at once (training, teacher forced):
         tokens [B, 1 + n_q, T] (-1 embeds to 0) -> (normed hidden [B, T, dim], text logits
-        [B, T, text_card]). Fresh caches: a causal mask over the T positions."""
+        [B, T, text_card]). Fresh caches: a causal mask over the T positions. checkpoint:
+        recompute each layer in the backward pass instead of keeping its activations."""
         x = embed_or_zero(self.audio_embs[0], tokens[:, 1])
         for k in range(1, len(self.audio_embs)):
             x = x + embed_or_zero(self.audio_embs[k], tokens[:, k + 1])
         x = x + embed_or_zero(self.text_emb, tokens[:, 0])
-        x = self.out_norm(self.transformer(x, self.make_cache()))
+        if checkpoint:
+            for layer in self.transformer.layers:
+                x = _recomputed(layer, x, self.cfg.context)
+        else:
+            x = self.transformer(x, self.make_cache())
+        x = self.out_norm(x)
         return x, self.text_linear(x)
 
     def text_only(self, tokens: mx.array, caches: list[KVCache]) -> mx.array:

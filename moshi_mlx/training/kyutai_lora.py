@@ -1,4 +1,5 @@
-"""Kyutai's moshi-finetune LoRA files -> our Moshi LM: adapter tensors or fused weights.
+"""Kyutai's moshi-finetune LoRA files -> our Moshi LM: adapter tensors (then kept apart or
+fused by moshi_mlx.training.lora, as any adapter) or the deltas weights_convert adds.
 
 moshi-finetune saves `lora.safetensors` (for every Linear of the LM, `<module>.lora_A.weight`
 [r, in] and `<module>.lora_B.weight` [out, r], PyTorch module names) and a `config.json` with
@@ -21,6 +22,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from moshi_mlx.errors import WeightsError
+from moshi_mlx.training.lora import LoraSettings, deltas_of
 
 _LORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<part>[AB])\.weight")
 
@@ -60,21 +62,16 @@ class KyutaiLora:
             out[f"{module}.lora_b"] = b.T
         return out
 
-    def fuse(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        """Our-layout float weights with every LoRA module's weight replaced by
-        W + scaling * B @ A (computed in float32, stored in W's dtype)."""
-        fused = dict(weights)
-        for module, (a, b) in self.pairs.items():
-            key = f"{module}.weight"
-            if key not in weights:
-                raise WeightsError(f"the LoRA adapts {module}, which this model does not have")
-            base = weights[key]
-            delta = self.scaling * (b.astype(mx.float32) @ a.astype(mx.float32))
-            if delta.shape != base.shape:
-                raise WeightsError(f"the LoRA of {module} makes {tuple(delta.shape)}, the "
-                                   f"model's weight is {tuple(base.shape)}")
-            fused[key] = (base.astype(mx.float32) + delta).astype(base.dtype)
-        return fused
+    def settings(self, family: str = "moshi") -> LoraSettings:
+        """The adapter these tensors are, in mlx-lm's terms (scale = lora_scaling)."""
+        return LoraSettings(self.rank, self.scaling, paths=tuple(sorted(self.pairs)),
+                            family=family, extra={"source": "moshi-finetune"})
+
+    def deltas(self, weight_shapes: dict[str, tuple[int, ...]], source: str = "the LoRA"
+               ) -> dict[str, mx.array]:
+        """What fusing adds to each adapted weight ({"<module>.weight": scaling * B @ A}),
+        checked against the model's (out, in) weight shapes; training.lora's one fuse math."""
+        return deltas_of(self.settings(), self.adapter_tensors(), weight_shapes, source)
 
 
 def our_module(name: str) -> str | None:
@@ -103,6 +100,9 @@ def read_kyutai_lora(lora_path: str | Path, config_path: str | Path | None = Non
                      dep_q: int = 8) -> KyutaiLora:
     """moshi-finetune's lora.safetensors (+ its config.json, by default the one beside it)."""
     lora_path = Path(lora_path)
+    if not lora_path.is_file():
+        raise WeightsError(f"{lora_path}: no such LoRA file (moshi-finetune's "
+                           "checkpoint_N/consolidated/lora.safetensors)")
     rank, scaling = read_lora_config(config_path or lora_path.parent / "config.json")
     try:
         tensors = mx.load(str(lora_path))

@@ -32,6 +32,12 @@ DEFAULT_SCALE = 20.0
 DEFAULT_NUM_LAYERS = 16
 
 
+def lora_delta(lora_a: mx.array, lora_b: mx.array, scale: float) -> mx.array:
+    """What fusing adds to a base weight [out, in]: scale * (lora_b.T @ lora_a.T), float32.
+    The one place the fuse math lives (LoRALinear.fused, adapter_deltas, Kyutai's files)."""
+    return scale * (lora_b.astype(mx.float32).T @ lora_a.astype(mx.float32).T)
+
+
 def linear_dims(layer: nn.Module) -> tuple[int, int]:
     """(input, output) widths of an nn.Linear or nn.QuantizedLinear."""
     out_dim, packed = layer.weight.shape
@@ -73,11 +79,10 @@ class LoRALinear(nn.Module):
                                    base.bits, **mode)
         else:
             weight = base.weight
-        delta = self.scale * (self.lora_b.T @ self.lora_a.T)
+        delta = lora_delta(self.lora_a, self.lora_b, self.scale)
         out_dim, in_dim = delta.shape
         linear = nn.Linear(in_dim, out_dim, bias="bias" in base)
-        linear.weight = (weight.astype(mx.float32) + delta.astype(mx.float32)).astype(
-            weight.dtype)
+        linear.weight = (weight.astype(mx.float32) + delta).astype(weight.dtype)
         if "bias" in base:
             linear.bias = base.bias
         if isinstance(base, nn.QuantizedLinear):
@@ -205,18 +210,23 @@ def load_adapter_weights(model: nn.Module, weights_file: str | os.PathLike) -> N
         tensors = mx.load(str(weights_file))
     except Exception as exc:  # MLX raises plain RuntimeError / ValueError for bad files
         raise WeightsError(f"{weights_file}: cannot read the adapter ({exc})") from None
+    set_adapter_tensors(model, tensors, str(weights_file))
+
+
+def set_adapter_tensors(model: nn.Module, tensors: dict[str, mx.array], source: str) -> None:
+    """`load_adapter_weights` of tensors already read (`source` names them in errors)."""
     expected = adapter_weights(model)
     for name, tensor in tensors.items():
         if name not in expected:
-            raise WeightsError(f"{weights_file}: tensor {name} has no place in this model "
+            raise WeightsError(f"{source}: tensor {name} has no place in this model "
                                "(an adapter made for another model?)")
         if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise WeightsError(f"{weights_file}: tensor {name} has shape {tuple(tensor.shape)},"
+            raise WeightsError(f"{source}: tensor {name} has shape {tuple(tensor.shape)},"
                                f" this model needs {tuple(expected[name].shape)} (an adapter "
                                "made for another model?)")
     missing = [name for name in expected if name not in tensors]
     if missing:
-        raise WeightsError(f"{weights_file}: tensor {missing[0]} is missing (an adapter made "
+        raise WeightsError(f"{source}: tensor {missing[0]} is missing (an adapter made "
                            "for another model?)")
     model.update(tree_unflatten([(k, v.astype(expected[k].dtype)) for k, v in tensors.items()]))
     _forget_compiled(model)
@@ -254,26 +264,31 @@ def adapter_deltas(folder: str | os.PathLike, weight_shapes: dict[str, tuple[int
         tensors = mx.load(str(weights_file))
     except Exception as exc:  # MLX raises plain RuntimeError / ValueError for bad files
         raise WeightsError(f"{weights_file}: cannot read the adapter ({exc})") from None
+    return settings, deltas_of(settings, tensors, weight_shapes, str(weights_file))
+
+
+def deltas_of(settings: LoraSettings, tensors: dict[str, mx.array],
+              weight_shapes: dict[str, tuple[int, ...]], source: str) -> dict[str, mx.array]:
+    """`adapter_deltas` of adapter tensors already read (`source` names them in errors)."""
     deltas = {}
     for path in settings.paths:
         shape = weight_shapes.get(f"{path}.weight")
         if shape is None:
-            raise WeightsError(f"{folder}: the adapter adapts {path}, which this model lacks "
+            raise WeightsError(f"{source}: the adapter adapts {path}, which this model lacks "
                                "(an adapter made for another model?)")
         out_dim, in_dim = shape
         for leaf, wanted in (("lora_a", (in_dim, settings.rank)),
                              ("lora_b", (settings.rank, out_dim))):
             name = f"{path}.{leaf}"
             if name not in tensors:
-                raise WeightsError(f"{weights_file}: tensor {name} is missing")
+                raise WeightsError(f"{source}: tensor {name} is missing")
             if tuple(tensors[name].shape) != wanted:
-                raise WeightsError(f"{weights_file}: tensor {name} has shape "
+                raise WeightsError(f"{source}: tensor {name} has shape "
                                    f"{tuple(tensors[name].shape)}, this model needs {wanted} "
                                    "(an adapter made for another model?)")
-        a = tensors[f"{path}.lora_a"].astype(mx.float32)
-        b = tensors[f"{path}.lora_b"].astype(mx.float32)
-        deltas[f"{path}.weight"] = settings.scale * (b.T @ a.T)
-    return settings, deltas
+        deltas[f"{path}.weight"] = lora_delta(tensors[f"{path}.lora_a"],
+                                              tensors[f"{path}.lora_b"], settings.scale)
+    return deltas
 
 
 def fuse_lora(model: nn.Module) -> int:

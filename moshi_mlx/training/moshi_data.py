@@ -312,3 +312,14 @@ class MoshiDataset:
                 batch = []
         if batch and not drop_last:
             yield np.stack(batch)
+
+
+def training_batches(dataset: MoshiDataset, batch_size: int, rng: np.random.Generator
+                     ) -> Iterator[np.ndarray]:
+    """Endless batches of `batch_size` chunks, reshuffled each pass (as moshi-finetune, a
+    pass's last incomplete batch is dropped)."""
+    if batch_size > len(dataset):
+        raise TrainingDataError(f"--batch-size {batch_size} is more than the {len(dataset)} "
+                                "chunks of the training data")
+    while True:
+        yield from dataset.batches(batch_size, rng.permutation(len(dataset)).tolist())

@@ -16,7 +16,7 @@ loss = text_loss + audio_loss (both float32).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import mlx.core as mx
 import numpy as np
@@ -46,15 +46,17 @@ def delayed_inputs(lm: Lm, codes: mx.array) -> mx.array:
     return mx.stack(rows, axis=1)
 
 
-def forward_logits(lm: Lm, codes: mx.array) -> tuple[mx.array, mx.array]:
+def forward_logits(lm: Lm, codes: mx.array, checkpoint: bool = False
+                   ) -> tuple[mx.array, mx.array]:
     """codes [B, 1 + n_q, T] -> (text logits [B, T, text_card], audio logits [B, dep_q, T,
     card]), both aligned with `codes` (position t predicts codes[:, :, t]); audio positions
-    whose target lies past the end of a delayed codebook hold meaningless values (masked)."""
+    whose target lies past the end of a delayed codebook hold meaningless values (masked).
+    checkpoint: recompute each temporal layer in the backward pass (less memory)."""
     if lm.depformer is None:
         raise ValueError("the Moshi loss needs an LM with a depformer (dep_q > 0)")
     batch, _, steps = codes.shape
     delayed = delayed_inputs(lm, codes)
-    hidden, text_logits = lm.sequence(delayed[:, :, :-1])
+    hidden, text_logits = lm.sequence(delayed[:, :, :-1], checkpoint=checkpoint)
     dep_q = lm.cfg.dep_q
     # The depformer of position s reads the delayed tokens of position s itself: the text
     # token, then each audio codebook before the one it predicts.
@@ -92,13 +94,13 @@ def weighted_cross_entropy(logits: mx.array, targets: mx.array, weights: mx.arra
 
 
 def loss_sums(lm: Lm, batch: Codes, text_padding_weight: float = TEXT_PADDING_WEIGHT,
-              first_codebook_weight_multiplier: float = FIRST_CODEBOOK_WEIGHT_MULTIPLIER
-              ) -> dict[str, mx.array]:
+              first_codebook_weight_multiplier: float = FIRST_CODEBOOK_WEIGHT_MULTIPLIER,
+              checkpoint: bool = False) -> dict[str, mx.array]:
     """The sums the loss of a batch of codes [B, 1 + n_q, T] is made of: `text_sum`,
     `text_weight`, `audio_sum`, `audio_weight` (sum(w * CE), sum(w) of each part) and
     `n_targets` (the valid text and audio targets: moshi-finetune's "real tokens")."""
     codes = (batch if isinstance(batch, mx.array) else mx.array(batch)).astype(mx.int32)
-    text_logits, audio_logits = forward_logits(lm, codes)
+    text_logits, audio_logits = forward_logits(lm, codes, checkpoint)
     text_targets = codes[:, 0]
     text_mask = text_targets != -1
     padding = (text_targets == lm.cfg.existing_text_padding_id) | (
@@ -117,36 +119,42 @@ def loss_sums(lm: Lm, batch: Codes, text_padding_weight: float = TEXT_PADDING_WE
 
 
 def moshi_loss(lm: Lm, batch: Codes, text_padding_weight: float = TEXT_PADDING_WEIGHT,
-               first_codebook_weight_multiplier: float = FIRST_CODEBOOK_WEIGHT_MULTIPLIER
-               ) -> tuple[mx.array, mx.array, dict[str, mx.array]]:
+               first_codebook_weight_multiplier: float = FIRST_CODEBOOK_WEIGHT_MULTIPLIER,
+               checkpoint: bool = False) -> tuple[mx.array, mx.array, dict[str, mx.array]]:
     """moshi-finetune's loss of one batch of codes [B, 1 + n_q, T] ->
-    (loss, n_targets, {"text_loss", "audio_loss"}); n_targets counts the valid text and audio
-    targets (moshi-finetune's "real tokens"), the weight of this batch among others."""
-    sums = loss_sums(lm, batch, text_padding_weight, first_codebook_weight_multiplier)
+    (loss, n_targets, {"text_loss", "audio_loss", "text_loss_targets",
+    "audio_loss_targets"}); n_targets counts the valid text and audio targets
+    (moshi-finetune's "real tokens"); each part's `_targets` is its sum of weights, so the
+    trainer combines batches into the loss of one batch holding them all."""
+    sums = loss_sums(lm, batch, text_padding_weight, first_codebook_weight_multiplier,
+                     checkpoint)
     text_loss = sums["text_sum"] / sums["text_weight"]
     audio_loss = sums["audio_sum"] / sums["audio_weight"]
     return (text_loss + audio_loss, sums["n_targets"],
-            {"text_loss": text_loss, "audio_loss": audio_loss})
+            {"text_loss": text_loss, "audio_loss": audio_loss,
+             "text_loss_targets": sums["text_weight"],
+             "audio_loss_targets": sums["audio_weight"]})
 
 
 def evaluate(lm: Lm, batches: Iterable[Codes], text_padding_weight: float = TEXT_PADDING_WEIGHT,
              first_codebook_weight_multiplier: float = FIRST_CODEBOOK_WEIGHT_MULTIPLIER
              ) -> dict[str, float]:
-    """The loss of all `batches` weighted as one batch holding them all would weight them:
-    {"loss", "text_loss", "audio_loss", "n_targets", "batches"}."""
-    totals = dict.fromkeys(("text_sum", "text_weight", "audio_sum", "audio_weight",
-                            "n_targets"), 0.0)
+    """The loss of all `batches` weighted as one batch holding them all would weight them
+    (the shared trainer's evaluation): {"loss", "text_loss", "audio_loss", "n_targets",
+    "batches"}."""
+    from moshi_mlx.training.trainer import evaluate as evaluate_batches
+
     count = 0
-    for batch in batches:
-        sums = loss_sums(lm, batch, text_padding_weight,
-                         first_codebook_weight_multiplier)
-        mx.eval(sums)
-        for key, value in sums.items():
-            totals[key] += value.item()
-        count += 1
-    if not count:
-        raise ValueError("no batch to evaluate")
-    text = totals["text_sum"] / totals["text_weight"]
-    audio = totals["audio_sum"] / totals["audio_weight"]
-    return {"loss": text + audio, "text_loss": text, "audio_loss": audio,
-            "n_targets": int(totals["n_targets"]), "batches": count}
+
+    def counted() -> Iterator[Codes]:
+        nonlocal count
+        for batch in batches:
+            count += 1
+            yield batch
+
+    result = evaluate_batches(
+        lm, lambda model, batch: moshi_loss(model, batch, text_padding_weight,
+                                            first_codebook_weight_multiplier), counted())
+    return {"loss": result["loss"], "text_loss": result["text_loss"],
+            "audio_loss": result["audio_loss"], "n_targets": int(result["targets"]),
+            "batches": count}
