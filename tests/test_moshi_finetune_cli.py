@@ -373,3 +373,52 @@ def test_a_data_folder_validates_on_valid_jsonl(sample, random_mimi_path, tmp_pa
     assert main(["moshi", *common, "--test", "--json"]) == 0
     tested = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert val_line[0].split("val loss ")[1].split(",")[0] == f"{tested['loss']:.3f}"
+
+
+def test_a_prompt_state_records_the_adapter(trained, kyutai_lora, fixtures_dir, tmp_path):
+    """A prompt state saved with an adapter is refused by the base model and by another
+    adapter, and accepted with the same adapter, fused or kept apart (one digest of its
+    files)."""
+    import sentencepiece
+
+    from moshi_mlx.conversation.engine import Engine
+    from moshi_mlx.conversation.lm_gen import LmGen
+    from moshi_mlx.conversation.prompts import MoshiPrompt
+    from moshi_mlx.errors import PromptError
+    from moshi_mlx.training.moshi_lora import LmAdapterOptions
+
+    class SilentCodec:
+        def encode(self, pcm: np.ndarray) -> np.ndarray:
+            return np.zeros(8, np.int64)
+
+        def decode(self, codes: np.ndarray) -> np.ndarray:
+            return np.zeros(1920, np.float32)
+
+        def reset(self) -> None:
+            pass
+
+    tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(fixtures_dir /
+                                                                    "tokenizer.model"))
+
+    def engine(adapter: LmAdapterOptions | None) -> Engine:
+        lm = base_lm()
+        if adapter is not None:
+            adapter.apply(lm)
+        return Engine(SilentCodec(), LmGen(lm, text_temp=0.0, audio_temp=0.0), tokenizer)
+
+    adapters, _ = trained
+    tuned = engine(LmAdapterOptions(adapter_path=str(adapters)))
+    tuned.set_prompt(MoshiPrompt(text="Talk about boats."))
+    state = tmp_path / "tuned.safetensors"
+    tuned.save_prompt_state(state)
+    with pytest.raises(PromptError, match="saved with other weights"):
+        engine(None).load_prompt_state(state)
+    with pytest.raises(PromptError, match="saved with other weights"):
+        engine(LmAdapterOptions(lora_weight=str(kyutai_lora / "lora.safetensors"))
+               ).load_prompt_state(state)
+    engine(LmAdapterOptions(adapter_path=str(adapters))).load_prompt_state(state)
+    kyutai = engine(LmAdapterOptions(lora_weight=str(kyutai_lora / "lora.safetensors")))
+    kyutai.set_prompt(MoshiPrompt(text="Talk about boats."))
+    kyutai.save_prompt_state(tmp_path / "kyutai.safetensors")
+    engine(LmAdapterOptions(lora_weight=str(kyutai_lora / "lora.safetensors"), fuse=False)
+           ).load_prompt_state(tmp_path / "kyutai.safetensors")

@@ -29,13 +29,18 @@ VERSION = 1
 
 def model_identity(lm: Any) -> dict[str, Any]:
     """What a prompt state depends on: the config, compute dtype and quantization (see
-    `planned_identity`), and a fingerprint of the weights (the output norm's gains:
-    fine-tunes of one architecture, e.g. Moshiko and Moshika, differ there)."""
+    `planned_identity`), and a fingerprint of the weights: the output norm's gains
+    (fine-tunes of one architecture, e.g. Moshiko and Moshika, differ there) and the
+    adapter's digest when one was put on the model (`lm.adapter_fingerprint`)."""
     quantized = [m for _, m in lm.named_modules() if isinstance(m, nn.QuantizedLinear)]
     gains = np.asarray(lm.out_norm.weight.astype(mx.float32))
+    digest = hashlib.sha256(gains.tobytes())
+    adapter = getattr(lm, "adapter_fingerprint", None)
+    if adapter is not None:
+        digest.update(f"adapter {adapter}".encode())
     return {**planned_identity(lm.cfg, lm.out_norm.weight.dtype,
                                quantized[0] if quantized else None),
-            "weights": hashlib.sha256(gains.tobytes()).hexdigest()[:16]}
+            "weights": digest.hexdigest()[:16]}
 
 
 def planned_identity(config: Any, dtype: mx.Dtype, quantization: Any) -> dict[str, Any]:

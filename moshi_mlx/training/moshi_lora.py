@@ -4,6 +4,7 @@ apart or fused, by training.lora's one set of layers and fuse math."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -142,6 +143,19 @@ class LmAdapterOptions:
             if self.fuse:
                 fuse_lora(lm)
         lm.use_cpu_threads(default_cpu_threads() if cpu_threads is None else cpu_threads)
+        lm.adapter_fingerprint = self.fingerprint()
+
+    def fingerprint(self) -> str:
+        """A digest of the adapter's files (weights and settings), fused or kept apart alike:
+        what a saved prompt state made with this adapter records of it."""
+        digest = hashlib.sha256()
+        weights = adapter_weights_file(self.adapter_path or self.lora_weight)
+        settings = Path(self.lora_config) if self.lora_config is not None else \
+            weights.parent / ("config.json" if is_kyutai_lora(weights) else ADAPTER_CONFIG_NAME)
+        for path in (weights, settings):
+            if path.is_file():
+                digest.update(path.read_bytes())
+        return digest.hexdigest()[:16]
 
 
 def fuse_deltas(adapter_path: str | os.PathLike, weight_shapes: dict[str, tuple[int, ...]],
