@@ -519,3 +519,33 @@ def test_overfit_sample_is_then_generated_greedily(fixtures_dir, golden):
     assert texts == text.tolist()
     assert (raw[:, 0] == audio[0]).all()
     assert (raw[1:, 1:].T == audio[1:, : steps - 1]).all()
+
+
+def test_lora_leaf_gradients_follow_moshi_finetunes_weight_gradients(fixtures_dir, golden):
+    """LoRA over the golden's 7 linears (B = 0 as at the start of training, A random): the
+    gradient of B is scale * A^T dL/dW^T, column j from moshi-finetune's row j of dL/dW, and
+    the gradient of A is 0."""
+    from moshi_mlx.training.lora import apply_lora
+
+    lm = load_lm(fixtures_dir / "lm_pytorch.safetensors",
+                 config=fixtures_dir / "lm_config.json", dtype=mx.float32)
+    paths = [str(name).removesuffix(".weight") for name in golden["grad_our_names"]]
+    scale = 2.0
+    apply_lora(lm, paths, rank=4, scale=scale)
+    modules = dict(lm.named_modules())
+    rng = np.random.default_rng(7)
+    for path in paths:
+        layer = modules[path]
+        layer.lora_a = mx.array(rng.standard_normal(layer.lora_a.shape).astype(np.float32))
+    codes = mx.array(golden["codes"])
+    grads = dict(tree_flatten(nn.value_and_grad(
+        lm, lambda model: moshi_loss(model, codes, 0.5, 1.0)[0])(lm)[1]))
+    rows = list(golden["grad_rows"])
+    for index, path in enumerate(paths):
+        lora_a = np.array(modules[path].lora_a).astype(np.float64)
+        weight_rows = golden[f"default_grad{index}_rows"].astype(np.float64)  # [rows, in]
+        want = scale * lora_a.T @ weight_rows.T  # [r, rows]
+        bound = RELATIVE * (scale * np.abs(lora_a.T) @ np.abs(weight_rows.T)).max()
+        got = np.array(grads[f"{path}.lora_b"]).astype(np.float64)[:, rows]
+        assert np.abs(got - want).max() <= bound, path
+        assert not np.array(grads[f"{path}.lora_a"]).any(), path
