@@ -136,9 +136,13 @@ def _sesame_1b_shapes() -> list[tuple[str, tuple[int, ...], str]]:
     return out
 
 
-def write_random_1b(folder: Path) -> Path:
-    """A float32 csm-1b-shaped Sesame checkpoint with random weights (6.2 GB), written tensor by
-    tensor so memory stays at one tensor; reused when complete."""
+STORED_DTYPES = {"f32": ("F32", "float32"), "bf16": ("BF16", "bfloat16")}
+
+
+def write_random_1b(folder: Path, dtype: str = "f32") -> Path:
+    """A csm-1b-shaped Sesame checkpoint with random weights stored in `dtype` (f32: 6.2 GB;
+    bf16: 3.1 GB, the f32 file's values rounded), written tensor by tensor so memory stays at
+    one tensor; reused when complete."""
     import mlx.core as mx
 
     from moshi_mlx.loading.safetensors import PlannedTensor, SafetensorsStreamWriter
@@ -152,7 +156,8 @@ def write_random_1b(folder: Path) -> Path:
         "text_vocab_size": CSM_1B["text_vocab"], "audio_vocab_size": CSM_1B["audio_vocab"],
         "audio_num_codebooks": CSM_1B["codebooks"]}))
     shapes = _sesame_1b_shapes()
-    plan = [PlannedTensor(name, "F32", shape) for name, shape, _ in shapes]
+    file_dtype, mlx_name = STORED_DTYPES[dtype]
+    plan = [PlannedTensor(name, file_dtype, shape) for name, shape, _ in shapes]
     key = mx.random.key(1)
     t0 = time.perf_counter()
     with open(folder / "model.safetensors", "wb") as f:
@@ -166,7 +171,7 @@ def write_random_1b(folder: Path) -> Path:
                 fan_in = {"embedding": 1, "linear": shape[-1], "head": shape[-1] / 16,
                           "head_t": shape[-2] / 16}[init]
                 value = mx.random.normal(shape, key=sub) / fan_in**0.5
-            writer.write(name, value.astype(mx.float32))
+            writer.write(name, value.astype(getattr(mx, mlx_name)))
             del value
         writer.finish()
     done.write_text("ok\n")

@@ -37,6 +37,7 @@ from moshi_mlx.modules.parallel import default_cpu_threads, split_linears
 
 LM_TYPES = ("moshi", "stt")
 CSM_TYPES = ("csm",)
+WIDENED_COPIES_CACHED = 3  # the largest widened weight a layer has (gate, up) and one spare
 
 
 def read_lm_config(path: str | os.PathLike) -> LmConfig:
@@ -206,4 +207,23 @@ def load_csm(weights: str | os.PathLike, config: CsmConfig | str | os.PathLike |
     if float_decoder_on_cpu and mx.default_device() == mx.cpu:
         dequantize_linears(model.decoder)
     split_linears(model, default_cpu_threads() if cpu_threads is None else cpu_threads)
+    keep_widening_buffers(model)
+    mx.clear_cache()  # the loader's freed read buffers
     return model
+
+
+def keep_widening_buffers(model: Csm) -> None:
+    """Raise MLX's buffer-cache limit to hold the float32 copies that narrow-stored linear
+    weights (`moshi_mlx.modules.parallel.widened`) are widened into at each product, when the
+    model has such weights and computes in float32: freed, they are reused at the next product
+    instead of being allocated anew from the system, whose fresh pages cost more than the
+    widening itself (MLX's default CPU cache keeps 32 MB)."""
+    widest = max((module.weight.size for _, module in model.named_modules()
+                  if isinstance(module, nn.Linear) and not isinstance(module, nn.QuantizedLinear)
+                  and module.weight.dtype in (mx.bfloat16, mx.float16)), default=0)
+    if widest == 0 or mx.default_device() != mx.cpu or model.compute_dtype != mx.float32:
+        return
+    wanted = WIDENED_COPIES_CACHED * widest * 4
+    previous = mx.set_cache_limit(wanted)
+    if previous > wanted:
+        mx.set_cache_limit(previous)

@@ -20,6 +20,7 @@ import numpy as np
 from moshi_mlx.errors import WeightsError
 from moshi_mlx.models import csm_layouts
 from moshi_mlx.modules.norm import RmsNorm
+from moshi_mlx.modules.parallel import widened
 from moshi_mlx.modules.transformer import KVCache
 
 # ---------------------------------------------------------------------------- config
@@ -161,6 +162,10 @@ DEQUANTIZED_ROWS = 8
 
 
 def apply_linear(layer: nn.Module, x: mx.array) -> mx.array:
+    """A linear layer (float, quantized or row-split) on x; a float weight stored narrower
+    than x (`keeps_stored_dtype`) is widened as `widened` says."""
+    if type(layer) is nn.Linear:
+        return x @ widened(layer.weight, x.dtype).T
     if (isinstance(layer, nn.QuantizedLinear) and x.shape[-2] > DEQUANTIZED_ROWS
             and mx.default_device() == mx.cpu):
         mode = {"mode": layer.mode} if hasattr(layer, "mode") else {}
@@ -243,7 +248,7 @@ class LlamaLayer(nn.Module):
         return self.attn.project(self.attn_norm(x), offset)
 
     def post_attention(self, x: mx.array, attended: mx.array) -> mx.array:
-        x = x + self.attn.out_proj(attended)
+        x = x + apply_linear(self.attn.out_proj, attended)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -321,22 +326,31 @@ class Csm(nn.Module):
         return [KVCache(self.cfg.num_codebooks, grow_step=self.cfg.num_codebooks)
                 for _ in self.decoder.layers]
 
+    @property
+    def compute_dtype(self) -> mx.Dtype:
+        """The activations' dtype (the norms' gains have it); embeddings may be stored narrower
+        (`keeps_stored_dtype`): their looked-up rows are widened to it."""
+        return self.backbone.norm.weight.dtype
+
     def audio_embedding(self, codebook: int, codes: mx.array) -> mx.array:
-        return self.audio_embeddings(codes + codebook * self.cfg.audio_vocab_size)
+        rows = self.audio_embeddings(codes + codebook * self.cfg.audio_vocab_size)
+        return rows.astype(self.compute_dtype)
 
     def embed_frames(self, tokens: mx.array, mask: mx.array) -> mx.array:
         """tokens, mask [B, S, K + 1] -> summed input embeddings [B, S, backbone dim]."""
         k = self.cfg.num_codebooks
         offsets = mx.arange(k, dtype=mx.int32) * self.cfg.audio_vocab_size
-        audio = self.audio_embeddings(tokens[..., :k] + offsets)  # [B, S, K, dim]
-        audio = (audio * mask[..., :k, None].astype(audio.dtype)).sum(axis=-2)
-        text = self.text_embeddings(tokens[..., k]) * mask[..., k, None].astype(audio.dtype)
+        dtype = self.compute_dtype
+        audio = self.audio_embeddings(tokens[..., :k] + offsets).astype(dtype)  # [B, S, K, dim]
+        audio = (audio * mask[..., :k, None].astype(dtype)).sum(axis=-2)
+        text = self.text_embeddings(tokens[..., k]).astype(dtype) * mask[..., k, None].astype(dtype)
         return audio + text
 
     def embed_audio_frame(self, codes: mx.array) -> mx.array:
         """codes [B, K] of one generated frame -> backbone input [B, 1, dim]."""
         offsets = mx.arange(self.cfg.num_codebooks, dtype=mx.int32) * self.cfg.audio_vocab_size
-        return self.audio_embeddings(codes + offsets).sum(axis=-2)[:, None, :]
+        rows = self.audio_embeddings(codes + offsets).astype(self.compute_dtype)
+        return rows.sum(axis=-2)[:, None, :]
 
     def load_weights(self, *args, **kwargs):
         self.backbone.forget_compiled()
@@ -401,6 +415,16 @@ def quant_predicate(path: str, module: nn.Module) -> bool:
     return (isinstance(module, nn.Linear) and path.startswith(("backbone.layers.",
                                                                "decoder.layers."))
             and module.weight.shape[-1] % 64 == 0)
+
+
+def keeps_stored_dtype(key: str) -> bool:
+    """Tensors a bf16 / f16 file keeps as stored under float32 activations (see
+    `moshi_mlx.loading.quantization.stored_as`): the embeddings (only the rows looked up are
+    widened) and the backbone's linears (one matrix-vector product a frame, widened as it runs:
+    float32 copies would be 4 GB for csm-1b). The depth decoder runs 31 steps a frame and keeps
+    compute-dtype copies, as do the heads, the projection and the norms (small)."""
+    return key in ("text_embeddings.weight", "audio_embeddings.weight") or (
+        key.startswith("backbone.layers.") and key.endswith("_proj.weight"))
 
 
 # ---------------------------------------------------------------------------- family
