@@ -371,8 +371,8 @@ class Csm(nn.Module):
 
     def depth_logits(self, x: mx.array, caches: list[KVCache], codebook: int) -> mx.array:
         """Decoder on projected inputs x [B, S, backbone dim] -> logits [B, V] of `codebook`."""
-        h = self.decoder(self.projection(x), caches)[:, -1, :]
-        return h @ self.audio_head[codebook - 1]
+        h = self.decoder(apply_linear(self.projection, x), caches)[:, -1, :]
+        return h @ widened(self.audio_head[codebook - 1], h.dtype)
 
     def frame(self, h: mx.array, pick: Callable[[mx.array, int], mx.array]
               ) -> tuple[mx.array, mx.array, mx.array]:
@@ -382,7 +382,7 @@ class Csm(nn.Module):
 
         Returns codes [B, K], codebook-0 logits [B, V] and depth logits [B, K-1, V]. A pure
         function of h (and of what `pick` reads): the generator compiles it whole."""
-        c0_logits = self.codebook0_head(h)
+        c0_logits = apply_linear(self.codebook0_head, h)
         code = pick(c0_logits, 0)
         codes, depth = [code], []
         caches = self.decoder_cache()
@@ -419,12 +419,11 @@ def quant_predicate(path: str, module: nn.Module) -> bool:
 
 def keeps_stored_dtype(key: str) -> bool:
     """Tensors a bf16 / f16 file keeps as stored under float32 activations (see
-    `moshi_mlx.loading.quantization.stored_as`): the embeddings (only the rows looked up are
-    widened) and the backbone's linears (one matrix-vector product a frame, widened as it runs:
-    float32 copies would be 4 GB for csm-1b). The depth decoder runs 31 steps a frame and keeps
-    compute-dtype copies, as do the heads, the projection and the norms (small)."""
-    return key in ("text_embeddings.weight", "audio_embeddings.weight") or (
-        key.startswith("backbone.layers.") and key.endswith("_proj.weight"))
+    `moshi_mlx.loading.quantization.stored_as`): every matrix. The embeddings widen only the
+    rows they look up; linears and heads widen their weight at each product (`apply_linear`):
+    float32 copies would double csm-1b's 3.1 GB. Only the norms' gains take the compute dtype
+    (they tell the model its activations' dtype: `Csm.compute_dtype`)."""
+    return not key.endswith("norm.weight")
 
 
 # ---------------------------------------------------------------------------- family
