@@ -58,9 +58,9 @@ def apply_quantization(model: nn.Module, family: ModuleType, q: Quantization) ->
                     hasattr(module, "to_quantized") and family.quant_predicate(path, module)))
 
 
-def dequantize_linears(model: nn.Module) -> int:
+def dequantize_linears(model: nn.Module, dtype: mx.Dtype | None = None) -> int:
     """Replace every quantized linear of `model` by a float Linear holding its dequantized
-    weight (the same values, in the dtype of its scales; float32 for float32 scales), one layer
+    weight (the same values, in `dtype`, by default the dtype of its scales), one layer
     evaluated at a time. Returns how many were replaced."""
     from mlx.utils import tree_unflatten
 
@@ -68,11 +68,11 @@ def dequantize_linears(model: nn.Module) -> int:
     for path, module in list(model.named_modules()):
         if not isinstance(module, nn.QuantizedLinear):
             continue
-        dtype = module.scales.dtype
+        weight_dtype = dtype or module.scales.dtype
         mode = {"mode": module.mode} if hasattr(module, "mode") else {}
         weight = mx.dequantize(module.weight, module.scales.astype(mx.float32),
                                module.biases.astype(mx.float32), module.group_size,
-                               module.bits, **mode).astype(dtype)
+                               module.bits, **mode).astype(weight_dtype)
         out_dim, in_dim = weight.shape
         linear = nn.Linear(in_dim, out_dim, bias="bias" in module)
         linear.weight = weight
