@@ -384,13 +384,13 @@ def compare(args: argparse.Namespace, label: str, weights: Path, frames: int, ru
             theirs_error = theirs.error
     entry: dict = {"frames_asked": frames, "quantize": quantize or None}
     if not quantize:
-        entry["compute"] = {"moshi_mlx": "its default: float32 on the CPU (bf16 / f16 weights "
-                                         "of the embeddings and backbone kept as stored)",
+        entry["compute"] = {"moshi_mlx": "its default: float32 on the CPU (bf16 / f16 "
+                                         "matrices kept as stored, but the depth decoder's)",
                             "mlx_audio": "the weights' dtype, as loaded"}
     if quantize:
         entry["quantization"] = {
             "moshi_mlx": f"q{quantize} group {32 if quantize == 4 else 64}: backbone and "
-                         "decoder linears; embeddings, projection and heads kept float32",
+                         "decoder linears; embeddings, projection and heads kept as stored",
             "mlx_audio": f"q{quantize} group 64 as its converter: every layer with "
                          "to_quantized whose input size divides by 64 (all linears, embeddings, "
                          "codebook0_head); audio_head and norms kept as loaded (float32)"}
