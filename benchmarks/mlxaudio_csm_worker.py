@@ -156,11 +156,13 @@ def main() -> None:
     t0 = time.perf_counter()
     model, sesame = build(args)
     load_s = time.perf_counter() - t0
+    load_peak = mx.get_peak_memory()
     run(model, sesame, args, 2)  # warm-up
     blas = "openblas" if "libopenblas" in Path("/proc/self/maps").read_text() else "bundled"
     print("ready " + json.dumps({"blas": blas,
         "load_s": load_s, "mlx": mx.__version__, "mlx_audio": version("mlx-audio"),
-        "weights_memory_gb": mx.get_active_memory() / 1e9}), flush=True)
+        "weights_memory_gb": mx.get_active_memory() / 1e9,
+        "load_peak_memory_gb": load_peak / 1e9}), flush=True)
     for line in sys.stdin:
         if line.strip() == "run":
             result = run(model, sesame, args, args.frames)

@@ -1,9 +1,11 @@
 """Benchmark CSM side by side: moshi_mlx vs mlx-audio 0.6.2's Sesame CSM, same weights, one run.
 
 Models: `fixture` (the tiny reference model of tests/fixtures/csm, Sesame layout, float32) and
-`1b` (the csm-1b shapes with random weights, written once as a float32 Sesame-layout
-checkpoint, tensor by tensor, under --workdir; both sides load that file and quantize it with
--q as they each do on load). Both speak the same text after the same context turn given as
+`1b` (the csm-1b shapes with random weights, written once as a Sesame-layout checkpoint in
+--1b-dtype, bf16 by default, tensor by tensor, under --workdir; both sides load that file, and
+quantize it as they each do on load for each bits of -q: `-q 0,4` runs it unquantized (ours
+computing in its CPU default, float32; mlx-audio in the file's dtype) and at q4, in one run).
+Both speak the same text after the same context turn given as
 audio (tests/fixtures/csm/context_speech.wav, encoded by each side's Mimi with --mimi, the
 random real-size Mimi of the tests by default), sampling at temperature 0.9 / top-k 50, every
 frame decoded through each side's streaming Mimi decoder as it comes.
@@ -18,11 +20,13 @@ medians over the runs:
 - frame_with_audio_s: one frame generated and decoded to audio, after the first;
 - real_time_factor: frame_with_audio_s / 0.08 s (below 1: faster than real time);
 - time_to_first_audio_s: context encoding + prefill + first frame + its decoding;
-- peak_memory_gb: MLX's peak during a run (weights included); max_rss_gb: the process's.
+- peak_memory_gb: MLX's peak during a run (weights included); load_peak_memory_gb: MLX's peak
+  while loading; max_rss_gb: the process's peak resident memory over its whole life (loading
+  included), the figure the memory goal is about.
 
 Prints one JSON object. Run it under the heavy-job lock:
 
-    flock /tmp/moshi-heavy.lock python benchmarks/tts.py [--models fixture,1b] [-q 4]
+    flock /tmp/moshi-heavy.lock python benchmarks/tts.py [--models fixture,1b] [-q 0,4]
 
 `--batches 1,2,4` instead times our batched generation alone (mlx-audio generates one request
 at a time): per_frame_s is one step of a batch of N requests (each a frame), median over the
@@ -49,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "csm"
 CONTEXT_TEXT = "The quick brown fox jumps over the lazy dog."
 TEXT = "Numbers like seven and twelve are spoken slowly."
-DEFAULT_MLX_AUDIO_PYTHON = os.environ.get("MLX_AUDIO_PYTHON", "/work/mlxaudio-venv/bin/python")
+DEFAULT_MLX_AUDIO_PYTHON = os.environ.get("MLX_AUDIO_PYTHON", "/work/mavenv/bin/python")
 FRAME_SECONDS = 0.08
 
 # csm-1b (SesameAILabs/csm FLAVORS llama-1B / llama-100M), for the random checkpoint
@@ -136,9 +140,13 @@ def _sesame_1b_shapes() -> list[tuple[str, tuple[int, ...], str]]:
     return out
 
 
-def write_random_1b(folder: Path) -> Path:
-    """A float32 csm-1b-shaped Sesame checkpoint with random weights (6.2 GB), written tensor by
-    tensor so memory stays at one tensor; reused when complete."""
+STORED_DTYPES = {"f32": ("F32", "float32"), "bf16": ("BF16", "bfloat16")}
+
+
+def write_random_1b(folder: Path, dtype: str = "f32") -> Path:
+    """A csm-1b-shaped Sesame checkpoint with random weights stored in `dtype` (f32: 6.2 GB;
+    bf16: 3.1 GB, the f32 file's values rounded), written tensor by tensor so memory stays at
+    one tensor; reused when complete."""
     import mlx.core as mx
 
     from moshi_mlx.loading.safetensors import PlannedTensor, SafetensorsStreamWriter
@@ -152,7 +160,8 @@ def write_random_1b(folder: Path) -> Path:
         "text_vocab_size": CSM_1B["text_vocab"], "audio_vocab_size": CSM_1B["audio_vocab"],
         "audio_num_codebooks": CSM_1B["codebooks"]}))
     shapes = _sesame_1b_shapes()
-    plan = [PlannedTensor(name, "F32", shape) for name, shape, _ in shapes]
+    file_dtype, mlx_name = STORED_DTYPES[dtype]
+    plan = [PlannedTensor(name, file_dtype, shape) for name, shape, _ in shapes]
     key = mx.random.key(1)
     t0 = time.perf_counter()
     with open(folder / "model.safetensors", "wb") as f:
@@ -166,7 +175,7 @@ def write_random_1b(folder: Path) -> Path:
                 fan_in = {"embedding": 1, "linear": shape[-1], "head": shape[-1] / 16,
                           "head_t": shape[-2] / 16}[init]
                 value = mx.random.normal(shape, key=sub) / fan_in**0.5
-            writer.write(name, value.astype(mx.float32))
+            writer.write(name, value.astype(getattr(mx, mlx_name)))
             del value
         writer.finish()
     done.write_text("ok\n")
@@ -186,10 +195,12 @@ def our_worker(args: argparse.Namespace) -> None:
     from moshi_mlx.speech.generate import Segment, check_mimi_codes, load_tokenizer, stream_speech
 
     t0 = time.perf_counter()
-    model = load_csm(args.weights, quantize=args.quantize or None)
+    (bits,) = args.quantize  # one per worker
+    model = load_csm(args.weights, quantize=bits or None)
     tokenizer = load_tokenizer(args.tokenizer)
     mimi = load_mimi(args.mimi, num_codebooks=32)
     load_s = time.perf_counter() - t0
+    load_peak = mx.get_peak_memory()
     clip = np.load(args.context_npy)
 
     def run(frames: int) -> dict:
@@ -229,7 +240,8 @@ def our_worker(args: argparse.Namespace) -> None:
     from moshi_mlx.cli.blas import blas_in_use
 
     print("ready " + json.dumps({"load_s": load_s, "mlx": mx.__version__, "blas": blas_in_use(),
-                                 "weights_memory_gb": mx.get_active_memory() / 1e9}),
+                                 "weights_memory_gb": mx.get_active_memory() / 1e9,
+                                 "load_peak_memory_gb": load_peak / 1e9}),
           flush=True)
     for line in sys.stdin:
         if line.strip() == "run":
@@ -327,6 +339,8 @@ def summarize(runs: list[dict], ready: dict | None) -> dict:
     if ready:
         out["load_s"] = round(ready["load_s"], 1)
         out["weights_memory_gb"] = round(ready["weights_memory_gb"], 3)
+        if "load_peak_memory_gb" in ready:
+            out["load_peak_memory_gb"] = round(ready["load_peak_memory_gb"], 3)
     return out
 
 
@@ -369,10 +383,14 @@ def compare(args: argparse.Namespace, label: str, weights: Path, frames: int, ru
             theirs.close()
             theirs_error = theirs.error
     entry: dict = {"frames_asked": frames, "quantize": quantize or None}
+    if not quantize:
+        entry["compute"] = {"moshi_mlx": "its default: float32 on the CPU (bf16 / f16 "
+                                         "matrices kept as stored, but the depth decoder's)",
+                            "mlx_audio": "the weights' dtype, as loaded"}
     if quantize:
         entry["quantization"] = {
             "moshi_mlx": f"q{quantize} group {32 if quantize == 4 else 64}: backbone and "
-                         "decoder linears; embeddings, projection and heads kept float32",
+                         "decoder linears; embeddings, projection and heads kept as stored",
             "mlx_audio": f"q{quantize} group 64 as its converter: every layer with "
                          "to_quantized whose input size divides by 64 (all linears, embeddings, "
                          "codebook0_head); audio_head and norms kept as loaded (float32)"}
@@ -389,9 +407,26 @@ def compare(args: argparse.Namespace, label: str, weights: Path, frames: int, ru
     a, b = entry["moshi_mlx"], entry["mlx_audio"]
     entry["ratio_ours_over_mlx_audio"] = {
         key: round(a[key] / b[key], 3) for key in
-        ("per_frame_s", "frame_with_audio_s", "time_to_first_audio_s", "peak_memory_gb")
+        ("per_frame_s", "frame_with_audio_s", "time_to_first_audio_s", "peak_memory_gb",
+         "max_rss_gb", "load_peak_memory_gb")
         if a.get(key) and b.get(key)}
     return entry
+
+
+def bits_list(text: str) -> list[int]:
+    bits = [int(b) for b in text.split(",")]
+    if any(b not in (0, 4, 8) for b in bits):
+        raise argparse.ArgumentTypeError(f"bits must be 0, 4 or 8, got {text!r}")
+    return bits
+
+
+def random_1b_folder(args: argparse.Namespace) -> Path:
+    name = "csm1b-random" if args.dtype_1b == "f32" else f"csm1b-random-{args.dtype_1b}"
+    return write_random_1b(args.workdir / name, args.dtype_1b)
+
+
+def label_1b(args: argparse.Namespace, bits: int) -> str:
+    return f"csm1b_random_{args.dtype_1b}" + (f"_q{bits}" if bits else "")
 
 
 def main() -> None:
@@ -401,8 +436,11 @@ def main() -> None:
     parser.add_argument("--fixture-runs", type=int, default=5)
     parser.add_argument("--1b-frames", dest="frames_1b", type=int, default=6)
     parser.add_argument("--1b-runs", dest="runs_1b", type=int, default=3)
-    parser.add_argument("-q", "--quantize", type=int, default=4, choices=[4, 8, 0],
-                        help="bits for the 1b model on both sides (0: float32)")
+    parser.add_argument("-q", "--quantize", type=bits_list, default=None,
+                        help="comma-separated bits for the 1b model on both sides, each a run "
+                             "(0: unquantized); default 0,4, and 4 with --batches")
+    parser.add_argument("--1b-dtype", dest="dtype_1b", choices=sorted(STORED_DTYPES),
+                        default="bf16", help="float dtype of the random csm-1b file")
     parser.add_argument("--mimi", type=Path, default=None,
                         help="Mimi checkpoint (default: the tests' random real-size Mimi)")
     parser.add_argument("--mlx-audio-python", default=DEFAULT_MLX_AUDIO_PYTHON,
@@ -436,10 +474,10 @@ def main() -> None:
                 results["fixture_float32"] = batch_per_frame(
                     FIXTURES / "sesame", 0, sizes, args.fixture_frames, args.fixture_runs)
             elif name == "1b":
-                folder = write_random_1b(args.workdir / "csm1b-random")
-                label = f"csm1b_random_{'q' + str(args.quantize) if args.quantize else 'float32'}"
-                results[label] = batch_per_frame(folder, args.quantize, sizes, args.frames_1b,
-                                                 args.runs_1b)
+                folder = random_1b_folder(args)
+                for bits in args.quantize or [4]:
+                    results[label_1b(args, bits)] = batch_per_frame(
+                        folder, bits, sizes, args.frames_1b, args.runs_1b)
             else:
                 raise SystemExit(f"unknown model {name!r}")
         print(json.dumps(results, indent=1))
@@ -465,10 +503,11 @@ def main() -> None:
                                                  args.fixture_frames, args.fixture_runs, 0,
                                                  context_npy, args.workdir)
         elif name == "1b":
-            folder = write_random_1b(args.workdir / "csm1b-random")
-            label = f"csm1b_random_{'q' + str(args.quantize) if args.quantize else 'float32'}"
-            results[label] = compare(args, label, folder, args.frames_1b, args.runs_1b,
-                                     args.quantize, context_npy, args.workdir)
+            folder = random_1b_folder(args)
+            for bits in args.quantize or [0, 4]:
+                label = label_1b(args, bits)
+                results[label] = compare(args, label, folder, args.frames_1b, args.runs_1b,
+                                         bits, context_npy, args.workdir)
         else:
             raise SystemExit(f"unknown model {name!r}")
     print(json.dumps(results, indent=1))

@@ -41,7 +41,7 @@ from moshi_mlx.loading.quantization import (
     check_quantize,
     detect_quantization,
     quantizable_weights,
-    quantize_tensors,
+    quantize_tensor,
     quantized_linear_paths,
     resolve_dtype,
     stored_as,
@@ -222,6 +222,10 @@ def load_model(weights: str | os.PathLike, config: Any = None, quantize: int | N
 
     quantize: None keeps the file as it is; 4 or 8 quantizes a bf16 file while loading, or
     asserts that a pre-quantized file has these bits. dtype: compute dtype (None = auto).
+
+    Tensors are read, sanitized, quantized and brought to the form the model keeps
+    (`stored_as`) one at a time, each evaluated before the next is read: the peak is the
+    loaded model plus one tensor, never the file's copy beside the model's.
     """
     check_quantize(quantize)
     compute = resolve_dtype(dtype)
@@ -232,16 +236,28 @@ def load_model(weights: str | os.PathLike, config: Any = None, quantize: int | N
     checkpoint = inspect_checkpoint(files, config, model_types)
     check_requested_bits(checkpoint, quantize)
     family, cfg = checkpoint.family, checkpoint.config
-    tensors = checkpoint.read()
     target = loaded_quantization(checkpoint, quantize)
+    quantizable: frozenset[str] = frozenset()
     if checkpoint.quantization is None and target is not None:
-        tensors = quantize_tensors(tensors, quantizable_weights(family, cfg), target)
+        quantizable = quantizable_weights(family, cfg)
     model = family.Model(cfg)
     if target is not None:
         apply_quantization(model, family, target)
-    check_tensors(model, tensors, checkpoint.name, describe(family, cfg))
     quantized = quantized_linear_paths(model)
-    model.load_weights([(k, stored_as(k, v, compute, quantized)) for k, v in tensors.items()],
-                       strict=True)
+    keeps_stored = getattr(family, "keeps_stored_dtype", None)
+    tensors: dict[str, mx.array] = {}
+    pairs = ((name, array) for name, _raw, array in checkpoint.files.iter_tensors())
+    for key, array, _ in sanitized(family, cfg, pairs, checkpoint.name):
+        parts = quantize_tensor(key, array, target) if key in quantizable else [(key, array)]
+        del array
+        for name, value in parts:
+            kept = stored_as(name, value, compute, quantized,
+                             keep_narrow=keeps_stored is not None and keeps_stored(name))
+            mx.eval(kept)
+            tensors[name] = kept
+        del parts
+    check_tensors(model, tensors, checkpoint.name, describe(family, cfg))
+    model.load_weights(list(tensors.items()), strict=True)
+    del tensors
     mx.eval(model.parameters())
     return model, checkpoint

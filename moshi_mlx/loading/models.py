@@ -37,6 +37,7 @@ from moshi_mlx.modules.parallel import default_cpu_threads, split_linears
 
 LM_TYPES = ("moshi", "stt")
 CSM_TYPES = ("csm",)
+WIDENED_COPIES_CACHED = 3  # the largest widened weight a layer has (gate, up) and one spare
 
 
 def read_lm_config(path: str | os.PathLike) -> LmConfig:
@@ -199,11 +200,34 @@ def load_csm(weights: str | os.PathLike, config: CsmConfig | str | os.PathLike |
     linears. dtype: None = float32 on the CPU, bfloat16 on a GPU. cpu_threads: split large
     linears over this many CPU streams (as load_lm); None = all cores on the CPU, no split on
     a GPU. float_decoder_on_cpu: when MLX computes on the CPU, run a quantized depth decoder
-    from float copies of its dequantized weights (the same values; +0.4 GB for csm-1b q4):
-    its 31 steps a frame are matrix-vector products, where MLX's CPU quantized kernel is
-    about 3x slower than BLAS on float weights (benchmarks/tts.py)."""
+    from copies of its dequantized weights in the compute dtype (the same values; +0.4 GB for
+    csm-1b q4 in float32): its 31 steps a frame are matrix-vector products, where MLX's CPU
+    quantized kernel is about 3x slower than BLAS on float weights (benchmarks/tts.py).
+
+    Memory: tensors are read one at a time; a bf16 file's embeddings, heads and backbone
+    linears stay bf16 under float32 compute, widened where used (`csm.keeps_stored_dtype`);
+    MLX's buffer cache is sized to reuse the widened copies (`keep_widening_buffers`)."""
     model, _ = load_model(weights, config, quantize, dtype, model_types=CSM_TYPES)
     if float_decoder_on_cpu and mx.default_device() == mx.cpu:
-        dequantize_linears(model.decoder)
+        dequantize_linears(model.decoder, model.compute_dtype)
     split_linears(model, default_cpu_threads() if cpu_threads is None else cpu_threads)
+    keep_widening_buffers(model)
+    mx.clear_cache()  # the loader's freed read buffers
     return model
+
+
+def keep_widening_buffers(model: Csm) -> None:
+    """Raise MLX's buffer-cache limit to hold the float32 copies that narrow-stored linear
+    weights (`moshi_mlx.modules.parallel.widened`) are widened into at each product, when the
+    model has such weights and computes in float32: freed, they are reused at the next product
+    instead of being allocated anew from the system, whose fresh pages cost more than the
+    widening itself (MLX's default CPU cache keeps 32 MB)."""
+    widest = max((module.weight.size for _, module in model.named_modules()
+                  if isinstance(module, nn.Linear) and not isinstance(module, nn.QuantizedLinear)
+                  and module.weight.dtype in (mx.bfloat16, mx.float16)), default=0)
+    if widest == 0 or mx.default_device() != mx.cpu or model.compute_dtype != mx.float32:
+        return
+    wanted = WIDENED_COPIES_CACHED * widest * 4
+    previous = mx.set_cache_limit(wanted)
+    if previous > wanted:
+        mx.set_cache_limit(previous)

@@ -58,9 +58,9 @@ def apply_quantization(model: nn.Module, family: ModuleType, q: Quantization) ->
                     hasattr(module, "to_quantized") and family.quant_predicate(path, module)))
 
 
-def dequantize_linears(model: nn.Module) -> int:
+def dequantize_linears(model: nn.Module, dtype: mx.Dtype | None = None) -> int:
     """Replace every quantized linear of `model` by a float Linear holding its dequantized
-    weight (the same values, in the dtype of its scales; float32 for float32 scales), one layer
+    weight (the same values, in `dtype`, by default the dtype of its scales), one layer
     evaluated at a time. Returns how many were replaced."""
     from mlx.utils import tree_unflatten
 
@@ -68,11 +68,11 @@ def dequantize_linears(model: nn.Module) -> int:
     for path, module in list(model.named_modules()):
         if not isinstance(module, nn.QuantizedLinear):
             continue
-        dtype = module.scales.dtype
+        weight_dtype = dtype or module.scales.dtype
         mode = {"mode": module.mode} if hasattr(module, "mode") else {}
         weight = mx.dequantize(module.weight, module.scales.astype(mx.float32),
                                module.biases.astype(mx.float32), module.group_size,
-                               module.bits, **mode).astype(dtype)
+                               module.bits, **mode).astype(weight_dtype)
         out_dim, in_dim = weight.shape
         linear = nn.Linear(in_dim, out_dim, bias="bias" in module)
         linear.weight = weight
@@ -148,12 +148,17 @@ def detect_quantization(tensors: dict[str, mx.array], plain_shapes: dict[str, tu
     return quantization
 
 
+NARROW_FLOATS = (mx.bfloat16, mx.float16)
+
+
 def stored_as(key: str, value: mx.array, dtype: mx.Dtype,
-              quantized_linears: frozenset[str]) -> mx.array:
+              quantized_linears: frozenset[str], keep_narrow: bool = False) -> mx.array:
     """The tensor as the model keeps it. Quantized weights stay packed uint32. A quantized
     linear layer's bf16 scales and biases stay bf16 under float32 activations too: its matmul
     widens them exactly at the same speed, and a 7B q4 model is 0.9 GB smaller. (Quantized
-    embeddings return the scales' dtype, so theirs follow the compute dtype.) Every other
+    embeddings return the scales' dtype, so theirs follow the compute dtype.) keep_narrow (the
+    family's `keeps_stored_dtype`): a bf16 / f16 tensor stays as stored under wider activations,
+    widened where it is used (exactly: every bf16 and f16 value is a float32). Every other
     float tensor takes the compute dtype."""
     if value.dtype == mx.uint32:
         return value
@@ -161,5 +166,6 @@ def stored_as(key: str, value: mx.array, dtype: mx.Dtype,
             and dtype in (mx.float32, mx.bfloat16)
             and key.rsplit(".", 1)[0] in quantized_linears):
         return value
+    if keep_narrow and value.dtype in NARROW_FLOATS and dtype == mx.float32:
+        return value
     return value.astype(dtype)
-

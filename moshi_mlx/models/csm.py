@@ -20,6 +20,7 @@ import numpy as np
 from moshi_mlx.errors import WeightsError
 from moshi_mlx.models import csm_layouts
 from moshi_mlx.modules.norm import RmsNorm
+from moshi_mlx.modules.parallel import widened
 from moshi_mlx.modules.transformer import KVCache
 
 # ---------------------------------------------------------------------------- config
@@ -161,6 +162,10 @@ DEQUANTIZED_ROWS = 8
 
 
 def apply_linear(layer: nn.Module, x: mx.array) -> mx.array:
+    """A linear layer (float, quantized or row-split) on x; a float weight stored narrower
+    than x (`keeps_stored_dtype`) is widened as `widened` says."""
+    if type(layer) is nn.Linear:
+        return x @ widened(layer.weight, x.dtype).T
     if (isinstance(layer, nn.QuantizedLinear) and x.shape[-2] > DEQUANTIZED_ROWS
             and mx.default_device() == mx.cpu):
         mode = {"mode": layer.mode} if hasattr(layer, "mode") else {}
@@ -243,7 +248,7 @@ class LlamaLayer(nn.Module):
         return self.attn.project(self.attn_norm(x), offset)
 
     def post_attention(self, x: mx.array, attended: mx.array) -> mx.array:
-        x = x + self.attn.out_proj(attended)
+        x = x + apply_linear(self.attn.out_proj, attended)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -321,22 +326,31 @@ class Csm(nn.Module):
         return [KVCache(self.cfg.num_codebooks, grow_step=self.cfg.num_codebooks)
                 for _ in self.decoder.layers]
 
+    @property
+    def compute_dtype(self) -> mx.Dtype:
+        """The activations' dtype (the norms' gains have it); embeddings may be stored narrower
+        (`keeps_stored_dtype`): their looked-up rows are widened to it."""
+        return self.backbone.norm.weight.dtype
+
     def audio_embedding(self, codebook: int, codes: mx.array) -> mx.array:
-        return self.audio_embeddings(codes + codebook * self.cfg.audio_vocab_size)
+        rows = self.audio_embeddings(codes + codebook * self.cfg.audio_vocab_size)
+        return rows.astype(self.compute_dtype)
 
     def embed_frames(self, tokens: mx.array, mask: mx.array) -> mx.array:
         """tokens, mask [B, S, K + 1] -> summed input embeddings [B, S, backbone dim]."""
         k = self.cfg.num_codebooks
         offsets = mx.arange(k, dtype=mx.int32) * self.cfg.audio_vocab_size
-        audio = self.audio_embeddings(tokens[..., :k] + offsets)  # [B, S, K, dim]
-        audio = (audio * mask[..., :k, None].astype(audio.dtype)).sum(axis=-2)
-        text = self.text_embeddings(tokens[..., k]) * mask[..., k, None].astype(audio.dtype)
+        dtype = self.compute_dtype
+        audio = self.audio_embeddings(tokens[..., :k] + offsets).astype(dtype)  # [B, S, K, dim]
+        audio = (audio * mask[..., :k, None].astype(dtype)).sum(axis=-2)
+        text = self.text_embeddings(tokens[..., k]).astype(dtype) * mask[..., k, None].astype(dtype)
         return audio + text
 
     def embed_audio_frame(self, codes: mx.array) -> mx.array:
         """codes [B, K] of one generated frame -> backbone input [B, 1, dim]."""
         offsets = mx.arange(self.cfg.num_codebooks, dtype=mx.int32) * self.cfg.audio_vocab_size
-        return self.audio_embeddings(codes + offsets).sum(axis=-2)[:, None, :]
+        rows = self.audio_embeddings(codes + offsets).astype(self.compute_dtype)
+        return rows.sum(axis=-2)[:, None, :]
 
     def load_weights(self, *args, **kwargs):
         self.forget_compiled()
@@ -362,8 +376,8 @@ class Csm(nn.Module):
 
     def depth_logits(self, x: mx.array, caches: list[KVCache], codebook: int) -> mx.array:
         """Decoder on projected inputs x [B, S, backbone dim] -> logits [B, V] of `codebook`."""
-        h = self.decoder(self.projection(x), caches)[:, -1, :]
-        return h @ self.audio_head[codebook - 1]
+        h = self.decoder(apply_linear(self.projection, x), caches)[:, -1, :]
+        return h @ widened(self.audio_head[codebook - 1], h.dtype)
 
     def frame(self, h: mx.array, pick: Callable[[mx.array, int], mx.array]
               ) -> tuple[mx.array, mx.array, mx.array]:
@@ -373,7 +387,7 @@ class Csm(nn.Module):
 
         Returns codes [B, K], codebook-0 logits [B, V] and depth logits [B, K-1, V]. A pure
         function of h (and of what `pick` reads): the generator compiles it whole."""
-        c0_logits = self.codebook0_head(h)
+        c0_logits = apply_linear(self.codebook0_head, h)
         code = pick(c0_logits, 0)
         codes, depth = [code], []
         caches = self.decoder_cache()
@@ -406,6 +420,17 @@ def quant_predicate(path: str, module: nn.Module) -> bool:
     return (isinstance(module, nn.Linear) and path.startswith(("backbone.layers.",
                                                                "decoder.layers."))
             and module.weight.shape[-1] % 64 == 0)
+
+
+def keeps_stored_dtype(key: str) -> bool:
+    """Tensors a bf16 / f16 file keeps as stored under float32 activations (see
+    `moshi_mlx.loading.quantization.stored_as`): every matrix but the depth decoder's. The
+    embeddings widen only the rows they look up; linears and heads widen their weight at each
+    product (`apply_linear`): float32 copies would double csm-1b's 3.1 GB. The depth decoder
+    runs 31 products a frame on its weights, where widening them each time costs more than
+    their float32 copies' 0.2 GB (csm-1b). The norms' gains take the compute dtype too (they
+    tell the model its activations' dtype: `Csm.compute_dtype`)."""
+    return not key.endswith("norm.weight") and not key.startswith("decoder.")
 
 
 # ---------------------------------------------------------------------------- family
