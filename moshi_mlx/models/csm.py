@@ -165,7 +165,8 @@ def apply_linear(layer: nn.Module, x: mx.array) -> mx.array:
     """A linear layer (float, quantized or row-split) on x; a float weight stored narrower
     than x (`keeps_stored_dtype`) is widened as `widened` says."""
     if type(layer) is nn.Linear:
-        return x @ widened(layer.weight, x.dtype).T
+        out = x @ widened(layer.weight, x.dtype).T
+        return out + layer.bias if "bias" in layer else out
     if (isinstance(layer, nn.QuantizedLinear) and x.shape[-2] > DEQUANTIZED_ROWS
             and mx.default_device() == mx.cpu):
         mode = {"mode": layer.mode} if hasattr(layer, "mode") else {}
