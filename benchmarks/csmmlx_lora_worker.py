@@ -23,6 +23,7 @@ import json
 import resource
 import statistics
 import time
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -42,14 +43,17 @@ def main() -> None:
     p.add_argument("--learning-rate", type=float, default=1e-5)
     p.add_argument("--grad-checkpoint", action="store_true")
     p.add_argument("--output-dir", required=True)
+    p.add_argument("--sesame-folder", default=None,
+                   help="a Sesame config.json + flavors.json folder (the fixture) instead of "
+                        "csm-1b's sizes")
     args = p.parse_args()
 
-    from csm_mlx import CSM, csm_1b
+    from csm_mlx import CSM
     from csm_mlx.finetune.trainer import CSMTrainer, TrainArgs
     from csm_mlx.finetune.utils import linear_to_lora_layers
 
     mx.random.seed(0)
-    model = CSM(csm_1b())
+    model = CSM(model_args(args.sesame_folder))
     mx.eval(model.parameters())
     if args.quantize:
         nn.quantize(model, group_size=GROUP_SIZE[args.quantize], bits=args.quantize,
@@ -85,6 +89,38 @@ def main() -> None:
         "peak_memory_gb": mx.get_peak_memory() / 1e9,
         "max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
         "quantize": args.quantize or None, "steps": args.steps, "losses": losses}), flush=True)
+
+
+def model_args(sesame_folder: str | None):
+    """csm-1b's, or a Sesame folder's sizes registered under its flavor names in csm-mlx's
+    configuration tables (which know only the real sizes)."""
+    from csm_mlx import csm_1b
+    from csm_mlx.config import BACKBONE_CONFIGURATION, DECODER_CONFIGURATION
+    from csm_mlx.models import ModelArgs
+    from mlx_lm.models.llama import ModelArgs as LlamaArgs
+
+    if sesame_folder is None:
+        return csm_1b()
+    folder = Path(sesame_folder)
+    config = json.loads((folder / "config.json").read_text())
+    flavors = json.loads((folder / "flavors.json").read_text())
+    for table, name in ((BACKBONE_CONFIGURATION, config["backbone_flavor"]),
+                        (DECODER_CONFIGURATION, config["decoder_flavor"])):
+        f = flavors[name]
+        table[name] = LlamaArgs(
+            model_type="llama", vocab_size=f["vocab_size"], num_hidden_layers=f["num_layers"],
+            num_attention_heads=f["num_heads"], num_key_value_heads=f["num_kv_heads"],
+            head_dim=f["embed_dim"] // f["num_heads"], intermediate_size=f["intermediate_dim"],
+            hidden_size=f["embed_dim"], rms_norm_eps=f["norm_eps"],
+            rope_theta=float(f["rope_base"]),
+            rope_scaling={"factor": float(f["scale_factor"]), "high_freq_factor": 4.0,
+                          "low_freq_factor": 1.0, "original_max_position_embeddings": 8192,
+                          "rope_type": "llama3"})
+    return ModelArgs(backbone_name=config["backbone_flavor"],
+                     decoder_name=config["decoder_flavor"],
+                     n_text_vocab=config["text_vocab_size"],
+                     n_audio_vocab=config["audio_vocab_size"],
+                     n_audio_codebooks=config["audio_num_codebooks"])
 
 
 def _flat(tree: object) -> list:

@@ -12,10 +12,11 @@ Configurations (--models, comma-separated):
   --workdir by benchmarks/tts.py's `write_random_1b`), loaded with -q as `moshi-finetune csm -q`
   loads it: QLoRA on q4 by default. Same path as `fixture`.
 - `csm-mlx`: senstella/csm-mlx's LoRA on the csm-1b shapes, same batch and LoRA layers, same
-  -q (benchmarks/csmmlx_lora_worker.py, run by --csm-mlx-python). `vs_csm_mlx` compares it
-  with `1b`. Its venv (csm-mlx is not on PyPI, and its dependency Kyutai moshi-mlx pins
-  mlx<0.27: installed without dependencies, so both sides run the same MLX; moshi-mlx only
-  serves its Mimi, unused in training):
+  -q (benchmarks/csmmlx_lora_worker.py, run by --csm-mlx-python); `csm-mlx-fixture`: the same
+  on the fixture's sizes, float32. `vs_csm_mlx_1b` / `vs_csm_mlx_fixture` compare them with
+  `1b` / `fixture` (ours over theirs). Its venv (csm-mlx is not on PyPI, and its dependency
+  Kyutai moshi-mlx pins mlx<0.27: installed without dependencies, so both sides run the same
+  MLX; moshi-mlx only serves its Mimi, unused in training):
       python -m venv /work/csmmlxvenv
       /work/csmmlxvenv/bin/pip install "mlx[cpu]==0.32.4" mlx-lm tqdm audiofile audresample \
           huggingface_hub tokenizers transformers sentencepiece
@@ -55,6 +56,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 DEFAULT_CSM_MLX_PYTHON = os.environ.get("CSM_MLX_PYTHON", "/work/csmmlxvenv/bin/python")
 GOAL_7B_GB = 16.0
+CSM_MLX = {"csm-mlx-fixture": "csm_mlx_fixture", "csm-mlx": "csm_mlx_1b"}  # label: JSON key
 # a progress line of moshi_mlx.training.trainer.progress_line
 PROGRESS = re.compile(r"iter (\d+): train loss ([\d.]+).*, ([\d.]+) frames/s, "
                       r"peak memory ([\d.]+) GB")
@@ -149,7 +151,7 @@ def ours(label: str, args: argparse.Namespace) -> dict:
     return last_json(*child([sys.executable, __file__, *sys.argv[1:], "--worker", label], label))
 
 
-def csm_mlx(args: argparse.Namespace) -> dict | str:
+def csm_mlx(label: str, args: argparse.Namespace) -> dict | str:
     import numpy as np
 
     from moshi_mlx.training.csm_data import make_batch
@@ -159,14 +161,17 @@ def csm_mlx(args: argparse.Namespace) -> dict | str:
     batch = make_batch(csm_examples(args))
     args.workdir.mkdir(parents=True, exist_ok=True)
     path = args.workdir / "csm_batch.npz"
+    fixture = label == "csm-mlx-fixture"
     np.savez(path, tokens=np.array(batch.tokens), mask=np.array(batch.mask),
              labels=np.array(batch.labels))
     command = [args.csm_mlx_python, str(ROOT / "benchmarks" / "csmmlx_lora_worker.py"),
-               "--batch", str(path), "-q", str(args.quantize), "--steps", str(args.steps),
-               "--output-dir", str(args.workdir / "csm-mlx-run")]
+               "--batch", str(path), "-q", "0" if fixture else str(args.quantize),
+               "--steps", str(args.steps), "--output-dir", str(args.workdir / label)]
+    if fixture:
+        command += ["--sesame-folder", str(FIXTURES / "sesame")]
     if args.grad_checkpoint:
         command.append("--grad-checkpoint")
-    return last_json(*child(command, "csm-mlx", ours=False))
+    return last_json(*child(command, label, ours=False))
 
 
 def moshi_7b(args: argparse.Namespace) -> dict:
@@ -210,7 +215,8 @@ def moshi_7b(args: argparse.Namespace) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="fixture",
-                   help="fixture, 1b, csm-mlx and/or moshi-7b, comma-separated")
+                   help="fixture, 1b, csm-mlx-fixture, csm-mlx and/or moshi-7b, "
+                        "comma-separated")
     p.add_argument("-q", "--quantize", type=int, choices=(4, 8), default=4,
                    help="the 1b model's base quantization (default 4: QLoRA)")
     p.add_argument("--steps", type=int, default=5)
@@ -233,9 +239,10 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args)), flush=True)
         return
     labels = args.models.split(",")
-    unknown = sorted(set(labels) - {"fixture", "1b", "csm-mlx", "moshi-7b"})
+    known = ("fixture", "1b", *CSM_MLX, "moshi-7b")
+    unknown = sorted(set(labels) - set(known))
     if unknown:
-        raise SystemExit(f"unknown model(s) {', '.join(unknown)} (fixture, 1b, csm-mlx, moshi-7b)")
+        raise SystemExit(f"unknown model(s) {', '.join(unknown)} ({', '.join(known)})")
     import mlx.core as mx
 
     out: dict = {"machine": platform.machine(), "cpus": os.cpu_count(), "mlx": mx.__version__,
@@ -244,8 +251,8 @@ def main() -> None:
     for label in labels:
         if label in ("fixture", "1b"):
             out[label] = ours(label, args)
-        elif label == "csm-mlx":
-            out["csm_mlx_1b"] = csm_mlx(args)
+        elif label in CSM_MLX:
+            out[CSM_MLX[label]] = csm_mlx(label, args)
         else:
             if args.mimi is None:
                 sys.path.insert(0, str(ROOT / "tests"))
@@ -253,13 +260,14 @@ def main() -> None:
 
                 args.mimi = ensure_random_mimi(ROOT / "tests" / ".cache", FIXTURES.parent)
             out["moshi_7b_qlora"] = moshi_7b(args)
-    theirs, our_1b = out.get("csm_mlx_1b"), out.get("1b")
-    if isinstance(theirs, dict) and isinstance(our_1b, dict) and theirs.get("frames_per_s") \
-            and our_1b.get("frames_per_s"):
-        out["vs_csm_mlx"] = {
-            "frames_per_s_ratio": our_1b["frames_per_s"] / theirs["frames_per_s"],
-            "peak_memory_ratio": our_1b["peak_memory_gb"] / theirs["peak_memory_gb"],
-            "max_rss_ratio": our_1b["max_rss_gb"] / theirs["max_rss_gb"]}
+    for ours_label, theirs_label in (("fixture", "csm_mlx_fixture"), ("1b", "csm_mlx_1b")):
+        mine, theirs = out.get(ours_label), out.get(theirs_label)
+        if isinstance(mine, dict) and isinstance(theirs, dict) and mine.get("frames_per_s") \
+                and theirs.get("frames_per_s"):
+            out[f"vs_{theirs_label}"] = {
+                "frames_per_s_ratio": mine["frames_per_s"] / theirs["frames_per_s"],
+                "peak_memory_ratio": mine["peak_memory_gb"] / theirs["peak_memory_gb"],
+                "max_rss_ratio": mine["max_rss_gb"] / theirs["max_rss_gb"]}
     print(json.dumps(out, indent=2))
 
 
