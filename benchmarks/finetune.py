@@ -194,6 +194,7 @@ def moshi_7b(args: argparse.Namespace) -> dict:
     (data / "data.jsonl").write_text(json.dumps({"path": "one.wav", "duration": seconds}) + "\n")
     command = [sys.executable, "-m", "moshi_mlx.finetune", "moshi",
                "--model", str(folder / "model.safetensors"),
+               "--config", str(folder / "config.json"),
                "--tokenizer", str(ROOT / "tests" / "fixtures" / "tokenizer.model"),
                "--mimi-weight", str(args.mimi), "-q", "4", "--grad-checkpoint",
                "--data", str(data / "data.jsonl"), "--duration-sec", str(seconds),
