@@ -231,7 +231,7 @@ def main() -> None:
                    help="python of a venv with csm-mlx (see above)")
     p.add_argument("--moshi-seconds", type=float, default=10.0,
                    help="the 7B step's chunk (default 10 s: moshi-finetune's duration_sec)")
-    p.add_argument("--moshi-steps", type=int, default=2)
+    p.add_argument("--moshi-steps", type=int, default=1)
     p.add_argument("--mimi", type=Path, default=None,
                    help="Mimi checkpoint for moshi-7b (default: the tests' random real-size one)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
