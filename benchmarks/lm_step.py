@@ -52,30 +52,63 @@ def random_quantized_lm(cfg: LmConfig, bits: int, dtype: mx.Dtype) -> Lm:
     weights, bf16-valued scales/biases), built tensor by tensor so that peak memory stays near
     the final size. Random packed words are drawn directly: the values do not matter for
     timing, and quantizing 7B float32 weights would take many minutes on these CPUs."""
-    q = QUANTIZATIONS[bits]
-    model = Lm(cfg)  # parameters are lazy: nothing allocated yet
-    apply_quantization(model, lm_family, q)
-    linears = quantized_linear_paths(model)
-    key = mx.random.key(0)
+    model, linears = _quantized_skeleton(cfg, bits)
     built = []
-    for name, array in tree_flatten(model.parameters()):
-        key, sub = mx.random.split(key)
-        if array.dtype == mx.uint32:
-            value = mx.random.randint(0, 2**31 - 1, array.shape, key=sub).astype(mx.uint32)
-        elif name.endswith(".scales"):
-            value = mx.random.uniform(0.002, 0.02, array.shape, key=sub)
-        elif name.endswith(".biases"):
-            value = mx.random.uniform(-0.02, 0.0, array.shape, key=sub) * (2**bits - 1) / 2
-        else:  # norm gains
-            value = mx.random.uniform(0.8, 1.2, array.shape, key=sub)
+    for name, value in _random_tensors(model, bits):
         if value.dtype != mx.uint32:  # bf16 values, kept as load_lm keeps a file's
-            value = stored_as(name, value.astype(mx.bfloat16), dtype, linears)
+            value = stored_as(name, value, dtype, linears)
         mx.eval(value)  # one tensor at a time
         built.append((name, value))
     model.load_weights(built, strict=True)
     mx.eval(model.parameters())
     model.use_cpu_threads(default_cpu_threads())  # as load_lm does
     return model
+
+
+def write_random_quantized_lm(cfg: LmConfig, bits: int, folder: Path) -> Path:
+    """The same random quantized Lm written as an official-layout MLX file (model.safetensors
+    and its config.json) tensor by tensor, so memory stays at one tensor; reused when
+    complete. The way to measure a command (e.g. moshi-finetune) on a 7B-shaped model."""
+    from moshi_mlx.loading.safetensors import PlannedTensor, SafetensorsStreamWriter
+
+    folder.mkdir(parents=True, exist_ok=True)
+    done = folder / "complete"
+    if done.is_file():
+        return folder
+    (folder / "config.json").write_text(json.dumps(cfg.to_dict()))
+    model, _ = _quantized_skeleton(cfg, bits)
+    plan = [PlannedTensor(name, "U32" if a.dtype == mx.uint32 else "BF16", tuple(a.shape))
+            for name, a in tree_flatten(model.parameters())]
+    with open(folder / "model.safetensors", "wb") as f:
+        writer = SafetensorsStreamWriter(f, plan, metadata={"format": "mlx"})
+        for name, value in _random_tensors(model, bits):
+            writer.write(name, value)
+        writer.finish()
+    done.write_text("ok\n")
+    return folder
+
+
+def _quantized_skeleton(cfg: LmConfig, bits: int) -> tuple[Lm, set]:
+    model = Lm(cfg)  # parameters are lazy: nothing allocated yet
+    apply_quantization(model, lm_family, QUANTIZATIONS[bits])
+    return model, quantized_linear_paths(model)
+
+
+def _random_tensors(model: Lm, bits: int):
+    """(name, value) of every parameter, in order: packed words uint32, the rest bf16."""
+    key = mx.random.key(0)
+    for name, array in tree_flatten(model.parameters()):
+        key, sub = mx.random.split(key)
+        if array.dtype == mx.uint32:
+            yield name, mx.random.randint(0, 2**31 - 1, array.shape, key=sub).astype(mx.uint32)
+            continue
+        if name.endswith(".scales"):
+            value = mx.random.uniform(0.002, 0.02, array.shape, key=sub)
+        elif name.endswith(".biases"):
+            value = mx.random.uniform(-0.02, 0.0, array.shape, key=sub) * (2**bits - 1) / 2
+        else:  # norm gains
+            value = mx.random.uniform(0.8, 1.2, array.shape, key=sub)
+        yield name, value.astype(mx.bfloat16)
 
 
 def time_interleaved(lm: Lm, variants: dict[str, dict], warmup: int, steps: int) -> dict:

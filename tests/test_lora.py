@@ -223,3 +223,33 @@ def test_dropout_acts_in_training_only(tmp_path):
     np.testing.assert_array_equal(np.array(loaded(x)), np.array(loaded(x)))
     model.eval()
     np.testing.assert_allclose(np.array(loaded(x)), np.array(model(x)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qlora_on_many_rows_equals_the_quantized_kernel(bits, monkeypatch):
+    """Many rows on the CPU take the float matmul on the dequantized weight, whose backward
+    pass dequantizes again (frozen_dequantized_matmul): loss and adapter gradients equal those
+    through MLX's own quantized kernel and its autodiff. Rows counted over all leading axes
+    ([N, 1, dim], as the depformer trains)."""
+    import moshi_mlx.training.lora as lora
+
+    model = _tiny(bits=bits)
+    apply_lora(model, select_linears(model, lambda p, m: p != "head"), rank=4, scale=2.0)
+    _randomize_b(model)
+    x = mx.array(np.random.default_rng(6).normal(size=(24, 1, 64)).astype(np.float32))
+
+    def loss(m: nn.Module) -> mx.array:
+        return (m(x) ** 2).mean()
+
+    def loss_and_grads() -> tuple[float, dict[str, np.ndarray]]:
+        value, grads = nn.value_and_grad(model, loss)(model)
+        return value.item(), {k: np.array(v) for k, v in tree_flatten(grads)}
+
+    assert lora.runs_dequantized(model.layers[0].up.linear, 24)
+    value, grads = loss_and_grads()
+    monkeypatch.setattr(lora, "runs_dequantized", lambda layer, rows: False)
+    want_value, want_grads = loss_and_grads()
+    assert value == pytest.approx(want_value, rel=1e-5)
+    assert sorted(grads) == sorted(want_grads) and len(grads) == 8
+    for name, want in want_grads.items():
+        np.testing.assert_allclose(grads[name], want, rtol=1e-4, atol=1e-6, err_msg=name)

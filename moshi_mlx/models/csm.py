@@ -161,19 +161,31 @@ def _rope_of(cfg: LlamaConfig) -> tuple[mx.array, RopeTable]:
 DEQUANTIZED_ROWS = 8
 
 
+def runs_dequantized(layer: nn.Module, rows: int) -> bool:
+    """Whether `rows` input rows go through `layer` as a float matmul (see DEQUANTIZED_ROWS)."""
+    return (isinstance(layer, nn.QuantizedLinear) and rows > DEQUANTIZED_ROWS
+            and mx.default_device() == mx.cpu)
+
+
+def dequantized_weight(layer: nn.QuantizedLinear, dtype: mx.Dtype,
+                       packed: tuple[mx.array, mx.array, mx.array] | None = None) -> mx.array:
+    """The layer's weight as floats of `dtype` (packed: its weight, scales, biases as given)."""
+    weight, scales, biases = packed or (layer.weight, layer.scales, layer.biases)
+    mode = {"mode": layer.mode} if hasattr(layer, "mode") else {}
+    return mx.dequantize(weight, scales.astype(mx.float32), biases.astype(mx.float32),
+                         layer.group_size, layer.bits, **mode).astype(dtype)
+
+
 def apply_linear(layer: nn.Module, x: mx.array) -> mx.array:
     """A linear layer (float, quantized or row-split) on x; a float weight stored narrower
     than x (`keeps_stored_dtype`) is widened as `widened` says."""
     if type(layer) is nn.Linear:
         out = x @ widened(layer.weight, x.dtype).T
-        return out + layer.bias if "bias" in layer else out
-    if (isinstance(layer, nn.QuantizedLinear) and x.shape[-2] > DEQUANTIZED_ROWS
-            and mx.default_device() == mx.cpu):
-        mode = {"mode": layer.mode} if hasattr(layer, "mode") else {}
-        weight = mx.dequantize(layer.weight, layer.scales.astype(mx.float32),
-                               layer.biases.astype(mx.float32), layer.group_size, layer.bits,
-                               **mode)
-        return x @ weight.astype(x.dtype).T
+    elif runs_dequantized(layer, x.shape[-2]):
+        out = x @ dequantized_weight(layer, x.dtype).T
+    else:
+        return layer(x)
+    return out + layer.bias if "bias" in layer else out
     return layer(x)
 
 

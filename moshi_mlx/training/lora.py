@@ -22,7 +22,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from moshi_mlx.errors import WeightsError
-from moshi_mlx.models.csm import apply_linear
+from moshi_mlx.models.csm import dequantized_weight, runs_dequantized
 
 ADAPTER_WEIGHTS_NAME = "adapters.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -68,7 +68,18 @@ class LoRALinear(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         update = (self.dropout(x) @ self.lora_a.astype(x.dtype)) @ self.lora_b.astype(x.dtype)
-        return apply_linear(self.linear, x) + (self.scale * update).astype(x.dtype)
+        return self.base_output(x) + (self.scale * update).astype(x.dtype)
+
+    def base_output(self, x: mx.array) -> mx.array:
+        """The frozen base on x. Many rows of a quantized base on the CPU: a float matmul on
+        its dequantized weight (as `apply_linear`), rows counted over every leading axis (the
+        depformer trains on [N, 1, dim]), the weight dequantized again in the backward pass
+        instead of kept (QLoRA's memory stays the quantized model's)."""
+        base = self.linear
+        if not runs_dequantized(base, x.size // x.shape[-1]):
+            return base(x)
+        y = frozen_dequantized_matmul(base, x)
+        return y + base.bias.astype(y.dtype) if "bias" in base else y
 
     def fused(self) -> nn.Module:
         """An ordinary linear equal to this one (no dropout), quantized as the base was."""
@@ -89,6 +100,24 @@ class LoRALinear(nn.Module):
             mode = {"mode": base.mode} if hasattr(base, "mode") else {}
             return nn.QuantizedLinear.from_linear(linear, base.group_size, base.bits, **mode)
         return linear
+
+
+def frozen_dequantized_matmul(layer: nn.QuantizedLinear, x: mx.array) -> mx.array:
+    """x @ dequantized(weight).T whose gradient flows to x only (the base is frozen),
+    computed by dequantizing again: autodiff of the plain product would keep every layer's
+    float weight alive until the backward pass reaches it (a float copy of the model)."""
+
+    @mx.custom_function
+    def matmul(x: mx.array, *packed: mx.array) -> mx.array:
+        return x @ dequantized_weight(layer, x.dtype, packed).T
+
+    @matmul.vjp
+    def matmul_vjp(primals: tuple, cotangent: mx.array, _output: mx.array) -> tuple:
+        x, *packed = primals
+        dx = cotangent @ dequantized_weight(layer, cotangent.dtype, tuple(packed))
+        return (dx, *(mx.zeros_like(p) for p in packed))
+
+    return matmul(x, layer.weight, layer.scales, layer.biases)
 
 
 @dataclass(frozen=True)
