@@ -186,7 +186,6 @@ def apply_linear(layer: nn.Module, x: mx.array) -> mx.array:
     else:
         return layer(x)
     return out + layer.bias if "bias" in layer else out
-    return layer(x)
 
 
 class LlamaAttention(nn.Module):
