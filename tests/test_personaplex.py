@@ -304,6 +304,26 @@ SILENCE = np.array([948, 243, 1178, 546, 1736, 1030, 1978, 2008], dtype=np.int32
 SILENCE_FRAMES = 6
 
 
+def assert_prompted_conversation(gen: LmGen, golden: dict, prompt_texts: list[int],
+                                 prompt_frames: int) -> None:
+    """After `prompt_frames` prompt steps (their text tokens `prompt_texts`), greedy steps on
+    the golden's user codes give NVIDIA's prompted run: text throughout, then Moshi's tokens,
+    frames and user-frame predictions of every conversation step."""
+    conversation = run_greedy_from(gen, golden["user_codes"][:-1])
+    texts = prompt_texts + conversation["text"]
+    np.testing.assert_array_equal(texts, golden["prompted_text"][1: len(texts) + 1])
+    for i, step in enumerate(range(prompt_frames, len(texts))):
+        np.testing.assert_array_equal(conversation["raw"][i],
+                                      golden["prompted_audio"][step + 1, :8],
+                                      err_msg=f"Moshi's tokens at step {step}")
+        np.testing.assert_array_equal(conversation["frames"][i][:8],
+                                      golden["prompted_out"][step + 1, 1:9],
+                                      err_msg=f"Moshi's frame at step {step}")
+        np.testing.assert_array_equal(conversation["frames"][i][8:],
+                                      expected_user_frame(golden, step, "prompted_"),
+                                      err_msg=f"predicted user frame at step {step}")
+
+
 def test_text_prompt_forced_through_lm_gen_matches_nvidia(personaplex_file, golden):
     # NVIDIA's text-prompt phases (6 silence frames, the prompt, 6 silence frames: text, Moshi
     # = SILENCE, user = SINE) forced through our LmGen, then the conversation. Their frame f
@@ -316,30 +336,15 @@ def test_text_prompt_forced_through_lm_gen_matches_nvidia(personaplex_file, gold
     text[SILENCE_FRAMES : SILENCE_FRAMES + len(tokens)] = tokens
     lm = load_lm(personaplex_file, config=personaplex_config(), dtype=mx.float32)
     gen = LmGen(lm, text_temp=0.0, audio_temp=0.0)
-    texts, raws, frames = [], [], []
+    texts = []
     for s in range(prompt_frames):
         inside = s + 1 < prompt_frames
         force_text = int(text[s + 1]) if inside else -1
         force_audio = np.concatenate([[SILENCE[0] if inside else -1], SILENCE[1:]])
-        out_text, frame = gen.step(mx.array(SINE[None]), force_text=mx.array([force_text]),
-                                   force_audio=mx.array(force_audio[None]))
+        out_text, _ = gen.step(mx.array(SINE[None]), force_text=mx.array([force_text]),
+                               force_audio=mx.array(force_audio[None]))
         texts.append(int(out_text[0]))
-        raws.append(np.array(gen.state.last_audio_tokens[0]))
-        frames.append(None if frame is None else np.array(frame[0]))
-    conversation = run_greedy_from(gen, golden["user_codes"][:-1])
-    texts += conversation["text"]
-    raws += conversation["raw"]
-    frames += conversation["frames"]
-    calls = golden["prompted_text"]
-    np.testing.assert_array_equal(texts, calls[1 : len(texts) + 1])
-    for step in range(prompt_frames, len(texts)):
-        np.testing.assert_array_equal(raws[step], golden["prompted_audio"][step + 1, :8],
-                                      err_msg=f"Moshi's tokens at step {step}")
-        np.testing.assert_array_equal(frames[step][:8], golden["prompted_out"][step + 1, 1:9],
-                                      err_msg=f"Moshi's frame at step {step}")
-        np.testing.assert_array_equal(frames[step][8:],
-                                      expected_user_frame(golden, step, "prompted_"),
-                                      err_msg=f"predicted user frame at step {step}")
+    assert_prompted_conversation(gen, golden, texts, prompt_frames)
 
 
 def test_engine_decodes_moshi_frames_of_personaplex(personaplex_file, golden, fixtures_dir):
@@ -348,24 +353,8 @@ def test_engine_decodes_moshi_frames_of_personaplex(personaplex_file, golden, fi
 
     from moshi_mlx.conversation.engine import Engine
 
-    class StubCodec:
-        def __init__(self, codes: np.ndarray) -> None:
-            self.codes, self.t, self.decoded = codes, 0, []
-
-        def encode(self, pcm: np.ndarray) -> np.ndarray:
-            self.t += 1
-            return self.codes[self.t - 1]
-
-        def decode(self, codes: np.ndarray) -> np.ndarray:
-            self.decoded.append(np.array(codes))
-            return np.zeros(1920, dtype=np.float32)
-
-        def reset(self) -> None:
-            self.t = 0
-            self.decoded.clear()
-
     lm = load_lm(personaplex_file, config=personaplex_config(), dtype=mx.float32)
-    codec = StubCodec(golden["user_codes"][:-1])
+    codec = ScriptedCodec(golden["user_codes"][:-1])
     sp = sentencepiece.SentencePieceProcessor(model_file=str(fixtures_dir / "tokenizer.model"))
     engine = Engine(codec, LmGen(lm, text_temp=0.0, audio_temp=0.0), sp)
     engine.warm_up()
@@ -433,20 +422,7 @@ def test_library_prompt_phases_on_personaplex_match_nvidia(personaplex_file, gol
     gen = LmGen(lm, text_temp=0.0, audio_temp=0.0)
     texts: list[int] = []
     run_phases(gen, frames_in, observe=lambda t: texts.append(int(gen.state.text[0])))
-    conversation = run_greedy_from(gen, golden["user_codes"][:-1])
-    texts += conversation["text"]
-    np.testing.assert_array_equal(texts, golden["prompted_text"][1: len(texts) + 1])
-    prompt_frames = frames_in.count
-    for i, step in enumerate(range(prompt_frames, len(texts))):
-        np.testing.assert_array_equal(conversation["raw"][i],
-                                      golden["prompted_audio"][step + 1, :8],
-                                      err_msg=f"Moshi's tokens at step {step}")
-        np.testing.assert_array_equal(conversation["frames"][i][:8],
-                                      golden["prompted_out"][step + 1, 1:9],
-                                      err_msg=f"Moshi's frame at step {step}")
-        np.testing.assert_array_equal(conversation["frames"][i][8:],
-                                      expected_user_frame(golden, step, "prompted_"),
-                                      err_msg=f"predicted user frame at step {step}")
+    assert_prompted_conversation(gen, golden, texts, frames_in.count)
 
 
 # ------------------------------------------------------------ saved voices as voice prompts
