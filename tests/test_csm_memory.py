@@ -64,6 +64,7 @@ def context() -> list[Segment]:
 def test_bf16_file_keeps_its_matrices_as_stored_under_float32_compute(rounded):
     model = load_csm(rounded["bf16"], dtype=mx.float32)
     assert model.compute_dtype == mx.float32
+    assert "text_embeddings.weight" not in dict(tree_flatten(model.parameters()))
     for key, value in tree_flatten(model.parameters()):
         float32 = key.endswith("norm.weight") or key.startswith("decoder.")
         want = mx.float32 if float32 else mx.bfloat16
@@ -113,7 +114,40 @@ def test_loading_holds_one_tensor_beside_the_model(rounded, bits):
     loaded = mx.get_active_memory() - before
     peak = mx.get_peak_memory() - before
     kept = sum(info.nbytes * (2 if name.startswith("decoder.") or name.endswith(".scale") else 1)
-               for name, info in header.tensors.items())  # float32: decoder and norms
+               for name, info in header.tensors.items()  # float32: decoder and norms
+               if name != "text_embeddings.weight")  # left in the file
     assert loaded <= kept + 4096, (loaded, kept)
     assert peak <= loaded + largest, (peak, loaded, largest)
     del model
+
+
+@pytest.mark.parametrize("layout, bits", [("sesame-bf16", None), ("sesame-bf16", 4),
+                                         ("sesame-f32", None), ("transformers", None),
+                                         ("mlx-audio", None)])
+def test_text_embeddings_stay_in_the_file_and_read_its_rows(rounded, layout, bits, tmp_path):
+    """The text table is not loaded (-q leaves it unquantized): its rows come from the file as
+    stored, which MLX's own safetensors reader confirms, in every float layout."""
+    from csm_layouts import write_mlx_audio_csm, write_transformers_csm
+
+    from moshi_mlx.loading.file_rows import FileRows
+
+    if layout == "transformers":
+        folder, name = write_transformers_csm(tmp_path / "hf"), "embed_text_tokens.weight"
+    elif layout == "mlx-audio":
+        folder, name = write_mlx_audio_csm(tmp_path / "ma"), "model.text_embeddings.weight"
+    else:
+        folder, name = rounded[layout.split("-")[1]], "text_embeddings.weight"
+    stored = mx.load(str(folder / "model.safetensors"))[name]
+    model = load_csm(folder, quantize=bits, dtype=mx.float32)
+    assert isinstance(model.text_embeddings, FileRows)
+    assert "text_embeddings.weight" not in dict(tree_flatten(model.parameters()))
+    ids = np.array([[0, 7, stored.shape[0] - 1], [3, 3, 1]], np.int32)
+    rows = model.text_embeddings(mx.array(ids))
+    assert rows.shape == (2, 3, stored.shape[1])
+    assert rows.dtype == stored.dtype
+    def bits(x: mx.array) -> np.ndarray:
+        return np.array(x.view(mx.uint16) if x.dtype == mx.bfloat16 else x)
+
+    np.testing.assert_array_equal(bits(rows), bits(stored)[ids])
+    with pytest.raises(IndexError, match="token id out of range"):
+        model.text_embeddings(mx.array([stored.shape[0]]))

@@ -15,14 +15,14 @@ checkpoint of a family the caller does not take is one line naming the command t
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from moshi_mlx.errors import WeightsError
 from moshi_mlx.loading import hub
@@ -34,6 +34,7 @@ from moshi_mlx.loading.families import (
     model_type_of_tensors,
     other_family_error,
 )
+from moshi_mlx.loading.file_rows import FileRows
 from moshi_mlx.loading.quantization import (
     QUANTIZATIONS,
     Quantization,
@@ -46,7 +47,7 @@ from moshi_mlx.loading.quantization import (
     resolve_dtype,
     stored_as,
 )
-from moshi_mlx.loading.safetensors import CheckpointFiles
+from moshi_mlx.loading.safetensors import FLOAT_DTYPES, CheckpointFiles
 from moshi_mlx.models.layouts import FragmentJoiner
 
 # ---------------------------------------------------------------------------- config
@@ -121,6 +122,9 @@ class Checkpoint:
     family: ModuleType
     config: Any
     quantization: Quantization | None  # of the file
+    # our key -> the file's tensor name, for tensors the layout only renames (no reshaping,
+    # splitting or casting): their bytes in the file are ours (see `rows_from_file`)
+    renamed: dict[str, str] = field(default_factory=dict)
 
     @property
     def path(self) -> Path:
@@ -155,10 +159,14 @@ def inspect_checkpoint(path: str | os.PathLike | list[Path], config: Any = None,
         cfg = family.fit_layout(cfg, list(files.owner), name)
     mapped: dict[str, mx.array] = {}
     origin: dict[str, str] = {}
+    renamed: dict[str, str] = {}
+    placeholders = files.placeholders()
     try:
-        for key, array, source in sanitized(family, cfg, files.placeholders().items(), name):
+        for key, array, source in sanitized(family, cfg, placeholders.items(), name):
             mapped[key] = array
             origin[key] = source
+            if array is placeholders[source]:
+                renamed[key] = source
         if hasattr(family, "fit_config"):  # optional parts (e.g. STT's VAD heads) the file has
             cfg = family.fit_config(cfg, mapped)
         plain = family.Model(cfg)
@@ -177,7 +185,7 @@ def inspect_checkpoint(path: str | os.PathLike | list[Path], config: Any = None,
         raise WeightsError(f"{exc} (no {hub.CONFIG_NAME} was found beside it, so it was read "
                            f"against the default {describe(family, cfg)} config: pass --config)"
                            ) from None
-    return Checkpoint(files, resolved.model_type, family, cfg, quantization)
+    return Checkpoint(files, resolved.model_type, family, cfg, quantization, renamed)
 
 
 def _check_family(files: CheckpointFiles, resolved: ResolvedConfig,
@@ -215,6 +223,22 @@ def loaded_quantization(checkpoint: Checkpoint, quantize: int | None) -> Quantiz
 # ---------------------------------------------------------------------------- loading
 
 
+def rows_from_file(model: nn.Module, checkpoint: Checkpoint) -> dict[str, FileRows]:
+    """The family's `ROWS_FROM_FILE` embedding tables that stay in the file, read a row at a
+    time (`FileRows`): those the file stores as floats under a mere rename, into a float
+    `nn.Embedding` (not one -q quantizes, not a pre-quantized file's)."""
+    modules = dict(model.named_modules())
+    served = {}
+    for key in getattr(checkpoint.family, "ROWS_FROM_FILE", ()):
+        source = checkpoint.renamed.get(key)
+        module = modules.get(key.rsplit(".", 1)[0])
+        if (source is None or type(module) is not nn.Embedding
+                or checkpoint.files.tensors[source].dtype not in FLOAT_DTYPES):
+            continue
+        served[key] = FileRows(checkpoint.files.owner[source], source)
+    return served
+
+
 def load_model(weights: str | os.PathLike, config: Any = None, quantize: int | None = None,
                dtype: mx.Dtype | str | None = None,
                model_types: tuple[str, ...] = ("moshi", "stt")) -> tuple[nn.Module, Checkpoint]:
@@ -244,9 +268,14 @@ def load_model(weights: str | os.PathLike, config: Any = None, quantize: int | N
     if target is not None:
         apply_quantization(model, family, target)
     quantized = quantized_linear_paths(model)
+    served = rows_from_file(model, checkpoint)
+    if served:
+        model.update_modules(tree_unflatten([(key.rsplit(".", 1)[0], rows)
+                                             for key, rows in served.items()]))
     keeps_stored = getattr(family, "keeps_stored_dtype", None)
     tensors: dict[str, mx.array] = {}
-    pairs = ((name, array) for name, _raw, array in checkpoint.files.iter_tensors())
+    unread = {checkpoint.renamed[key] for key in served}
+    pairs = ((name, array) for name, _raw, array in checkpoint.files.iter_tensors(skip=unread))
     for key, array, _ in sanitized(family, cfg, pairs, checkpoint.name):
         parts = quantize_tensor(key, array, target) if key in quantizable else [(key, array)]
         del array

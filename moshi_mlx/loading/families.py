@@ -65,7 +65,9 @@ class ModelFamily(Protocol):
     fitted to the checkpoint's tensor names before they are mapped), `fit_config(config,
     tensors)` (the config fitted to optional parts a checkpoint may or may not have),
     `complete_config(data, read_beside)` (config.json data completed from the files beside
-    it, read by `read_beside(name)`) and
+    it, read by `read_beside(name)`), `keeps_stored_dtype(key)` (bf16 / f16 tensors kept as
+    stored under float32 activations), `ROWS_FROM_FILE` (embedding weights left in the file,
+    their rows read on lookup) and
     `CONFIG_MARKERS` (keys that identify its config.json when `model_type` is absent).
     """
 

@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -34,6 +34,7 @@ _DTYPES: dict[str, tuple[mx.Dtype, np.dtype]] = {
     "I64": (mx.int64, np.dtype("<i8")),
 }
 SAFETENSORS_DTYPE_NAMES: dict[mx.Dtype, str] = {dt: name for name, (dt, _) in _DTYPES.items()}
+FLOAT_DTYPES = frozenset({"BF16", "F16", "F32"})
 
 
 def mlx_dtype(safetensors_dtype: str) -> mx.Dtype:
@@ -162,10 +163,14 @@ def read_tensor(f: BinaryIO, header: SafetensorsHeader, name: str) -> tuple[byte
     return raw, tensor_from_bytes(raw, info)
 
 
-def iter_tensors(header: SafetensorsHeader) -> Iterator[tuple[str, bytes, mx.array]]:
-    """Yield (name, raw bytes, array) one tensor at a time, in file order."""
+def iter_tensors(header: SafetensorsHeader, skip: Collection[str] = ()
+                 ) -> Iterator[tuple[str, bytes, mx.array]]:
+    """Yield (name, raw bytes, array) one tensor at a time, in file order (those in `skip`
+    left unread)."""
     with open(header.path, "rb") as f:
         for name in header.in_file_order():
+            if name in skip:
+                continue
             raw, array = read_tensor(f, header, name)
             yield name, raw, array
 
@@ -225,9 +230,9 @@ class CheckpointFiles:
         return {name: array for header in self.headers
                 for name, array in lazy_placeholders(header).items()}
 
-    def iter_tensors(self) -> Iterator[tuple[str, bytes, mx.array]]:
+    def iter_tensors(self, skip: Collection[str] = ()) -> Iterator[tuple[str, bytes, mx.array]]:
         for header in self.headers:
-            yield from iter_tensors(header)
+            yield from iter_tensors(header, skip)
 
     def sha256(self) -> str:
         """sha256 of the file; of a sharded checkpoint, of its shards' bytes in order."""

@@ -445,6 +445,12 @@ def keeps_stored_dtype(key: str) -> bool:
     return not key.endswith("norm.weight") and not key.startswith("decoder.")
 
 
+# The text embedding table (0.5 GB of csm-1b in bf16, 1 GB in float32) embeds only a prompt's
+# tokens: the loader leaves it in the file and reads the rows a prompt looks up
+# (`moshi_mlx.loading.file_rows`), the same values as the loaded table's.
+ROWS_FROM_FILE = ("text_embeddings.weight",)
+
+
 # ---------------------------------------------------------------------------- family
 # The family interface of `moshi_mlx.loading`; other people's layouts are mapped in
 # `moshi_mlx.models.csm_layouts`.
