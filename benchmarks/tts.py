@@ -33,7 +33,8 @@ at a time): per_frame_s is one step of a batch of N requests (each a frame), med
 steps after the first and over the runs; per_request_frame_s divides it by N; `vs_batch_1` is
 per_frame_s over batch 1's. Requests alternate between TEXT after the context turn (as codes,
 the fixture's) and TEXT alone, so the prompts differ in length; sampling 0.9 / top-k 50, no
-Mimi.
+Mimi. The model is loaded as `python -m moshi_mlx.tts --batch` loads it (on the CPU, a
+quantized depth decoder from float copies).
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def batch_per_frame(weights: Path, quantize: int, sizes: list[int], frames: int,
     from moshi_mlx.speech.batch import SpeechRequest, stream_batch
     from moshi_mlx.speech.generate import Segment, load_tokenizer
 
-    model = load_csm(weights, quantize=quantize or None)
+    model = load_csm(weights, quantize=quantize or None, float_decoder_on_cpu=True)  # as --batch
     tokenizer = load_tokenizer(FIXTURES / "tokenizer.json")
     with np.load(FIXTURES / "csm_golden.npz") as golden:
         context = [Segment(1, CONTEXT_TEXT, codes=golden["context_codes"])]

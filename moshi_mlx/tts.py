@@ -161,7 +161,8 @@ def _load(args: argparse.Namespace, options: ModelOptions, needs_mimi: bool):
     files = resolve("moshi_mlx.tts", args.hf_repo, quantize=options.quantize,
                     weights=args.weights, config=args.config, tokenizer=args.tokenizer,
                     codec=args.mimi_weight, need_codec=needs_mimi)
-    return speech_parts_from_files(files, options, needs_mimi, args.adapter_path)
+    return speech_parts_from_files(files, options, needs_mimi, args.adapter_path,
+                                   batched=args.batch is not None)
 
 
 def _streamed_watermark_note(args: argparse.Namespace) -> None:

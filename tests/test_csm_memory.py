@@ -151,3 +151,29 @@ def test_text_embeddings_stay_in_the_file_and_read_its_rows(rounded, layout, bit
     np.testing.assert_array_equal(bits(rows), bits(stored)[ids])
     with pytest.raises(IndexError, match="token id out of range"):
         model.text_embeddings(mx.array([stored.shape[0]]))
+
+
+def test_dequantized_product_is_the_whole_product_a_block_at_a_time(monkeypatch):
+    """A prompt through a quantized layer on the CPU: the same values as the product on the
+    whole dequantized matrix, with about one block of float weights alive instead of it."""
+    import mlx.nn as nn
+
+    import moshi_mlx.models.csm as csm
+
+    mx.random.seed(3)
+    linear = nn.Linear(1024, 4096, bias=False)
+    layer = nn.QuantizedLinear.from_linear(linear, group_size=32, bits=4)
+    x = mx.random.normal((1, 40, 1024))
+    mx.eval(layer.parameters(), x)
+    whole = x @ csm.dequantized_weight(layer, mx.float32).T
+    mx.eval(whole)
+    matrix_bytes = 4096 * 1024 * 4
+    monkeypatch.setattr(csm, "DEQUANTIZED_BLOCK", 1 << 18)  # 1 MB blocks, 16 of them
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    blocked = csm.dequantized_product(layer, x)
+    mx.eval(blocked)
+    peak = mx.get_peak_memory() - before
+    np.testing.assert_array_equal(np.array(blocked), np.array(whole))
+    assert peak < matrix_bytes / 2, (peak, matrix_bytes)  # the whole: twice the matrix

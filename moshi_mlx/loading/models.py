@@ -190,7 +190,7 @@ def load_mimi(
 
 def load_csm(weights: str | os.PathLike, config: CsmConfig | str | os.PathLike | None = None,
              quantize: int | None = None, dtype: mx.Dtype | str | None = None,
-             cpu_threads: int | None = None, float_decoder_on_cpu: bool = True) -> Csm:
+             cpu_threads: int | None = None, float_decoder_on_cpu: bool = False) -> Csm:
     """Load CSM from a .safetensors file, a folder (config.json beside it) or a hub repo id,
     in the Sesame or the transformers layout (its bundled codec is ignored), through the
     loader every family shares.
@@ -200,13 +200,14 @@ def load_csm(weights: str | os.PathLike, config: CsmConfig | str | os.PathLike |
     linears. dtype: None = float32 on the CPU, bfloat16 on a GPU. cpu_threads: split large
     linears over this many CPU streams (as load_lm); None = all cores on the CPU, no split on
     a GPU. float_decoder_on_cpu: when MLX computes on the CPU, run a quantized depth decoder
-    from copies of its dequantized weights in the compute dtype (the same values; +0.4 GB for
-    csm-1b q4 in float32): its 31 steps a frame are matrix-vector products, where MLX's CPU
-    quantized kernel is about 3x slower than BLAS on float weights (benchmarks/tts.py).
+    from copies of its dequantized weights in the compute dtype (the same values). Off by
+    default: for csm-1b q4 it makes a frame about 17% faster (2.47 -> 2.04 s on 2 cores) for
+    0.37 GB more, which would put the process above mlx-audio's (benchmarks/tts.py).
 
-    Memory: tensors are read one at a time; a bf16 file's embeddings, heads and backbone
-    linears stay bf16 under float32 compute, widened where used (`csm.keeps_stored_dtype`);
-    MLX's buffer cache is sized to reuse the widened copies (`keep_widening_buffers`)."""
+    Memory: tensors are read one at a time; the text embedding table stays in the file
+    (`csm.ROWS_FROM_FILE`); a bf16 file's other embeddings, heads and backbone linears stay
+    bf16 under float32 compute, widened where used (`csm.keeps_stored_dtype`); MLX's buffer
+    cache is sized to reuse the widened copies (`keep_widening_buffers`)."""
     model, _ = load_model(weights, config, quantize, dtype, model_types=CSM_TYPES)
     if float_decoder_on_cpu and mx.default_device() == mx.cpu:
         dequantize_linears(model.decoder, model.compute_dtype)

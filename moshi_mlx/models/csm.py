@@ -176,13 +176,36 @@ def dequantized_weight(layer: nn.QuantizedLinear, dtype: mx.Dtype,
                          layer.group_size, layer.bits, **mode).astype(dtype)
 
 
+# A dequantized product (see DEQUANTIZED_ROWS) dequantizes this many weight elements at a
+# time (8 MB of float32), each block once the previous block's product is done: a whole csm-1b
+# MLP matrix would be 67 MB, and MLX's dequantize peaks at twice its output.
+DEQUANTIZED_BLOCK = 1 << 21
+
+
+def dequantized_product(layer: nn.QuantizedLinear, x: mx.array) -> mx.array:
+    """x @ the layer's dequantized weight .T (no bias), the weight dequantized a block of
+    output rows at a time: the same dot products, so the same values, with one block of
+    float weights alive instead of the matrix. `mx.depends` orders the blocks (MLX would
+    otherwise dequantize every independent block first) and starts the first after x."""
+    rows = layer.weight.shape[0]
+    step = max(1, DEQUANTIZED_BLOCK // (layer.weight.shape[1] * 32 // layer.bits))
+    parts, previous = [], x
+    for start in range(0, rows, step):
+        stop = start + step
+        packed = mx.depends([layer.weight[start:stop], layer.scales[start:stop],
+                             layer.biases[start:stop]], previous)
+        previous = x @ dequantized_weight(layer, x.dtype, tuple(packed)).T
+        parts.append(previous)
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
+
+
 def apply_linear(layer: nn.Module, x: mx.array) -> mx.array:
     """A linear layer (float, quantized or row-split) on x; a float weight stored narrower
     than x (`keeps_stored_dtype`) is widened as `widened` says."""
     if type(layer) is nn.Linear:
         out = x @ widened(layer.weight, x.dtype).T
     elif runs_dequantized(layer, x.shape[-2]):
-        out = x @ dequantized_weight(layer, x.dtype).T
+        out = dequantized_product(layer, x)
     else:
         return layer(x)
     return out + layer.bias if "bias" in layer else out
