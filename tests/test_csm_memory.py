@@ -159,13 +159,14 @@ def test_dequantized_product_is_the_whole_product_a_block_at_a_time(monkeypatch)
     import mlx.nn as nn
 
     import moshi_mlx.models.csm as csm
+    from moshi_mlx.loading.quantization import dequantized_weight
 
     mx.random.seed(3)
     linear = nn.Linear(1024, 4096, bias=False)
     layer = nn.QuantizedLinear.from_linear(linear, group_size=32, bits=4)
     x = mx.random.normal((1, 40, 1024))
     mx.eval(layer.parameters(), x)
-    whole = x @ csm.dequantized_weight(layer, mx.float32).T
+    whole = x @ dequantized_weight(layer, mx.float32).T
     mx.eval(whole)
     matrix_bytes = 4096 * 1024 * 4
     monkeypatch.setattr(csm, "DEQUANTIZED_BLOCK", 1 << 18)  # 1 MB blocks, 16 of them

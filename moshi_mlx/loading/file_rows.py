@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from moshi_mlx.loading.safetensors import SafetensorsHeader, tensor_from_bytes
+from moshi_mlx.loading.safetensors import SafetensorsHeader, TensorInfo, tensor_from_bytes
 
 
 class FileRows(nn.Module):
@@ -27,9 +27,10 @@ class FileRows(nn.Module):
         info = header.tensors[name]
         self._info = info
         self._source = f"{Path(header.path).name}:{name}"
+        # one row of raw bytes per table row
         self._table = np.memmap(header.path, dtype=np.uint8, mode="r",
-                                offset=header.header_bytes + info.start, shape=(info.nbytes,))
-        self._row_bytes = info.nbytes // info.shape[0]
+                                offset=header.header_bytes + info.start,
+                                shape=(info.shape[0], info.nbytes // info.shape[0]))
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -44,6 +45,6 @@ class FileRows(nn.Module):
         if index.size and (index.min() < 0 or index.max() >= self.shape[0]):
             raise IndexError(f"token id out of range for the {self.shape[0]}-row table "
                              f"{self._source}")
-        rows = self._table.reshape(self.shape[0], self._row_bytes)[index.reshape(-1)]
-        info = type(self._info)(self._info.dtype, (index.size, *self.shape[1:]), 0, rows.nbytes)
+        rows = self._table[index.reshape(-1)]
+        info = TensorInfo(self._info.dtype, (index.size, *self.shape[1:]), 0, rows.nbytes)
         return tensor_from_bytes(rows.tobytes(), info).reshape(*index.shape, *self.shape[1:])

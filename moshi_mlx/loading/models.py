@@ -33,7 +33,7 @@ from moshi_mlx.models.csm import Csm, CsmConfig
 from moshi_mlx.models.lm import EXTRA_HEAD_KEY, Lm
 from moshi_mlx.models.lm_config import LmConfig
 from moshi_mlx.models.mimi import Mimi, MimiConfig
-from moshi_mlx.modules.parallel import default_cpu_threads, split_linears
+from moshi_mlx.modules.parallel import NARROW_FLOATS, default_cpu_threads, split_linears
 
 LM_TYPES = ("moshi", "stt")
 CSM_TYPES = ("csm",)
@@ -225,7 +225,7 @@ def keep_widening_buffers(model: Csm) -> None:
     widening itself (MLX's default CPU cache keeps 32 MB)."""
     widest = max((module.weight.size for _, module in model.named_modules()
                   if isinstance(module, nn.Linear) and not isinstance(module, nn.QuantizedLinear)
-                  and module.weight.dtype in (mx.bfloat16, mx.float16)), default=0)
+                  and module.weight.dtype in NARROW_FLOATS), default=0)
     if widest == 0 or mx.default_device() != mx.cpu or model.compute_dtype != mx.float32:
         return
     wanted = WIDENED_COPIES_CACHED * widest * 4

@@ -11,6 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from moshi_mlx.errors import WeightsError
+from moshi_mlx.modules.parallel import NARROW_FLOATS
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,16 @@ def apply_quantization(model: nn.Module, family: ModuleType, q: Quantization) ->
                     hasattr(module, "to_quantized") and family.quant_predicate(path, module)))
 
 
+def dequantized_weight(layer: nn.QuantizedLinear, dtype: mx.Dtype,
+                       packed: tuple[mx.array, mx.array, mx.array] | None = None) -> mx.array:
+    """The layer's weight as floats of `dtype` (packed: its weight, scales, biases as given),
+    dequantized from float32 scales and biases."""
+    weight, scales, biases = packed or (layer.weight, layer.scales, layer.biases)
+    mode = {"mode": layer.mode} if hasattr(layer, "mode") else {}
+    return mx.dequantize(weight, scales.astype(mx.float32), biases.astype(mx.float32),
+                         layer.group_size, layer.bits, **mode).astype(dtype)
+
+
 def dequantize_linears(model: nn.Module, dtype: mx.Dtype | None = None) -> int:
     """Replace every quantized linear of `model` by a float Linear holding its dequantized
     weight (the same values, in `dtype`, by default the dtype of its scales), one layer
@@ -68,11 +79,7 @@ def dequantize_linears(model: nn.Module, dtype: mx.Dtype | None = None) -> int:
     for path, module in list(model.named_modules()):
         if not isinstance(module, nn.QuantizedLinear):
             continue
-        weight_dtype = dtype or module.scales.dtype
-        mode = {"mode": module.mode} if hasattr(module, "mode") else {}
-        weight = mx.dequantize(module.weight, module.scales.astype(mx.float32),
-                               module.biases.astype(mx.float32), module.group_size,
-                               module.bits, **mode).astype(weight_dtype)
+        weight = dequantized_weight(module, dtype or module.scales.dtype)
         out_dim, in_dim = weight.shape
         linear = nn.Linear(in_dim, out_dim, bias="bias" in module)
         linear.weight = weight
@@ -146,9 +153,6 @@ def detect_quantization(tensors: dict[str, mx.array], plain_shapes: dict[str, tu
             f"{quantization.group_size}; only 4 bits/group 32 and 8 bits/group 64 are supported"
         )
     return quantization
-
-
-NARROW_FLOATS = (mx.bfloat16, mx.float16)
 
 
 def stored_as(key: str, value: mx.array, dtype: mx.Dtype,

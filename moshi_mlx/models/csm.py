@@ -18,6 +18,7 @@ import mlx.nn as nn
 import numpy as np
 
 from moshi_mlx.errors import WeightsError
+from moshi_mlx.loading.quantization import dequantized_weight
 from moshi_mlx.models import csm_layouts
 from moshi_mlx.modules.norm import RmsNorm
 from moshi_mlx.modules.parallel import widened
@@ -165,15 +166,6 @@ def runs_dequantized(layer: nn.Module, rows: int) -> bool:
     """Whether `rows` input rows go through `layer` as a float matmul (see DEQUANTIZED_ROWS)."""
     return (isinstance(layer, nn.QuantizedLinear) and rows > DEQUANTIZED_ROWS
             and mx.default_device() == mx.cpu)
-
-
-def dequantized_weight(layer: nn.QuantizedLinear, dtype: mx.Dtype,
-                       packed: tuple[mx.array, mx.array, mx.array] | None = None) -> mx.array:
-    """The layer's weight as floats of `dtype` (packed: its weight, scales, biases as given)."""
-    weight, scales, biases = packed or (layer.weight, layer.scales, layer.biases)
-    mode = {"mode": layer.mode} if hasattr(layer, "mode") else {}
-    return mx.dequantize(weight, scales.astype(mx.float32), biases.astype(mx.float32),
-                         layer.group_size, layer.bits, **mode).astype(dtype)
 
 
 # A dequantized product (see DEQUANTIZED_ROWS) dequantizes this many weight elements at a

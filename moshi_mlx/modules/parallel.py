@@ -44,12 +44,16 @@ def thread_cpu_streams(count: int) -> list[mx.Stream]:
     return streams[:count]
 
 
+# Float dtypes narrower than float32 that a model may keep as stored and widen where used.
+NARROW_FLOATS = (mx.bfloat16, mx.float16)
+
+
 def widened(weight: mx.array, dtype: mx.Dtype, stream: mx.Stream | None = None) -> mx.array:
     """A float weight stored narrower than float32 activations (bf16 / f16, kept so to save
     memory) as float32, converted whole before it is transposed for the product: MLX would
     otherwise widen the transposed operand, a strided copy several times slower. Exact (every
     bf16 and f16 value is a float32); any other weight is returned as it is."""
-    if dtype == mx.float32 and weight.dtype in (mx.bfloat16, mx.float16):
+    if dtype == mx.float32 and weight.dtype in NARROW_FLOATS:
         return mx.astype(weight, dtype, stream=stream)
     return weight
 
