@@ -159,7 +159,7 @@ def test_dequantized_product_is_the_whole_product_a_block_at_a_time(monkeypatch)
     import mlx.nn as nn
 
     import moshi_mlx.models.csm as csm
-    from moshi_mlx.loading.quantization import dequantized_weight
+    from moshi_mlx.modules.parallel import dequantized_weight
 
     mx.random.seed(3)
     linear = nn.Linear(1024, 4096, bias=False)

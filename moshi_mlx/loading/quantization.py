@@ -11,7 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from moshi_mlx.errors import WeightsError
-from moshi_mlx.modules.parallel import NARROW_FLOATS
+from moshi_mlx.modules.parallel import NARROW_FLOATS, dequantized_weight
 
 
 @dataclass(frozen=True)
@@ -57,16 +57,6 @@ def apply_quantization(model: nn.Module, family: ModuleType, q: Quantization) ->
     nn.quantize(model, group_size=q.group_size, bits=q.bits,
                 class_predicate=lambda path, module: (
                     hasattr(module, "to_quantized") and family.quant_predicate(path, module)))
-
-
-def dequantized_weight(layer: nn.QuantizedLinear, dtype: mx.Dtype,
-                       packed: tuple[mx.array, mx.array, mx.array] | None = None) -> mx.array:
-    """The layer's weight as floats of `dtype` (packed: its weight, scales, biases as given),
-    dequantized from float32 scales and biases."""
-    weight, scales, biases = packed or (layer.weight, layer.scales, layer.biases)
-    mode = {"mode": layer.mode} if hasattr(layer, "mode") else {}
-    return mx.dequantize(weight, scales.astype(mx.float32), biases.astype(mx.float32),
-                         layer.group_size, layer.bits, **mode).astype(dtype)
 
 
 def dequantize_linears(model: nn.Module, dtype: mx.Dtype | None = None) -> int:

@@ -18,10 +18,9 @@ import mlx.nn as nn
 import numpy as np
 
 from moshi_mlx.errors import WeightsError
-from moshi_mlx.loading.quantization import dequantized_weight
 from moshi_mlx.models import csm_layouts
 from moshi_mlx.modules.norm import RmsNorm
-from moshi_mlx.modules.parallel import widened
+from moshi_mlx.modules.parallel import dequantized_weight, widened
 from moshi_mlx.modules.transformer import KVCache
 
 # ---------------------------------------------------------------------------- config

@@ -58,6 +58,16 @@ def widened(weight: mx.array, dtype: mx.Dtype, stream: mx.Stream | None = None) 
     return weight
 
 
+def dequantized_weight(layer: nn.QuantizedLinear, dtype: mx.Dtype,
+                       packed: tuple[mx.array, mx.array, mx.array] | None = None) -> mx.array:
+    """The layer's weight as floats of `dtype` (packed: its weight, scales, biases as given),
+    dequantized from float32 scales and biases."""
+    weight, scales, biases = packed or (layer.weight, layer.scales, layer.biases)
+    mode = {"mode": layer.mode} if hasattr(layer, "mode") else {}
+    return mx.dequantize(weight, scales.astype(mx.float32), biases.astype(mx.float32),
+                         layer.group_size, layer.bits, **mode).astype(dtype)
+
+
 class _RowSplit:
     """Shared by the two split classes: the blocks of the calling thread, rebuilt when the
     weights change."""

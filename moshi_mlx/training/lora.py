@@ -22,8 +22,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from moshi_mlx.errors import WeightsError
-from moshi_mlx.loading.quantization import dequantized_weight
 from moshi_mlx.models.csm import runs_dequantized
+from moshi_mlx.modules.parallel import dequantized_weight
 
 ADAPTER_WEIGHTS_NAME = "adapters.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
