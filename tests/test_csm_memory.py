@@ -154,8 +154,8 @@ def test_text_embeddings_stay_in_the_file_and_read_its_rows(rounded, layout, bit
 
 
 def test_dequantized_product_is_the_whole_product_a_block_at_a_time(monkeypatch):
-    """A prompt through a quantized layer on the CPU: the same values as the product on the
-    whole dequantized matrix, with about one block of float weights alive instead of it."""
+    """A prompt through a quantized layer on the CPU: the product on the whole dequantized
+    matrix (to float32 rounding), with about one block of float weights alive instead of it."""
     import mlx.nn as nn
 
     import moshi_mlx.models.csm as csm
@@ -176,5 +176,8 @@ def test_dequantized_product_is_the_whole_product_a_block_at_a_time(monkeypatch)
     blocked = csm.dequantized_product(layer, x)
     mx.eval(blocked)
     peak = mx.get_peak_memory() - before
-    np.testing.assert_array_equal(np.array(blocked), np.array(whole))
+    # The same dot products; OpenBLAS's Haswell kernels sum a 256-column product in another
+    # order than a 4096-column one (its Cooperlake kernels do not): float32 rounding apart.
+    np.testing.assert_allclose(np.array(blocked), np.array(whole), rtol=0,
+                               atol=1e-5 * float(mx.abs(whole).max()))
     assert peak < matrix_bytes / 2, (peak, matrix_bytes)  # the whole: twice the matrix

@@ -475,6 +475,14 @@ def test_annotate_writes_both_channels_in_moshi_finetune_format(stt_dir, random_
     assert read_alignments(tmp_path / "one.json") == []
 
 
+def _margins(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """How far each target's logit leads the best other one (negative: another wins)."""
+    picked = np.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    others = logits.copy()
+    np.put_along_axis(others, targets[..., None], -np.inf, axis=-1)
+    return picked - others.max(-1)
+
+
 def test_overfit_sample_is_then_generated_greedily(fixtures_dir, golden):
     """Training and generation agree on which step predicts which token: after fitting one
     sample with this loss (all weights, Adam), streaming greedy generation (LmGen, fed the
@@ -495,18 +503,23 @@ def test_overfit_sample_is_then_generated_greedily(fixtures_dir, golden):
     codes = mx.array(np.concatenate([text[None], audio, user])[None].astype(np.int32))
     optimizer = optim.Adam(learning_rate=3e-3)
     loss_and_grad = nn.value_and_grad(lm, lambda model: moshi_loss(model, codes)[0])
-    for _ in range(150):
+    # Fitted once every target leads by a margin: streaming generation computes the same
+    # logits along another path (other product shapes), which may round a near tie the other
+    # way on another CPU's BLAS kernels.
+    margin_wanted = 1.0
+    for _ in range(300):
         _, grads = loss_and_grad(lm)
         optimizer.update(lm, grads)
         mx.eval(lm.parameters(), optimizer.state)
         text_logits, audio_logits = forward_logits(lm, codes)
-        picked = np.array(audio_logits.argmax(-1))[0]
-        if ((np.array(text_logits.argmax(-1))[0] == text).all()
-                and (picked[0] == audio[0]).all()
-                and (picked[1:, : steps - 1] == audio[1:, : steps - 1]).all()):
+        audio_logits = np.array(audio_logits)[0]
+        margins = [_margins(np.array(text_logits)[0], text),
+                   _margins(audio_logits[0], audio[0]),
+                   _margins(audio_logits[1:, : steps - 1], audio[1:, : steps - 1])]
+        if min(m.min() for m in margins) >= margin_wanted:
             break
     else:
-        pytest.fail("the sample was not fitted in 150 steps")
+        pytest.fail(f"the sample was not fitted with margin {margin_wanted} in 300 steps")
 
     gen = LmGen(lm, text_temp=0.0, audio_temp=0.0)
     texts, raw = [], []

@@ -175,9 +175,10 @@ DEQUANTIZED_BLOCK = 1 << 21
 
 def dequantized_product(layer: nn.QuantizedLinear, x: mx.array) -> mx.array:
     """x @ the layer's dequantized weight .T (no bias), the weight dequantized a block of
-    output rows at a time: the same dot products, so the same values, with one block of
-    float weights alive instead of the matrix. `mx.depends` orders the blocks (MLX would
-    otherwise dequantize every independent block first) and starts the first after x."""
+    output rows at a time: the same dot products, with one block of float weights alive
+    instead of the matrix (equal to float32 rounding: a BLAS may sum a narrower product in
+    another order). `mx.depends` orders the blocks (MLX would otherwise dequantize every
+    independent block first) and starts the first after x."""
     rows = layer.weight.shape[0]
     step = max(1, DEQUANTIZED_BLOCK // (layer.weight.shape[1] * 32 // layer.bits))
     parts, previous = [], x
