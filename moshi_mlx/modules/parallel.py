@@ -58,14 +58,19 @@ def widened(weight: mx.array, dtype: mx.Dtype, stream: mx.Stream | None = None) 
     return weight
 
 
+def quantization_mode(layer: nn.QuantizedLinear) -> dict[str, str]:
+    """The `mode=` keyword of MLX's quantize ops for this layer (MLX >= 0.29 layers carry a
+    mode; older MLX has neither the attribute nor the keyword)."""
+    return {"mode": layer.mode} if hasattr(layer, "mode") else {}
+
+
 def dequantized_weight(layer: nn.QuantizedLinear, dtype: mx.Dtype,
                        packed: tuple[mx.array, mx.array, mx.array] | None = None) -> mx.array:
     """The layer's weight as floats of `dtype` (packed: its weight, scales, biases as given),
     dequantized from float32 scales and biases."""
     weight, scales, biases = packed or (layer.weight, layer.scales, layer.biases)
-    mode = {"mode": layer.mode} if hasattr(layer, "mode") else {}
     return mx.dequantize(weight, scales.astype(mx.float32), biases.astype(mx.float32),
-                         layer.group_size, layer.bits, **mode).astype(dtype)
+                         layer.group_size, layer.bits, **quantization_mode(layer)).astype(dtype)
 
 
 class _RowSplit:
@@ -109,11 +114,10 @@ class RowSplitLinear(_RowSplit, nn.Linear):
 class RowSplitQuantizedLinear(_RowSplit, nn.QuantizedLinear):
     def __call__(self, x: mx.array) -> mx.array:
         def matmul(x: mx.array, block: dict[str, mx.array], stream: mx.Stream) -> mx.array:
-            mode = {"mode": self.mode} if hasattr(self, "mode") else {}  # MLX >= 0.29
             return mx.quantized_matmul(
                 x, block["weight"], scales=block["scales"], biases=block.get("biases"),
                 transpose=True, group_size=self.group_size, bits=self.bits, stream=stream,
-                **mode,
+                **quantization_mode(self),
             )
 
         return self._split_call(x, matmul)

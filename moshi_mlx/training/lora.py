@@ -23,7 +23,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from moshi_mlx.errors import WeightsError
 from moshi_mlx.models.csm import runs_dequantized
-from moshi_mlx.modules.parallel import dequantized_weight
+from moshi_mlx.modules.parallel import dequantized_weight, quantization_mode
 
 ADAPTER_WEIGHTS_NAME = "adapters.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -86,9 +86,8 @@ class LoRALinear(nn.Module):
         """An ordinary linear equal to this one (no dropout), quantized as the base was."""
         base = self.linear
         if isinstance(base, nn.QuantizedLinear):
-            mode = {"mode": base.mode} if hasattr(base, "mode") else {}
             weight = mx.dequantize(base.weight, base.scales, base.biases, base.group_size,
-                                   base.bits, **mode)
+                                   base.bits, **quantization_mode(base))
         else:
             weight = base.weight
         delta = lora_delta(self.lora_a, self.lora_b, self.scale)
@@ -98,8 +97,8 @@ class LoRALinear(nn.Module):
         if "bias" in base:
             linear.bias = base.bias
         if isinstance(base, nn.QuantizedLinear):
-            mode = {"mode": base.mode} if hasattr(base, "mode") else {}
-            return nn.QuantizedLinear.from_linear(linear, base.group_size, base.bits, **mode)
+            return nn.QuantizedLinear.from_linear(linear, base.group_size, base.bits,
+                                                  **quantization_mode(base))
         return linear
 
 
